@@ -1,0 +1,1 @@
+"""Test support: multi-rank launches on CPU and parameter comparison helpers."""

@@ -1,0 +1,122 @@
+"""Run a function on N CPU ranks (gloo) from pytest and collect what each returns.
+
+Ranks are forked from one forkserver that has torch and megatron-core imported
+already, so a launch costs a fork, not an interpreter start (the cost that
+dominates multi-rank tests on a 2-core machine). Each rank gets torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and one
+intra-op thread; the function then calls ``megatron_asvr.runtime.initialize``
+like a real entry point would.
+
+A rank that raises fails the launch with that rank's traceback; a launch that
+does not finish within ``timeout`` seconds is killed and reported as a hang,
+naming the ranks that had not finished.
+"""
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, List
+
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime"]
+_CTX = None
+
+
+class MultiRankError(RuntimeError):
+    """A rank failed or the launch timed out."""
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(_PRELOAD)
+    return _CTX
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, port, args, kwargs, results):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        out = fn(*args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # reported to the parent, which fails the test with it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0, **kwargs
+) -> List[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the results by rank.
+
+    ``fn`` must be importable (a module-level function) and its return value picklable.
+    """
+    if not 1 <= world_size <= 8:
+        raise ValueError(f"world_size must be in 1..8, got {world_size}")
+    ctx = _context()
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, rank, world_size, port, args, kwargs, results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outputs))
+                raise MultiRankError(
+                    f"{fn.__name__} on {world_size} ranks hung: ranks {missing} did not "
+                    f"finish within {timeout:.0f} s"
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                dead = [r for r in dead if r not in outputs]
+                if dead:
+                    raise MultiRankError(
+                        f"{fn.__name__}: rank {dead[0]} died with exit code "
+                        f"{procs[dead[0]].exitcode} before reporting"
+                    )
+                continue
+            if status == "error":
+                raise MultiRankError(f"{fn.__name__} failed on rank {rank}:\n{payload}")
+            outputs[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outputs) == world_size else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(world_size)]
