@@ -1,0 +1,1 @@
+"""Data: LLaVA records, validation, shards, image preprocessing, loaders and the demo corpus."""
