@@ -70,7 +70,7 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = PAD_BAC
 def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [3, h, w] scaled by 1/255 and normalised with mean = std = 0.5."""
     levels = np.asarray(image).transpose(2, 0, 1)  # [3, h, w] uint8
-    return torch.from_numpy(_NORMALISED_LEVEL[levels])
+    return torch.from_numpy(np.take(_NORMALISED_LEVEL, levels))  # [3, h, w] float32
 
 
 def siglip_preprocess(image: Image.Image) -> torch.Tensor:
