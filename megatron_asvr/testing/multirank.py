@@ -12,6 +12,7 @@ does not finish within ``timeout`` seconds is killed and reported as a hang,
 naming the ranks that had not finished.
 """
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -42,7 +43,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank, world_size, port, args, kwargs, results):
+def _dumps(obj) -> bytes:
+    """Serialise with torch.save: tensors travel as bytes, not as shared-memory handles
+    (those die with the rank that made them)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _rank_main(fn, rank, world_size, port, payload, results):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -56,8 +73,8 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, results):
 
     torch.set_num_threads(1)
     try:
-        out = fn(*args, **kwargs)
-        results.put((rank, "ok", out))
+        args, kwargs = _loads(payload)
+        results.put((rank, "ok", _dumps(fn(*args, **kwargs))))
     except BaseException:  # reported to the parent, which fails the test with it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -78,12 +95,12 @@ def run_ranks(
         raise ValueError(f"world_size must be in 1..8, got {world_size}")
     ctx = _context()
     results = ctx.Queue()
-    port = _free_port()
+    port, payload = _free_port(), _dumps((args, kwargs))
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, args, kwargs, results),
-            daemon=True,
+            args=(fn, rank, world_size, port, payload, results),
+            daemon=False,  # dist_checkpointing's writer forks; the finally below reaps ranks
         )
         for rank in range(world_size)
     ]
@@ -112,7 +129,7 @@ def run_ranks(
                 continue
             if status == "error":
                 raise MultiRankError(f"{fn.__name__} failed on rank {rank}:\n{payload}")
-            outputs[rank] = payload
+            outputs[rank] = _loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if len(outputs) == world_size else 0)

@@ -1,0 +1,206 @@
+"""Configuration dataclasses, YAML + command-line overrides, and validation.
+
+Every impossible combination is rejected here, before anything heavy is built,
+with a one-line ``ConfigError`` that says what to change.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one actionable line."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. Data parallelism is what remains of the world size."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size for ``world_size`` ranks (after ``validate``)."""
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+    def validate(self, world_size: int) -> None:
+        tp, pp, vp = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline
+        for name, size in (("tensor_parallel", tp), ("pipeline_parallel", pp)):
+            if size < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {size}")
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
+                f"= {tp} x {pp} = {tp * pp}: launch a multiple of {tp * pp} ranks or change the layout"
+            )
+        if vp is not None and (vp < 1 or pp == 1):
+            raise ConfigError(
+                f"parallel.virtual_pipeline={vp} needs pipeline_parallel > 1 and a value >= 1 "
+                f"(pipeline_parallel is {pp}): unset virtual_pipeline or raise pipeline_parallel"
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel needs tensor_parallel > 1: set tensor_parallel or "
+                "turn sequence_parallel off"
+            )
+
+
+@dataclass
+class LLMConfig:
+    """A LLaMA-architecture decoder (RMSNorm, SwiGLU, RoPE, optional GQA and sliding window)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # KV heads; None = multi-head attention
+    ffn_hidden_size: int = 176
+    vocab_size: int = 256
+    max_sequence_length: int = 128
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    sliding_window: Optional[int] = None  # Mistral: attend to the previous N positions
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Decoder layers on the first / last pipeline stage when the split is uneven
+    # (the last stage also carries the visual head); None = even split.
+    layers_in_first_stage: Optional[int] = None
+    layers_in_last_stage: Optional[int] = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def validate(self, parallel: ParallelConfig) -> None:
+        tp, pp, vp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"llm.hidden_size={self.hidden_size} is not divisible by "
+                f"llm.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"llm.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"llm.num_query_groups={self.kv_heads}"
+            )
+        for name, count in (("num_attention_heads", self.num_attention_heads), ("num_query_groups", self.kv_heads)):
+            if count % tp:
+                raise ConfigError(
+                    f"llm.{name}={count} is not divisible by parallel.tensor_parallel={tp}: "
+                    f"choose a tensor_parallel that divides {count}"
+                )
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(
+                f"llm.ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                f"parallel.tensor_parallel={tp}"
+            )
+        self._validate_layer_split(pp, vp or 1)
+
+    def _validate_layer_split(self, pp: int, vp: int) -> None:
+        first, last = self.layers_in_first_stage, self.layers_in_last_stage
+        if first is None and last is None:
+            if self.num_layers % (pp * vp):
+                raise ConfigError(
+                    f"llm.num_layers={self.num_layers} is not divisible by pipeline_parallel x "
+                    f"virtual_pipeline = {pp} x {vp} = {pp * vp}: change the layout or set "
+                    f"llm.layers_in_first_stage / layers_in_last_stage"
+                )
+            return
+        if pp == 1:
+            raise ConfigError("llm.layers_in_first_stage / layers_in_last_stage need pipeline_parallel > 1")
+        if vp > 1:
+            raise ConfigError("an uneven layer split (llm.layers_in_*_stage) is not supported with virtual_pipeline")
+        middle_stages = pp - (first is not None) - (last is not None)
+        rest = self.num_layers - (first or 0) - (last or 0)
+        if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and rest % middle_stages):
+            raise ConfigError(
+                f"llm.num_layers={self.num_layers} cannot be split as first={first}, last={last} "
+                f"with the remaining {rest} layers evenly over {middle_stages} other stages"
+            )
+
+
+LLM_PRESETS: Dict[str, LLMConfig] = {
+    # Vicuna-1.5 (LLaMA-2 architecture).
+    "vicuna_7b": LLMConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+        vocab_size=32000, max_sequence_length=4096, norm_eps=1e-5,
+    ),
+    "vicuna_13b": LLMConfig(
+        num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824,
+        vocab_size=32000, max_sequence_length=4096, norm_eps=1e-5,
+    ),
+    # Mistral-7B-v0.1: GQA with 8 KV heads, 4096-token sliding window.
+    "mistral_7b": LLMConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=32000, max_sequence_length=32768, norm_eps=1e-5,
+        sliding_window=4096,
+    ),
+    "tiny": LLMConfig(),
+}
+
+
+# ---------------------------------------------------------------------------
+# Generic nested-dataclass loading: dicts (from YAML) and "a.b=value" overrides.
+
+
+def from_dict(cls, data: Optional[Dict[str, Any]], where: str = ""):
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys by their full name."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kind = _dataclass_type(hints[name])
+        kwargs[name] = from_dict(kind, value, f"{where}{name}.") if kind and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(hint):
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a YAML recipe into a dict and apply the overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return apply_overrides(data, overrides)
+
+
+def to_dict(config) -> Dict[str, Any]:
+    """The dataclass as plain nested dicts (for logs and checkpoints)."""
+    return dataclasses.asdict(config)

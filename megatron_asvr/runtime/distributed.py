@@ -1,0 +1,102 @@
+"""Distributed start-up from torchrun's environment, model-parallel groups, and seeding."""
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_asvr.config import ParallelConfig
+from megatron_asvr.runtime import cpu_emulation
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> RankInfo:
+    """Join the job torchrun started (or a single local process), build megatron's groups, seed.
+
+    NCCL on GPU; gloo on CPU, where megatron-core's CUDA calls are emulated
+    (``cpu_emulation``). The layout is validated before any group is created.
+    """
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    parallel.validate(world_size)
+
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        backend = "gloo"
+        cpu_emulation.install()
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    return RankInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=device,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:
+    """Seed python, numpy, torch and megatron's model-parallel RNG tracker.
+
+    As in Megatron-LM, each pipeline stage gets its own offset (its dropout masks
+    differ); tensor-parallel ranks share the default stream and differ only in
+    the tracker's model-parallel stream.
+    """
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    if data_parallel_random_init:
+        seed += 10 * parallel_state.get_data_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the process group."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

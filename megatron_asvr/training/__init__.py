@@ -1,0 +1,1 @@
+"""Training: model wrapping, optimizer, the step on megatron schedules, the loop, checkpoints."""

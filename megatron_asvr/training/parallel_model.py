@@ -1,0 +1,94 @@
+"""This rank's model chunks, wrapped for data parallelism, and their optimizer."""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.module import Float16Module, MegatronModule
+
+# (pre_process, post_process, vp_stage) -> this chunk's module
+ChunkBuilder = Callable[[bool, bool, Optional[int]], MegatronModule]
+
+
+def build_model_chunks(make_chunk: ChunkBuilder, device: torch.device) -> List[MegatronModule]:
+    """One chunk per virtual pipeline stage (one without interleaving), on ``device``."""
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vp) if vp else [None]:
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(make_chunk(pre, post, vp_stage).to(device))
+    return chunks
+
+
+@dataclass
+class DataParallelSettings:
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    grad_reduce_in_fp32: bool = True
+    bucket_size: Optional[int] = None
+
+
+def wrap_data_parallel(chunks: List[MegatronModule], settings: DataParallelSettings) -> List[DistributedDataParallel]:
+    """megatron DDP around each chunk (bf16 chunks inside Float16Module); sets the schedule hooks."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=settings.grad_reduce_in_fp32,
+        overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
+        use_distributed_optimizer=settings.distributed_optimizer,
+        bucket_size=settings.bucket_size,
+    )
+    if config.bf16 or config.fp16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    wrapped = [
+        # As Megatron-LM: only the first chunk is bucketed; the other chunks' grad
+        # communication overlaps with compute anyway.
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    for model in wrapped:
+        model.broadcast_params()
+
+    # megatron's schedules take one hook, or one per chunk with a virtual pipeline.
+    def hooks(fns):
+        return fns[0] if len(fns) == 1 else fns
+
+    config.no_sync_func = hooks([m.no_sync for m in wrapped])
+    if settings.overlap_grad_reduce:
+        config.grad_sync_func = hooks([m.start_grad_sync for m in wrapped])
+    if settings.overlap_param_gather:
+        config.param_sync_func = hooks([m.start_param_sync for m in wrapped])
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(
+    model: List[DistributedDataParallel],
+    lr: float,
+    weight_decay: float = 0.0,
+    clip_grad: float = 1.0,
+    adam_betas=(0.9, 0.999),
+    adam_eps: float = 1e-8,
+    distributed_optimizer: bool = False,
+) -> MegatronOptimizer:
+    """megatron's AdamW (decoupled weight decay; none on biases and norms), fp32 main params."""
+    config = model[0].config
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_betas[0],
+        adam_beta2=adam_betas[1],
+        adam_eps=adam_eps,
+        clip_grad=clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, model)

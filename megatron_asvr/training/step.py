@@ -1,0 +1,70 @@
+"""One optimizer step on megatron's pipeline schedules."""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Union
+
+import torch
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepResult:
+    reports: List[Any]  # what the loss function reported per micro-batch (last stage only)
+    update_successful: bool
+    grad_norm: float
+    num_zeros_in_grad: Any
+
+
+def train_step(
+    forward_step_func: Callable,
+    data_iterator: Union[Iterator, List[Iterator]],
+    model: List[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
+    """Forward and backward over ``num_microbatches``, then the optimizer step.
+
+    ``data_iterator`` is one iterator, or one per model chunk with a virtual pipeline.
+    Gradients are normalised by the global token count the loss function reports
+    (``calculate_per_token_loss``), over micro-batches and data-parallel ranks.
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, False)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    return StepResult(reports, update_successful, grad_norm, num_zeros)
+
+
+@torch.no_grad()
+def evaluate(
+    forward_step_func: Callable,
+    data_iterator: Union[Iterator, List[Iterator]],
+    model: List[torch.nn.Module],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> List[Any]:
+    """Forward only over ``num_microbatches``; the loss reports (last stage only)."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        return _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, True)
+    finally:
+        for chunk in model:
+            chunk.train()
+
+
+def _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, forward_only):
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )

@@ -1,0 +1,88 @@
+"""Bad set-ups are rejected with one actionable line before megatron sees them."""
+
+import dataclasses
+
+import pytest
+
+from megatron_asvr import runtime
+from megatron_asvr.config import (
+    LLM_PRESETS,
+    ConfigError,
+    LLMConfig,
+    ParallelConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+)
+
+
+def _one_line_error(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_world_size_not_divisible_by_tp_x_pp():
+    message = _one_line_error(ParallelConfig(tensor_parallel=2, pipeline_parallel=2).validate, 6)
+    assert "world size 6 is not divisible by tensor_parallel x pipeline_parallel = 2 x 2 = 4" in message
+
+
+def test_initialize_rejects_layout_before_any_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    message = _one_line_error(runtime.initialize, ParallelConfig(tensor_parallel=2))
+    assert "world size 3" in message
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def test_heads_not_divisible_by_tp():
+    llm = LLMConfig(num_attention_heads=6, num_query_groups=6, hidden_size=96)
+    message = _one_line_error(llm.validate, ParallelConfig(tensor_parallel=4))
+    assert message.startswith("llm.num_attention_heads=6 is not divisible by parallel.tensor_parallel=4")
+
+
+def test_kv_heads_not_divisible_by_tp():
+    message = _one_line_error(LLM_PRESETS["mistral_7b"].validate, ParallelConfig(tensor_parallel=16))
+    assert "llm.num_attention_heads=32" not in message  # 32 % 16 == 0: the KV heads are the problem
+    assert message.startswith("llm.num_query_groups=8 is not divisible by parallel.tensor_parallel=16")
+
+
+def test_layers_not_divisible_by_pp_x_vp():
+    llm = LLMConfig(num_layers=6)
+    message = _one_line_error(llm.validate, ParallelConfig(pipeline_parallel=2, virtual_pipeline=2))
+    assert "llm.num_layers=6 is not divisible by pipeline_parallel x virtual_pipeline = 2 x 2 = 4" in message
+    llm.validate(ParallelConfig(pipeline_parallel=2))  # 6 layers over 2 stages is fine
+    llm.validate(ParallelConfig(pipeline_parallel=3))
+
+
+def test_uneven_layer_split():
+    llm = LLMConfig(num_layers=10, layers_in_last_stage=1)
+    llm.validate(ParallelConfig(pipeline_parallel=4))  # 3 + 3 + 3 + 1
+    bad = dataclasses.replace(llm, layers_in_last_stage=2)
+    assert "remaining 8 layers evenly over 3" in _one_line_error(bad.validate, ParallelConfig(pipeline_parallel=4))
+
+
+def test_other_impossible_layouts():
+    assert "virtual_pipeline" in _one_line_error(ParallelConfig(virtual_pipeline=2).validate, 1)
+    assert "sequence_parallel" in _one_line_error(ParallelConfig(sequence_parallel=True).validate, 2)
+
+
+def test_presets_validate_at_their_intended_layouts():
+    LLM_PRESETS["vicuna_7b"].validate(ParallelConfig(tensor_parallel=4, pipeline_parallel=2))
+    LLM_PRESETS["vicuna_13b"].validate(ParallelConfig(tensor_parallel=8, pipeline_parallel=2))
+    LLM_PRESETS["mistral_7b"].validate(ParallelConfig(tensor_parallel=8))
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("tensor_parallel: 2\nsequence_parallel: true\n")
+    data = load_yaml(path, ["pipeline_parallel=4", "virtual_pipeline=2"])
+    assert from_dict(ParallelConfig, data) == ParallelConfig(2, 4, 2, True)
+    assert apply_overrides({}, ["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+    assert "unknown config key tensor_paralel" in _one_line_error(from_dict, ParallelConfig, {"tensor_paralel": 2})
+    assert "section.key=value" in _one_line_error(apply_overrides, {}, ["novalue"])
+    assert "does not exist" in _one_line_error(load_yaml, tmp_path / "missing.yaml")

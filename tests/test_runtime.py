@@ -1,0 +1,116 @@
+"""The CPU emulation of megatron-core's CUDA calls, and the multi-rank test helper."""
+
+import pathlib
+import time
+
+import pytest
+import torch
+
+import megatron_asvr
+from megatron_asvr.testing.multirank import MultiRankError, run_ranks
+
+
+def _emulation_with_fake_cuda():
+    """In a fresh rank: pretend a GPU exists, then install."""
+    torch.cuda.is_available = lambda: True
+    current_device, tensor_type = torch.cuda.current_device, torch.Tensor.type
+    from megatron_asvr.runtime import cpu_emulation
+
+    active = cpu_emulation.install()
+    return dict(
+        active=active,
+        is_active=cpu_emulation.is_active(),
+        untouched=torch.cuda.current_device is current_device and torch.Tensor.type is tensor_type,
+        mode_stack=torch._C._len_torch_function_stack(),
+    )
+
+
+def test_emulation_is_a_noop_when_cuda_is_available():
+    result = run_ranks(_emulation_with_fake_cuda, 1)[0]
+    assert result == dict(active=False, is_active=False, untouched=True, mode_stack=0)
+
+
+def _emulated_calls():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    from megatron_asvr.runtime import cpu_emulation
+
+    assert cpu_emulation.install()
+    out = {}
+    out["empty"] = torch.empty(2, device="cuda").device.type
+    out["index"] = torch.zeros(2, device=0).device.type
+    out["to"] = torch.ones(2).to("cuda", non_blocking=True).device.type
+    out["dot_cuda"] = torch.ones(2).cuda().device.type
+    out["current_device"] = torch.cuda.current_device()
+    out["type"] = torch.ones(2).type()
+    out["bf16_type"] = torch.ones(2, dtype=torch.bfloat16).type()
+    out["cast"] = torch.ones(2).type("torch.cuda.HalfTensor").dtype
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    # The CUDA RNG is the CPU generator: megatron's state helpers round-trip it.
+    torch.cuda.manual_seed(7)
+    state = mp_random._get_cuda_rng_state()
+    first = torch.rand(3)
+    mp_random._set_cuda_rng_state(state)
+    out["rng_roundtrip"] = torch.equal(first, torch.rand(3))
+    out["rng_is_cpu"] = torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+    return out
+
+
+def test_emulated_cuda_calls_run_on_cpu():
+    out = run_ranks(_emulated_calls, 1)[0]
+    assert out == dict(
+        empty="cpu", index="cpu", to="cpu", dot_cuda="cpu", current_device="cpu",
+        type="torch.cuda.FloatTensor", bf16_type="torch.cuda.BFloat16Tensor", cast=torch.float16,
+        rng_roundtrip=True, rng_is_cpu=True,
+    )
+
+
+def test_emulation_lives_in_one_module():
+    """Only cpu_emulation.py patches torch.cuda / Tensor or installs a function mode."""
+    markers = ("TorchFunctionMode", "torch.cuda.current_device =", "cuda.current_device =", "torch.Tensor.type =")
+    package = pathlib.Path(megatron_asvr.__file__).parent
+    offenders = {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if any(marker in path.read_text() for marker in markers)
+    }
+    assert offenders == {"runtime/cpu_emulation.py"}
+
+
+def _rank_value(scale):
+    import os
+
+    return int(os.environ["RANK"]) * scale, int(os.environ["WORLD_SIZE"])
+
+
+def _fails_on_rank_one():
+    import os
+
+    if os.environ["RANK"] == "1":
+        raise ValueError("bad shard on rank one")
+    time.sleep(60)  # the others would wait forever in a collective
+
+
+def _hangs():
+    time.sleep(60)
+
+
+def test_run_ranks_collects_results_by_rank():
+    assert run_ranks(_rank_value, 3, 10) == [(0, 3), (10, 3), (20, 3)]
+
+
+def test_run_ranks_reports_the_failing_rank_traceback():
+    start = time.monotonic()
+    with pytest.raises(MultiRankError) as info:
+        run_ranks(_fails_on_rank_one, 2, timeout=30)
+    assert "failed on rank 1" in str(info.value)
+    assert "ValueError: bad shard on rank one" in str(info.value)
+    assert time.monotonic() - start < 20  # the other rank was killed, not waited for
+
+
+def test_run_ranks_turns_a_hang_into_a_failure():
+    with pytest.raises(MultiRankError, match=r"hung: ranks \[0, 1\] did not finish within 2 s"):
+        run_ranks(_hangs, 2, timeout=2)
