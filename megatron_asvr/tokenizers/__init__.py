@@ -1,0 +1,35 @@
+"""Text tokenizers and LLaVA's conversation templates."""
+
+from megatron_asvr.tokenizers.templates import (
+    IMAGE_TAG,
+    IMAGE_TOKEN_INDEX,
+    ConversationTemplate,
+    TemplatedTokens,
+    TokenizationMismatch,
+    Turn,
+    get_template,
+    place_image_tags,
+    tokenize_with_images,
+)
+from megatron_asvr.tokenizers.text import (
+    HFJsonTokenizer,
+    SentencePieceTokenizer,
+    TextTokenizer,
+    load_text_tokenizer,
+)
+
+__all__ = [
+    "IMAGE_TAG",
+    "IMAGE_TOKEN_INDEX",
+    "ConversationTemplate",
+    "HFJsonTokenizer",
+    "SentencePieceTokenizer",
+    "TemplatedTokens",
+    "TextTokenizer",
+    "TokenizationMismatch",
+    "Turn",
+    "get_template",
+    "load_text_tokenizer",
+    "place_image_tags",
+    "tokenize_with_images",
+]
