@@ -1,0 +1,48 @@
+"""Write the synthetic demo corpus (images, LLaVA JSON, eval questions, tokenizer).
+
+The output layout is described in megatron_asvr/data/demo.py. Example:
+
+    python tools/make_demo_data.py --out data/demo            # default size, seconds
+    python tools/make_demo_data.py --out /tmp/demo --preset tiny
+"""
+
+import argparse
+import dataclasses
+import json
+
+from megatron_asvr.data.demo import DemoConfig, make_demo_data
+
+OVERRIDES = {  # command-line flag -> DemoConfig field
+    "--seed": "seed",
+    "--train-images": "train_images",
+    "--eval-images": "eval_images",
+    "--eval-questions-per-image": "eval_questions_per_image",
+    "--max-objects": "max_objects",
+    "--noisy-fraction": "noisy_fraction",
+    "--text-only-fraction": "text_only_fraction",
+    "--vocab-size": "vocab_size",
+    "--jpeg-quality": "jpeg_quality",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory (must not hold an earlier corpus)")
+    parser.add_argument("--preset", choices=("default", "tiny"), default="default")
+    defaults = DemoConfig()
+    for flag, name in OVERRIDES.items():
+        default = getattr(defaults, name)
+        parser.add_argument(flag, dest=name, type=type(default), help=f"override the preset (default: {default})")
+    args = parser.parse_args()
+
+    config = DemoConfig.tiny() if args.preset == "tiny" else DemoConfig()
+    overrides = {name: getattr(args, name) for name in OVERRIDES.values() if getattr(args, name) is not None}
+    try:
+        summary = make_demo_data(args.out, dataclasses.replace(config, **overrides))
+    except (FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(json.dumps(dataclasses.asdict(summary), indent=2))
+
+
+if __name__ == "__main__":
+    main()
