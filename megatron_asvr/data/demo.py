@@ -24,8 +24,11 @@ Output directory written by ``make_demo_data(out_dir, config)``::
                         "answer" is an option letter when "options" is not empty
       scenes.json       {image path: {"width", "height", "background", "noisy",
                         "objects": [{"shape", "color", "position", "center", "radius"}]}}
-      tokenizer.model   SentencePiece BPE trained on the training text, Llama conventions:
-                        <unk>=0, <s>=1, </s>=2, no pad, byte fallback, dummy prefix
+      tokenizer.model   SentencePiece BPE trained on the training text as the templates render
+                        it (plain for stage 1, vicuna_v1 for stage 2), Llama conventions:
+                        <unk>=0, <s>=1, </s>=2, no pad, byte fallback, dummy prefix, digits split
+      tokenizer_config.json  {"legacy": true, ...}: load the directory with
+                        megatron_asvr.tokenizers.load_text_tokenizer(out_dir)
 
 Image paths in the JSON files are relative to ``out_dir/images``.
 """
@@ -40,6 +43,8 @@ import string
 import numpy as np
 from PIL import Image, ImageDraw
 import sentencepiece as spm
+
+from megatron_asvr.tokenizers import IMAGE_TAG, Turn, get_template, place_image_tags
 
 SHAPES = ("circle", "square", "triangle", "star")
 SIDES = {"circle": 0, "square": 4, "triangle": 3, "star": 10}
@@ -79,12 +84,7 @@ DESCRIBE_PROMPTS = (
     "Render a clear and concise summary of the photo.",
     "Write a terse but informative summary of the picture.",
 )
-# Chat-template text (vicuna_v1 system prompt and roles) so the tokenizer has pieces for it.
-TEMPLATE_TEXT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "USER: ASSISTANT:",
-)
+STAGE_TEMPLATES = {"pretrain": "plain", "instruct": "vicuna_v1"}  # the tokenizer learns their text
 MAX_TURNS = 4
 TAG_AFTER_PROMPT_FRACTION = 0.1  # stage-1 records with "<image>" after the prompt
 TRAIN_CATEGORY_WEIGHTS = {"color": 3, "count": 3, "position": 2, "yes/no": 2, "choice": 2, "describe": 1}
@@ -472,12 +472,15 @@ def eval_questions(question_id: str, image: str, scene: Scene, count: int, rng: 
     return rows
 
 
-def tokenizer_lines(records: Iterable[dict]) -> list[str]:
-    """The training text of the tokenizer: every turn's lines without image tags, plus the template."""
-    lines = list(TEMPLATE_TEXT)
+def template_text(records: Iterable[dict], template_name: str) -> list[str]:
+    """The text a conversation template makes of ``records``, cut where SentencePiece never
+    sees across: image tags, special tokens (split out before encoding) and newlines."""
+    template = get_template(template_name)
+    lines = []
     for record in records:
-        for turn in record["conversations"]:
-            lines += [line for line in turn["value"].replace("<image>", "").split("\n") if line]
+        turns = place_image_tags(tuple(Turn(turn["from"], turn["value"]) for turn in record["conversations"]))
+        text = template.render(turns).replace(IMAGE_TAG, "\n").replace(LLAMA_SPM_OPTIONS["eos_piece"], "\n")
+        lines += [line for line in text.split("\n") if line]
     return lines
 
 
@@ -496,7 +499,26 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-OUTPUT_NAMES = ("images", "pretrain.json", "instruct.json", "eval.jsonl", "scenes.json", "tokenizer.model")
+OUTPUT_NAMES = (
+    "images",
+    "pretrain.json",
+    "instruct.json",
+    "eval.jsonl",
+    "scenes.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+)
+# HF-style config beside tokenizer.model. legacy must be true: LLaVA's vicuna_v1 round counting
+# with legacy false assumes Llama's own pieces ("</s>USER" one token shorter than "USER").
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "legacy": True,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+}
 
 
 def _write_json(path: Path, value) -> None:
@@ -535,8 +557,10 @@ def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> De
     _write_json(out / "instruct.json", instruct)
     _write_json(out / "scenes.json", scenes)
     (out / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evaluation), encoding="utf-8")
-    model = train_tokenizer(tokenizer_lines(pretrain + instruct), config.vocab_size)
+    text = template_text(pretrain, STAGE_TEMPLATES["pretrain"]) + template_text(instruct, STAGE_TEMPLATES["instruct"])
+    model = train_tokenizer(text, config.vocab_size)
     (out / "tokenizer.model").write_bytes(model)
+    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     return DemoSummary(
         out_dir=str(out),
         train_images=config.train_images,
