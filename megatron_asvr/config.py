@@ -148,6 +148,67 @@ LLM_PRESETS: Dict[str, LLMConfig] = {
 }
 
 
+@dataclass
+class VisionConfig:
+    """A ViT vision encoder (SigLIP or CLIP); features from ``feature_layer`` with no post-norm."""
+
+    kind: str = "siglip"  # "siglip" (no class token, conv bias) | "clip" (class token, pre-norm)
+    num_layers: int = 3
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    patch_size: int = 14
+    image_size: int = 28  # input pixels; a partial last patch is dropped (SigLIP 384 -> 27 x 27)
+    activation: str = "gelu_tanh"  # "gelu_tanh" (SigLIP) | "quick_gelu" (CLIP)
+    norm_eps: float = 1e-6
+    feature_layer: int = -2  # as HF hidden_states[feature_layer]; later layers are not built
+    frozen: bool = True
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers that feed the features (hidden_states has num_layers + 1 entries)."""
+        return self.feature_layer + (self.num_layers + 1 if self.feature_layer < 0 else 0)
+
+    def validate(self, parallel: ParallelConfig) -> None:
+        if self.kind not in ("siglip", "clip"):
+            raise ConfigError(f"vision.kind must be siglip or clip, got {self.kind!r}")
+        if self.activation not in ("gelu_tanh", "quick_gelu"):
+            raise ConfigError(f"vision.activation must be gelu_tanh or quick_gelu, got {self.activation!r}")
+        if not 1 <= self.layers_used <= self.num_layers:
+            raise ConfigError(
+                f"vision.feature_layer={self.feature_layer} selects no encoder layer of {self.num_layers}"
+            )
+        tp = parallel.tensor_parallel
+        for name in ("num_attention_heads", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ConfigError(
+                    f"vision.{name}={getattr(self, name)} is not divisible by parallel.tensor_parallel={tp}"
+                )
+
+
+VISION_PRESETS: Dict[str, VisionConfig] = {
+    # SigLIP-SO400M-patch14-384: 729 patches, features of block 26 of 27.
+    "siglip_so400m_384": VisionConfig(
+        kind="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
+        patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2,
+    ),
+    # CLIP-ViT-L/14@336 (LLaVA-1.5's encoder): 576 patches after dropping the class token.
+    "clip_vit_l_336": VisionConfig(
+        kind="clip", num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
+        patch_size=14, image_size=336, activation="quick_gelu", norm_eps=1e-5, feature_layer=-2,
+    ),
+    "tiny": VisionConfig(),
+}
+
+
 # ---------------------------------------------------------------------------
 # Generic nested-dataclass loading: dicts (from YAML) and "a.b=value" overrides.
 

@@ -11,7 +11,7 @@ import torch
 
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.params import merge_ranks
+from megatron_asvr.model.canonical import merge_ranks
 from megatron_asvr.testing.tiny_gpt import Case, train
 
 LOSS_TOL = 1e-5  # per-micro-batch mean loss, absolute

@@ -120,33 +120,34 @@ class _Event:
         return 0.0
 
 
-def _noop(*args, **kwargs):
-    return None
+def _noop():
+    """A fresh do-nothing function: torch._dynamo rejects one object patched in under two names."""
+    return lambda *args, **kwargs: None
 
 
 def _patch_cuda_namespace():
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"
-    cuda.synchronize = _noop
-    cuda.empty_cache = _noop
-    cuda.set_device = _noop
+    cuda.synchronize = _noop()
+    cuda.empty_cache = _noop()
+    cuda.set_device = _noop()
     cuda.Stream = _Stream
     cuda.Event = _Event
     cuda.current_stream = lambda device=None: _Stream()
     cuda.default_stream = lambda device=None: _Stream()
-    cuda.set_stream = _noop
+    cuda.set_stream = _noop()
     cuda.stream = lambda stream=None: nullcontext()
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    cuda.manual_seed = torch.manual_seed
-    cuda.manual_seed_all = torch.manual_seed
+    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(cuda, name, lambda device=None: 0)
-    cuda.reset_peak_memory_stats = _noop
-    cuda.nvtx.range_push = _noop
-    cuda.nvtx.range_pop = _noop
+    cuda.reset_peak_memory_stats = _noop()
+    cuda.nvtx.range_push = _noop()
+    cuda.nvtx.range_pop = _noop()
 
 
 def _patch_tensor_and_module():

@@ -18,7 +18,7 @@ from megatron_asvr import runtime
 from megatron_asvr.config import LLMConfig, ParallelConfig
 from megatron_asvr.model.llm import build_llm, llm_transformer_config
 from megatron_asvr.model.specs import resolve_backend
-from megatron_asvr.testing.params import full_state, load_full_state
+from megatron_asvr.model.canonical import full_state, load_full_state
 from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
     build_model_chunks,

@@ -1,11 +1,12 @@
-"""Parameters in one layout-independent form, for equivalence tests across TP / PP / DP.
+"""Parameters in one layout-independent form: full tensors under TP=1 / PP=1 names.
 
 The canonical form of a model is a dict of full (un-sharded) tensors keyed by
-the names a TP=1 / PP=1 model would use: tensor-parallel shards are gathered
-along their ``partition_dim`` (the gated-MLP FC1 as [gate; up] halves),
-and a pipeline stage's local layer indices become global layer numbers.
-Each rank returns the canonical tensors of its own chunks; ``merge_ranks``
-joins them and checks that replicas agree bitwise.
+the names a TP=1 / PP=1 local-spec model uses: tensor-parallel shards are
+gathered along their ``partition_dim`` (the gated-MLP FC1 as [gate; up]
+halves), and a pipeline stage's local layer indices become global layer
+numbers. HF import fills a model at any layout from it; the equivalence tests
+compare layouts in it (each rank returns its own chunks; ``merge_ranks`` joins
+them and checks that replicas agree bitwise).
 """
 
 from typing import Dict, Iterable, List
@@ -23,8 +24,25 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+# Transformer Engine fuses the pre-norms into the following linear; canonical
+# names are the local spec's, so TE and local checkpoints share one form.
+_TE_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def _local_spec_name(name: str) -> str:
+    for te_name, local in _TE_NAMES.items():
+        if name.endswith(te_name):
+            return name[: -len(te_name)] + local
+    return name
+
+
 def _canonical_names(chunk: torch.nn.Module) -> Dict[str, str]:
-    """Local parameter name -> canonical name (global layer numbers)."""
+    """Local parameter name -> canonical name (global layer numbers, local-spec names)."""
     prefixes = {}
     for name, module in chunk.named_modules():
         if isinstance(module, TransformerLayer):
@@ -37,7 +55,7 @@ def _canonical_names(chunk: torch.nn.Module) -> Dict[str, str]:
             if name.startswith(local):
                 canonical = global_ + name[len(local):]
                 break
-        result[name] = canonical
+        result[name] = _local_spec_name(canonical)
     return result
 
 
@@ -77,13 +95,23 @@ def full_state(model: Iterable[torch.nn.Module]) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_state(model: Iterable[torch.nn.Module], full: Dict[str, torch.Tensor]) -> None:
-    """Copy this rank's shard of each canonical tensor into the model."""
+def load_full_state(
+    model: Iterable[torch.nn.Module], full: Dict[str, torch.Tensor], strict: bool = True
+) -> List[str]:
+    """Copy this rank's shard of each canonical tensor into the model; return the names loaded.
+
+    ``strict``: every parameter of the model must be in ``full`` (extra entries,
+    e.g. other pipeline stages' layers, are always allowed).
+    """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    loaded, missing = [], []
     for chunk in map(_unwrap, model):
         names, glu = _canonical_names(chunk), _glu_params(chunk)
         for name, param in chunk.named_parameters():
+            if names[name] not in full:
+                missing.append(names[name])
+                continue
             value = full[names[name]]
             if _tp_sharded(param) and tp > 1:
                 dim = param.partition_dim
@@ -91,7 +119,13 @@ def load_full_state(model: Iterable[torch.nn.Module], full: Dict[str, torch.Tens
                     value = torch.cat([half.chunk(tp, dim=dim)[rank] for half in value.chunk(2, dim=dim)], dim=dim)
                 else:
                     value = value.chunk(tp, dim=dim)[rank]
+            if value.shape != param.shape:
+                raise ValueError(f"{names[name]}: shard shape {tuple(value.shape)} != parameter shape {tuple(param.shape)}")
             param.copy_(value)
+            loaded.append(names[name])
+    if strict and missing:
+        raise KeyError(f"{len(missing)} parameters missing from the loaded state, e.g. {missing[:5]}")
+    return loaded
 
 
 def merge_ranks(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
