@@ -1,1 +1,4 @@
-"""Data: LLaVA records, validation, shards, image preprocessing, loaders and the demo corpus."""
+"""Training data: LLaVA records (llava), validation (validate), shards (shards), the pass (preprocess).
+
+Import the submodules directly; ``shards`` and ``preprocess`` pull in megatron-core.
+"""
