@@ -47,7 +47,7 @@ class _OpenShard:
         items = {
             "tokens": sample.input_ids,
             "loss_mask": sample.loss_mask,
-            "meta": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8),
+            "meta": np.frombuffer(bytearray(json.dumps(meta, ensure_ascii=False).encode("utf-8")), dtype=np.uint8),
         }
         for part, builder in self.builders.items():
             builder.add_item(torch.from_numpy(np.ascontiguousarray(items[part])))
