@@ -74,6 +74,8 @@ def test_unfinished_or_aborted_shards_are_not_a_dataset(tmp_path):
         writer.add(make_sample(i))
     with pytest.raises(FileNotFoundError, match="no manifest.json; not a finished shard directory"):
         ShardDataset(tmp_path / "ds")
+    with pytest.raises(FileExistsError, match="holds shard files of an unfinished run"):
+        ShardWriter(tmp_path / "ds")
     writer.abort()
     assert list((tmp_path / "ds").iterdir()) == []
     writer = ShardWriter(tmp_path / "ds")

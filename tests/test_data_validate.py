@@ -307,6 +307,8 @@ def test_unreadable_json_list_is_a_clear_error(tmp_path):
         preprocess(config(tmp_path, [(None, path)]))
     with pytest.raises(DataFileError, match="nowhere.json: data file not found"):
         list(read_records(tmp_path / "nowhere.json"))
+    with pytest.raises(PreprocessFailed, match="nowhere.json: data file not found"):
+        preprocess(config(tmp_path, [(None, path), (None, tmp_path / "nowhere.json")]))  # checked up front
 
 
 def test_tool_prints_one_line_error(fixture_set, capsys):

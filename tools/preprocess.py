@@ -23,8 +23,9 @@ from megatron_asvr.tokenizers.templates import TEMPLATES
 
 
 def _input(spec: str) -> tuple[str | None, Path]:
+    """``NAME=FILE`` (a name without "/") or ``FILE``."""
     name, sep, path = spec.partition("=")
-    return (name, Path(path)) if sep and name else (None, Path(spec))
+    return (name, Path(path)) if sep and name and "/" not in name else (None, Path(spec))
 
 
 def _bool(text: str) -> bool:

@@ -115,6 +115,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         raise PreprocessFailed(f"workers must be at least 1, got {config.workers}")
     if not config.validation.image_root.is_dir():
         raise PreprocessFailed(f"image root {config.validation.image_root} is not a directory")
+    for _, path in config.inputs:
+        if not Path(path).is_file():
+            raise PreprocessFailed(f"{path}: data file not found")
     try:
         template = get_template(config.template)
         tokenizer = load_text_tokenizer(config.tokenizer, config.legacy)

@@ -70,6 +70,10 @@ class ShardWriter:
         self.output_dir = Path(output_dir)
         if (self.output_dir / MANIFEST).exists():
             raise FileExistsError(f"{self.output_dir} already holds a dataset ({MANIFEST}); choose another output")
+        if any(self.output_dir.glob("shard_*")):
+            raise FileExistsError(
+                f"{self.output_dir} holds shard files of an unfinished run; delete them or choose another output"
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
         self.sources: dict[str, int] = {}
