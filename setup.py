@@ -31,8 +31,51 @@ EXTRAS = {
 
 
 def _extensions():
-    """C++/CUDA extensions from csrc/ (see megatron_asvr.kernels for the dispatch)."""
-    return [], {}
+    """C++/CUDA extensions from csrc/ (see megatron_asvr.kernels for the dispatch).
+
+    The CPU extension is always built. The CUDA one is built when nvcc and a CUDA
+    build of torch are present, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Where
+    the toolkit has no ``libcudart.so`` link name (pip CUDA wheels ship only
+    ``libcudart.so.<major>``), cudart is linked by the full path of the library that
+    torch itself loads.
+    """
+    import glob
+    import os
+    import shutil
+
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no-trapping: lets float->int vectorise
+    modules = [
+        cpp_extension.CppExtension(
+            "megatron_asvr._fused_ce_cpu",
+            ["csrc/fused_ce_cpu.cpp"],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if torch.version.cuda and shutil.which("nvcc"):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cuda = cpp_extension.CUDAExtension(
+            "megatron_asvr._fused_ce_cuda",
+            ["csrc/fused_ce_cuda_bindings.cpp", "csrc/fused_ce_cuda.cu"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        )
+        toolkit_libs = [os.path.join(cpp_extension.CUDA_HOME or "", d) for d in ("lib64", "lib")]
+        if not any(os.path.exists(os.path.join(d, "libcudart.so")) for d in toolkit_libs):
+            major = torch.version.cuda.split(".")[0]
+            site = os.path.dirname(os.path.dirname(torch.__file__))
+            found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", f"libcudart.so.{major}")))
+            if not found:
+                raise RuntimeError(
+                    f"setup.py: nvcc found but no libcudart.so in {toolkit_libs} and no pip "
+                    f"libcudart.so.{major} under {site}/nvidia; set CUDA_HOME to a CUDA {major} toolkit"
+                )
+            cuda.libraries.remove("cudart")
+            cuda.extra_link_args.append(found[0])
+        modules.append(cuda)
+    return modules, {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

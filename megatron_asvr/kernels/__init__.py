@@ -1,0 +1,6 @@
+"""Fused kernels from csrc/ and their Python face: autograd functions and dispatch."""
+
+from megatron_asvr.kernels.backends import backend_report, select_kernels
+from megatron_asvr.kernels.multi_depth_ce import multi_depth_cross_entropy
+
+__all__ = ["backend_report", "multi_depth_cross_entropy", "select_kernels"]
