@@ -321,7 +321,9 @@ def test_tool_prints_one_line_error(fixture_set, capsys):
             "--max-image-pixels", "10000"]
     with pytest.raises(SystemExit) as info:
         tool.main(args + ["--max-skip-fraction", "0.1"])
-    assert str(info.value).startswith("preprocess: error: 20 of 32 records skipped (62.50%), above --max-skip-fraction 10.00%")
+    assert str(info.value).startswith(
+        "preprocess: error: 20 of 32 records skipped (62.50%), above --max-skip-fraction 10.00%"
+    )
     tool.main(args + ["--max-skip-fraction", "0.7"])
     assert capsys.readouterr().out.startswith("preprocess: 12 samples written (9 with fixes), 20 of 32 records skipped")
     assert ShardDataset(fixture_set / "out").sources == ["mix"]

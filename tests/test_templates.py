@@ -225,7 +225,9 @@ def hf_dir(tmp_path_factory):
 def test_legacy_true_matches_transformers_slow_tokenizer():
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    slow = SentencePieceBackend(vocab_file=str(MODEL), legacy=True, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    slow = SentencePieceBackend(
+        vocab_file=str(MODEL), legacy=True, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     ours = SentencePieceTokenizer(MODEL, legacy=True)
     for text in STRINGS + LEADING_SPACE:
         assert ours.encode(text) == [BOS] + slow(text, add_special_tokens=False).input_ids, text

@@ -47,8 +47,8 @@ def main() -> None:
                 start = time.perf_counter()
                 report = preprocess(config)
                 seconds = time.perf_counter() - start
-                total = report["total_records"]
-                print(f"| {workers} | {verify} | {total} | {report['written']} | {seconds:.2f} | {total / seconds:.0f} |")
+                total, written = report["total_records"], report["written"]
+                print(f"| {workers} | {verify} | {total} | {written} | {seconds:.2f} | {total / seconds:.0f} |")
 
 
 if __name__ == "__main__":

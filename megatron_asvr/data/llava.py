@@ -207,9 +207,8 @@ def parse_record(value: object) -> LlavaRecord:
         if not isinstance(message, dict) or not isinstance(message.get("value"), str):
             raise RecordError(Reason.MALFORMED_RECORD, f"conversations[{i}] needs a string 'value'")
         if message.get("from") not in (HUMAN, GPT):
-            raise RecordError(
-                Reason.MALFORMED_RECORD, f"conversations[{i}]: 'from' must be 'human' or 'gpt', got {message.get('from')!r}"
-            )
+            role = message.get("from")
+            raise RecordError(Reason.MALFORMED_RECORD, f"conversations[{i}]: 'from' must be human or gpt, got {role!r}")
         turns.append(Turn(message["from"], message["value"]))
     return LlavaRecord(record_id(value), images, tuple(turns))
 

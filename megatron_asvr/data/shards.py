@@ -123,8 +123,9 @@ class ShardDataset:
     """The samples of a shard directory: ``len`` and ``dataset[i] -> TokenizedSample`` in O(1).
 
     A sample's arrays are copies: megatron's reader unmaps its files when the
-    dataset is collected, which would leave views dangling. ``num_positions`` and ``source_ids`` (with ``sources``) hold all samples' lengths
-    and sources for samplers.
+    dataset is collected, which would leave views dangling. ``num_positions``,
+    ``num_images`` and ``source_ids`` (names in ``sources``) hold every sample's
+    length, image count and source, for samplers.
     """
 
     def __init__(self, path: str | Path):
@@ -135,8 +136,8 @@ class ShardDataset:
         self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise ValueError(
-                f"{manifest_path}: format {self.manifest.get('format')!r} version {self.manifest.get('version')!r}, "
-                f"expected {FORMAT!r} version {VERSION}"
+                f"{manifest_path}: format {self.manifest.get('format')!r} "
+                f"version {self.manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}"
             )
         self.sources: list[str] = self.manifest["sources"]
         self._shards = []

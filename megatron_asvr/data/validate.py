@@ -279,7 +279,8 @@ class RecordValidator:
             first = Turn(HUMAN, IMAGE_TAG * num_images + turns[0].text)
             return (first,) + turns[1:]
         if num_tags != num_images:
-            raise RecordError(Reason.IMAGE_TAG_COUNT_MISMATCH, f"{num_tags} {IMAGE_TAG} tag(s) for {num_images} image(s)")
+            detail = f"{num_tags} {IMAGE_TAG} tag(s) for {num_images} image(s)"
+            raise RecordError(Reason.IMAGE_TAG_COUNT_MISMATCH, detail)
         return turns
 
     def _fit_length(self, input_ids, loss_mask, sizes, fixes):

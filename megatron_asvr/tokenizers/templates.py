@@ -118,7 +118,10 @@ class PlainTemplate(ConversationTemplate):
 
     def unsupported(self, turns: tuple[Turn, ...], num_images: int) -> str | None:
         if len(turns) != 2 or num_images != 1:
-            return f"plain needs one image and one question/answer pair, got {num_images} image(s) and {len(turns)} turns"
+            return (
+                f"plain needs one image and one question/answer pair, "
+                f"got {num_images} image(s) and {len(turns)} turns"
+            )
         return None
 
 
