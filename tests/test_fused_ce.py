@@ -119,11 +119,11 @@ def test_argmax_ties_break_to_lowest_id_and_skip_padding(backend):
     bias = torch.zeros(10)
     bias[[3, 7]] = 2.0
     bias[9] = 5.0
-    targets = torch.tensor([[3], [7]])
+    targets = torch.tensor([[3], [3]])
     loss, _, correct = multi_depth_cross_entropy(
         hidden, [torch.zeros(10, 4)], [bias], targets, [9], backend=backend
     )
-    assert correct.tolist() == [1]  # predicted id 3 for both rows
+    assert correct.tolist() == [2]  # id 3 for both rows: not 7 (tie), not 9 (padding)
     expected = 2 * (torch.logsumexp(bias[:9], 0) - 2.0)
     torch.testing.assert_close(loss, expected.reshape(1), rtol=1e-6, atol=1e-6)
 
