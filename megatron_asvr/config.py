@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -207,6 +207,95 @@ VISION_PRESETS: Dict[str, VisionConfig] = {
     ),
     "tiny": VisionConfig(),
 }
+
+
+@dataclass
+class CodebookSpec:
+    """A frozen residual-quantizer tokenizer's codebooks, as its metadata record gives them."""
+
+    sizes: List[int] = dataclasses.field(default_factory=lambda: [16384] * 8)  # V_d per depth
+    dim: int = 1152  # C, the codebook vector width
+
+    @property
+    def depth(self) -> int:
+        return len(self.sizes)
+
+
+@dataclass
+class HeadConfig:
+    """The ASVR visual head (ASVR_SPEC.md section 2); the reference is E=2048, 3 layers, 16 heads."""
+
+    hidden_size: int = 2048  # E
+    num_layers: int = 3
+    num_attention_heads: int = 16  # of hidden_size / heads = 128
+    mlp_ratio: int = 2  # each depth's MLP is E -> mlp_ratio * E -> E
+    norm_eps: float = 1e-6
+
+
+SUPERVISION = ("semantic", "appearance", "dual")
+
+
+@dataclass
+class ASVRConfig:
+    """The visual loss and its switches (ASVR_SPEC.md sections 4 and 5)."""
+
+    visual_loss: bool = True  # on/off for this training stage
+    loss_weight: float = 1.0  # lambda in L = L_text + lambda * L_visual
+    target_shift: int = 0  # 0: position j predicts patch j (released code); 1: patch j + 1
+    supervise_text_only: bool = False  # released code: text-only samples get a zero image
+    supervision: str = "semantic"  # semantic | appearance | dual (two heads, both losses)
+    discrete_input: bool = False  # LLM sees the tokenizer's codebook vectors, not encoder features
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    semantic: CodebookSpec = dataclasses.field(default_factory=CodebookSpec)
+    appearance: CodebookSpec = dataclasses.field(default_factory=CodebookSpec)
+
+    @property
+    def branches(self) -> List[str]:
+        """The tokenizer branches whose codes are targets (one visual head each)."""
+        if not self.visual_loss:
+            return []
+        return ["semantic", "appearance"] if self.supervision == "dual" else [self.supervision]
+
+    def validate(self, parallel: ParallelConfig) -> None:
+        if self.supervision not in SUPERVISION:
+            raise ConfigError(f"asvr.supervision must be one of {SUPERVISION}, got {self.supervision!r}")
+        if self.target_shift not in (0, 1):
+            raise ConfigError(f"asvr.target_shift must be 0 or 1, got {self.target_shift}")
+        head, tp = self.head, parallel.tensor_parallel
+        if head.hidden_size % head.num_attention_heads:
+            raise ConfigError(
+                f"asvr.head.hidden_size={head.hidden_size} is not divisible by "
+                f"asvr.head.num_attention_heads={head.num_attention_heads}"
+            )
+        if head.num_attention_heads % tp:
+            raise ConfigError(
+                f"asvr.head.num_attention_heads={head.num_attention_heads} is not divisible by "
+                f"parallel.tensor_parallel={tp}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """The whole VLM: vision encoder, projector, LLM, and the ASVR visual head(s)."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    asvr: ASVRConfig = dataclasses.field(default_factory=ASVRConfig)
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # What trains: any of vision, projector, llm, visual_head. Stage 1 is the default.
+    trainable: List[str] = dataclasses.field(default_factory=lambda: ["projector", "visual_head"])
+
+    def validate(self, parallel: ParallelConfig) -> None:
+        self.llm.validate(parallel)
+        if not self.asvr.discrete_input:
+            self.vision.validate(parallel)
+        self.asvr.validate(parallel)
+        unknown = sorted(set(self.trainable) - set(COMPONENTS))
+        if unknown:
+            raise ConfigError(f"model.trainable has unknown component {unknown[0]!r} (known: {', '.join(COMPONENTS)})")
+
+
+COMPONENTS = ("vision", "projector", "llm", "visual_head")
 
 
 # ---------------------------------------------------------------------------

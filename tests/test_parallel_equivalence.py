@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.testing.multirank import run_ranks
 from megatron_asvr.model.canonical import merge_ranks
-from megatron_asvr.testing.tiny_gpt import Case, train
+from megatron_asvr.testing.harness import train
+from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.testing.tiny_gpt import GPTCase, mean_losses
 
 LOSS_TOL = 1e-5  # per-micro-batch mean loss, absolute
 PARAM_TOL = 1e-5  # every parameter element after every step, absolute
@@ -27,19 +28,9 @@ LAYOUTS = {
 }
 
 
-def mean_losses(results):
-    """{(step, micro-batch): mean loss} from the last-stage ranks (each reported once per DP rank)."""
-    losses = {}
-    for result in results:
-        for step, reports in enumerate(result["losses"]):
-            for micro, loss_sum, count in reports:
-                losses[(step, micro)] = loss_sum / count
-    return losses
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(train, 1, Case())[0]
+    return run_ranks(train, 1, GPTCase())[0]
 
 
 def test_reference_trains(reference):
@@ -54,7 +45,7 @@ def test_reference_trains(reference):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
-    results = run_ranks(train, world_size, Case(parallel=parallel), reference["initial"])
+    results = run_ranks(train, world_size, GPTCase(parallel=parallel), reference["initial"])
 
     expected, got = mean_losses([reference]), mean_losses(results)
     assert sorted(got) == sorted(expected)

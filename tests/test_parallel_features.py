@@ -5,19 +5,11 @@ import dataclasses
 import torch
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.testing.multirank import run_ranks
 from megatron_asvr.model.canonical import merge_ranks
-from megatron_asvr.testing.tiny_gpt import TINY_LLAMA, Case, evaluate_checkpoint, train
-
-
-def _mean_losses(results, key="losses"):
-    losses = {}
-    for result in results:
-        steps = result[key] if key == "losses" else [result[key]]
-        for step, reports in enumerate(steps):
-            for micro, loss_sum, count in reports:
-                losses[(step, micro)] = loss_sum / count
-    return losses
+from megatron_asvr.testing.harness import evaluate_checkpoint, train
+from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.testing.tiny_gpt import TINY_LLAMA, GPTCase
+from megatron_asvr.testing.tiny_gpt import mean_losses as _mean_losses
 
 
 def test_bf16_params_with_fp32_main_params_distributed_optimizer():
@@ -26,7 +18,7 @@ def test_bf16_params_with_fp32_main_params_distributed_optimizer():
     DP=2 (distributed optimizer) and TP=2 x SP x DP=2 (distributed optimizer)
     follow the bf16 DP=1 run within bf16 resolution over 3 steps.
     """
-    case = Case(params_dtype=torch.bfloat16)
+    case = GPTCase(params_dtype=torch.bfloat16)
     reference = run_ranks(train, 1, case)[0]
     assert reference["main_param_dtypes"] == {torch.float32}
     expected = _mean_losses([reference])
@@ -53,7 +45,7 @@ def test_dropout_is_reproducible_through_the_rng_tracker():
     (merge_ranks checks replicas bitwise); dropout really changes the losses."""
     llm = dataclasses.replace(TINY_LLAMA, hidden_dropout=0.1, attention_dropout=0.1)
     parallel = ParallelConfig(tensor_parallel=2)
-    case = Case(parallel=parallel, llm=llm, steps=2)
+    case = GPTCase(parallel=parallel, llm=llm, steps=2)
     first = run_ranks(train, 4, case)
     second = run_ranks(train, 4, case, first[0]["initial"])
     no_dropout = run_ranks(train, 4, dataclasses.replace(case, llm=TINY_LLAMA), first[0]["initial"])
@@ -74,11 +66,11 @@ def test_dropout_is_reproducible_through_the_rng_tracker():
 def test_dist_checkpoint_loads_at_other_layouts(tmp_path):
     """Saved at TP=2 x PP=2 after one step; loaded at TP=1 x PP=1 and TP=1 x PP=2 x DP=2."""
     directory = str(tmp_path / "ckpt")
-    saved = run_ranks(train, 4, Case(parallel=ParallelConfig(2, 2), steps=1), save_to=directory)
+    saved = run_ranks(train, 4, GPTCase(parallel=ParallelConfig(2, 2), steps=1), save_to=directory)
     expected = _mean_losses(saved, key="eval")
     assert len(expected) == 4
     for world_size, parallel in [(1, ParallelConfig()), (4, ParallelConfig(pipeline_parallel=2))]:
-        results = run_ranks(evaluate_checkpoint, world_size, Case(parallel=parallel), directory)
+        results = run_ranks(evaluate_checkpoint, world_size, GPTCase(parallel=parallel), directory)
         got = _mean_losses([{"eval": r} for r in results], key="eval")
         assert sorted(got) == sorted(expected)
         for key, value in expected.items():

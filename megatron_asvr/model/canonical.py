@@ -72,15 +72,18 @@ def _tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def full_state(model: Iterable[torch.nn.Module]) -> Dict[str, torch.Tensor]:
-    """This rank's parameters, TP-gathered, under canonical names (collective over TP)."""
+def full_state(model: Iterable[torch.nn.Module], attr: str = "data") -> Dict[str, torch.Tensor]:
+    """This rank's parameters (or their ``attr``, e.g. DDP's ``main_grad``), TP-gathered,
+    under canonical names (collective over TP). Parameters without ``attr`` are left out."""
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     state = {}
     for chunk in map(_unwrap, model):
         names, glu = _canonical_names(chunk), _glu_params(chunk)
         for name, param in chunk.named_parameters():
-            value = param.detach().clone()
+            if getattr(param, attr, None) is None:
+                continue
+            value = getattr(param, attr).detach().clone()
             if _tp_sharded(param) and tp > 1:
                 shards = [torch.empty_like(value) for _ in range(tp)]
                 dist.all_gather(shards, value.contiguous(), group=group)

@@ -13,9 +13,16 @@ from megatron_asvr.model.specs import block_spec
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's padding: a multiple of ``divisible_by x tensor_parallel``."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
+    """The vocabulary rounded up to ``divisible_by`` and to a multiple of ``tensor_parallel``.
+
+    Unlike Megatron-LM's rounding to ``divisible_by x tensor_parallel``, the result
+    does not change with TP whenever the rounded size already divides (32000 and
+    16384 do for TP in 1, 2, 4, 8), so checkpoints reshard without reshaping.
+    """
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    while padded % tensor_parallel:
+        padded += divisible_by
+    return padded
 
 
 def llm_transformer_config(

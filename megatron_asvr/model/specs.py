@@ -53,7 +53,8 @@ def resolve_backend(requested: str = "auto") -> str:
 @dataclass(frozen=True)
 class _Modules:
     norm: type  # a norm on its own (final norm; input norms when not fused)
-    norm_column: type  # column-parallel linear, with the input norm fused in when fused_norm
+    column: type  # column-parallel linear
+    norm_column: type  # column-parallel linear with the preceding norm fused in (TE), else = column
     row: type
     core_attention: type
     fused_norm: bool
@@ -62,38 +63,59 @@ class _Modules:
 def _modules(backend: str) -> _Modules:
     if backend == "transformer_engine":
         from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
             TENorm,
             TERowParallelLinear,
         )
 
-        return _Modules(TENorm, TELayerNormColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, True)
-    return _Modules(Norm, ColumnParallelLinear, RowParallelLinear, SDPAttention, False)
+        return _Modules(
+            TENorm, TEColumnParallelLinear, TELayerNormColumnParallelLinear, TERowParallelLinear,
+            TEDotProductAttention, True,
+        )
+    return _Modules(Norm, ColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, SDPAttention, False)
+
+
+def norm_module(backend: str) -> type:
+    """A stand-alone norm (RMSNorm or LayerNorm per ``config.normalization``)."""
+    return _modules(backend).norm
+
+
+def attention_spec(backend: str, attn_mask_type: AttnMaskType, fuse_input_norm: bool = False) -> ModuleSpec:
+    """Self-attention: fused QKV (column-parallel over heads), core attention, row-parallel projection."""
+    m = _modules(backend)
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": attn_mask_type},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=m.norm_column if fuse_input_norm else m.column,
+            core_attention=m.core_attention,
+            linear_proj=m.row,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def mlp_submodules(backend: str, fuse_input_norm: bool = False) -> MLPSubmodules:
+    """FC1 column-parallel, FC2 row-parallel."""
+    m = _modules(backend)
+    return MLPSubmodules(linear_fc1=m.norm_column if fuse_input_norm else m.column, linear_fc2=m.row)
 
 
 def layer_spec(backend: str, attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
     """A pre-norm transformer layer: causal for the LLM, ``no_mask`` for a ViT."""
-    m = _modules(backend)
-    input_norm = IdentityOp if m.fused_norm else m.norm
+    fused = _modules(backend).fused_norm
+    input_norm = IdentityOp if fused else norm_module(backend)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": attn_mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=m.norm_column,
-                    core_attention=m.core_attention,
-                    linear_proj=m.row,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
+            self_attention=attention_spec(backend, attn_mask_type, fuse_input_norm=fused),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=input_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m.norm_column, linear_fc2=m.row)),
+            mlp=ModuleSpec(module=MLP, submodules=mlp_submodules(backend, fuse_input_norm=fused)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -108,4 +130,4 @@ def block_spec(
     """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
     layer = layer_spec(backend, attn_mask_type)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_modules(backend).norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(backend))

@@ -16,6 +16,28 @@ class StepResult:
     num_zeros_in_grad: Any
 
 
+def forward_backward(
+    forward_step_func: Callable,
+    data_iterator: Union[Iterator, List[Iterator]],
+    model: List[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> List[Any]:
+    """Zero the gradients, then forward and backward over ``num_microbatches``.
+
+    ``data_iterator`` is one iterator, or one per model chunk with a virtual pipeline.
+    Gradients end up reduced over data-parallel ranks and normalised by the global
+    token count the loss function reports (``calculate_per_token_loss``).
+    Returns the loss function's reports per micro-batch (last stage only).
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    return _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, False)
+
+
 def train_step(
     forward_step_func: Callable,
     data_iterator: Union[Iterator, List[Iterator]],
@@ -25,16 +47,8 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
 ) -> StepResult:
-    """Forward and backward over ``num_microbatches``, then the optimizer step.
-
-    ``data_iterator`` is one iterator, or one per model chunk with a virtual pipeline.
-    Gradients are normalised by the global token count the loss function reports
-    (``calculate_per_token_loss``), over micro-batches and data-parallel ranks.
-    """
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, False)
+    """``forward_backward`` then the optimizer step."""
+    reports = forward_backward(forward_step_func, data_iterator, model, optimizer, num_microbatches, seq_length, micro_batch_size)
     update_successful, grad_norm, num_zeros = optimizer.step()
     return StepResult(reports, update_successful, grad_norm, num_zeros)
 

@@ -1,0 +1,134 @@
+"""A tiny ASVR VLM on fixed synthetic samples: the model issue's equivalence case.
+
+Four samples: one image at the start, text only, two images, one image in the
+middle of the prompt. Images are random pixels, their codes random per branch.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, align_visual_targets, build_sequence, collate
+from megatron_asvr.model.loss import global_counts
+from megatron_asvr.model.specs import resolve_backend
+from megatron_asvr.model.vlm import stage_builder
+from megatron_asvr.testing.harness import Case, merged_reports
+from megatron_asvr.training.forward_step import make_forward_step
+
+TINY_MODEL = ModelConfig(
+    vision=VisionConfig(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, image_size=28),
+    llm=LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                  vocab_size=256, max_sequence_length=64),
+    asvr=ASVRConfig(
+        head=HeadConfig(hidden_size=32, num_layers=2, num_attention_heads=4),
+        semantic=CodebookSpec(sizes=[20, 24, 17], dim=12),
+        appearance=CodebookSpec(sizes=[16, 16], dim=8),
+    ),
+    transformer_impl="local",
+)
+BOS, PATCHES = 1, 4  # 28-pixel images, 14-pixel patches
+ZERO_IMAGE = "zero"  # the blank image given to text-only samples when they are supervised
+
+
+def codebooks(model: ModelConfig) -> Dict[str, List[torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        branch: [torch.randn(v, spec.dim, generator=g) for v in spec.sizes]
+        for branch, spec in (("semantic", model.asvr.semantic), ("appearance", model.asvr.appearance))
+    }
+
+
+def _sample_layouts() -> List[List[str]]:
+    """Token kinds per sample: B(os), I(mage), P(rompt), A(nswer)."""
+    return [
+        ["B", "I", "P", "P", "A", "A", "A"],
+        ["B", "P", "P", "P", "A", "A"],
+        ["B", "I", "I", "P", "A", "A", "A", "A"],
+        ["B", "P", "I", "P", "P", "A", "A"],
+    ]
+
+
+@dataclass
+class VLMCase(Case):
+    model: ModelConfig = field(default_factory=lambda: TINY_MODEL)
+    global_batch: int = 4
+    micro_batch: int = 1
+    seq_length: int = 24
+
+    def chunk_builder(self):
+        model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
+        return stage_builder(model, self.parallel, resolve_backend(model.transformer_impl), codebooks(model), self.params_dtype)
+
+    def _samples(self, step: int):
+        g = torch.Generator().manual_seed(2000 + step)
+        asvr = self.model.asvr
+        samples = []
+        for layout in _sample_layouts():
+            kinds = list(layout)
+            images = [f"img{step}_{len(samples)}_{i}" for i in range(kinds.count("I"))]
+            if not images and asvr.supervise_text_only:
+                kinds.insert(1, "I")
+                images = [ZERO_IMAGE]
+            ids = [BOS if k == "B" else IMAGE_PLACEHOLDER if k == "I" else int(torch.randint(3, 250, (1,), generator=g)) for k in kinds]
+            supervised = [k == "A" for k in kinds]
+            samples.append((build_sequence(ids, supervised, [PATCHES] * len(images), self.seq_length), images))
+        return samples
+
+    def _image(self, name: str):
+        """Pixels and per-branch codes of an image (the zero image: zero pixels, fixed codes)."""
+        g = torch.Generator().manual_seed(abs(hash(name)) % 2**31 if name != ZERO_IMAGE else 0)
+        pixels = torch.zeros(3, 28, 28) if name == ZERO_IMAGE else torch.randn(3, 28, 28, generator=g)
+        codes = {
+            branch: torch.stack([torch.randint(0, v, (PATCHES,), generator=g) for v in spec.sizes], dim=1)
+            for branch, spec in (("semantic", self.model.asvr.semantic), ("appearance", self.model.asvr.appearance))
+        }
+        return pixels, codes
+
+    def global_batch_data(self, step):
+        samples = self._samples(step)
+        micro = []
+        for i in range(0, len(samples), self.micro_batch):
+            group = samples[i:i + self.micro_batch]
+            batch = collate([s for s, _ in group])
+            names = [name for _, names in group for name in names]
+            images = [self._image(name) for name in names]
+            batch["images"] = torch.stack([p for p, _ in images]) if images else None
+            batch["input_codes"] = torch.stack([c["semantic"] for _, c in images]) if images else None
+            targets = {}
+            for branch in ("semantic", "appearance"):
+                targets[branch], row_mask = align_visual_targets(
+                    [c[branch] for _, c in images], [True] * len(images),
+                    getattr(self.model.asvr, branch).depth, self.model.asvr.target_shift,
+                )
+            batch["visual_targets"], batch["visual_row_mask"] = targets, row_mask
+            micro.append(batch)
+        return micro
+
+    def forward_step(self, data_iterator, model):
+        return make_forward_step(self.model.asvr)(data_iterator, model)
+
+    def prepare(self, micro_batches):
+        counts = global_counts(micro_batches, parallel_state.get_data_parallel_group())
+        return [dict(b, loss_counts=counts) for b in micro_batches]
+
+
+def losses(results, model: ModelConfig, key: str = "reports") -> Dict[str, float]:
+    """Global text and visual losses per step from the reports (summed over micro-batches)."""
+    totals: Dict[tuple, Dict[str, torch.Tensor]] = {}
+    for (step, _), report in merged_reports(results, key).items():
+        acc = totals.setdefault(step, {})
+        for name, value in report.items():
+            acc[name] = acc.get(name, 0) + value
+    out = {}
+    for step, acc in totals.items():
+        out[f"{step}/text"] = (acc["text"][0] / acc["text"][1]).item()
+        for branch in model.asvr.branches:
+            rows = acc[f"visual/{branch}/rows"][0]
+            out[f"{step}/{branch}"] = (acc[f"visual/{branch}/ce"].mean() / rows).item() if rows > 0 else 0.0
+            for d, value in enumerate((acc[f"visual/{branch}/ce"] / rows.clamp(min=1)).tolist()):
+                out[f"{step}/{branch}/ce{d}"] = value
+    return out

@@ -1,0 +1,166 @@
+"""The whole ASVR model (encoder, projector, LLM, visual head) across TP / PP / SP / DP, and its switches.
+
+Tiny model, a global batch of four samples (one image; text only; two images;
+an image in the middle of the prompt), stage 2 (LLM, projector and head
+train), both losses on.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_asvr.config import ParallelConfig
+from megatron_asvr.model.canonical import merge_ranks
+from megatron_asvr.testing.harness import train
+from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.testing.tiny_vlm import TINY_MODEL, VLMCase, losses
+
+TOL = 1e-5
+STAGE2 = dataclasses.replace(TINY_MODEL, trainable=["projector", "llm", "visual_head"])
+
+LAYOUTS = {
+    "tp2_pp2": (4, ParallelConfig(tensor_parallel=2, pipeline_parallel=2)),
+    "tp1_pp4": (4, ParallelConfig(pipeline_parallel=4)),
+    "tp2_sequence_parallel": (2, ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
+    "dp2": (2, ParallelConfig()),
+}
+
+
+def _with_asvr(model, **changes):
+    return dataclasses.replace(model, asvr=dataclasses.replace(model.asvr, **changes))
+
+
+def _assert_close(got: dict, expected: dict, tol: float, what: str):
+    assert sorted(got) == sorted(expected), what
+    for name, value in expected.items():
+        diff = (got[name] - value).abs().max().item() if torch.is_tensor(value) else abs(got[name] - value)
+        assert diff <= tol, (what, name, diff)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(train, 1, VLMCase(model=STAGE2, steps=2))[0]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_single_process(reference, layout):
+    world_size, parallel = LAYOUTS[layout]
+    results = run_ranks(train, world_size, VLMCase(model=STAGE2, steps=2, parallel=parallel), reference["initial"])
+    _assert_close(losses(results, STAGE2), losses([reference], STAGE2), TOL, f"{layout} losses")
+    for step in range(2):
+        grads = merge_ranks([r["grads"][step] for r in results])
+        _assert_close(grads, reference["grads"][step], TOL, f"{layout} grads step {step}")
+        params = merge_ranks([r["params"][step] for r in results])
+        _assert_close(params, reference["params"][step], TOL, f"{layout} params step {step}")
+
+
+def test_reference_has_both_losses_and_all_gradients(reference):
+    got = losses([reference], STAGE2)
+    assert 5.0 < got["0/text"] < 6.0 and 2.5 < got["0/semantic"] < 3.5  # ~ln(256), ~ln(20)
+    grads = reference["grads"][0]
+    nonzero = {n for n, g in grads.items() if g.abs().sum() > 0}
+    assert not any(n.startswith("vision_encoder.") for n in grads)  # frozen: no grad at all
+    assert {n.split(".")[0] for n in nonzero} == {"projector", "language_model", "visual_heads"}
+
+
+def test_loss_is_independent_of_the_micro_batch_split():
+    """4 samples as 1 micro-batch of 4 or as 4 micro-batches of 1: same losses and gradients."""
+    one = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1, micro_batch=4))[0]
+    four = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1, micro_batch=1), one["initial"])[0]
+    _assert_close(losses([four], STAGE2), losses([one], STAGE2), TOL, "losses")
+    _assert_close(four["grads"][0], one["grads"][0], TOL, "grads")
+
+
+def test_stage_freezing_and_frozen_pipeline_stages():
+    """Stage 1: gradients only in the projector and the head; stage 2 adds the LLM; the
+    encoder never gets one. At PP=4 in stage 1 the two middle stages train nothing and
+    the step neither hangs nor breaks the optimizer (same losses and updates as PP=1)."""
+    stage1 = run_ranks(train, 1, VLMCase(model=TINY_MODEL, steps=2))[0]
+    assert {n.split(".")[0] for n in stage1["grads"][0]} == {"projector", "visual_heads"}
+    assert all(g.abs().sum() > 0 for n, g in stage1["grads"][0].items() if "visual_heads" in n or "projector" in n)
+    frozen = [n for n in stage1["initial"] if n.startswith(("language_model.", "vision_encoder."))]
+    assert frozen and all(torch.equal(stage1["params"][-1][n], stage1["initial"][n]) for n in frozen)
+
+    pp4 = run_ranks(train, 4, VLMCase(model=TINY_MODEL, steps=2, parallel=ParallelConfig(pipeline_parallel=4)), stage1["initial"])
+    _assert_close(losses(pp4, TINY_MODEL), losses([stage1], TINY_MODEL), TOL, "stage-1 PP=4 losses")
+    _assert_close(merge_ranks([r["params"][-1] for r in pp4]), stage1["params"][-1], TOL, "stage-1 PP=4 params")
+
+
+def test_target_shift_moves_targets_to_the_next_patch():
+    """Shift 1: each image's last position loses its target (12 of 16 rows); text is untouched."""
+    base = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    shifted_model = _with_asvr(STAGE2, target_shift=1)
+    shifted = run_ranks(train, 1, VLMCase(model=shifted_model, steps=1), base["initial"])[0]
+    rows = lambda r: sum(rep["visual/semantic/rows"].item() for _, rep in r["reports"][0])
+    assert (rows(base), rows(shifted)) == (16, 12)
+    a, b = losses([base], STAGE2), losses([shifted], shifted_model)
+    assert a["0/text"] == b["0/text"]
+    assert abs(a["0/semantic"] - b["0/semantic"]) > 1e-3
+
+
+def test_text_only_samples_masked_or_given_the_zero_image():
+    """Default: the text-only sample has no visual positions. Released behaviour: it gets the
+    zero image right after BOS, whose codes are supervised; the other samples are unchanged."""
+    masked = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    supervised_model = _with_asvr(STAGE2, supervise_text_only=True)
+    supervised = run_ranks(train, 1, VLMCase(model=supervised_model, steps=1), masked["initial"])[0]
+    m, s = dict(masked["reports"][0]), dict(supervised["reports"][0])
+    assert m[1]["visual/semantic/rows"].item() == 0 and s[1]["visual/semantic/rows"].item() == 4
+    for micro in (0, 2, 3):  # samples with their own images: identical reports
+        assert all(torch.equal(m[micro][k], s[micro][k]) for k in m[micro])
+
+
+def test_dual_supervision_adds_an_appearance_head():
+    """Dual: a second head with its own loss; the semantic head and the text loss are unchanged,
+    the LLM's gradient gains the appearance term."""
+    dual_model = _with_asvr(STAGE2, supervision="dual")
+    dual = run_ranks(train, 1, VLMCase(model=dual_model, steps=1))[0]
+    semantic = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1), dual["initial"])[0]
+    d, s = losses([dual], dual_model), losses([semantic], STAGE2)
+    assert d["0/text"] == s["0/text"] and d["0/semantic"] == s["0/semantic"]
+    assert "0/appearance" in d and "0/appearance" not in s and d["0/appearance"] > 1.0
+    assert any(n.startswith("visual_heads.appearance.") for n in dual["grads"][0])
+    head = [n for n in semantic["grads"][0] if n.startswith("visual_heads.semantic.classifiers")]
+    assert head and all(torch.equal(dual["grads"][0][n], semantic["grads"][0][n]) for n in head)
+    llm = "language_model.decoder.layers.3.mlp.linear_fc2.weight"
+    assert not torch.allclose(dual["grads"][0][llm], semantic["grads"][0][llm])
+
+
+def test_appearance_only_supervision():
+    appearance_model = _with_asvr(STAGE2, supervision="appearance")
+    result = run_ranks(train, 1, VLMCase(model=appearance_model, steps=1))[0]
+    got = losses([result], appearance_model)
+    assert "0/appearance" in got and "0/semantic" not in got
+    assert {n.split(".")[1] for n in result["grads"][0] if n.startswith("visual_heads.")} == {"appearance"}
+
+
+def _discrete_features(codes):
+    from megatron_asvr import runtime
+    from megatron_asvr.testing.tiny_vlm import codebooks, VLMCase
+
+    case = VLMCase(model=_with_asvr(STAGE2, discrete_input=True))
+    runtime.initialize(case.parallel)
+    stage = case.chunk_builder()(True, True, None)
+    books = codebooks(case.model)["semantic"]
+    expected_input = sum(book[codes[..., d]] for d, book in enumerate(books))  # [n, P, C]
+    got = stage.image_features(None, codes)
+    expected = stage.projector(expected_input)
+    names = {n.split(".")[0] for n, _ in stage.named_parameters()}
+    fc1 = stage.projector.encoder.linear_fc1.weight.shape
+    runtime.destroy()
+    return (got - expected).abs().max().item(), names, tuple(fc1)
+
+
+def test_discrete_input_replaces_encoder_features_by_codebook_vectors():
+    codes = torch.stack([torch.randint(0, v, (2, 4)) for v in TINY_MODEL.asvr.semantic.sizes], dim=-1)
+    diff, names, fc1 = run_ranks(_discrete_features, 1, codes)[0]
+    assert diff == 0.0
+    assert "vision_encoder" not in names
+    assert fc1 == (64, 12)  # projector input is the codebook width C, not the encoder width
+    discrete_model = _with_asvr(STAGE2, discrete_input=True)
+    continuous = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    result = run_ranks(train, 1, VLMCase(model=discrete_model, steps=1))[0]
+    got, base = losses([result], discrete_model), losses([continuous], STAGE2)
+    assert got["0/text"] != base["0/text"] and 2.5 < got["0/semantic"] < 3.5
+    assert result["grads"][0]["projector.encoder.linear_fc1.weight"].shape == (64, 12)
