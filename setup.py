@@ -26,7 +26,7 @@ EXTRAS = {
     # NVIDIA apex is not on PyPI (the `apex` package there is unrelated); build it
     # from https://github.com/NVIDIA/apex if wanted. Nothing here requires it.
     "gpu": ["transformer-engine[pytorch]>=2.1", "flash-attn>=2.6"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "nvidia-cuda-cuobjdump>=13.2; platform_system == 'Linux'"],
 }
 
 

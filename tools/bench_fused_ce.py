@@ -27,11 +27,9 @@ def main() -> None:
     methods = args.methods or ["naive", "torch", args.device]
     if args.shape:
         n, d, v, e = args.shape
-        cases = [Case(m, n, d, v, e, tp=args.tp, device=args.device, repeats=args.repeats) for m in methods]
+        cases = [Case(m, n, d, v, e, args.tp, args.dtype, args.device, args.repeats) for m in methods]
     else:
-        cases = default_cases(args.device, methods, args.repeats, tp=args.tp)
-        cases = [c for c in cases if c.tp == 1 or args.tp > 1]
-    cases = [Case(**{**c.__dict__, "dtype": args.dtype}) for c in cases]
+        cases = default_cases(args.device, methods, args.repeats, tp=args.tp, dtype=args.dtype)
     for name, origin in backend_report().items():
         print(f"backend {name}: {origin}")
     print(f"{args.threads} threads; methods: " + "; ".join(f"{m} = {METHODS[m]}" for m in methods))

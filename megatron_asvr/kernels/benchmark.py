@@ -196,15 +196,17 @@ def run_case(case: Case, threads: int) -> Dict[str, float]:
     return {**outputs[0], "peak_mib": worst["peak_mib"], "peak_excl_grads_mib": worst["peak_excl_grads_mib"]}
 
 
-def default_cases(device: str, methods: List[str], repeats: int, tp: int = 2) -> List[Case]:
-    """The issue's table: N in {729, 1458}, D=8, V=16384, E in {512, 2048}, plus one TP row set."""
+def default_cases(device: str, methods: List[str], repeats: int, tp: int = 2, dtype: str = "float32") -> List[Case]:
+    """The issue's table: N in {729, 1458}, D=8, V=16384, E in {512, 2048}; with tp > 1
+    also the N=1458, E=2048 rows at that tensor-parallel size."""
     cases = [
-        Case(method, rows, 8, 16384, embed, device=device, repeats=repeats)
+        Case(method, rows, 8, 16384, embed, dtype=dtype, device=device, repeats=repeats)
         for embed in (512, 2048)
         for rows in (729, 1458)
         for method in methods
     ]
-    cases += [replace(c, tp=tp) for c in cases if c.rows == 1458 and c.embed == 2048]
+    if tp > 1:
+        cases += [replace(c, tp=tp) for c in cases if c.rows == 1458 and c.embed == 2048]
     return cases
 
 
