@@ -8,9 +8,14 @@ twin) reduces every (row, depth) to its max, sum of exponentials, target logit a
 arg-max. Those statistics are combined over the ranks as in megatron's
 vocab-parallel cross entropy (max all-reduce, rescaled sum-exp all-reduce, target
 logit from the owning rank) plus an arg-min of global ids for the top-1. Backward
-recomputes each chunk's logits, overwrites them in place with
-``(softmax - one_hot) * dloss_d`` and forms grad_h, grad_W, grad_b with GEMMs;
-grad_h is all-reduced over the group, so every rank gets the full gradient.
+walks the same number of tiles, cut by vocab columns instead of rows (all rows, a
+1/k slice of every depth's columns, about the same buffer): it recomputes the
+tile's logits, overwrites them in place with ``(softmax - one_hot) * dloss_d``
+(one kernel for all depths) and forms the gradients with GEMMs. Cutting by columns
+writes each row of grad_W and grad_b exactly once (no read-modify-write of the
+weight gradient per chunk, no repeated bf16 rounding); grad_h accumulates over the
+tiles in fp32 and is all-reduced over the group, so every rank gets the full
+gradient.
 """
 
 import math
@@ -71,6 +76,13 @@ def _depth_blocks(buffer: torch.Tensor, rows: int, width: Sequence[int]):
     for w in width:
         yield buffer[offset : offset + rows * w].view(rows, w)
         offset += rows * w
+
+
+def _column_blocks(width: Sequence[int], count: int):
+    """``count`` blocks of every depth's columns: per block, (begin[d], end[d]) lists."""
+    step = [math.ceil(w / count) for w in width]
+    for k in range(count):
+        yield [min(k * s, w) for s, w in zip(step, width)], [min((k + 1) * s, w) for s, w in zip(step, width)]
 
 
 def _fill_logits(buffer, hidden_chunk, weights, biases, width) -> None:
@@ -146,41 +158,47 @@ class _MultiDepthCrossEntropy(torch.autograd.Function):
         biases = params[depths:] if plan.has_bias else None
         need_hidden = ctx.needs_input_grad[1]
         need_weight = ctx.needs_input_grad[5 : 5 + depths]
-        need_bias = ctx.needs_input_grad[5 + depths :] if plan.has_bias else ()
+        need_bias = ctx.needs_input_grad[5 + depths :] if plan.has_bias else (False,) * depths
         scale = (grad_loss.float() * depth_weights).contiguous()  # [D]: dloss_d * depth weight
 
-        grad_rows = torch.empty_like(rows) if need_hidden else None  # [M, D, E]
-        new_grad = torch.empty_like if num_rows > 0 else torch.zeros_like  # chunks overwrite
-        grad_weights = [new_grad(w) if need else None for w, need in zip(weights, need_weight)]
-        grad_biases = [
-            torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need else None
-            for b, need in zip(biases or (), need_bias)
-        ]  # accumulated in fp32 across chunks
-        buffer = rows.new_empty(min(plan.chunk_rows, num_rows) * sum(plan.shard.width))
-        for begin, end in _chunks(num_rows, plan.chunk_rows):
-            chunk = rows[begin:end]  # [r, D, E]
-            _fill_logits(buffer, chunk, weights, biases, plan.shard.width)
-            plan.kernels.softmax_grad_(
-                buffer, local_targets[begin:end], lse[begin:end], scale, plan.shard.width, plan.shard.valid
+        # grad_h sums over column blocks: fp32 accumulator [M, D, E].
+        grad_rows = rows.new_zeros(rows.shape, dtype=torch.float32) if need_hidden else None
+        grad_weights = [torch.empty_like(w) if need else None for w, need in zip(weights, need_weight)]
+        grad_biases = [torch.empty(b.shape, dtype=torch.float32, device=b.device) for b in biases or ()]
+        blocks = max(1, math.ceil(num_rows / plan.chunk_rows))  # as many tiles as forward chunks
+        buffer = rows.new_empty(num_rows * sum(math.ceil(w / blocks) for w in plan.shard.width))
+        for begin, end in _column_blocks(plan.shard.width, blocks):
+            width = [e - b for b, e in zip(begin, end)]
+            valid = [max(0, min(w, v - b)) for w, v, b in zip(width, plan.shard.valid, begin)]
+            block_targets = local_targets - torch.tensor(begin, device=rows.device)
+            block_targets = torch.where(
+                (block_targets >= 0) & (block_targets < torch.tensor(width, device=rows.device)), block_targets, -1
             )
-            for d, grad_logits in enumerate(_depth_blocks(buffer, end - begin, plan.shard.width)):
-                if grad_rows is not None:
-                    torch.mm(grad_logits, weights[d], out=grad_rows[begin:end, d])
+            block_weights = [w[b:e] for w, b, e in zip(weights, begin, end)]
+            block_biases = None if biases is None else [x[b:e] for x, b, e in zip(biases, begin, end)]
+            _fill_logits(buffer, rows, block_weights, block_biases, width)
+            plan.kernels.softmax_grad_(buffer, block_targets, lse, scale, width, valid)
+            for d, grad_logits in enumerate(_depth_blocks(buffer, num_rows, width)):  # [M, w_d]
+                if grad_rows is not None and rows.dtype == torch.float32:
+                    grad_rows[:, d].addmm_(grad_logits, block_weights[d])
+                elif grad_rows is not None:
+                    grad_rows[:, d] += torch.mm(grad_logits, block_weights[d])
                 if grad_weights[d] is not None:
-                    grad_weights[d].addmm_(grad_logits.t(), chunk[:, d], beta=0 if begin == 0 else 1)
-                if grad_biases and grad_biases[d] is not None:
-                    grad_biases[d] += grad_logits.sum(dim=0, dtype=torch.float32)
+                    torch.mm(grad_logits.t(), rows[:, d], out=grad_weights[d][begin[d] : end[d]])
+                if need_bias[d]:
+                    grad_biases[d][begin[d] : end[d]] = grad_logits.sum(dim=0, dtype=torch.float32)
         del buffer
 
         grad_hidden = None
         if grad_rows is not None:
+            grad_rows = grad_rows.to(rows.dtype)
             if plan.group is not None:
                 dist.all_reduce(grad_rows, group=plan.group)
             if row_index is None:
                 grad_hidden = grad_rows
             else:
                 grad_hidden = grad_rows.new_zeros(ctx.hidden_shape).index_copy_(0, row_index, grad_rows)
-        grad_biases = [g.to(b.dtype) if g is not None else None for g, b in zip(grad_biases, biases or ())]
+        grad_biases = [g.to(b.dtype) if need else None for g, b, need in zip(grad_biases, biases or (), need_bias)]
         return (None, grad_hidden, None, None, None, *grad_weights, *grad_biases)
 
 
@@ -251,9 +269,9 @@ def multi_depth_cross_entropy(
     of ``group``. Returns, summed over the group and identical on every rank:
     loss_sum [D] fp32 (depth_weights[d] * sum of CE_d; differentiable w.r.t. hidden,
     weights, biases), count [D] int64 (unmasked rows) and correct [D] int64 (top-1
-    hits, ties to the lowest id). Only ``chunk_rows`` rows of logits (default: a
-    64 MiB buffer) exist at a time. Weight-gradient chunks accumulate in the weights'
-    dtype (GEMM-internal fp32); statistics and losses are fp32.
+    hits, ties to the lowest id). At most ``chunk_rows`` rows of logits (default: a
+    64 MiB buffer), or in backward as many logits over column slices, exist at a
+    time. Statistics, losses and the grad_h accumulation are fp32.
     """
     world_size = dist.get_world_size(group) if group is not None else 1
     _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, world_size)
