@@ -71,7 +71,7 @@ class VisualCodesMeta:
     num_patches: int  # codes per image tile (729)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "codebook_sizes": list(self.codebook_sizes)}
 
     @classmethod
     def from_json(cls, data: dict) -> "VisualCodesMeta":
