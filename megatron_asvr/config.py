@@ -116,7 +116,7 @@ class LLMConfig:
                 )
             return
         if pp == 1:
-            raise ConfigError("llm.layers_in_first_stage / layers_in_last_stage need pipeline_parallel > 1")
+            return  # one stage holds every layer; the split applies when pipelined
         if vp > 1:
             raise ConfigError("an uneven layer split (llm.layers_in_*_stage) is not supported with virtual_pipeline")
         middle_stages = pp - (first is not None) - (last is not None)

@@ -24,7 +24,10 @@ LAYOUTS = {
     "tp1_pp4": (4, ParallelConfig(pipeline_parallel=4)),
     "tp2_sequence_parallel": (2, ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
     "dp2": (2, ParallelConfig()),
+    # uneven: 3 decoder layers on the first stage, 1 on the last (which carries the head)
+    "pp2_uneven": (2, ParallelConfig(pipeline_parallel=2)),
 }
+UNEVEN = dataclasses.replace(STAGE2, llm=dataclasses.replace(STAGE2.llm, layers_in_last_stage=1))
 
 
 def _with_asvr(model, **changes):
@@ -46,7 +49,11 @@ def reference():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
-    results = run_ranks(train, world_size, VLMCase(model=STAGE2, steps=2, parallel=parallel), reference["initial"])
+    model = UNEVEN if layout == "pp2_uneven" else STAGE2
+    results = run_ranks(train, world_size, VLMCase(model=model, steps=2, parallel=parallel), reference["initial"])
+    if layout == "pp2_uneven":
+        layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")}) for r in results]
+        assert layers == [["0", "1", "2"], ["3"]]
     _assert_close(losses(results, STAGE2), losses([reference], STAGE2), TOL, f"{layout} losses")
     for step in range(2):
         grads = merge_ranks([r["grads"][step] for r in results])

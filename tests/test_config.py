@@ -62,6 +62,7 @@ def test_layers_not_divisible_by_pp_x_vp():
 def test_uneven_layer_split():
     llm = LLMConfig(num_layers=10, layers_in_last_stage=1)
     llm.validate(ParallelConfig(pipeline_parallel=4))  # 3 + 3 + 3 + 1
+    llm.validate(ParallelConfig())  # unpipelined: one stage holds all 10
     bad = dataclasses.replace(llm, layers_in_last_stage=2)
     assert "remaining 8 layers evenly over 3" in _one_line_error(bad.validate, ParallelConfig(pipeline_parallel=4))
 

@@ -50,8 +50,8 @@ def llm_transformer_config(
         attention_dropout=llm.attention_dropout,
         init_method_std=llm.init_method_std,
         window_size=(llm.sliding_window - 1, 0) if llm.sliding_window else None,
-        num_layers_in_first_pipeline_stage=llm.layers_in_first_stage,
-        num_layers_in_last_pipeline_stage=llm.layers_in_last_stage,
+        num_layers_in_first_pipeline_stage=llm.layers_in_first_stage if parallel.pipeline_parallel > 1 else None,
+        num_layers_in_last_pipeline_stage=llm.layers_in_last_stage if parallel.pipeline_parallel > 1 else None,
         **model_parallel_kwargs(parallel, params_dtype),
         **fusion_kwargs(backend),
     )

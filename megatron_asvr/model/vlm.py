@@ -183,7 +183,9 @@ class ASVRModel(MegatronModule):
         )
         if not self.post_process:
             return output  # [s, b, h] to the next stage
-        text_loss, hidden = output  # [b, s] per-token CE; [s(/tp), b, h]
+        text, hidden = output  # per-token CE [b, s] (logits [b, s, V/tp] without labels); [s(/tp), b, h]
+        if labels is None:
+            return {"logits": text, "hidden": hidden}
         visual = {}
         if self.visual_heads is not None:
             if self.config.sequence_parallel:
@@ -193,7 +195,7 @@ class ASVRModel(MegatronModule):
             rows = hidden.transpose(0, 1)[image_mask]  # [sum P, h]
             for branch, head in self.visual_heads.items():
                 visual[branch] = head(rows, visual_targets[branch], visual_row_mask)
-        return {"text": text_loss, "visual": visual}
+        return {"text": text, "visual": visual}
 
 
 def stage_builder(

@@ -41,6 +41,7 @@ class Case:
     micro_batch: int = 2
     seq_length: int = 16
     lr: float = 1e-3
+    adam_eps: float = 1e-8
     clip_grad: float = 0.5
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234
@@ -103,7 +104,8 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
     settings = DataParallelSettings(distributed_optimizer=case.parallel.distributed_optimizer)
     model = wrap_data_parallel(chunks, settings)
     optimizer = build_optimizer(
-        model, lr=case.lr, clip_grad=case.clip_grad, distributed_optimizer=settings.distributed_optimizer
+        model, lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps,
+        distributed_optimizer=settings.distributed_optimizer,
     )
     out = {
         "initial": initial, "reports": [], "grad_norms": [], "grads": [], "params": [],

@@ -58,6 +58,10 @@ class VLMCase(Case):
     global_batch: int = 4
     micro_batch: int = 1
     seq_length: int = 24
+    # Adam's first step moves every weight by ~lr * sign(grad); with eps 1e-8, weights whose
+    # gradient is rounding noise (~1e-10, e.g. dead projector inputs) would move by a
+    # layout-dependent +-lr. eps 1e-6 keeps such updates ~0 so params compare at 1e-5.
+    adam_eps: float = 1e-6
 
     def chunk_builder(self):
         model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
