@@ -86,11 +86,11 @@ def released_state(hf_model, sizes=SIZES, seed: int = 1) -> dict:
     return state
 
 
-def write_released(tmp_path, hf_model, sizes=SIZES, state=None):
-    """config.json + a ``{"state_dict": ...}`` checkpoint in tmp_path; returns both paths."""
+def write_released(tmp_path, state):
+    """config.json + a ``{"state_dict": state}`` checkpoint in tmp_path; returns both paths."""
     config_path, checkpoint_path = tmp_path / "config.json", tmp_path / "dualtoken.ckpt"
-    config_path.write_text(json.dumps(released_config(sizes)))
-    torch.save({"state_dict": released_state(hf_model, sizes) if state is None else state}, checkpoint_path)
+    config_path.write_text(json.dumps(released_config()))
+    torch.save({"state_dict": state}, checkpoint_path)
     return config_path, checkpoint_path
 
 
@@ -276,6 +276,18 @@ def test_missing_state_dict_entry_is_named(tmp_path):
         read_state_dict(tmp_path / "bad.ckpt")
 
 
+def test_codebooks_load_without_the_encoder(tmp_path):
+    from megatron_asvr.tokenizers.visual import load_codebooks
+
+    state = released_state(tiny_hf_siglip())
+    config_path, checkpoint_path = write_released(tmp_path, state)
+    meta, vectors = load_codebooks(config_path, checkpoint_path, "appearance")
+    assert meta == VisualCodesMeta("appearance", 4, tuple(SIZES), 32, APPEARANCE_LAYER, 42, 9)
+    assert len(vectors) == 4
+    for d, book in enumerate(vectors):
+        assert torch.equal(book, state[f"quantizer.codebooks.{d}.weight"][:-1])
+
+
 def test_code_usage_perplexity():
     codes = torch.tensor([[0, 1], [1, 1], [2, 1], [3, 1]])
     counts = code_counts(codes, [4, 3])
@@ -331,8 +343,8 @@ def _tokenizer_codes(config_path, checkpoint_path, images, tp):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_dualtoken_checkpoint_loads_and_gives_reference_codes(tmp_path, tp):
     hf = tiny_hf_siglip()
-    config_path, checkpoint_path = write_released(tmp_path, hf)
-    state = torch.load(checkpoint_path, weights_only=True)["state_dict"]
+    state = released_state(hf)
+    config_path, checkpoint_path = write_released(tmp_path, state)
     images = torch.randn(3, 3, 42, 42, generator=torch.Generator().manual_seed(2))
     expected = reference_codes(hf, state, images, ("semantic", "appearance"))
     for result in run_ranks(_tokenizer_codes, tp, config_path, checkpoint_path, images, tp):

@@ -142,6 +142,16 @@ class VisualTokenizer(torch.nn.Module):
         return codes["semantic"], codes["appearance"]
 
 
+def load_codebooks(
+    config_path: str | os.PathLike, checkpoint_path: str | os.PathLike, kind: str = "semantic"
+) -> Tuple[VisualCodesMeta, List[torch.Tensor]]:
+    """One branch's metadata and D frozen codebooks [V_d, C] (no padding rows), without building the
+    encoder: what the visual head's teacher forcing needs. Checks the checkpoint as strictly as loading."""
+    config = read_config(config_path)
+    weights = split_checkpoint(read_state_dict(checkpoint_path), config, str(checkpoint_path))
+    return config.metadata(kind), weights.codebooks[kind]
+
+
 def load_visual_tokenizer(
     config_path: str | os.PathLike,
     checkpoint_path: str | os.PathLike,

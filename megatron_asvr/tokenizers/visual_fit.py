@@ -1,0 +1,287 @@
+"""Fit a visual tokenizer for any SigLIP encoder by residual k-means, saved in DualToken's format.
+
+Both of DualToken's branches are fitted from one encoder pass per batch: the
+semantic codes over the output of ``semantic_layer`` (HF ``hidden_states`` index,
+negative from the end) and the appearance codes over ``appearance_layer`` (the
+appearance projection of a fitted tokenizer is the identity). Per branch, D
+codebooks of K codes:
+
+1. seed: the features of the first ``seed_images`` images; depth by depth,
+   k-means++ picks K codes among the residuals, ``seed_iters`` Lloyd iterations
+   refine them, and the residuals left by them seed the next depth;
+2. stream: ``epochs`` shuffled passes over all images in mini-batches; each depth
+   assigns its residuals and moves every code it used toward their mean with
+   step n_j / N_j (n_j vectors now, N_j in total: mini-batch k-means), and a code
+   unused for ``restart_after`` vectors restarts on a random current residual;
+3. evaluate: one pass quantizes every image with the final codebooks and reports
+   the relative reconstruction error and the code-usage perplexity per depth.
+
+The output directory holds ``config.json`` + ``tokenizer.ckpt`` (the released
+layout, loaded by ``load_visual_tokenizer`` like DualToken) and ``fit_report.json``.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from megatron_asvr.config import ParallelConfig
+from megatron_asvr.convert.hf_vision import find_prefix, hf_vision_to_canonical
+from megatron_asvr.data.targets import image_batches
+from megatron_asvr.model.canonical import load_full_state
+from megatron_asvr.model.specs import resolve_backend
+from megatron_asvr.tokenizers.visual import AppearanceProjection, TappedVisionEncoder
+from megatron_asvr.tokenizers.visual_format import (
+    KINDS,
+    DualTokenConfig,
+    TokenizerFileError,
+    save_dualtoken,
+    vision_config_from_hf,
+)
+from megatron_asvr.tokenizers.visual_rq import (
+    ResidualQuantizer,
+    code_counts,
+    nearest_codes,
+    perplexity,
+    relative_errors,
+)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+REPORT_FILE = "fit_report.json"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """One fitting run."""
+
+    images: Path  # directory searched recursively for image files
+    encoder: Path  # HF SigLIP directory: config.json + *.safetensors
+    output_dir: Path
+    depth: int = 8
+    codebook_size: int = 16384
+    semantic_layer: int = -2  # HF hidden_states index; -2 = block 26 of 27
+    appearance_layer: int = 6
+    mode: str = "resize"  # images.py preprocessing
+    epochs: int = 1
+    batch_images: int = 16
+    seed_images: int = 64
+    seed_iters: int = 10
+    restart_after: Optional[int] = None  # vectors a code may go unused; None = 20 x codebook_size
+    max_images: Optional[int] = None  # a random subset of this many images
+    seed: int = 0
+    workers: int = 4
+    head_width: int = 2048  # rqtransformer.embed_dim written to config.json
+    backend: str = "auto"
+    progress: bool = True
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: x [n, C] -> k rows of x, each drawn with probability ~ squared distance to the chosen."""
+    n = x.shape[0]
+    centers = x.new_empty(k, x.shape[1])  # [k, C]
+    centers[0] = x[torch.randint(n, (1,), generator=generator, device=x.device)]
+    closest = (x - centers[0]).pow(2).sum(dim=1)  # [n]
+    for i in range(1, k):
+        total = closest.sum()
+        if total > 0:
+            pick = torch.multinomial(closest / total, 1, generator=generator)
+        else:  # every point sits on a chosen center already
+            pick = torch.randint(n, (1,), generator=generator, device=x.device)
+        centers[i] = x[pick]
+        closest = torch.minimum(closest, (x - centers[i]).pow(2).sum(dim=1))
+    return centers
+
+
+def lloyd_step(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """One k-means iteration: each center moves to the mean of its points (an empty one stays)."""
+    codes = nearest_codes(x, centers)  # [n]
+    sums = torch.zeros_like(centers).index_add_(0, codes, x)  # [k, C]
+    hits = torch.bincount(codes, minlength=centers.shape[0]).unsqueeze(1)  # [k, 1]
+    return torch.where(hits > 0, sums / hits.clamp(min=1), centers)
+
+
+class ResidualKMeans:
+    """D codebooks of K codes, seeded by k-means++ and Lloyd, then refined by mini-batch updates."""
+
+    def __init__(self, depth: int, size: int, restart_after: int, generator: torch.Generator):
+        self.depth, self.size, self.restart_after, self.generator = depth, size, restart_after, generator
+        self.codebooks: List[torch.Tensor] = []  # D x [K, C] fp32
+        self.counts: List[torch.Tensor] = []  # D x [K] float64: vectors assigned so far
+        self.last_used: List[torch.Tensor] = []  # D x [K] int64: vectors seen at the code's last use
+        self.seen = 0
+        self.restarts = [0] * depth
+
+    def seed(self, x: torch.Tensor, iters: int) -> None:
+        """Fit depth after depth on x [n, C] (n >= K)."""
+        if x.shape[0] < self.size:
+            raise ValueError(f"{self.size} codes need at least as many seed vectors, got {x.shape[0]}: "
+                             "raise seed_images or lower codebook_size")
+        residual = x.float().clone()  # [n, C]
+        for _ in range(self.depth):
+            book = kmeans_plus_plus(residual, self.size, self.generator)  # [K, C]
+            for _ in range(iters):
+                book = lloyd_step(residual, book)
+            residual -= book[nearest_codes(residual, book)]
+            self.codebooks.append(book)
+            self.counts.append(torch.zeros(self.size, dtype=torch.float64, device=x.device))
+            self.last_used.append(torch.zeros(self.size, dtype=torch.long, device=x.device))
+
+    def update(self, x: torch.Tensor) -> None:
+        """One mini-batch x [n, C]: move the used codes, restart the long-unused ones, depth after depth."""
+        residual = x.float().clone()  # [n, C]
+        self.seen += x.shape[0]
+        for d, book in enumerate(self.codebooks):
+            codes = nearest_codes(residual, book)  # [n]
+            hits = torch.bincount(codes, minlength=self.size).double()  # [K]
+            sums = torch.zeros_like(book).index_add_(0, codes, residual)  # [K, C]
+            self.counts[d] += hits
+            step = (hits / self.counts[d].clamp(min=1)).float().unsqueeze(1)  # [K, 1]; 0 where unused
+            book += step * (sums / hits.clamp(min=1).float().unsqueeze(1) - book)
+            self.last_used[d][hits > 0] = self.seen
+            dead = (self.seen - self.last_used[d]) > self.restart_after  # [K]
+            inputs = residual.clone()
+            residual -= book[codes]
+            if dead.any():
+                picks = torch.randint(x.shape[0], (int(dead.sum()),), generator=self.generator, device=x.device)
+                book[dead] = inputs[picks]
+                self.counts[d][dead] = 0
+                self.last_used[d][dead] = self.seen
+                self.restarts[d] += int(dead.sum())
+
+
+def read_hf_siglip(directory: Path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(SiglipVisionConfig fields, vision weights without prefix) of an HF SigLIP directory."""
+    from safetensors.torch import load_file
+
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise TokenizerFileError(f"{config_path}: cannot read the encoder config: {err}") from err
+    vision = config.get("vision_config", config)  # SiglipConfig nests it; SiglipVisionConfig is it
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise TokenizerFileError(f"{directory}: no *.safetensors weights")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    prefix = find_prefix(state)
+    return vision, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def list_images(root: Path, max_images: Optional[int], seed: int) -> List[Path]:
+    """Image files under ``root``, sorted; a seeded random subset when ``max_images`` is set."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    if max_images is not None and max_images < len(paths):
+        paths = sorted(random.Random(seed).sample(paths, max_images))
+    return paths
+
+
+class FeatureStream:
+    """Mini-batches of (semantic, appearance) features [n, C] of image files, through the encoder."""
+
+    def __init__(self, encoder: TappedVisionEncoder, config: FitConfig):
+        self.encoder, self.config = encoder, config
+        self.device = encoder.encoder.vit.conv1.weight.device
+        self.undecodable: Dict[str, str] = {}
+
+    def batches(self, paths: Sequence[Path]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for batch in image_batches(paths, self.config.mode, self.config.batch_images, self.config.workers):
+            self.undecodable.update({str(paths[i]): error for i, _, error in batch if error})
+            tiles = [t for _, t, _ in batch if t is not None]
+            if tiles:
+                with torch.no_grad():
+                    semantic, appearance = self.encoder(torch.cat(tiles).to(self.device))  # [b, p, C] each
+                width = semantic.shape[-1]
+                yield semantic.reshape(-1, width).float(), appearance.reshape(-1, width).float()
+
+
+def _evaluate(stream: FeatureStream, paths, quantizers: Dict[str, ResidualQuantizer], bar) -> dict:
+    """Relative error and perplexity per depth of the final codebooks over all images."""
+    errors = {kind: 0 for kind in KINDS}
+    counts = {kind: [0] * q.depth for kind, q in quantizers.items()}
+    for features in stream.batches(paths):
+        for kind, x in zip(KINDS, features):
+            codes = quantizers[kind].codes(x)  # [n, D]
+            errors[kind] = errors[kind] + quantizers[kind].squared_errors(x, codes)
+            counts[kind] = [a + b for a, b in zip(counts[kind], code_counts(codes, quantizers[kind].sizes))]
+        bar.update(1)
+    return {kind: {"relative_error": relative_errors(errors[kind]),
+                   "perplexity": [perplexity(c) for c in counts[kind]]} for kind in KINDS}
+
+
+def fit_visual_tokenizer(config: FitConfig) -> dict:
+    """Fit, save and evaluate (see the module docstring); returns the report, also in ``fit_report.json``.
+
+    Needs ``megatron_asvr.runtime.initialize`` first (the encoder is a megatron module).
+    """
+    started = time.monotonic()
+    paths = list_images(config.images, config.max_images, config.seed)
+    hf_vision, hf_state = read_hf_siglip(config.encoder)
+    vision = vision_config_from_hf(hf_vision, config.semantic_layer, str(config.encoder / "config.json"))
+    vision.validate(ParallelConfig())
+    semantic_layer = vision.layers_used  # as a positive hidden_states index
+    vision = dataclasses.replace(vision, feature_layer=semantic_layer)
+    encoder = TappedVisionEncoder(vision, config.appearance_layer, ParallelConfig(), resolve_backend(config.backend),
+                                  torch.float32)
+    load_full_state([encoder.encoder], hf_vision_to_canonical(hf_state, vision)[0])
+    encoder.eval()
+    stream = FeatureStream(encoder, config)
+    generator = torch.Generator(device=stream.device).manual_seed(config.seed)
+    restart_after = config.restart_after or 20 * config.codebook_size
+    fits = {kind: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for kind in KINDS}
+
+    order = random.Random(config.seed).sample(paths, len(paths))
+    seed_features = list(stream.batches(order[: config.seed_images]))
+    for i, kind in enumerate(KINDS):
+        fits[kind].seed(torch.cat([f[i] for f in seed_features]), config.seed_iters)
+    del seed_features
+    batches_per_pass = -(-len(paths) // config.batch_images)
+    with tqdm(total=batches_per_pass * (config.epochs + 1), unit="batch", desc="fit visual tokenizer",
+              disable=not config.progress) as bar:
+        for epoch in range(config.epochs):
+            for features in stream.batches(random.Random(config.seed + 1 + epoch).sample(paths, len(paths))):
+                for kind, x in zip(KINDS, features):
+                    fits[kind].update(x)
+                bar.update(1)
+        quantizers = {kind: ResidualQuantizer(fit.codebooks) for kind, fit in fits.items()}
+        quality = _evaluate(stream, paths, quantizers, bar)
+
+    tokenizer = DualTokenConfig(vision=vision, semantic_layer=semantic_layer, appearance_layer=config.appearance_layer,
+                                codebook_sizes=(config.codebook_size,) * config.depth, code_width=vision.hidden_size,
+                                head_width=config.head_width)
+    config_path, checkpoint_path = save_dualtoken(
+        config.output_dir, tokenizer, hf_state, AppearanceProjection.identity(vision.hidden_size).state_dict(),
+        {kind: q.codebook_vectors() for kind, q in quantizers.items()})
+    report = {
+        "images": len(paths) - len(stream.undecodable),
+        "undecodable": stream.undecodable,
+        "depth": config.depth,
+        "codebook_size": config.codebook_size,
+        "layers": {"semantic": semantic_layer, "appearance": config.appearance_layer},
+        **{kind: {**quality[kind], "restarts": fits[kind].restarts} for kind in KINDS},
+        "config": str(config_path),
+        "checkpoint": str(checkpoint_path),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    (Path(config.output_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def report_table(report: dict) -> str:
+    """The per-depth numbers as an aligned text table."""
+    lines = [f"{'kind':<11}{'depth':>6}{'rel. error':>12}{'perplexity':>12}{'restarts':>10}"]
+    for kind in KINDS:
+        numbers = zip(report[kind]["relative_error"], report[kind]["perplexity"], report[kind]["restarts"])
+        for d, (error, ppl, restarts) in enumerate(numbers):
+            lines.append(f"{kind:<11}{d:>6}{error:>12.4f}{ppl:>12.1f}{restarts:>10}")
+    return os.linesep.join(lines)

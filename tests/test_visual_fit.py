@@ -1,0 +1,110 @@
+"""Residual k-means visual tokenizer: k-means pieces, dead-code restart, and a fit on the demo corpus."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.tokenizers.visual_fit import FitConfig, ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
+
+K, DEPTH = 16, 4
+
+
+def _clusters(n_per: int = 50, seed: int = 0):
+    """Four tight clusters far apart in 3-D: [4 * n_per, 3] points and [4, 3] true means."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]])
+    points = (centers.repeat_interleave(n_per, 0) + 0.1 * torch.randn(4 * n_per, 3, generator=g))
+    return points, points.reshape(4, n_per, 3).mean(dim=1)
+
+
+def test_kmeans_plus_plus_seeds_every_cluster_and_lloyd_finds_the_means():
+    points, means = _clusters()
+    seeds = kmeans_plus_plus(points, 4, torch.Generator().manual_seed(1))
+    assert all(any(torch.equal(s, p) for p in points) for s in seeds)  # seeds are data points
+    owner = torch.cdist(seeds, means).argmin(dim=1)
+    assert sorted(owner.tolist()) == [0, 1, 2, 3]  # one seed in each cluster
+    centers = lloyd_step(points, seeds)
+    torch.testing.assert_close(centers[owner.argsort()], means, atol=1e-6, rtol=0)
+
+
+def test_unused_codes_restart_on_current_residuals():
+    points, _ = _clusters()
+    fit = ResidualKMeans(depth=2, size=4, restart_after=150, generator=torch.Generator().manual_seed(0))
+    fit.seed(points, iters=5)
+    fit.codebooks[0][3] = 1e6  # a code nothing is near
+    batch = points[torch.randperm(200, generator=torch.Generator().manual_seed(2))[:100]]
+    fit.update(batch)  # 100 vectors seen: not yet over the limit
+    assert fit.restarts == [0, 0]
+    fit.update(batch)  # 200 > 150 since its last use: restarted on one of this batch's vectors
+    assert fit.restarts[0] == 1 and fit.codebooks[0][3].abs().max() < 20
+    assert any(torch.equal(fit.codebooks[0][3], v) for v in batch)
+    assert fit.counts[0][3] == 0 and fit.counts[0].sum() == 200  # the restarted code starts afresh
+
+
+def test_mini_batch_update_moves_used_codes_to_the_running_mean():
+    fit = ResidualKMeans(depth=1, size=2, restart_after=10**9, generator=torch.Generator().manual_seed(0))
+    fit.codebooks = [torch.tensor([[0.0, 0.0], [10.0, 10.0]])]
+    fit.counts = [torch.zeros(2, dtype=torch.float64)]
+    fit.last_used = [torch.zeros(2, dtype=torch.long)]
+    fit.update(torch.tensor([[1.0, 1.0], [3.0, 1.0]]))  # both to code 0: step 2/2 -> their mean
+    assert fit.codebooks[0].tolist() == [[2.0, 1.0], [10.0, 10.0]]
+    fit.update(torch.tensor([[4.0, 4.0], [4.0, 0.0]]))  # step 2/4: halfway to (4, 2)
+    assert fit.codebooks[0].tolist() == [[3.0, 1.5], [10.0, 10.0]] and fit.counts[0].tolist() == [4.0, 0.0]
+
+
+def _fit_and_reload(config):
+    """Fit on the demo images, reload the written files as a tokenizer, and recount its codes."""
+    from megatron_asvr import runtime
+    from megatron_asvr.config import ParallelConfig
+    from megatron_asvr.data.images import load_rgb, preprocess_image
+    from megatron_asvr.tokenizers.visual import load_visual_tokenizer
+    from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer, list_images
+    from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
+
+    runtime.initialize(ParallelConfig())
+    report = fit_visual_tokenizer(config)
+    tokenizer = load_visual_tokenizer(report["config"], report["checkpoint"])
+    images = torch.cat([preprocess_image(load_rgb(p), config.mode) for p in list_images(config.images, None, 0)])
+    semantic, appearance = tokenizer.features(images)
+    recount = {}
+    for kind, features in (("semantic", semantic), ("appearance", appearance)):
+        quantizer = tokenizer.quantizers[kind]
+        codes = tokenizer.codes(images, (kind,))[kind]
+        recount[kind] = {
+            "relative_error": relative_errors(quantizer.squared_errors(features, codes)),
+            "perplexity": [perplexity(c) for c in code_counts(codes, quantizer.sizes)],
+        }
+    runtime.destroy()
+    return report, recount
+
+
+def test_fit_on_the_demo_corpus(tmp_path):
+    import transformers
+
+    from megatron_asvr.data.demo import DemoConfig, make_demo_data
+
+    make_demo_data(tmp_path / "demo", DemoConfig.tiny())  # 12 training images
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=384,
+        patch_size=14)).save_pretrained(tmp_path / "siglip")
+    config = FitConfig(images=tmp_path / "demo/images/train", encoder=tmp_path / "siglip", output_dir=tmp_path / "fit",
+                       depth=DEPTH, codebook_size=K, semantic_layer=-2, appearance_layer=1, epochs=2,
+                       batch_images=4, seed_images=4, seed_iters=5, workers=0, progress=False)
+    report, recount = run_ranks(_fit_and_reload, 1, config)[0]
+
+    assert report["images"] == 12 and report["undecodable"] == {}
+    assert report["layers"] == {"semantic": 2, "appearance": 1}
+    for kind in ("semantic", "appearance"):
+        errors, ppl = report[kind]["relative_error"], report[kind]["perplexity"]
+        assert len(errors) == len(ppl) == DEPTH
+        assert ppl[0] >= K / 4, ppl
+        assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+        assert errors[0] < 1.0
+        # the written files give back exactly the fitted quantizer
+        assert recount[kind]["perplexity"] == pytest.approx(ppl, rel=1e-12)
+        assert recount[kind]["relative_error"] == pytest.approx(errors, rel=1e-6)
+    assert json.loads((tmp_path / "fit/fit_report.json").read_text()) == report
+    assert len(report_table(report).splitlines()) == 1 + 2 * DEPTH
