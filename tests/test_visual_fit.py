@@ -1,12 +1,14 @@
 """Residual k-means visual tokenizer: k-means pieces, dead-code restart, and a fit on the demo corpus."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.tokenizers.visual_fit import FitConfig, ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
+from megatron_asvr.tokenizers.visual_format import read_config
+from megatron_asvr.tokenizers.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 
 K, DEPTH = 16, 4
 
@@ -54,19 +56,26 @@ def test_mini_batch_update_moves_used_codes_to_the_running_mean():
     assert fit.codebooks[0].tolist() == [[3.0, 1.5], [10.0, 10.0]] and fit.counts[0].tolist() == [4.0, 0.0]
 
 
-def _fit_and_reload(config):
-    """Fit on the demo images, reload the written files as a tokenizer, and recount its codes."""
+def _fit_and_reload(argv, images_dir, mode):
+    """Fit with tools/fit_visual_tokenizer.py, reload the written files as a tokenizer, recount its codes."""
+    import importlib.util
+
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
     from megatron_asvr.data.images import load_rgb, preprocess_image
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
-    from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer, list_images
+    from megatron_asvr.tokenizers.visual_fit import list_images
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 
+    spec = importlib.util.spec_from_file_location("fit_tool", Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(argv) == 0
+    output = Path(argv[argv.index("--output") + 1])
+    report = json.loads((output / "fit_report.json").read_text())
     runtime.initialize(ParallelConfig())
-    report = fit_visual_tokenizer(config)
     tokenizer = load_visual_tokenizer(report["config"], report["checkpoint"])
-    images = torch.cat([preprocess_image(load_rgb(p), config.mode) for p in list_images(config.images, None, 0)])
+    images = torch.cat([preprocess_image(load_rgb(p), mode) for p in list_images(images_dir, None, 0)])
     semantic, appearance = tokenizer.features(images)
     recount = {}
     for kind, features in (("semantic", semantic), ("appearance", appearance)):
@@ -90,10 +99,11 @@ def test_fit_on_the_demo_corpus(tmp_path):
     transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=384,
         patch_size=14)).save_pretrained(tmp_path / "siglip")
-    config = FitConfig(images=tmp_path / "demo/images/train", encoder=tmp_path / "siglip", output_dir=tmp_path / "fit",
-                       depth=DEPTH, codebook_size=K, semantic_layer=-2, appearance_layer=1, epochs=2,
-                       batch_images=4, seed_images=4, seed_iters=5, workers=0, progress=False)
-    report, recount = run_ranks(_fit_and_reload, 1, config)[0]
+    images = tmp_path / "demo/images/train"
+    argv = [f"--images={images}", f"--encoder={tmp_path / 'siglip'}", "--output", str(tmp_path / "fit"),
+            f"--depth={DEPTH}", f"--codebook-size={K}", "--semantic-layer=-2", "--appearance-layer=1", "--epochs=2",
+            "--batch-images=4", "--seed-images=4", "--seed-iters=5", "--workers=0", "--no-progress"]
+    report, recount = run_ranks(_fit_and_reload, 1, argv, images, "resize")[0]
 
     assert report["images"] == 12 and report["undecodable"] == {}
     assert report["layers"] == {"semantic": 2, "appearance": 1}
@@ -106,5 +116,7 @@ def test_fit_on_the_demo_corpus(tmp_path):
         # the written files give back exactly the fitted quantizer
         assert recount[kind]["perplexity"] == pytest.approx(ppl, rel=1e-12)
         assert recount[kind]["relative_error"] == pytest.approx(errors, rel=1e-6)
-    assert json.loads((tmp_path / "fit/fit_report.json").read_text()) == report
+    fitted = read_config(tmp_path / "fit/config.json")  # what the targets tool and the model config read
+    assert (fitted.semantic_layer, fitted.appearance_layer, fitted.codebook_sizes, fitted.code_width) == (
+        2, 1, (K,) * DEPTH, 32)
     assert len(report_table(report).splitlines()) == 1 + 2 * DEPTH

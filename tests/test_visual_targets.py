@@ -175,3 +175,26 @@ def test_a_different_run_on_the_same_directory_is_refused(corpus, tmp_path):
     assert outcomes[2] == ("TargetsFailed: 1 of 7 images missing or undecodable (14.29%), above "
                            f"--max-missing-fraction 10.00%; see {config.output_dir / REPORT_FILE}")
     assert json.loads((config.output_dir / REPORT_FILE).read_text())["complete_images"] == 2
+
+
+def _tool(argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("precompute_tool", Path(__file__).parents[1] / "tools/precompute_targets.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main(argv)
+
+
+def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_path):
+    argv = ["--data", str(corpus.data[0]), "--image-root", str(corpus.image_root),
+            "--tokenizer-config", str(corpus.tokenizer_config), "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
+            "--output", str(tmp_path / "cli"), "--kind", "dual", "--workers", "0", "--no-progress",
+            "--max-missing-fraction", "0.5"]
+    assert run_ranks(_tool, 1, argv)[0] == 0
+    targets = VisualTargets(tmp_path / "cli")
+    assert len(targets) == 5 and sorted(targets.meta) == ["appearance", "semantic"]
+    for kind in ("semantic", "appearance"):
+        codes = targets.codes("vg/e.jpg", kind)
+        assert codes.shape == (729, 3) and (codes.max(axis=0) < np.array(SIZES)).all()
+    assert run_ranks(_tool, 1, argv[:-1] + ["0.1"])[0] == 1  # 2 of 7 images missing or broken

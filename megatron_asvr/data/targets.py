@@ -294,6 +294,11 @@ def precompute_targets(config: TargetsConfig) -> dict:
             decoded = [(pending[j], tiles) for j, tiles, _ in batch if tiles is not None]
             undecodable += [{"image": index[pending[j]][0], "error": error} for j, _, error in batch if error]
             failed += sum(error is not None for _, _, error in batch)
+            for position, tiles in decoded:
+                key, _, planned = index[position]
+                if len(tiles) != planned:
+                    raise TargetsFailed(f"{key}: {len(tiles)} tiles now, {planned} when planned: the file changed "
+                                        "during the run; use a new --output directory")
             if decoded:
                 pixels = torch.cat([tiles for _, tiles in decoded]).to(device)  # [T, 3, 384, 384]
                 codes = {k: v.to(torch.int32).cpu().numpy().astype(np.uint16)
