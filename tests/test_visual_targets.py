@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from megatron_asvr.config import VisionConfig
-from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, TargetsConfig, VisualTargets, codes_file
+from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, TargetsConfig, VisualTargets, codes_file
 from megatron_asvr.testing.multirank import run_ranks
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken
 
@@ -97,9 +97,10 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
     if reference_mode:
         config = configs[0]
         tokenizer = load_visual_tokenizer(config.tokenizer_config, config.tokenizer_checkpoint, config.precision)
-        for name in IMAGES:
-            tiles = preprocess_image(load_rgb(config.image_root / name), reference_mode)
-            expected[name] = {k: v.reshape(-1, len(SIZES)) for k, v in tokenizer.codes(tiles, config.kinds).items()}
+        tiles = {name: preprocess_image(load_rgb(config.image_root / name), reference_mode) for name in IMAGES}
+        tiles[ZERO_IMAGE] = torch.zeros(1, 3, 384, 384)
+        for name, pixels in tiles.items():
+            expected[name] = {k: v.reshape(-1, len(SIZES)) for k, v in tokenizer.codes(pixels, config.kinds).items()}
     runtime.destroy()
     return outcomes, expected
 
@@ -108,7 +109,8 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
     config = replace(corpus, output_dir=tmp_path / "targets")
     (report,), expected = run_ranks(_runs, 1, [config], reference_mode="pad")[0]
     assert report["records"] == 11 and report["referenced_images"] == 7
-    assert (report["complete_images"], report["pending_images"], report["written_this_run"]) == (5, 0, 5)
+    assert (report["complete_images"], report["pending_images"], report["written_this_run"]) == (5, 0, 6)
+    assert report["zero_image_complete"]
     assert report["missing"] == ["coco/missing.jpg"]
     assert [item["image"] for item in report["undecodable"]] == ["vg/broken.jpg"]
     assert "vg/broken.jpg: cannot load image" in report["undecodable"][0]["error"]
@@ -117,9 +119,9 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
     assert json.loads((config.output_dir / REPORT_FILE).read_text()) == report
 
     targets = VisualTargets(config.output_dir)
-    assert len(targets) == 5 and "coco/missing.jpg" not in targets and "./coco/a.jpg" in targets
+    assert len(targets) == 6 and "coco/missing.jpg" not in targets and "./coco/a.jpg" in targets
     assert targets.meta["semantic"].codebook_sizes == SIZES and targets.meta["appearance"].feature_layer == 1
-    for name in IMAGES:
+    for name in [*IMAGES, ZERO_IMAGE]:  # the blank tile of supervised text-only samples too
         for kind in ("semantic", "appearance"):
             codes = targets.codes(name, kind)
             assert codes.dtype == np.uint16 and codes.shape == (729, 3)
@@ -138,7 +140,7 @@ def test_anyres_targets_hold_every_tile(corpus, tmp_path):
     targets = VisualTargets(config.output_dir)
     tiles = {name: targets.codes(name).shape[0] // 729 for name in IMAGES}
     assert tiles == {"coco/a.jpg": 2, "coco/b.jpg": 3, "vg/c.png": 7, "vg/d.jpg": 2, "vg/e.jpg": 5}  # 1 + grid
-    for name in IMAGES:
+    for name in [*IMAGES, ZERO_IMAGE]:  # the blank tile is one tile in every mode
         np.testing.assert_array_equal(targets.codes(name), expected[name]["semantic"].numpy())
 
 
@@ -152,7 +154,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_files(corpus, tmp_path):
     outcomes, _ = run_ranks(_runs, 1, [whole, replace(stopped, max_images=2), stopped])[0]
     first, second = outcomes[1], outcomes[2]
     assert (first["complete_images"], first["pending_images"], first["written_this_run"]) == (2, 4, 2)
-    assert (second["complete_images"], second["written_this_run"], second["undecodable_images"]) == (5, 3, 1)
+    assert (second["complete_images"], second["written_this_run"], second["undecodable_images"]) == (5, 4, 1)
     assert _files(stopped.output_dir) == _files(whole.output_dir)
 
     (outcome,), _ = run_ranks(_runs, 1, [killed], interrupt_marking=True)[0]
@@ -161,7 +163,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_files(corpus, tmp_path):
     assert np.fromfile(killed.output_dir / codes_file("semantic"), np.uint16)[: 2 * 729 * 3].any()
     assert not np.fromfile(killed.output_dir / DONE_FILE, np.uint8).any()
     (resumed,), _ = run_ranks(_runs, 1, [killed])[0]
-    assert resumed["written_this_run"] == 5  # the resume redoes them
+    assert resumed["written_this_run"] == 6  # the resume redoes them
     assert _files(killed.output_dir) == _files(whole.output_dir)
 
 
@@ -193,7 +195,7 @@ def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_pat
             "--max-missing-fraction", "0.5"]
     assert run_ranks(_tool, 1, argv)[0] == 0
     targets = VisualTargets(tmp_path / "cli")
-    assert len(targets) == 5 and sorted(targets.meta) == ["appearance", "semantic"]
+    assert len(targets) == 6 and sorted(targets.meta) == ["appearance", "semantic"]
     for kind in ("semantic", "appearance"):
         codes = targets.codes("vg/e.jpg", kind)
         assert codes.shape == (729, 3) and (codes.max(axis=0) < np.array(SIZES)).all()

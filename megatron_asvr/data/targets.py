@@ -10,7 +10,8 @@ image path relative to the image root as the shards store it. Output directory::
     codes_<kind>.u16   uint16 [rows, patches, D], memory-mapped; an image owns rows
                        first .. first + tiles - 1 (one per 384 x 384 tile: 1 for
                        resize / pad, 1 + grid tiles for anyres), so [images, 729 x tiles, D]
-    done.u8            uint8 [images] in index order, 1 once the image's rows are on disk
+    done.u8            uint8 [entries] in index order, 1 once the entry's rows are on disk; the
+                       last entry is ZERO_IMAGE, the blank tile of supervised text-only samples
     coverage.json      the last run's report: records read, images referenced / complete /
                        pending, missing and undecodable images by name, unreadable records
 
@@ -33,10 +34,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from megatron_asvr.data.images import MODES, ImageLoadError, load_rgb, preprocess_image, tile_count
+from megatron_asvr.data.images import MODES, TILE_SIZE, ImageLoadError, load_rgb, preprocess_image, tile_count
 from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
 from megatron_asvr.tokenizers.visual_format import KINDS, VisualCodesMeta
 
+# Key of the all-zero tile (mid-gray once normalised) that text-only samples get when they
+# are supervised, as the released code feeds them; always planned last, one tile.
+ZERO_IMAGE = "<zero-image>"
 PLAN_FILE = "targets.json"
 DONE_FILE = "done.u8"
 REPORT_FILE = "coverage.json"
@@ -108,7 +112,8 @@ def _image_size(path: Path) -> Tuple[int, int]:
 
 
 def plan_rows(keys: Sequence[str], image_root: Path, mode: str) -> Tuple[List[list], List[str], List[dict]]:
-    """(index [[key, first row, tiles]], missing keys, undecodable [{"image", "error"}]) for the present images."""
+    """(index [[key, first row, tiles]], missing keys, undecodable [{"image", "error"}]) for the present
+    images, then ZERO_IMAGE."""
     index, missing, undecodable, row = [], [], [], 0
     for key in keys:
         path = image_root / key
@@ -122,6 +127,7 @@ def plan_rows(keys: Sequence[str], image_root: Path, mode: str) -> Tuple[List[li
             continue
         index.append([key, row, tiles])
         row += tiles
+    index.append([ZERO_IMAGE, row, 1])
     return index, missing, undecodable
 
 
@@ -134,15 +140,18 @@ def file_sha256(path: Path) -> str:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(position, tiles [T, 3, 384, 384] or None, error or None) per image file, decoded by loader workers."""
+    """(position, tiles [T, 3, 384, 384] or None, error or None) per image file, decoded by loader workers;
+    a path of None stands for ZERO_IMAGE."""
 
-    def __init__(self, paths: Sequence[Path], mode: str):
+    def __init__(self, paths: Sequence[Optional[Path]], mode: str):
         self.paths, self.mode = list(paths), mode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, position: int):
+        if self.paths[position] is None:
+            return position, torch.zeros(1, 3, TILE_SIZE, TILE_SIZE), None
         try:
             return position, preprocess_image(load_rgb(self.paths[position]), self.mode), None
         except ImageLoadError as err:
@@ -153,7 +162,7 @@ def _as_list(items: list) -> list:
     return items
 
 
-def image_batches(paths: Sequence[Path], mode: str, batch_images: int, workers: int) -> Iterator[list]:
+def image_batches(paths: Sequence[Optional[Path]], mode: str, batch_images: int, workers: int) -> Iterator[list]:
     """Lists of ``ImageFiles`` items, in order, decoded ahead by ``workers`` processes."""
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, mode), batch_size=batch_images, num_workers=workers, collate_fn=_as_list,
@@ -185,7 +194,7 @@ class TargetStore:
 
     def __init__(self, directory: Path, plan: dict):
         self.directory, self.plan = directory, plan
-        rows = sum(tiles for _, _, tiles in plan["index"]) or 1  # a memmap cannot be empty
+        rows = sum(tiles for _, _, tiles in plan["index"])
         exists = (directory / PLAN_FILE).is_file()
         mode = "r+" if exists else "w+"
         self.codes = {
@@ -193,7 +202,7 @@ class TargetStore:
                             shape=(rows, meta["num_patches"], meta["depth"]))
             for kind, meta in plan["meta"].items()
         }
-        self.done = np.memmap(directory / DONE_FILE, np.uint8, mode, shape=(max(len(plan["index"]), 1),))
+        self.done = np.memmap(directory / DONE_FILE, np.uint8, mode, shape=(len(plan["index"]),))
         if not exists:  # the plan is written last: without it the next run starts afresh
             self.flush()
             _write_json(directory / PLAN_FILE, plan)
@@ -287,7 +296,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
     if config.max_images is not None:
         pending = pending[: config.max_images]
     device = tokenizer.features.encoder.vit.conv1.weight.device
-    paths = [config.image_root / index[i][0] for i in pending]
+    paths = [None if index[i][0] == ZERO_IMAGE else config.image_root / index[i][0] for i in pending]
     written, failed = 0, 0
     with tqdm(total=len(pending), unit="img", desc="visual targets", disable=not config.progress) as bar:
         for batch in image_batches(paths, config.mode, config.batch_images, config.workers):
@@ -315,13 +324,15 @@ def precompute_targets(config: TargetsConfig) -> dict:
 
 
 def _report(config, references, index, store, missing, undecodable, counts) -> dict:
-    complete = int(store.done[: len(index)].sum())
+    images = len(index) - 1  # the last entry is ZERO_IMAGE
+    complete = int(store.done[:images].sum())
     report = {
         "records": references.records,
         "unreadable_records": len(references.bad_records),
         "referenced_images": len(references.keys),
         "complete_images": complete,
-        "pending_images": len(index) - complete - counts["failed"],
+        "pending_images": images - complete - counts["failed"],
+        "zero_image_complete": bool(store.done[images]),
         "missing_images": len(missing),
         "undecodable_images": len(undecodable),
         "written_this_run": counts["written"],
@@ -354,17 +365,18 @@ class VisualTargets:
         self.mode = plan["mode"]
         self.meta = {kind: VisualCodesMeta.from_json(m) for kind, m in plan["meta"].items()}
         self._rows = {key: (position, first, tiles) for position, (key, first, tiles) in enumerate(plan["index"])}
-        rows = sum(tiles for _, _, tiles in plan["index"]) or 1
+        rows = sum(tiles for _, _, tiles in plan["index"])
         self._codes = {kind: np.memmap(self.directory / codes_file(kind), np.uint16, "r",
                                        shape=(rows, m.num_patches, m.depth)) for kind, m in self.meta.items()}
-        self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(max(len(plan["index"]), 1),))
+        self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(len(plan["index"]),))
 
     def __contains__(self, key: str) -> bool:
         entry = self._rows.get(normalize_image_path(key))
         return entry is not None and bool(self._done[entry[0]])
 
     def __len__(self) -> int:
-        return int(self._done[: len(self._rows)].sum())
+        """Entries complete, ZERO_IMAGE included."""
+        return int(self._done.sum())
 
     def codes(self, key: str, kind: str = "semantic") -> np.ndarray:
         """uint16 [tiles * patches, D] of image ``key`` (a path relative to the image root)."""
