@@ -280,8 +280,9 @@ def precompute_targets(config: TargetsConfig) -> dict:
     except (TokenizerFileError, ValueError) as err:
         raise TargetsFailed(str(err)) from err
     meta = {kind: tokenizer.metadata(kind) for kind in config.kinds}
-    if max(max(m.codebook_sizes) for m in meta.values()) > MAX_CODE + 1:
-        raise TargetsFailed(f"codebooks of {max(meta['semantic'].codebook_sizes)} codes do not fit uint16 targets")
+    largest = max(max(m.codebook_sizes) for m in meta.values())
+    if largest > MAX_CODE + 1:
+        raise TargetsFailed(f"codebooks of {largest} codes do not fit uint16 targets")
     plan = {
         "version": FORMAT_VERSION,
         "mode": config.mode,
@@ -295,14 +296,21 @@ def precompute_targets(config: TargetsConfig) -> dict:
     pending = [i for i in range(len(index)) if not store.done[i]]
     if config.max_images is not None:
         pending = pending[: config.max_images]
+    written, failures = _compute(tokenizer, store, pending, config)
+    counts = {"written": written, "failed": len(failures), "seconds": time.monotonic() - started}
+    return _report(config, references, index, store, missing, undecodable + failures, counts)
+
+
+def _compute(tokenizer, store: TargetStore, pending: List[int], config: TargetsConfig) -> Tuple[int, List[dict]]:
+    """Code the pending entries batch by batch; returns (entries written, undecodable images)."""
+    index = store.plan["index"]
     device = tokenizer.features.encoder.vit.conv1.weight.device
     paths = [None if index[i][0] == ZERO_IMAGE else config.image_root / index[i][0] for i in pending]
-    written, failed = 0, 0
+    written, failures = 0, []
     with tqdm(total=len(pending), unit="img", desc="visual targets", disable=not config.progress) as bar:
         for batch in image_batches(paths, config.mode, config.batch_images, config.workers):
+            failures += [{"image": index[pending[j]][0], "error": error} for j, _, error in batch if error]
             decoded = [(pending[j], tiles) for j, tiles, _ in batch if tiles is not None]
-            undecodable += [{"image": index[pending[j]][0], "error": error} for j, _, error in batch if error]
-            failed += sum(error is not None for _, _, error in batch)
             for position, tiles in decoded:
                 key, _, planned = index[position]
                 if len(tiles) != planned:
@@ -319,8 +327,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
                 store.mark_done([position for position, _ in decoded])
                 written += len(decoded)
             bar.update(len(batch))
-    counts = {"written": written, "failed": failed, "seconds": time.monotonic() - started}
-    return _report(config, references, index, store, missing, undecodable, counts)
+    return written, failures
 
 
 def _report(config, references, index, store, missing, undecodable, counts) -> dict:
