@@ -19,6 +19,7 @@ RUNTIME_DEPS = [
     "tqdm>=4.66",
     "pillow>=10.0",
     "tokenizers>=0.20",  # HF tokenizer.json text tokenizers
+    "tensorboard>=2.16",
     "protobuf>=4",  # sentencepiece model proto edits: Llama tokenization with legacy=False
 ]
 

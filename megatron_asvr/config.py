@@ -298,6 +298,127 @@ class ModelConfig:
 COMPONENTS = ("vision", "projector", "llm", "visual_head")
 
 
+@dataclass
+class DataConfig:
+    """Where the training data lives (the outputs of tools/preprocess.py and tools/precompute_targets.py)."""
+
+    shards: str = ""  # preprocessed shard directory
+    image_root: str = ""
+    targets: Optional[str] = None  # precomputed visual targets directory
+    image_mode: str = "resize"  # resize (stage 1) | pad (stage 2) | anyres (high resolution)
+    seq_length: int = 2048
+    num_workers: int = 2
+    group_by_length: bool = False
+    drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error
+
+    def validate(self) -> None:
+        if self.image_mode not in ("resize", "pad", "anyres"):
+            raise ConfigError(f"data.image_mode must be resize, pad or anyres, got {self.image_mode!r}")
+        for name in ("shards", "image_root"):
+            path = getattr(self, name)
+            if not path or not Path(path).is_dir():
+                raise ConfigError(f"data.{name}={path!r} is not a directory: run tools/preprocess.py or fix the path")
+        if self.targets is not None and not (Path(self.targets) / "targets.json").is_file():
+            raise ConfigError(f"data.targets={self.targets!r} has no targets.json: run tools/precompute_targets.py")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (ASVR_SPEC.md section 5) and the run's bookkeeping."""
+
+    seed: int = 1234
+    global_batch: int = 256
+    micro_batch: int = 16
+    epochs: float = 1.0
+    steps: Optional[int] = None  # overrides epochs
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    recompute: str = "none"  # none | selective | full (LLM layers; the head recomputes with full)
+    visual_tokenizer: Optional[str] = None  # directory with the tokenizer's config.json and checkpoint
+    load: Optional[str] = None  # initial weights only: a stage-1 or HF-imported checkpoint
+    save_dir: str = "runs/default"
+    save_interval: int = 0  # steps between checkpoints; 0 = only at the end (and on SIGTERM)
+    keep_last: int = 3
+    log_interval: int = 1
+    tensorboard: bool = True
+    nan_policy: str = "skip"  # skip (up to max_consecutive_skips) | stop
+    max_consecutive_skips: int = 5
+    num_gpus_for_mfu: Optional[int] = None  # GPUs whose peak the MFU is relative to (default: world size)
+    gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
+
+    def validate(self, parallel: ParallelConfig, world_size: int) -> None:
+        dp = parallel.data_parallel(world_size)
+        if self.global_batch % (dp * self.micro_batch):
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not divisible by data-parallel size x micro_batch "
+                f"= {dp} x {self.micro_batch}: change global_batch or micro_batch"
+            )
+        for name, allowed in (("precision", ("auto", "bf16", "fp32")), ("recompute", ("none", "selective", "full")),
+                              ("nan_policy", ("skip", "stop"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.load is not None and not Path(self.load).exists():
+            raise ConfigError(f"train.load={self.load!r} does not exist")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; one YAML recipe in configs/."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Every check that needs no model: layout, shapes, batch arithmetic, files."""
+        self.parallel.validate(world_size)
+        self.model.validate(self.parallel)
+        self.train.validate(self.parallel, world_size)
+        self.data.validate()
+        if self.model.asvr.branches and self.data.targets is None:
+            raise ConfigError("the visual loss is on (model.asvr.visual_loss) but data.targets is not set")
+        if self.model.asvr.branches and self.train.visual_tokenizer is None:
+            raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
+        image_positions = self.model.vision.num_patches
+        if self.data.seq_length < image_positions + 2:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} cannot hold one image ({image_positions} positions) "
+                f"plus a prompt: raise seq_length"
+            )
+        if self.data.seq_length > self.model.llm.max_sequence_length:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} exceeds llm.max_sequence_length="
+                f"{self.model.llm.max_sequence_length}"
+            )
+        if self.parallel.sequence_parallel and self.data.seq_length % self.parallel.tensor_parallel:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} must be divisible by tensor_parallel="
+                f"{self.parallel.tensor_parallel} with sequence parallelism"
+            )
+
+
+def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A YAML recipe with ``section.key=value`` overrides; presets named by ``model.*.preset``."""
+    data = load_yaml(path, overrides)
+    model = data.get("model", {})
+    for section, presets in (("vision", VISION_PRESETS), ("llm", LLM_PRESETS)):
+        part = model.get(section) or {}
+        name = part.pop("preset", None) if isinstance(part, dict) else None
+        if name is not None:
+            if name not in presets:
+                raise ConfigError(f"model.{section}.preset={name!r} is unknown (known: {', '.join(presets)})")
+            model[section] = {**dataclasses.asdict(presets[name]), **part}
+    return from_dict(RunConfig, data)
+
+
 # ---------------------------------------------------------------------------
 # Generic nested-dataclass loading: dicts (from YAML) and "a.b=value" overrides.
 

@@ -171,3 +171,17 @@ def test_discrete_input_replaces_encoder_features_by_codebook_vectors():
     got, base = losses([result], discrete_model), losses([continuous], STAGE2)
     assert got["0/text"] != base["0/text"] and 2.5 < got["0/semantic"] < 3.5
     assert result["grads"][0]["projector.encoder.linear_fc1.weight"].shape == (64, 12)
+
+
+def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
+    """Saved at TP=2 x PP=2 (head linears in containers, TP-sharded classifiers), loaded at
+    TP=1 x PP=1 and at PP=2 x DP=2: the same evaluation losses (1e-6)."""
+    from megatron_asvr.testing.harness import evaluate_checkpoint
+
+    directory = str(tmp_path / "ckpt")
+    saved = run_ranks(train, 4, VLMCase(model=STAGE2, steps=1, parallel=ParallelConfig(2, 2)), save_to=directory)
+    expected = losses(saved, STAGE2, key="eval")
+    for world_size, parallel in [(1, ParallelConfig()), (4, ParallelConfig(pipeline_parallel=2))]:
+        results = run_ranks(evaluate_checkpoint, world_size, VLMCase(model=STAGE2, parallel=parallel), directory)
+        got = losses([{"eval": r} for r in results], STAGE2, key="eval")
+        _assert_close(got, expected, 1e-6, f"eval at {parallel}")

@@ -49,6 +49,10 @@ def _emulated_calls():
     with torch.cuda.stream(stream):
         torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+    # torch.manual_seed calls cuda.manual_seed_all, which must not call back.
+    torch.manual_seed(3)
+    seeded = torch.rand(2)
+    out["manual_seed"] = torch.equal(seeded, torch.rand(2, generator=torch.Generator().manual_seed(3)))
     # The CUDA RNG is the CPU generator: megatron's state helpers round-trip it.
     torch.cuda.manual_seed(7)
     state = mp_random._get_cuda_rng_state()
@@ -64,7 +68,7 @@ def test_emulated_cuda_calls_run_on_cpu():
     assert out == dict(
         empty="cpu", index="cpu", to="cpu", dot_cuda="cpu", current_device="cpu",
         type="torch.cuda.FloatTensor", bf16_type="torch.cuda.BFloat16Tensor", cast=torch.float16,
-        rng_roundtrip=True, rng_is_cpu=True,
+        rng_roundtrip=True, rng_is_cpu=True, manual_seed=True,
     )
 
 

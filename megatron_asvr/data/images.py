@@ -151,9 +151,14 @@ def tile_count(
 
 
 def image_token_count(
-    width: int, height: int, mode: str, pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS
+    width: int,
+    height: int,
+    mode: str,
+    pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS,
+    patches_per_tile: int = PATCHES_PER_TILE,
 ) -> int:
-    """Visual positions one image takes in the sequence: 729 per tile, the base view included.
+    """Visual positions one image takes in the sequence: ``patches_per_tile`` (729 for
+    SigLIP-384) per tile, the base view included.
 
     LLaVA-NeXT differs for ``anyres``: it removes the feature rows/columns that
     cover the black padding ("unpadding") and appends a learned ``image_newline``
@@ -161,7 +166,7 @@ def image_token_count(
     in a different way. We keep all 729 positions of every tile and add no
     newline tokens, so every position has a visual target of its own.
     """
-    return PATCHES_PER_TILE * tile_count(width, height, mode, pinpoints)
+    return patches_per_tile * tile_count(width, height, mode, pinpoints)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
 from megatron_asvr.kernels import multi_depth_cross_entropy
+from megatron_asvr.model.containers import ShardedModuleList
 from megatron_asvr.model.llm import padded_vocab_size
 from megatron_asvr.model.norms import RMSNorm
 from megatron_asvr.model.specs import attention_spec, mlp_submodules
@@ -84,7 +85,7 @@ class DepthLayer(MegatronModule):
         )
         self.norm2 = RMSNorm(config, hidden, eps)
         mlp_config = dataclasses.replace(config, add_bias_linear=False)  # bias-free per-depth MLPs
-        self.mlps = torch.nn.ModuleList(
+        self.mlps = ShardedModuleList(
             MLP(config=mlp_config, submodules=mlp_submodules(backend)) for _ in range(depth)
         )
 
@@ -119,12 +120,12 @@ class VisualHead(MegatronModule):
         proj_config = dataclasses.replace(config, ffn_hidden_size=hidden)  # H -> E -> E
         self.proj = MLP(config=proj_config, submodules=mlp_submodules(backend), input_size=llm_hidden_size)
         self.code_embed = torch.nn.Linear(codebook.dim, hidden, dtype=config.params_dtype)
-        self.layers = torch.nn.ModuleList(
+        self.layers = ShardedModuleList(
             DepthLayer(config, depth, layer_number=i + 1, backend=backend) for i in range(head.num_layers)
         )
         self.final_norm = RMSNorm(config, hidden, head.norm_eps)
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.classifiers = torch.nn.ModuleList(
+        self.classifiers = ShardedModuleList(
             ColumnParallelLinear(
                 hidden, padded_vocab_size(v, tp), config=config, init_method=config.init_method,
                 bias=True, gather_output=False,

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_asvr.config import ModelConfig, ParallelConfig
+from megatron_asvr.model.containers import ShardedModuleDict
 from megatron_asvr.model.head import VisualHead, gelu, head_transformer_config
 from megatron_asvr.model.llm import llm_transformer_config, padded_vocab_size
 from megatron_asvr.model.specs import block_spec, mlp_submodules
@@ -111,7 +112,7 @@ class ASVRModel(MegatronModule):
         )
         self.visual_heads = None
         if post_process and self.asvr.branches:
-            self.visual_heads = torch.nn.ModuleDict({
+            self.visual_heads = ShardedModuleDict({
                 branch: VisualHead(
                     self.asvr.head, getattr(self.asvr, branch), configs.head, model.llm.hidden_size,
                     codebooks[branch], backend,

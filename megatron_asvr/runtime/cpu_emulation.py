@@ -139,8 +139,9 @@ def _patch_cuda_namespace():
     cuda.stream = lambda stream=None: nullcontext()
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # The CPU generator itself: torch.manual_seed calls cuda.manual_seed_all.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):

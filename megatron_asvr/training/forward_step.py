@@ -25,6 +25,7 @@ def make_forward_step(asvr: ASVRConfig):
             visual_targets=batch.get("visual_targets"),
             visual_row_mask=batch.get("visual_row_mask"),
         )
-        return output, partial(asvr_loss, loss_mask=batch["loss_mask"], counts=batch["loss_counts"], asvr=asvr)
+        # The loss function only runs on the last stage, the only one given loss_counts.
+        return output, partial(asvr_loss, loss_mask=batch.get("loss_mask"), counts=batch.get("loss_counts"), asvr=asvr)
 
     return forward_step

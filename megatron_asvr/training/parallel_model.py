@@ -70,6 +70,7 @@ def wrap_data_parallel(chunks: List[MegatronModule], settings: DataParallelSetti
 def build_optimizer(
     model: List[DistributedDataParallel],
     lr: float,
+    min_lr: float = 0.0,
     weight_decay: float = 0.0,
     clip_grad: float = 1.0,
     adam_betas=(0.9, 0.999),
@@ -81,6 +82,7 @@ def build_optimizer(
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
+        min_lr=min_lr,
         weight_decay=weight_decay,
         adam_beta1=adam_betas[0],
         adam_beta2=adam_betas[1],

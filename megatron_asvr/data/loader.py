@@ -1,0 +1,235 @@
+"""Training micro-batches from shards + images + precomputed visual targets, resumable exactly.
+
+Order: a deterministic permutation per epoch from (seed, epoch); global batch k is
+positions [k G, (k + 1) G) of that order (the incomplete tail of an epoch is
+dropped, as Megatron-LM does), so the order does not depend on the data-parallel
+size and a run resumes (even at another DP size) from the consumed-sample count
+alone. Data-parallel rank r takes the r-th contiguous block of each global batch
+and cuts it into micro-batches. With ``group_by_length`` each window of 8 global
+batches is sorted by length before it is cut, and the batches of the window are
+shuffled: similar lengths share a batch, still deterministically.
+
+Each pipeline stage gets what it needs: the first stage tokens and pixels (or
+codes, with discrete input), the last stage labels, masks and visual targets;
+every stage gets the token-level tensors (they are small).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_asvr.config import ASVRConfig
+from megatron_asvr.data.images import image_token_count, load_image_batch
+from megatron_asvr.data.sequence import (
+    IMAGE_PLACEHOLDER,
+    SequenceTooLong,
+    align_visual_targets,
+    build_sequence,
+    collate,
+)
+
+ZERO_IMAGE = "<zero-image>"  # key of the blank image text-only samples get when supervised
+GROUP_WINDOW = 8  # global batches per length-sorting window
+
+
+class DataLoaderError(ValueError):
+    """A sample or a file the loader cannot use; the message names it."""
+
+
+@dataclass
+class StageNeeds:
+    """What this rank's pipeline stage consumes."""
+
+    pixels: bool = True  # first stage, continuous input
+    input_codes: bool = False  # first stage, discrete input
+    targets: bool = True  # last stage
+
+
+class GlobalBatchOrder:
+    """Sample indices of global batch k, from (seed, epoch) only."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, lengths: Optional[np.ndarray] = None):
+        if num_samples < global_batch:
+            raise DataLoaderError(f"{num_samples} samples cannot fill one global batch of {global_batch}")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.batches_per_epoch = num_samples // global_batch
+        self.lengths = lengths
+        self._epoch, self._order = None, None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_samples)[: self.batches_per_epoch * self.global_batch]
+            if self.lengths is not None:
+                order = self._grouped(order, rng)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        g = self.global_batch
+        window = GROUP_WINDOW * g
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + g] for i in range(0, len(chunk), g)]
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+
+    def batch(self, k: int) -> np.ndarray:
+        epoch, within = divmod(k, self.batches_per_epoch)
+        return self._epoch_order(epoch)[within * self.global_batch:(within + 1) * self.global_batch]
+
+
+class SampleBuilder:
+    """One shard sample -> model inputs for this stage (runs in loader workers)."""
+
+    def __init__(self, shards, image_root, targets, asvr: ASVRConfig, seq_length: int, image_mode: str,
+                 needs: StageNeeds, patches_per_tile: int, pad_id: int = 0, drop_too_long: bool = False):
+        self.shards, self.image_root, self.targets = shards, image_root, targets
+        self.patches_per_tile = patches_per_tile
+        self.asvr, self.seq_length, self.image_mode = asvr, seq_length, image_mode
+        self.needs, self.pad_id, self.drop_too_long = needs, pad_id, drop_too_long
+        self.branches = asvr.branches
+        if needs.targets and self.branches and targets is None:
+            raise DataLoaderError("the visual loss is on but no visual targets directory was given")
+        if (needs.targets or needs.input_codes) and asvr.supervise_text_only and ZERO_IMAGE not in targets:
+            raise DataLoaderError(
+                f"asvr.supervise_text_only needs the codes of the zero image ({ZERO_IMAGE!r}) in {targets.directory}"
+            )
+
+    def __call__(self, index: int) -> dict:
+        sample = self.shards[int(index)]
+        ids, supervised = list(sample.input_ids), list(sample.loss_mask)
+        images, sizes = list(sample.images), list(sample.image_sizes)
+        if not images and self.asvr.supervise_text_only:
+            ids.insert(1, IMAGE_PLACEHOLDER)  # right after BOS, as the released code feeds it
+            supervised.insert(1, 0)
+            images, sizes = [ZERO_IMAGE], [(384, 384)]
+        counts = [
+            image_token_count(w, h, "resize" if key == ZERO_IMAGE else self.image_mode,
+                              patches_per_tile=self.patches_per_tile)
+            for key, (w, h) in zip(images, sizes)
+        ]
+        try:
+            sequence = build_sequence(ids, supervised, counts, self.seq_length, self.pad_id)
+            dropped = False
+        except SequenceTooLong as err:
+            if not self.drop_too_long:
+                raise DataLoaderError(f"sample {sample.id!r} ({sample.source}): {err}") from err
+            sequence = build_sequence([ids[0], ids[1]], [0, 0], [], self.seq_length, self.pad_id)
+            sequence.loss_mask.zero_()
+            images, dropped = [], True
+        out = {"sequence": sequence, "id": sample.id, "dropped": dropped}
+        if self.needs.pixels and images:
+            out["pixels"] = self._pixels(images)
+        if self.needs.input_codes and images:
+            patches = self.targets.meta["semantic"].num_patches
+            out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, self.asvr.semantic.depth) for k in images])
+        if self.needs.targets:
+            out["codes"] = {b: [self._codes(key, b) for key in images] for b in self.branches}
+        return out
+
+    def _pixels(self, images: Sequence[str]) -> torch.Tensor:
+        real = [self.image_root / key for key in images if key != ZERO_IMAGE]
+        batch = load_image_batch(real, self.image_mode) if real else None
+        tiles, it = [], iter(torch.split(batch.pixels, list(batch.tiles_per_image)) if batch else [])
+        for key in images:
+            tiles.append(torch.zeros(1, 3, 384, 384) if key == ZERO_IMAGE else next(it))
+        return torch.cat(tiles)  # [sum T, 3, 384, 384]
+
+    def _codes(self, key: str, branch: str) -> torch.Tensor:
+        try:
+            return torch.from_numpy(self.targets.codes(key, branch).astype(np.int64))
+        except KeyError as err:
+            raise DataLoaderError(f"visual targets: {err.args[0]}") from err
+
+
+def collate_micro_batch(items: List[dict], asvr: ASVRConfig, needs: StageNeeds) -> dict:
+    """Items of one micro-batch -> the dict ``training.forward_step`` feeds the model."""
+    batch = collate([item["sequence"] for item in items])
+    batch["ids"] = [item["id"] for item in items]
+    batch["dropped"] = sum(item["dropped"] for item in items)
+    for key, name in (("pixels", "images"), ("input_codes", "input_codes")):
+        parts = [item[key] for item in items if key in item]  # [tiles, ...] per image
+        batch[name] = torch.cat(parts) if parts else None
+    if needs.targets:
+        targets, row_mask = {}, torch.zeros(0, dtype=torch.bool)
+        for branch in asvr.branches:
+            codes = [c for item in items for c in item["codes"][branch]]  # [P_i, D] per image
+            depth = getattr(asvr, branch).depth
+            targets[branch], row_mask = align_visual_targets(codes, [True] * len(codes), depth, asvr.target_shift)
+        batch["visual_targets"], batch["visual_row_mask"] = targets, row_mask
+    return batch
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch j of the run (flattened over steps) for this data-parallel rank."""
+
+    def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
+                 micro_batch: int, first_step: int, asvr: ASVRConfig, needs: StageNeeds):
+        self.order, self.builder, self.asvr, self.needs = order, builder, asvr, needs
+        self.per_rank = order.global_batch // dp_size
+        self.dp_rank, self.micro_batch, self.first_step = dp_rank, micro_batch, first_step
+        self.micro_per_step = self.per_rank // micro_batch
+
+    def __len__(self) -> int:
+        return 2**62  # endless: the training loop decides when to stop
+
+    def __getitem__(self, j: int) -> dict:
+        step, m = divmod(j, self.micro_per_step)
+        batch = self.order.batch(self.first_step + step)
+        mine = batch[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
+        indices = mine[m * self.micro_batch:(m + 1) * self.micro_batch]
+        return collate_micro_batch([self.builder(i) for i in indices], self.asvr, self.needs)
+
+
+def _identity(items):
+    return items[0]
+
+
+class TrainLoader:
+    """This rank's micro-batches, a step at a time, with worker processes; resumable."""
+
+    def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
+                 micro_batch: int, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
+                 consumed_samples: int = 0):
+        g = order.global_batch
+        if g % (dp_size * micro_batch):
+            raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size x micro batch = {dp_size} x {micro_batch}")
+        if consumed_samples % g:
+            raise DataLoaderError(f"consumed_samples={consumed_samples} is not a multiple of the global batch {g}")
+        self.order, self.consumed_samples = order, consumed_samples
+        self.micro_per_step = g // dp_size // micro_batch
+        dataset = _MicroBatches(order, builder, dp_rank, dp_size, micro_batch, consumed_samples // g, asvr, needs)
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_size=1, collate_fn=_identity, num_workers=num_workers,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        )
+        self._iter: Optional[Iterator] = None
+
+    @property
+    def step(self) -> int:
+        return self.consumed_samples // self.order.global_batch
+
+    def next_step(self) -> List[dict]:
+        """The micro-batches of the next step on this rank."""
+        if self._iter is None:
+            self._iter = iter(self._loader)
+        micro = [next(self._iter) for _ in range(self.micro_per_step)]
+        self.consumed_samples += self.order.global_batch
+        return micro
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"consumed_samples": self.consumed_samples, "seed": self.order.seed,
+                "global_batch": self.order.global_batch}
+
+
+def stage_needs(pre_process: bool, post_process: bool, asvr: ASVRConfig) -> StageNeeds:
+    return StageNeeds(
+        pixels=pre_process and not asvr.discrete_input,
+        input_codes=pre_process and asvr.discrete_input,
+        targets=post_process,
+    )
+

@@ -1,0 +1,164 @@
+"""What a training step reports: losses, per-depth visual CE and accuracy, speed, memory.
+
+One log line per interval, the same numbers as TensorBoard scalars, and a tqdm
+progress bar with ETA when the output is a terminal. Loss reports come from the
+last pipeline stage's loss function (``model.loss.asvr_loss``), summed over the
+micro-batches and data-parallel ranks of a step.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_asvr.runtime.device import peak_memory_bytes
+
+
+def reduce_reports(reports: List[Dict[str, torch.Tensor]], group) -> Dict[str, torch.Tensor]:
+    """Sum the micro-batch reports of this rank, then over the data-parallel ``group``."""
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    flat = torch.cat([sum(r[n].double().flatten() for r in reports) for n in names])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    out, at = {}, 0
+    for n in names:
+        size = reports[0][n].numel()
+        out[n] = flat[at:at + size]
+        at += size
+    return out
+
+
+def step_losses(summed: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Text loss, visual loss per head, and per-depth CE / accuracy, from summed reports."""
+    out = {}
+    if "text" in summed:
+        total, count = summed["text"].tolist()
+        out["loss/text"] = total / count if count else float("nan")
+    for name in summed:
+        if name.startswith("visual/") and name.endswith("/ce"):
+            branch = name.split("/")[1]
+            rows = summed[f"visual/{branch}/rows"].item()
+            if rows == 0:
+                continue
+            ce = summed[name] / rows
+            acc = summed[f"visual/{branch}/correct"] / rows
+            out[f"loss/visual_{branch}"] = ce.mean().item()
+            for d in range(len(ce)):
+                out[f"visual_{branch}/ce_depth{d}"] = ce[d].item()
+                out[f"visual_{branch}/acc_depth{d}"] = acc[d].item()
+    return out
+
+
+@dataclass
+class Interval:
+    """Accumulates steps between two log lines."""
+
+    steps: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    samples: int = 0
+    flops: float = 0.0
+    step_time: float = 0.0
+    data_time: float = 0.0
+    losses: Dict[str, List[float]] = field(default_factory=dict)
+    grad_norms: List[float] = field(default_factory=list)
+
+
+class MetricsLogger:
+    """Writes the log line, TensorBoard scalars and the progress bar (on the logging rank only)."""
+
+    def __init__(self, enabled: bool, total_steps: int, start_step: int, num_gpus: int, peak_tflops: float,
+                 tensorboard_dir: Optional[str] = None, log_interval: int = 1, on_gpu: bool = False):
+        self.enabled, self.total_steps, self.num_gpus = enabled, total_steps, num_gpus
+        self.peak_tflops, self.log_interval, self.on_gpu = peak_tflops, log_interval, on_gpu
+        self.interval, self.history = Interval(), []
+        self.writer = self.bar = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
+               tokens: int, samples: int, flops: float, step_time: float, data_time: float) -> None:
+        iv = self.interval
+        iv.steps += 1
+        iv.skipped += int(skipped)
+        iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
+        iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
+        for name, value in losses.items():
+            iv.losses.setdefault(name, []).append(value)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            iv.grad_norms.append(grad_norm)
+        entry = {"step": step, "lr": lr, "skipped": skipped, **losses}
+        if grad_norm is not None:
+            entry["grad_norm"] = grad_norm
+        self.history.append(entry)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss/")})
+        if iv.steps >= self.log_interval or step == self.total_steps:
+            self._flush(step, lr)
+
+    def _flush(self, step: int, lr: float) -> None:
+        iv = self.interval
+        elapsed = max(iv.step_time, 1e-9)
+        tflops = iv.flops / elapsed / 1e12 / self.num_gpus
+        scalars = {name: sum(v) / len(v) for name, v in iv.losses.items()}
+        scalars.update({
+            "lr": lr,
+            "grad_norm": sum(iv.grad_norms) / len(iv.grad_norms) if iv.grad_norms else float("nan"),
+            "skipped_steps": iv.skipped,
+            "tokens_per_s": iv.tokens / elapsed,
+            "samples_per_s": iv.samples / elapsed,
+            "tflops_per_gpu": tflops,
+            "step_time_s": elapsed / iv.steps,
+            "data_wait_s": iv.data_time / iv.steps,
+            "peak_memory_gib": peak_memory_bytes() / 2**30,
+        })
+        if self.on_gpu:
+            scalars["mfu"] = tflops / self.peak_tflops
+        if self.enabled:
+            visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/visual_"))
+            line = (
+                f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
+                f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} "
+                f"| {scalars['tokens_per_s']:.0f} tok/s {scalars['samples_per_s']:.2f} samples/s "
+                f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
+                + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "
+                f"| peak mem {scalars['peak_memory_gib']:.2f} GiB"
+            )
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+            if self.writer is not None:
+                for name, value in scalars.items():
+                    self.writer.add_scalar(name, value, step)
+                self.writer.flush()
+        self.interval = Interval()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed

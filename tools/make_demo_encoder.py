@@ -1,0 +1,24 @@
+"""Write a random SigLIP vision model in HF format for the demo's visual tokenizer.
+
+    python tools/make_demo_encoder.py --out runs/demo/encoder --config configs/demo_stage1.yaml
+"""
+
+import argparse
+from pathlib import Path
+
+from megatron_asvr.config import load_run_config
+from megatron_asvr.data.demo_encoder import write_random_siglip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", required=True, type=Path, help="recipe whose model.vision shape to use")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    vision = load_run_config(args.config).model.vision
+    print(f"wrote {write_random_siglip(args.out, vision, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

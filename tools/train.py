@@ -1,0 +1,33 @@
+"""Train (or resume) an ASVR vision-language model from a YAML recipe.
+
+    torchrun --nproc_per_node 8 tools/train.py --config configs/vicuna7b_stage1.yaml \
+        --set train.save_dir=runs/7b-stage1 --set data.num_workers=8
+
+Every rank runs this. A run finds the newest complete checkpoint in
+train.save_dir and resumes from it; SIGTERM checkpoints and stops.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_asvr.config import ConfigError, load_run_config
+from megatron_asvr.data.loader import DataLoaderError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="YAML recipe (configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
+    args = parser.parse_args()
+    try:
+        config = load_run_config(args.config, args.set)
+        from megatron_asvr.training.loop import run  # heavy imports after the config is known good
+
+        run(config)
+    except (ConfigError, DataLoaderError) as err:
+        sys.exit(f"train: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
