@@ -5,9 +5,10 @@ memory is its own. Peak memory is measured, not computed: on CPU it is the peak
 resident set size (VmHWM, reset through /proc/self/clear_refs after the inputs
 exist) minus the resident size at that moment; on CUDA it is
 torch.cuda.max_memory_allocated minus the allocation at that moment. It covers one
-forward + backward, including the gradients it returns (identical for all methods;
-the table also shows the peak without them). Time is the median of several
-forward + backward runs after that first one.
+forward + backward with the parameters' .grad unset (as after zero_grad), so the
+returned gradients count (their size is shown); the peak at the end of the
+forward pass (what is held until backward) is shown too. Time is the median of
+several forward + backward runs after that first one.
 """
 
 import gc
@@ -78,24 +79,24 @@ def _naive_tp(hidden, weights, biases, targets) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def _step(case: Case, inputs, group) -> None:
-    """One forward + backward of ``case.method``."""
+def _forward(case: Case, inputs, group) -> torch.Tensor:
+    """Per-depth loss sums [D] of ``case.method`` (autograd graph kept for backward)."""
     hidden, weights, biases, targets = inputs
     vocab_sizes = [case.vocab] * case.depths
     if case.method == "naive" and case.tp > 1:
-        loss = _naive_tp(hidden, weights, biases, targets)
-    elif case.method == "naive":
-        loss = naive_multi_depth_cross_entropy(hidden, weights, biases, targets, vocab_sizes)[0]
-    else:
-        loss = multi_depth_cross_entropy(
-            hidden, weights, biases, targets, vocab_sizes, group=group, backend=case.method
-        )[0]
-    loss.sum().backward()
+        return _naive_tp(hidden, weights, biases, targets)
+    if case.method == "naive":
+        return naive_multi_depth_cross_entropy(hidden, weights, biases, targets, vocab_sizes)[0]
+    return multi_depth_cross_entropy(hidden, weights, biases, targets, vocab_sizes, group=group, backend=case.method)[0]
 
 
 def _sync(case: Case) -> None:
     if case.device == "cuda":
         torch.cuda.synchronize()
+
+
+def _peak(case: Case) -> int:
+    return torch.cuda.max_memory_allocated() if case.device == "cuda" else _resident_bytes("VmHWM")
 
 
 def _resident_bytes(field: str) -> int:
@@ -120,9 +121,13 @@ def measure(case: Case, rank: int = 0, group=None) -> Dict[str, float]:
         base = _resident_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # VmHWM := VmRSS
-    _step(case, inputs, group)
+    loss = _forward(case, inputs, group)
     _sync(case)
-    peak = torch.cuda.max_memory_allocated() if case.device == "cuda" else _resident_bytes("VmHWM")
+    forward_peak = _peak(case)
+    loss.sum().backward()
+    _sync(case)
+    peak = _peak(case)
+    del loss
     times = []
     for _ in range(case.repeats):
         for p in params:
@@ -130,13 +135,13 @@ def measure(case: Case, rank: int = 0, group=None) -> Dict[str, float]:
         if group is not None:
             dist.barrier(group)
         start = time.perf_counter()
-        _step(case, inputs, group)
+        _forward(case, inputs, group).sum().backward()
         _sync(case)
         times.append(time.perf_counter() - start)
-    peak_mib = (peak - base) / MIB
     return {
-        "peak_mib": peak_mib,
-        "peak_excl_grads_mib": peak_mib - grad_mib,
+        "forward_peak_mib": (forward_peak - base) / MIB,
+        "peak_mib": (peak - base) / MIB,
+        "grads_mib": grad_mib,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -192,8 +197,8 @@ def run_case(case: Case, threads: int) -> Dict[str, float]:
         outputs[rank] = out
     for p in procs:
         p.join()
-    worst = max(outputs.values(), key=lambda o: o["peak_mib"])
-    return {**outputs[0], "peak_mib": worst["peak_mib"], "peak_excl_grads_mib": worst["peak_excl_grads_mib"]}
+    memory = {k: max(o[k] for o in outputs.values()) for k in ("forward_peak_mib", "peak_mib", "grads_mib")}
+    return {**outputs[0], **memory}
 
 
 def default_cases(device: str, methods: List[str], repeats: int, tp: int = 2, dtype: str = "float32") -> List[Case]:
@@ -213,23 +218,23 @@ def default_cases(device: str, methods: List[str], repeats: int, tp: int = 2, dt
 def format_table(results: List[Dict]) -> str:
     """Markdown table; ratios are against the naive row of the same shape and TP."""
     head = (
-        "| method | N | D | V | E | TP | dtype | peak MiB | peak MiB excl. grads | mem / naive "
-        "| fwd+bwd s (median) | min-max s | time / naive |"
+        "| method | N | D | V | E | TP | dtype | fwd peak MiB | fwd / naive | fwd+bwd peak MiB | of which grads "
+        "| peak / naive | fwd+bwd s (median) | min-max s | time / naive |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    naive = {
-        (r["rows"], r["depths"], r["vocab"], r["embed"], r["tp"], r["dtype"]): r
-        for r in results
-        if r["method"] == "naive"
-    }
+    key = ("rows", "depths", "vocab", "embed", "tp", "dtype")
+    naive = {tuple(r[k] for k in key): r for r in results if r["method"] == "naive"}
     for r in results:
-        ref: Optional[Dict] = naive.get((r["rows"], r["depths"], r["vocab"], r["embed"], r["tp"], r["dtype"]))
-        mem_ratio = f"{r['peak_excl_grads_mib'] / ref['peak_excl_grads_mib']:.3f}" if ref else "-"
-        time_ratio = f"{r['median_s'] / ref['median_s']:.3f}" if ref else "-"
+        ref: Optional[Dict] = naive.get(tuple(r[k] for k in key))
+
+        def ratio(field: str) -> str:
+            return f"{r[field] / ref[field]:.3f}" if ref else "-"
+
         lines.append(
             f"| {r['method']} | {r['rows']} | {r['depths']} | {r['vocab']} | {r['embed']} | {r['tp']} "
-            f"| {r['dtype']} | {r['peak_mib']:.0f} | {r['peak_excl_grads_mib']:.0f} | {mem_ratio} "
-            f"| {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {time_ratio} |"
+            f"| {r['dtype']} | {r['forward_peak_mib']:.0f} | {ratio('forward_peak_mib')} | {r['peak_mib']:.0f} "
+            f"| {r['grads_mib']:.0f} | {ratio('peak_mib')} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
+            f"| {ratio('median_s')} |"
         )
     return "\n".join(lines)
 
