@@ -109,10 +109,12 @@ def test_fit_on_the_demo_corpus(tmp_path):
     assert report["layers"] == {"semantic": 2, "appearance": 1}
     for kind in ("semantic", "appearance"):
         errors, ppl = report[kind]["relative_error"], report[kind]["perplexity"]
-        assert len(errors) == len(ppl) == DEPTH
+        unexplained = report[kind]["unexplained_variance"]
+        assert len(errors) == len(ppl) == len(unexplained) == DEPTH
         assert ppl[0] >= K / 4, ppl
-        assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
-        assert errors[0] < 1.0
+        for series in (errors, unexplained):
+            assert all(later < earlier for earlier, later in zip(series, series[1:])), series
+        assert errors[0] < unexplained[0] < 1.0
         # the written files give back exactly the fitted quantizer
         assert recount[kind]["perplexity"] == pytest.approx(ppl, rel=1e-12)
         assert recount[kind]["relative_error"] == pytest.approx(errors, rel=1e-6)
