@@ -4,7 +4,8 @@ Used by the LLaVA encoder and by the visual tokenizer's encoder. Strict: a
 missing weight is an error naming it; keys that are not part of the model are
 an error too, except the ones a feature-layer encoder deliberately drops
 (later layers, the post-norm, SigLIP's pooling head), which are returned as
-``skipped``.
+``skipped``. ``vision_rules`` is the same mapping as per-tensor rules, for the
+streaming LLaVA converters (both directions).
 """
 
 import re
@@ -13,7 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from megatron_asvr.config import VisionConfig
-from megatron_asvr.convert.qkv import fuse_qkv
+from megatron_asvr.convert.rules import TensorRule, fused_qkv, hf_names, reshaped, same
 
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 _LAYER_MAP = {
@@ -37,46 +38,57 @@ def find_prefix(keys) -> str:
     return prefixes[0]
 
 
+def vision_rules(vision: VisionConfig, source_prefix: str, target_prefix: str = "") -> List[TensorRule]:
+    """The rules between HF vision weights under ``source_prefix`` and our encoder's canonical
+    names under ``target_prefix``, for the ``vision.layers_used`` layers we build."""
+    s, t = source_prefix, target_prefix + "vit."
+    rules = [same(t + "conv1.weight", s + "embeddings.patch_embedding.weight")]
+    if vision.kind == "siglip":
+        rules.append(same(t + "conv1.bias", s + "embeddings.patch_embedding.bias"))
+    else:
+        width = vision.hidden_size
+        rules += [
+            reshaped(t + "class_token", s + "embeddings.class_embedding", (1, 1, width), (width,)),
+            same(t + "ln_pre.weight", s + "pre_layrnorm.weight"),
+            same(t + "ln_pre.bias", s + "pre_layrnorm.bias"),
+        ]
+    rules.append(same(t + "position_embeddings.weight", s + "embeddings.position_embedding.weight"))
+    for i in range(vision.layers_used):
+        layer, ours = f"{s}encoder.layers.{i}.", f"{t}decoder.layers.{i}."
+        for hf_name, our_name in _LAYER_MAP.items():
+            rules += [same(f"{ours}{our_name}.{kind}", f"{layer}{hf_name}.{kind}") for kind in ("weight", "bias")]
+        heads = vision.num_attention_heads
+        rules += [
+            fused_qkv(f"{ours}self_attention.linear_qkv.{kind}", *(f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv"),
+                      heads, heads)
+            for kind in ("weight", "bias")
+        ]
+    return rules
+
+
+def is_dropped(key: str, vision: VisionConfig) -> bool:
+    """Whether an HF vision key (without prefix) is one the feature-layer encoder does not build:
+    a later layer, the post-norm or SigLIP's pooling head."""
+    match = _LAYER.match(key)
+    return bool(match and int(match.group(1)) >= vision.layers_used) or key.startswith(("post_layernorm.", "head."))
+
+
 def hf_vision_to_canonical(
     hf: Dict[str, torch.Tensor], vision: VisionConfig, target_prefix: str = "", source_prefix: str = None
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Return (canonical state for ``VisionEncoder`` under ``target_prefix``, skipped HF keys)."""
     source_prefix = find_prefix(hf) if source_prefix is None else source_prefix
-    src = {k[len(source_prefix):]: v for k, v in hf.items() if k.startswith(source_prefix)}
-    out, used, skipped = {}, set(), []
-
-    def take(key: str) -> torch.Tensor:
-        if key not in src:
-            raise KeyError(f"HF vision weights lack {source_prefix}{key}")
-        used.add(key)
-        return src[key]
-
-    t = target_prefix + "vit."
-    out[t + "conv1.weight"] = take("embeddings.patch_embedding.weight")
-    if vision.kind == "siglip":
-        out[t + "conv1.bias"] = take("embeddings.patch_embedding.bias")
-    else:
-        out[t + "class_token"] = take("embeddings.class_embedding").reshape(1, 1, -1)
-        out[t + "ln_pre.weight"] = take("pre_layrnorm.weight")
-        out[t + "ln_pre.bias"] = take("pre_layrnorm.bias")
-    out[t + "position_embeddings.weight"] = take("embeddings.position_embedding.weight")
-
-    heads = vision.num_attention_heads
-    for i in range(vision.layers_used):
-        layer, ours = f"encoder.layers.{i}.", f"{t}decoder.layers.{i}."
-        for hf_name, our_name in _LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                out[f"{ours}{our_name}.{kind}"] = take(f"{layer}{hf_name}.{kind}")
-        for kind in ("weight", "bias"):
-            q, k, v = (take(f"{layer}self_attn.{p}_proj.{kind}") for p in "qkv")
-            out[f"{ours}self_attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, heads, heads)
-
-    for key in sorted(set(src) - used):
-        match = _LAYER.match(key)
-        dropped = (match and int(match.group(1)) >= vision.layers_used) or key.startswith(
-            ("post_layernorm.", "head.")
-        )
-        if not dropped:
-            raise KeyError(f"unexpected HF vision weight {source_prefix}{key}")
-        skipped.append(source_prefix + key)
+    rules = vision_rules(vision, source_prefix, target_prefix)
+    out = {}
+    for rule in rules:
+        for key in rule.hf:
+            if key not in hf:
+                raise KeyError(f"HF vision weights lack {key}")
+        out[rule.ours] = rule.to_ours([hf[key] for key in rule.hf])
+    used = set(hf_names(rules))
+    skipped = []
+    for key in sorted(k for k in hf if k.startswith(source_prefix) and k not in used):
+        if not is_dropped(key[len(source_prefix):], vision):
+            raise KeyError(f"unexpected HF vision weight {key}")
+        skipped.append(key)
     return out, skipped

@@ -1,0 +1,115 @@
+"""Our model and transformers on the same random image and prompt: the max abs logit difference.
+
+Ours runs at the checkpoint-loading layout through megatron's forward-only
+schedule; its logits are freed before one rank (the last stage's writer) loads
+the HF model, so the two never share memory. transformers is the reference and
+must load the HF directory with no missing, unexpected or mismatched keys.
+Logits are compared over our LM's ``vocab_size`` token ids (the rows llava-hf
+appends for ``<image>`` and ``<pad>`` are not ours).
+"""
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_asvr.config import ModelConfig, ParallelConfig
+from megatron_asvr.convert import checkpoint_io
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
+from megatron_asvr.convert.ranks import is_writer, raise_if_any
+from megatron_asvr.training.step import evaluate
+
+BOS = 1
+FIRST_TEXT_ID = 3  # after <unk>, <s>, </s>
+
+
+@dataclass
+class VerifyInputs:
+    tokens: torch.Tensor  # [1, s]; image positions hold 0
+    image_mask: Optional[torch.Tensor]  # [1, s] bool, None without an image
+    images: Optional[torch.Tensor]  # [1, 3, H, W]
+    hf_input_ids: torch.Tensor  # [1, s]; image positions hold image_token_index
+
+
+def random_inputs(model: ModelConfig, vocab: HFVocab, with_image: bool, text_tokens: int = 16,
+                  seed: int = 0) -> VerifyInputs:
+    """BOS, the image's positions (``with_image``), then random text ids below the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    top = min(model.llm.vocab_size, vocab.image_token_index, vocab.pad_token_id or model.llm.vocab_size)
+    text = torch.randint(FIRST_TEXT_ID, top, (text_tokens,), generator=g)
+    patches = model.vision.num_patches if with_image else 0
+    tokens = torch.cat([torch.tensor([BOS]), torch.zeros(patches, dtype=torch.long), text])[None]  # [1, s]
+    image_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    image_mask[0, 1:1 + patches] = True
+    images = None
+    if with_image:
+        size = model.vision.image_size
+        images = torch.randn(1, 3, size, size, generator=g)
+    hf_ids = tokens.masked_fill(image_mask, vocab.image_token_index)
+    return VerifyInputs(tokens, image_mask if with_image else None, images, hf_ids)
+
+
+@torch.no_grad()
+def our_logits(chunks, inputs: VerifyInputs, vocab_size: int) -> Optional[torch.Tensor]:
+    """Logits [1, s, vocab_size] (fp32) on the last pipeline stage's ranks; None on the others."""
+    batch = {
+        "tokens": inputs.tokens, "position_ids": torch.arange(inputs.tokens.shape[1])[None],
+        "image_mask": inputs.image_mask, "images": inputs.images,
+    }
+    device = next(chunks[0].parameters()).device
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+
+    def forward_step(data_iterator, model):
+        data = next(data_iterator)
+        return model(data["tokens"], data["position_ids"], image_mask=data["image_mask"], images=data["images"]), None
+
+    iterators = [iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch])
+    outputs = evaluate(forward_step, iterators, chunks, 1, inputs.tokens.shape[1], 1)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    logits = gather_from_tensor_model_parallel_region(outputs[0]["logits"])  # [1, s, V_pad]
+    return logits[..., :vocab_size].float().cpu()
+
+
+def hf_logits(directory, inputs: VerifyInputs, dtype: torch.dtype, llava: bool) -> torch.Tensor:
+    """transformers' logits [1, s, V_hf] (fp32); a load with any key problem is an error."""
+    import transformers
+
+    cls = transformers.LlavaForConditionalGeneration if llava else transformers.AutoModelForCausalLM
+    model, info = cls.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise KeyError(f"{directory}: transformers reports {problems or info['error_msgs']}")
+    with torch.no_grad():
+        kwargs = {"pixel_values": inputs.images.to(dtype)} if llava else {}
+        return model.eval()(input_ids=inputs.hf_input_ids, **kwargs).logits.float()
+
+
+def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch.dtype, device,
+                      llava: bool = True, seed: int = 0) -> Optional[float]:
+    """Max abs logit difference between ``checkpoint`` (loaded at ``parallel``) and the HF model
+    in ``hf_dir`` (a LLaVA, or with ``llava=False`` a causal LM on a text-only prompt), on the
+    last stage's writer rank; None on the other ranks (collective)."""
+    model = checkpoint_io.read_model_config(checkpoint)
+    vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+    inputs = random_inputs(model, vocab, with_image=llava, seed=seed)
+    chunks = checkpoint_io.build_chunks(model, parallel, dtype, device)
+    checkpoint_io.load_model_weights(chunks, checkpoint)
+    ours = our_logits(chunks, inputs, model.llm.vocab_size)
+    del chunks
+    gc.collect()
+    dist.barrier()
+    diff, error = None, None
+    if ours is not None and is_writer():
+        try:
+            theirs = hf_logits(Path(hf_dir), inputs, dtype, llava)[..., : model.llm.vocab_size]
+            diff = (ours - theirs).abs().max().item()
+        except (KeyError, OSError, ValueError) as err:
+            error = f"rank {dist.get_rank()}: {err}"
+    raise_if_any(error)
+    return diff
