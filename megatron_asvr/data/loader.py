@@ -118,8 +118,8 @@ class SampleBuilder:
         except SequenceTooLong as err:
             if not self.drop_too_long:
                 raise DataLoaderError(f"sample {sample.id!r} ({sample.source}): {err}") from err
-            sequence = build_sequence([ids[0], ids[1]], [0, 0], [], self.seq_length, self.pad_id)
-            sequence.loss_mask.zero_()
+            # A counted drop: the slot keeps the batch shape but carries no image and no loss.
+            sequence = build_sequence(ids[:1], [0], [], self.seq_length, self.pad_id)
             images, dropped = [], True
         out = {"sequence": sequence, "id": sample.id, "dropped": dropped}
         if self.needs.pixels and images:

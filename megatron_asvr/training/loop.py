@@ -104,6 +104,12 @@ def _scheduler(optimizer, config: RunConfig, total_steps: int) -> OptimizerParam
     )
 
 
+def _sum_over(count: int, group) -> int:
+    value = torch.tensor([float(count)])
+    dist.all_reduce(value, group=group)
+    return int(value.item())
+
+
 def _any_rank(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -223,7 +229,7 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
             summed = reduce_reports(reports, dp_group) if last_stage else {}
             losses = step_losses(summed)
             bad = _any_rank(not all(math.isfinite(v) for v in losses.values()) or not _grads_finite(model))
-            grad_norm = None
+            grad_norm, lr = None, optimizer.param_groups[0]["lr"]  # the rate this step uses
             if bad:
                 consecutive_skips += 1
                 if t.nan_policy == "stop" or consecutive_skips > t.max_consecutive_skips:
@@ -241,8 +247,9 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
             samples = sum(m["tokens"].shape[0] for m in micro) * info.dp_size
             image_positions = sum(int(m["image_mask"].sum()) for m in micro) * info.dp_size
             shape = StepShape(samples, config.data.seq_length, image_positions // model_cfg.vision.num_patches, image_positions)
-            logger.record(step, losses, grad_norm, bad, optimizer.param_groups[0]["lr"], samples * config.data.seq_length,
-                          samples, step_flops(model_cfg, shape)["total"], step_time, data_time)
+            logger.record(step, losses, grad_norm, bad, lr, samples * config.data.seq_length,
+                          samples, step_flops(model_cfg, shape)["total"], step_time, data_time,
+                          dropped=_sum_over(sum(m["dropped"] for m in micro), dp_group))
             stop = _any_rank(sigterm.raised)
             if (t.save_interval and step % t.save_interval == 0) or stop or step == total_steps:
                 last_saved = save(step)

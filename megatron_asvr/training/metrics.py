@@ -61,6 +61,7 @@ class Interval:
 
     steps: int = 0
     skipped: int = 0
+    dropped: int = 0
     tokens: int = 0
     samples: int = 0
     flops: float = 0.0
@@ -89,17 +90,19 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
-               tokens: int, samples: int, flops: float, step_time: float, data_time: float) -> None:
+               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0) -> None:
+        """One step; ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
         iv = self.interval
         iv.steps += 1
         iv.skipped += int(skipped)
+        iv.dropped += dropped
         iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
         iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
         for name, value in losses.items():
             iv.losses.setdefault(name, []).append(value)
         if grad_norm is not None and math.isfinite(grad_norm):
             iv.grad_norms.append(grad_norm)
-        entry = {"step": step, "lr": lr, "skipped": skipped, **losses}
+        entry = {"step": step, "lr": lr, "skipped": skipped, "dropped_samples": dropped, **losses}
         if grad_norm is not None:
             entry["grad_norm"] = grad_norm
         self.history.append(entry)
@@ -118,6 +121,7 @@ class MetricsLogger:
             "lr": lr,
             "grad_norm": sum(iv.grad_norms) / len(iv.grad_norms) if iv.grad_norms else float("nan"),
             "skipped_steps": iv.skipped,
+            "dropped_samples": iv.dropped,
             "tokens_per_s": iv.tokens / elapsed,
             "samples_per_s": iv.samples / elapsed,
             "tflops_per_gpu": tflops,
@@ -131,7 +135,7 @@ class MetricsLogger:
             visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/visual_"))
             line = (
                 f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
-                f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} "
+                f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
                 f"| {scalars['tokens_per_s']:.0f} tok/s {scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The CPU demo: synthetic data -> visual tokenizer -> shards + targets -> stage 1 (TP=2) -> stage 2 (PP=2).
+# Sets up its own environment (scripts/env.sh). Every step is skipped when its output exists,
+# so an interrupted demo resumes; DEMO_DIR (default runs/demo) holds everything it writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+OUT=${DEMO_DIR:-runs/demo}
+NPROC=${NPROC:-2}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+start=$(date +%s)
+say() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
+
+if [ ! -f "$OUT/data/pretrain.json" ]; then
+    say "synthetic corpus"
+    python tools/make_demo_data.py --out "$OUT/data" --train-images 400 --eval-images 40 >/dev/null
+fi
+if [ ! -f "$OUT/encoder/config.json" ]; then
+    say "random SigLIP encoder for the visual tokenizer"
+    python tools/make_demo_encoder.py --out "$OUT/encoder" --config configs/demo_stage1.yaml
+fi
+if [ ! -f "$OUT/tokenizer/config.json" ]; then
+    say "fitting the visual tokenizer (residual k-means, depth 4, 64 codes)"
+    python tools/fit_visual_tokenizer.py --images "$OUT/data/images/train" --encoder "$OUT/encoder" \
+        --output "$OUT/tokenizer" --depth 4 --codebook-size 64 --appearance-layer 1 --mode resize \
+        --head-width 64 --max-images 200 --workers 1 --no-progress
+fi
+for stage in pretrain:plain:224:resize instruct:vicuna_v1:352:pad; do
+    IFS=: read -r name template length mode <<< "$stage"
+    if [ ! -f "$OUT/shards/$name/manifest.json" ]; then
+        say "preprocessing $name ($template)"
+        python tools/preprocess.py --data "$name=$OUT/data/$name.json" --image-root "$OUT/data/images" \
+            --tokenizer "$OUT/data" --template "$template" --output "$OUT/shards/$name" \
+            --max-seq-length "$length" --image-tokens 144 --max-skip-fraction 0.05 --workers "$NPROC" --no-progress
+    fi
+    if [ ! -f "$OUT/targets/$name/coverage.json" ]; then
+        say "visual targets for $name ($mode)"
+        python tools/precompute_targets.py --data "$OUT/data/$name.json" --image-root "$OUT/data/images" \
+            --tokenizer-config "$OUT/tokenizer/config.json" --tokenizer-checkpoint "$OUT/tokenizer/tokenizer.ckpt" \
+            --mode "$mode" --output "$OUT/targets/$name" --workers 1 --no-progress >/dev/null
+    fi
+done
+
+paths=(--set "data.image_root=$OUT/data/images" --set "train.visual_tokenizer=$OUT/tokenizer")
+say "stage 1: projector + visual head, TP=2"
+torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" tools/train.py --config configs/demo_stage1.yaml "${paths[@]}" \
+    --set "data.shards=$OUT/shards/pretrain" --set "data.targets=$OUT/targets/pretrain" --set "train.save_dir=$OUT/stage1"
+say "stage 2: + LLM, PP=2, from the stage-1 checkpoint"
+torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" tools/train.py --config configs/demo_stage2.yaml "${paths[@]}" \
+    --set "data.shards=$OUT/shards/instruct" --set "data.targets=$OUT/targets/instruct" \
+    --set "train.save_dir=$OUT/stage2" --set "train.load=$OUT/stage1"
+say "done"
+echo "checkpoints: $OUT/stage1/$(cat "$OUT/stage1/latest") and $OUT/stage2/$(cat "$OUT/stage2/latest")"
+echo "logs (TensorBoard): $OUT/stage1/tensorboard $OUT/stage2/tensorboard"

@@ -1,0 +1,69 @@
+"""Bad recipes fail before any model is built, with one line that says what to change."""
+
+import dataclasses
+
+import pytest
+
+from megatron_asvr.config import ConfigError, ParallelConfig, load_run_config
+from megatron_asvr.testing.tiny_run import tiny_run_config
+
+
+@pytest.fixture
+def good(tmp_path):
+    for part in ("shards", "data/images", "targets", "tokenizer"):
+        (tmp_path / part).mkdir(parents=True)
+    (tmp_path / "targets/targets.json").write_text("{}")
+    return tiny_run_config(str(tmp_path), str(tmp_path / "save"))
+
+
+def _error(config, world_size=1) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.validate(world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def _with(config, section, **changes):
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def test_the_good_config_passes(good):
+    good.validate(1)
+    dataclasses.replace(good, parallel=ParallelConfig(tensor_parallel=2)).validate(2)
+
+
+def test_six_bad_configurations(good):
+    llm = good.model.llm
+    bad = {
+        "world": (dataclasses.replace(good, parallel=ParallelConfig(tensor_parallel=2)), 3,
+                  "world size 3 is not divisible by tensor_parallel x pipeline_parallel"),
+        "kv heads": (dataclasses.replace(good, parallel=ParallelConfig(tensor_parallel=4)), 4,
+                     "llm.num_query_groups=2 is not divisible by parallel.tensor_parallel=4"),
+        "layers": (dataclasses.replace(good, parallel=ParallelConfig(pipeline_parallel=3)), 3,
+                   "llm.num_layers=4 is not divisible by pipeline_parallel x virtual_pipeline = 3 x 1"),
+        "sequence": (_with(good, "data", seq_length=100), 1,
+                     "data.seq_length=100 cannot hold one image (144 positions)"),
+        "files": (_with(good, "data", shards="/nonexistent/shards"), 1,
+                  "data.shards='/nonexistent/shards' is not a directory: run tools/preprocess.py"),
+        "batch": (_with(good, "train", global_batch=6, micro_batch=4), 1,
+                  "train.global_batch=6 is not divisible by data-parallel size x micro_batch = 1 x 4"),
+        "targets": (_with(good, "data", targets=None), 1, "the visual loss is on (model.asvr.visual_loss) but data.targets is not set"),
+    }
+    assert llm.num_query_groups == 2
+    for name, (config, world, expected) in bad.items():
+        assert expected in _error(config, world), name
+
+
+def test_recipes_in_configs_load_and_name_unknown_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  llm: {preset: vicuna_7b}\n  vision: {preset: siglip_so400m_384}\ntrain: {lr: 2.0e-5}\n")
+    config = load_run_config(recipe, ["train.global_batch=128"])
+    assert (config.model.llm.hidden_size, config.model.vision.num_patches) == (4096, 729)
+    assert (config.train.lr, config.train.global_batch) == (2e-5, 128)
+    recipe.write_text("train: {learning_rate: 1.0}\n")
+    with pytest.raises(ConfigError, match="unknown config key train.learning_rate"):
+        load_run_config(recipe)
+    recipe.write_text("model: {llm: {preset: llama_70b}}\n")
+    with pytest.raises(ConfigError, match="model.llm.preset='llama_70b' is unknown"):
+        load_run_config(recipe)
