@@ -185,3 +185,16 @@ def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
         results = run_ranks(evaluate_checkpoint, world_size, VLMCase(model=STAGE2, parallel=parallel), directory)
         got = losses([{"eval": r} for r in results], STAGE2, key="eval")
         _assert_close(got, expected, 1e-6, f"eval at {parallel}")
+
+
+def test_activation_recompute_changes_nothing_but_memory():
+    """Full recompute (LLM layers and head layers) and selective recompute (LLM core attention):
+    the same losses and gradients as no recompute."""
+    from megatron_asvr.testing import tiny_vlm
+
+    plain = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    for changes in ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+                    {"recompute_granularity": "selective"}):
+        result = run_ranks(train, 1, tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes), plain["initial"])[0]
+        _assert_close(losses([result], STAGE2), losses([plain], STAGE2), 1e-6, f"{changes} losses")
+        _assert_close(result["grads"][0], plain["grads"][0], 1e-6, f"{changes} grads")

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, gather_from_tensor_model_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
@@ -148,8 +148,11 @@ class VisualHead(MegatronModule):
             prefix_sums = torch.stack(vectors).cumsum(dim=0)  # [D-1, N, C]: codes 0..d-1 for slot d
             slots.extend(self.code_embed(prefix_sums).unbind(0))
         x = torch.stack(slots)  # [D, N, E]
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            # Full recompute keeps only each layer's input (the per-depth MLPs' 2E activations are
+            # the largest); megatron's checkpoint restores the RNG tracker state on recompute.
+            x = tensor_parallel.checkpoint(layer, False, x) if recompute else layer(x)
         return self.final_norm(x).transpose(0, 1)  # [N, D, E]
 
     def forward(self, llm_hidden: torch.Tensor, codes: torch.Tensor, row_mask: Optional[torch.Tensor] = None):

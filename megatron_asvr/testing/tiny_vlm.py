@@ -62,10 +62,12 @@ class VLMCase(Case):
     # gradient is rounding noise (~1e-10, e.g. dead projector inputs) would move by a
     # layout-dependent +-lr. eps 1e-6 keeps such updates ~0 so params compare at 1e-5.
     adam_eps: float = 1e-6
+    config_changes: dict = field(default_factory=dict)  # applied to every TransformerConfig
 
     def chunk_builder(self):
         model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
-        return stage_builder(model, self.parallel, resolve_backend(model.transformer_impl), codebooks(model), self.params_dtype)
+        return stage_builder(model, self.parallel, resolve_backend(model.transformer_impl), codebooks(model),
+                             self.params_dtype, **self.config_changes)
 
     def _samples(self, step: int):
         g = torch.Generator().manual_seed(2000 + step)

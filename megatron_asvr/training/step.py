@@ -1,19 +1,10 @@
-"""One optimizer step on megatron's pipeline schedules."""
+"""Forward and backward passes on megatron's pipeline schedules (the optimizer step is the caller's)."""
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Union
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-
-
-@dataclass
-class StepResult:
-    reports: List[Any]  # what the loss function reported per micro-batch (last stage only)
-    update_successful: bool
-    grad_norm: float
-    num_zeros_in_grad: Any
 
 
 def forward_backward(
@@ -36,21 +27,6 @@ def forward_backward(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     return _run_schedule(forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size, False)
-
-
-def train_step(
-    forward_step_func: Callable,
-    data_iterator: Union[Iterator, List[Iterator]],
-    model: List[torch.nn.Module],
-    optimizer: MegatronOptimizer,
-    num_microbatches: int,
-    seq_length: int,
-    micro_batch_size: int,
-) -> StepResult:
-    """``forward_backward`` then the optimizer step."""
-    reports = forward_backward(forward_step_func, data_iterator, model, optimizer, num_microbatches, seq_length, micro_batch_size)
-    update_successful, grad_norm, num_zeros = optimizer.step()
-    return StepResult(reports, update_successful, grad_norm, num_zeros)
 
 
 @torch.no_grad()
