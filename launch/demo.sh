@@ -38,7 +38,7 @@ for stage in pretrain:plain:224:resize instruct:vicuna_v1:352:pad; do
         say "visual targets for $name ($mode)"
         python tools/precompute_targets.py --data "$OUT/data/$name.json" --image-root "$OUT/data/images" \
             --tokenizer-config "$OUT/tokenizer/config.json" --tokenizer-checkpoint "$OUT/tokenizer/tokenizer.ckpt" \
-            --mode "$mode" --output "$OUT/targets/$name" --workers 1 --no-progress >/dev/null
+            --mode "$mode" --precision fp32 --output "$OUT/targets/$name" --workers 1 --no-progress >/dev/null
     fi
 done
 

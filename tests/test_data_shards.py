@@ -12,8 +12,9 @@ from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
 from megatron_asvr.data.shards import MANIFEST, ShardDataset, ShardWriter
 from megatron_asvr.data.validate import ValidationConfig
+from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
-MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2_tokenizer.model"
+MODEL = llama2_tokenizer_model()
 
 
 def make_sample(i: int) -> TokenizedSample:

@@ -14,8 +14,9 @@ from megatron_asvr.data.shards import MANIFEST, ShardDataset
 from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
 from megatron_asvr.tokenizers.templates import IMAGE_TOKEN_INDEX, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
+from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
-MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2_tokenizer.model"
+MODEL = llama2_tokenizer_model()
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,7 +7,6 @@ masks mark the answers and their </s> as supervised (1).
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +21,9 @@ from megatron_asvr.tokenizers.templates import (
     tokenize_with_images,
 )
 from megatron_asvr.tokenizers.text import HFJsonTokenizer, SentencePieceTokenizer, load_text_tokenizer
+from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
-MODEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2_tokenizer.model"
+MODEL = llama2_tokenizer_model()
 
 BOS, EOS, IMG = 1, 2, IMAGE_TOKEN_INDEX
 SPACE = 29871  # "▁": a trailing space, or the dummy prefix before "\n"

@@ -29,8 +29,8 @@ from megatron_asvr.data.sequence import (
     build_sequence,
     collate,
 )
+from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
 
-ZERO_IMAGE = "<zero-image>"  # key of the blank image text-only samples get when supervised
 GROUP_WINDOW = 8  # global batches per length-sorting window
 
 

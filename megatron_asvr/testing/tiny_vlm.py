@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, align_visual_targets, build_sequence, collate
+from megatron_asvr.data.targets import ZERO_IMAGE
 from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
@@ -31,7 +32,6 @@ TINY_MODEL = ModelConfig(
     transformer_impl="local",
 )
 BOS, PATCHES = 1, 4  # 28-pixel images, 14-pixel patches
-ZERO_IMAGE = "zero"  # the blank image given to text-only samples when they are supervised
 
 
 def codebooks(model: ModelConfig) -> Dict[str, List[torch.Tensor]]:

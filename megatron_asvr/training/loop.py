@@ -31,7 +31,7 @@ from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
-from megatron_asvr.tokenizers.visual_format import read_config, read_state_dict, split_checkpoint
+from megatron_asvr.tokenizers import visual
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import StepShape, step_flops
 from megatron_asvr.training.forward_step import make_forward_step
@@ -67,10 +67,10 @@ def load_codebooks(directory: str, kinds: List[str]):
     """Per-kind codebook vectors (padding rows removed) and their CodebookSpec, from a
     DualToken-format tokenizer directory."""
     config_path, checkpoint_path = tokenizer_files(directory)
-    config = read_config(config_path)
-    weights = split_checkpoint(read_state_dict(checkpoint_path), config, str(checkpoint_path))
-    books = {k: weights.codebooks[k] for k in kinds}
-    specs = {k: CodebookSpec(sizes=list(config.codebook_sizes), dim=config.code_width) for k in kinds}
+    books, specs = {}, {}
+    for kind in kinds:
+        meta, books[kind] = visual.load_codebooks(config_path, checkpoint_path, kind)
+        specs[kind] = CodebookSpec(sizes=list(meta.codebook_sizes), dim=meta.code_width)
     return books, specs
 
 
