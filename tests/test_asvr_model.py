@@ -198,3 +198,30 @@ def test_activation_recompute_changes_nothing_but_memory():
         result = run_ranks(train, 1, tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes), plain["initial"])[0]
         _assert_close(losses([result], STAGE2), losses([plain], STAGE2), 1e-6, f"{changes} losses")
         _assert_close(result["grads"][0], plain["grads"][0], 1e-6, f"{changes} grads")
+
+
+def _load_into_model_with_heads(directory):
+    from megatron_asvr import runtime
+    from megatron_asvr.model.canonical import full_state
+    from megatron_asvr.training.checkpoint import load_weights
+    from megatron_asvr.training.parallel_model import build_model_chunks
+
+    case = VLMCase(model=STAGE2)
+    info = runtime.initialize(case.parallel)
+    chunks = build_model_chunks(case.chunk_builder(), info.device)
+    before = full_state(chunks)
+    load_weights(directory, chunks)
+    after = full_state(chunks)
+    runtime.destroy()
+    return before, after
+
+
+def test_stage2_with_heads_loads_a_stage1_checkpoint_without_them(tmp_path):
+    """The paper's "visual loss only in stage 2" ablation: stage 1 trains without a head; stage 2
+    loads everything else from it and starts its heads from their initialisation."""
+    no_visual = _with_asvr(STAGE2, visual_loss=False)
+    saved = run_ranks(train, 1, VLMCase(model=no_visual, steps=1), save_to=str(tmp_path / "ckpt"))[0]
+    before, after = run_ranks(_load_into_model_with_heads, 1, str(tmp_path / "ckpt"))[0]
+    heads = [n for n in after if n.startswith("visual_heads.")]
+    assert heads and all(torch.equal(after[n], before[n]) for n in heads)
+    assert all(torch.equal(after[n], saved["params"][-1][n]) for n in after if n not in heads)

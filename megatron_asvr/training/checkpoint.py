@@ -23,13 +23,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.distributed import DistributedDataParallel
 
 LATEST = "latest"
@@ -60,14 +60,37 @@ def save_model(model: List[torch.nn.Module], directory: Path) -> None:
     dist_checkpointing.save(sharded_model_state(model), str(directory))
 
 
-def load_model(model: List[torch.nn.Module], directory: Path) -> None:
-    """Load weights saved at any layout into this rank's chunks (collective)."""
+def load_model(model: List[torch.nn.Module], directory: Path, optional: Sequence[str] = ()) -> List[str]:
+    """Load weights saved at any layout into this rank's chunks (collective).
+
+    Tensors the checkpoint lacks are an error naming them, except those under an
+    ``optional`` prefix (e.g. ``visual_heads.`` when stage 1 ran without the visual
+    loss): those keep their initialisation and are returned.
+    """
     directory = Path(directory)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise FileNotFoundError(f"{directory} is not a dist checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(sharded_model_state(model), str(directory))
+    available = set(dist_checkpointing.load_tensors_metadata(str(directory)))
+    sharded, kept_init, missing = sharded_model_state(model), [], []
+    tensors = [item for chunk_state in sharded.values() for item in chunk_state.values() if isinstance(item, ShardedTensor)]
+    for item in tensors:
+        if item.key not in available:
+            (kept_init if item.key.startswith(tuple(optional)) else missing).append(item.key)
+    # An absent optional part goes whole: its tensors and its modules' extra state.
+    absent = tuple(p for p in optional if any(k.startswith(p) for k in kept_init))
+    for chunk_state in sharded.values():
+        for name, item in list(chunk_state.items()):
+            if absent and getattr(item, "key", "").startswith(absent):
+                del chunk_state[name]
+    if missing:
+        raise KeyError(f"{directory} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:5]}")
+    state = dist_checkpointing.load(sharded, str(directory))
     for key, chunk in zip(_model_keys(model), model):
-        _unwrap_ddp(chunk).load_state_dict(state[key], strict=True)
+        result = _unwrap_ddp(chunk).load_state_dict(state[key], strict=False)
+        unexpected_missing = [k for k in result.missing_keys if not k.startswith(tuple(optional)) and "_extra_state" not in k]
+        if unexpected_missing or result.unexpected_keys:
+            raise KeyError(f"{directory}: missing {unexpected_missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return sorted(set(kept_init))
 
 
 # --- whole training state -----------------------------------------------------------------
@@ -225,9 +248,11 @@ def resolve(path: Path) -> Path:
     return path
 
 
-def load_weights(path: Path, model) -> Path:
+def load_weights(path: Path, model, optional: Sequence[str] = ("visual_heads.",)) -> Path:
     """Initial weights only (a stage-1 run, an HF import): ``path`` is a save directory, a
-    checkpoint (with ``dist/``) or a bare dist checkpoint. Returns what was loaded."""
+    checkpoint (with ``dist/``) or a bare dist checkpoint. Visual heads absent from it (a
+    stage 1 without the visual loss, an HF import) start from their initialisation.
+    Returns the checkpoint loaded."""
     directory = resolve(path)
-    load_model(model, directory / DIST if (directory / DIST).is_dir() else directory)
+    load_model(model, directory / DIST if (directory / DIST).is_dir() else directory, optional)
     return directory
