@@ -1,0 +1,45 @@
+"""The HF-export path: an exported LlavaForConditionalGeneration directory run by transformers,
+with the same queries, padding and reductions as ``runners.MegatronRunner`` (one process)."""
+
+from pathlib import Path
+from typing import List
+
+import torch
+
+from megatron_asvr.evaluation.queries import Query
+from megatron_asvr.evaluation.runners import Runner, micro_batches
+
+
+class HFRunner(Runner):
+    def __init__(self, directory: Path, vocab_limit: int, micro_batch: int = 4, dtype: torch.dtype = torch.float32):
+        import transformers
+
+        self.model = transformers.LlavaForConditionalGeneration.from_pretrained(str(directory), dtype=dtype).eval()
+        self.image_token = self.model.config.image_token_id
+        self.vocab_limit, self.micro_batch, self.dtype = vocab_limit, micro_batch, dtype
+        vision = self.model.config.vision_config
+        self.patch_size = vision.patch_size
+        self.patches_per_tile = (vision.image_size // vision.patch_size) ** 2
+
+    @torch.no_grad()
+    def _logits(self, queries: List[Query]):
+        """(batch, logits [b, s, vocab_limit] fp32) per micro-batch."""
+        _, batches = micro_batches(queries, self.micro_batch)
+        for batch in batches:
+            input_ids = batch["tokens"].masked_fill(batch["image_mask"], self.image_token)  # [b, s]
+            pixels = batch["images"].to(self.dtype) if batch["images"] is not None else None
+            logits = self.model(input_ids=input_ids, pixel_values=pixels).logits  # [b, s, V_hf]
+            yield batch, logits[..., : self.vocab_limit].float()
+
+    def next_tokens(self, queries: List[Query]) -> List[int]:
+        ids = []
+        for batch, logits in self._logits(queries):
+            ids += logits[torch.arange(logits.shape[0]), batch["last"]].argmax(-1).tolist()
+        return ids[: len(queries)]
+
+    def answer_logprobs(self, queries: List[Query]) -> List[float]:
+        scores = []
+        for batch, logits in self._logits(queries):
+            logprobs = torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [b, s]
+            scores += (logprobs * batch["loss_mask"]).sum(-1).tolist()
+        return scores[: len(queries)]

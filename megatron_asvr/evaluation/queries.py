@@ -1,0 +1,84 @@
+"""From benchmark items to token sequences with images: what a runner forwards.
+
+A ``Query`` holds templated ids (one IMAGE_PLACEHOLDER per image), the image's
+tiles and visual-position count, and for likelihood scoring the index of the
+first answer id. ``to_sample`` expands it with the training code's
+``build_sequence`` (labels are the next ids; ``loss_mask`` marks the answer).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from megatron_asvr.data.images import image_token_count, preprocess_image
+from megatron_asvr.data.sequence import SequenceSample, build_sequence
+from megatron_asvr.evaluation.items import EvalItem, load_item_image
+from megatron_asvr.evaluation.prompts import generation_prompt, with_answer
+from megatron_asvr.tokenizers.templates import tokenize_with_images
+from megatron_asvr.tokenizers.text import TextTokenizer
+
+PAD_ID = 0  # image positions and padding hold it, as in training
+
+
+@dataclass(frozen=True)
+class Query:
+    """One sequence for a runner."""
+
+    ids: List[int]  # templated ids, IMAGE_PLACEHOLDER where the image goes
+    pixels: Optional[torch.Tensor]  # [T, 3, 384, 384] tiles of the image, None without one
+    image_tokens: List[int]  # visual positions of each image
+    scored_from: int  # first id whose log-probability counts (likelihood); len(ids) when generating
+
+    @property
+    def length(self) -> int:
+        """Positions after the image placeholders are expanded."""
+        return len(self.ids) - len(self.image_tokens) + sum(self.image_tokens)
+
+    def extended(self, token: int) -> "Query":
+        return dataclasses.replace(self, ids=self.ids + [token], scored_from=len(self.ids) + 1)
+
+
+def to_sample(query: Query, seq_length: int) -> SequenceSample:
+    """The query as a training sample of ``seq_length`` positions: tokens are all its ids,
+    ``loss_mask[i]`` is 1 where ``labels[i]`` (= the id after position i) is an answer id."""
+    ids = query.ids + [PAD_ID]  # build_sequence feeds ids[:-1]: every real id becomes an input
+    supervised = [i >= query.scored_from for i in range(len(ids) - 1)] + [False]
+    return build_sequence(ids, supervised, query.image_tokens, seq_length, PAD_ID)
+
+
+class QueryEncoder:
+    """Prompts (and prompts with an answer) of items, tokenized as LLaVA's evaluation does."""
+
+    def __init__(self, tokenizer: TextTokenizer, template: str, image_mode: str, patches_per_tile: int):
+        self.tokenizer, self.template = tokenizer, template
+        self.image_mode, self.patches_per_tile = image_mode, patches_per_tile
+        generation_prompt(template, "", False)  # an unknown template fails here, before any model work
+
+    def _image(self, item: EvalItem):
+        if item.image is None:
+            return None, []
+        image = load_item_image(item)
+        count = image_token_count(*image.size, self.image_mode, patches_per_tile=self.patches_per_tile)
+        return preprocess_image(image, self.image_mode), [count]
+
+    def prompt(self, item: EvalItem) -> Query:
+        """The generation prompt of ``item``."""
+        pixels, counts = self._image(item)
+        ids = tokenize_with_images(generation_prompt(self.template, item.prompt, pixels is not None), self.tokenizer)
+        return Query(ids, pixels, counts, len(ids))
+
+    def answers(self, item: EvalItem, answers: List[str]) -> List[Query]:
+        """One query per candidate answer (the image loaded once), scored from the first id where the
+        full text's tokenization leaves the prompt's (the prompt's end, unless a merge crosses it)."""
+        pixels, counts = self._image(item)
+        prompt = generation_prompt(self.template, item.prompt, pixels is not None)
+        prompt_ids = tokenize_with_images(prompt, self.tokenizer)
+        queries = []
+        for answer in answers:
+            ids = tokenize_with_images(with_answer(self.template, prompt, answer), self.tokenizer)
+            shared = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), len(prompt_ids))
+            queries.append(Query(ids, pixels, counts, shared))
+        return queries
+

@@ -1,0 +1,302 @@
+"""On a tiny random checkpoint: greedy decoding, answer likelihood and last-token attention at
+TP / PP / DP layouts against a direct single-process forward, the HF-export path against ours,
+and the evaluation and attention-map tools end to end."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_asvr.config import (
+    ASVRConfig,
+    CodebookSpec,
+    HeadConfig,
+    LLMConfig,
+    ModelConfig,
+    ParallelConfig,
+    VisionConfig,
+)
+from megatron_asvr.data.demo import DemoConfig, make_demo_data
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, collate
+from megatron_asvr.evaluation.attention_map import last_row_attention
+from megatron_asvr.evaluation.queries import Query, to_sample
+from megatron_asvr.testing.multirank import run_ranks
+
+VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                      patch_size=64, image_size=384, feature_layer=-2)  # 6 x 6 patches
+MODEL = ModelConfig(
+    vision=VISION,
+    llm=LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                  vocab_size=512, max_sequence_length=256, sliding_window=48, init_method_std=0.05),
+    asvr=ASVRConfig(head=HeadConfig(hidden_size=32, num_layers=1, num_attention_heads=4),
+                    semantic=CodebookSpec(sizes=[16, 16], dim=8)),
+    transformer_impl="local",
+)
+GENERATED = 4  # questions decoded
+NEW_TOKENS = 5
+ID_TOL = 1e-3  # the reference's top-1 logit margin must exceed this for an id comparison to mean something
+LAYOUT_TOL = 1e-5  # log-probabilities at another layout (fp32)
+HF_TOL = 1e-4  # transformers vs ours (fp32), as the converter's tests
+
+
+def _save_model(root: str) -> None:
+    from megatron_asvr import runtime
+    from megatron_asvr.convert import checkpoint_io
+
+    info = runtime.initialize(ParallelConfig(), seed=7)
+    chunks = checkpoint_io.build_chunks(MODEL, ParallelConfig(), torch.float32, info.device)
+    checkpoint_io.save_model_checkpoint(chunks, Path(root) / "ckpt", MODEL)
+    runtime.destroy()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_model")
+    make_demo_data(root / "data", DemoConfig.tiny())
+    run_ranks(_save_model, 1, str(root))
+    return root
+
+
+def _spec(root, parallel, **changes):
+    from megatron_asvr.evaluation.loading import ModelSpec
+
+    return ModelSpec(checkpoint=Path(root) / "ckpt", tokenizer=Path(root) / "data", template="vicuna_v1",
+                     image_mode="pad", parallel=parallel, dtype="fp32", micro_batch=2, batch_size=3,
+                     max_new_tokens=NEW_TOKENS, **changes)
+
+
+def _items(root):
+    from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark
+
+    return read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images").items
+
+
+def _evaluate_at(root: str, parallel: ParallelConfig) -> dict:
+    """What every evaluation path returns at this layout (the same on every rank)."""
+    from megatron_asvr.evaluation.attention_map import attention_map
+    from megatron_asvr.evaluation.loading import open_model
+
+    items = _items(root)
+    with open_model(_spec(root, parallel)) as loaded:
+        answerer = loaded.answerer
+        ids = answerer.generate_ids(items[:GENERATED])
+        chosen = answerer.choose([i for i in items if i.choices])
+        answers = answerer.answer(items, "likelihood")
+        attention = attention_map(answerer, items[0], layers=[2, 4], heads=[1, 3])
+    return {"ids": ids, "logprobs": [a.logprobs for a in chosen], "answers": {k: a.text for k, a in answers.items()},
+            "grid": torch.from_numpy(attention.grid), "share": attention.image_share, "answer": attention.answer}
+
+
+@torch.no_grad()
+def _direct_reference(root: str) -> dict:
+    """The same numbers from single forward passes of the TP=1 model, without the schedule or the
+    runner: greedy ids with each step's top-1 margin, answer log-probabilities, and a check that
+    the recorded last-row attention reproduces every layer's core-attention output."""
+    from megatron_asvr.evaluation.attention_map import LastTokenAttention
+    from megatron_asvr.evaluation.loading import open_model
+
+    items = _items(root)
+    with open_model(_spec(root, ParallelConfig())) as loaded:
+        chunk, encoder = loaded.answerer.runner.chunks[0].eval(), loaded.answerer.encoder
+        vocab = loaded.answerer.runner.vocab_limit
+
+        def logits(query):
+            batch = collate([to_sample(query, query.length)])
+            return chunk(batch["tokens"], batch["position_ids"], image_mask=batch["image_mask"],
+                         images=query.pixels)["logits"][0, :, :vocab]  # [s, V]
+
+        ids, margins = [], []
+        for item in items[:GENERATED]:
+            query, generated = encoder.prompt(item), []
+            for _ in range(NEW_TOKENS):
+                top = logits(query)[query.length - 1].topk(2)
+                margins.append((top.values[0] - top.values[1]).item())
+                token = int(top.indices[0])
+                if token == encoder.tokenizer.eos_id:
+                    break
+                generated.append(token)
+                query = query.extended(token)
+            ids.append(generated)
+        logprobs = []
+        for item in [i for i in items if i.choices]:
+            row = []
+            for query in encoder.answers(item, list(item.choices)):
+                sample = to_sample(query, query.length)
+                expanded = query.length - len(query.ids)  # image positions added before the answer
+                steps = torch.log_softmax(logits(query), -1)  # [s, V]
+                positions = [i + expanded - 1 for i in range(query.scored_from, len(query.ids))]
+                row.append(sum(steps[p, query.ids[p - expanded + 1]].item() for p in positions))
+                assert sample.loss_mask.nonzero().squeeze(-1).tolist() == positions
+            logprobs.append(tuple(row))
+
+        recorder, outputs = LastTokenAttention([chunk]), {}
+        handles = [layer.self_attention.core_attention.register_forward_hook(
+            lambda m, args, out, n=layer.layer_number: outputs.__setitem__(n, (args, out)))
+            for layer in chunk.language_model.decoder.layers]
+        logits(encoder.prompt(items[0]))
+        recorder.remove()
+        for handle in handles:
+            handle.remove()
+        reproduced = []
+        for number, (args, out) in outputs.items():
+            value = args[2].repeat_interleave(args[0].shape[2] // args[2].shape[2], dim=2)  # [s, b, np, d]
+            context = torch.einsum("bns,sbnd->bnd", recorder.maps[number], value)  # [b, np, d]
+            reproduced.append((context.reshape(1, -1) - out[-1]).abs().max().item())
+    return {"ids": ids, "margins": margins, "logprobs": logprobs, "attention_error": max(reproduced),
+            "row_sums": [m.sum(-1) for m in recorder.maps.values()]}
+
+
+def test_query_expansion_and_answer_span(root):
+    query = Query([1, 5, IMAGE_PLACEHOLDER, 7, 9], None, [3], scored_from=4)
+    sample = to_sample(query, 10)
+    assert query.length == 7
+    assert sample.tokens.tolist() == [1, 5, 0, 0, 0, 7, 9, 0, 0, 0]
+    assert sample.image_mask.tolist() == [False, False, True, True, True] + [False] * 5
+    assert sample.labels[5].item() == 9 and sample.loss_mask.nonzero().squeeze(-1).tolist() == [5]
+
+    from megatron_asvr.evaluation.queries import QueryEncoder
+    from megatron_asvr.tokenizers.text import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(root / "data")
+    item = _items(root)[2]  # a letter question
+    encoder = QueryEncoder(tokenizer, "vicuna_v1", "pad", VISION.num_patches)
+    prompt = encoder.prompt(item)
+    [answer] = encoder.answers(item, ["B"])
+    assert answer.ids[: len(prompt.ids)] == prompt.ids and answer.scored_from == len(prompt.ids)
+    assert tokenizer.decode(answer.ids[answer.scored_from:]) == "B" and answer.ids[-1] == tokenizer.eos_id
+    assert prompt.ids.count(IMAGE_PLACEHOLDER) == 1 and prompt.image_tokens == [VISION.num_patches]
+    assert tokenizer.decode([t for t in prompt.ids if t >= 0]).endswith(item.prompt + " ASSISTANT:")
+
+
+def test_last_row_attention_matches_sdpa_with_window():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, 2, h, 8, generator=g) for h in (4, 2, 2))  # [s, b, heads, d], 2 query groups
+    probs = last_row_attention(q, k, 0.3, window_left=4)  # [b, 4, 9]
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[4:] = True  # the last position sees itself and the 4 before it
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3)[:, :, -1:], k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask[None], scale=0.3,
+        enable_gqa=True)[:, :, 0]  # [b, 4, d]
+    got = torch.einsum("bns,sbnd->bnd", probs, v.repeat_interleave(2, dim=2))
+    assert (got - expected).abs().max().item() < 1e-6
+    assert probs[..., :4].abs().max().item() == 0.0 and torch.allclose(probs.sum(-1), torch.ones(2, 4))
+
+
+def _flat(logprobs) -> torch.Tensor:
+    return torch.tensor([v for row in logprobs for v in row])
+
+
+def test_layouts_agree_with_direct_forward(root):
+    reference = run_ranks(_direct_reference, 1, str(root))[0]
+    assert min(reference["margins"]) > ID_TOL
+    assert reference["attention_error"] < 1e-5
+    assert all(torch.allclose(s, torch.ones_like(s)) for s in reference["row_sums"])
+    tp1 = run_ranks(_evaluate_at, 1, str(root), ParallelConfig())[0]
+    assert tp1["ids"] == reference["ids"] and all(len(ids) > 0 for ids in tp1["ids"])
+    assert _flat(tp1["logprobs"]).sub(_flat(reference["logprobs"])).abs().max() < LAYOUT_TOL
+    assert abs(tp1["grid"].sum().item() - tp1["share"]) < 1e-6  # one tile: the grid is all image positions
+    for parallel, ranks in ((ParallelConfig(pipeline_parallel=2), 2), (ParallelConfig(tensor_parallel=2), 4)):
+        for result in run_ranks(_evaluate_at, ranks, str(root), parallel):  # TP=2 on 4 ranks: DP=2
+            assert result["ids"] == tp1["ids"] and result["answers"] == tp1["answers"]
+            assert result["answer"] == tp1["answer"]
+            assert _flat(result["logprobs"]).sub(_flat(tp1["logprobs"])).abs().max() < LAYOUT_TOL
+            assert (result["grid"] - tp1["grid"]).abs().max() < 1e-6 and abs(result["share"] - tp1["share"]) < 1e-6
+
+
+def _hf_against_ours(root: str) -> dict:
+    from megatron_asvr import runtime
+    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.evaluation.loading import open_model
+
+    info = runtime.initialize(ParallelConfig())
+    export_hf(Path(root) / "ckpt", Path(root) / "hf", ParallelConfig(), ExportOptions(dtype="float32", progress=False),
+              info.device)
+    runtime.destroy()
+    items = _items(root)
+    results = {}
+    ours = _spec(root, ParallelConfig())
+    hf = dataclasses.replace(ours, checkpoint=None, hf_model=Path(root) / "hf")
+    for name, spec in (("ours", ours), ("hf", hf)):
+        with open_model(spec) as loaded:
+            results[name] = {"ids": loaded.answerer.generate_ids(items[:GENERATED]),
+                             "logprobs": [a.logprobs for a in loaded.answerer.choose([i for i in items if i.choices])]}
+    return results
+
+
+def test_hf_export_path_matches_ours(root):
+    results = run_ranks(_hf_against_ours, 1, str(root))[0]
+    assert results["hf"]["ids"] == results["ours"]["ids"]
+    ours, hf = _flat(results["ours"]["logprobs"]), _flat(results["hf"]["logprobs"])
+    assert (ours - hf).abs().max() < HF_TOL
+
+
+def _tool(name: str):
+    """tools/<name>.py as a module (tools/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_tool(name: str, argv) -> None:
+    _tool(name).main(argv)
+
+
+def test_evaluate_tool_writes_table_and_json(root):
+    import json
+
+    from megatron_asvr.evaluation.benchmarks.jsonl import score_jsonl
+    from megatron_asvr.tokenizers.text import load_text_tokenizer
+
+    out = root / "eval_pp2"
+    argv = ["--checkpoint", str(root / "ckpt"), "--pp", "2", "--tokenizer", str(root / "data"), "--template",
+            "vicuna_v1", "--image-mode", "pad", "--benchmark", f"jsonl={root / 'data/eval.jsonl'}", "--image-root",
+            f"jsonl={root / 'data/images'}", "--max-new-tokens", str(NEW_TOKENS), "--out", str(out), "--dtype", "fp32"]
+    run_ranks(_run_tool, 2, "evaluate", argv)
+    results = json.loads((out / "results.json").read_text())["benchmarks"]["jsonl"]
+    rows = [json.loads(line) for line in (out / "predictions_jsonl.jsonl").read_text().splitlines()]
+    items = _items(root)
+    assert results["questions"] == len(items) == len(rows) and results["methods"] == {"generate": len(items)}
+    reference = run_ranks(_evaluate_at, 1, str(root), ParallelConfig())[0]
+    tokenizer = load_text_tokenizer(root / "data")
+    assert [r["prediction"] for r in rows[:GENERATED]] == [tokenizer.decode(ids).strip() for ids in reference["ids"]]
+    assert results["metrics"] == score_jsonl(items, {r["question_id"]: r["prediction"] for r in rows})
+    table = (out / "results.txt").read_text().splitlines()
+    assert table[0].startswith("model: ") and table[3].split()[:3] == ["jsonl", str(len(items)), "accuracy"]
+    assert float(table[3].split()[-1]) == pytest.approx(results["metrics"]["accuracy"], abs=5e-5)
+
+
+def test_evaluate_tool_names_a_missing_benchmark(root):
+    with pytest.raises(SystemExit, match=r"evaluate: error: benchmark pope: .*nowhere.json does not exist"):
+        _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--benchmark", f"pope={root / 'nowhere.json'}",
+                                "--out", str(root / "x")])
+
+
+def test_attention_map_tool_writes_overlay_png(root):
+    import numpy as np
+    from PIL import Image
+
+    from megatron_asvr.data.images import load_rgb
+    from megatron_asvr.evaluation import heatmap
+
+    item = _items(root)[0]
+    out = root / "attention.png"
+    run_ranks(_run_tool, 2, "attention_map", [
+        "--checkpoint", str(root / "ckpt"), "--tp", "2", "--tokenizer", str(root / "data"), "--template", "vicuna_v1",
+        "--image-mode", "pad", "--image", str(item.image), "--question", item.prompt, "--out", str(out),
+        "--max-new-tokens", str(NEW_TOKENS), "--dtype", "fp32"])
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = load_rgb(item.image)
+    shown_h = round(original.height * heatmap.DISPLAY_SIDE / max(original.size))
+    assert png.shape[1] == heatmap.DISPLAY_SIDE + 2 * heatmap.MARGIN
+    assert png.shape[0] > heatmap.MARGIN + shown_h + 4 * heatmap.FONT_SIZE  # image, colour bar, caption lines
+    plain = np.asarray(original.resize((heatmap.DISPLAY_SIDE, shown_h), Image.Resampling.BICUBIC)).astype(int)
+    shown = png[heatmap.MARGIN:heatmap.MARGIN + shown_h, heatmap.MARGIN:heatmap.MARGIN + heatmap.DISPLAY_SIDE]
+    difference = np.abs(shown - plain).mean(-1)  # the heat overlay's tint
+    assert difference.mean() > 5 and difference.max() > 40
+    caption = png[heatmap.MARGIN + shown_h + heatmap.MARGIN + heatmap.COLOR_BAR_HEIGHT:]
+    assert (caption.sum(-1) < 200).sum() > 500  # dark text pixels below the colour bar
