@@ -352,6 +352,11 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     num_gpus_for_mfu: Optional[int] = None  # GPUs whose peak the MFU is relative to (default: world size)
     gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
+    # In-training evaluation (megatron_asvr.evaluation.in_training): held-out letter and yes/no
+    # questions scored by answer likelihood every eval_interval steps (0 = off).
+    eval_interval: int = 0
+    eval_data: Optional[str] = None  # JSON lines as the demo's eval.jsonl; images under data.image_root
+    eval_tokenizer: Optional[str] = None  # the text tokenizer the training shards were made with
 
     def validate(self, parallel: ParallelConfig, world_size: int) -> None:
         dp = parallel.data_parallel(world_size)
@@ -366,6 +371,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.load is not None and not Path(self.load).exists():
             raise ConfigError(f"train.load={self.load!r} does not exist")
+        if self.eval_interval:
+            for name in ("eval_data", "eval_tokenizer"):
+                path = getattr(self, name)
+                if path is None or not Path(path).exists():
+                    raise ConfigError(f"train.eval_interval is set but train.{name}={path!r} does not exist")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from megatron_asvr.config import CodebookSpec, ConfigError, RunConfig, to_dict
 from megatron_asvr.data.loader import GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.data.targets import VisualTargets
+from megatron_asvr.evaluation.in_training import HeldOutScore
 from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
@@ -205,6 +206,7 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
         str(save_dir / "tensorboard") if t.tensorboard else None, t.log_interval, torch.cuda.is_available(),
     )
     forward_step = make_forward_step(model_cfg.asvr)
+    held_out = HeldOutScore(config, model_cfg, model, t.micro_batch) if t.eval_interval else None
     dp_group = parallel_state.get_data_parallel_group()
     sigterm, consecutive_skips, last_saved = _SigtermFlag(), 0, latest
 
@@ -250,6 +252,8 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
             logger.record(step, losses, grad_norm, bad, lr, samples * config.data.seq_length,
                           samples, step_flops(model_cfg, shape)["total"], step_time, data_time,
                           dropped=_sum_over(sum(m["dropped"] for m in micro), dp_group))
+            if held_out is not None and step % t.eval_interval == 0:
+                held_out.log(step, logger)
             stop = _any_rank(sigterm.raised)
             if (t.save_interval and step % t.save_interval == 0) or stop or step == total_steps:
                 last_saved = save(step)
