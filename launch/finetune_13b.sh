@@ -13,8 +13,8 @@
 #            optimizer 3,429M x 12 B / DP 4 = 9.58, activations 2 x 6.62 = 13.24 -> stage 0 total = 42.35 GiB
 #   stage 1 (19 layers, LM head, visual head): params 3,466M x 2 B = 6.46, grads 12.91, optimizer 9.68,
 #            activations 1 x 7.46                                 -> stage 1 total = 36.51 GiB
-#   of 72 usable (80 minus 8 reserved). Without model parallelism a GPU needs 142.4 GiB; TP=2 x PP=1 at
-#   micro-batch 4 needs 76.7 (does not fit); TP=4 x PP=1 fits (43.8) with twice the TP traffic per GPU.
-#   On one node the same layout (DP=2) needs 51.93 GiB.
+#   of 72 usable (80 minus 8 reserved). Alternatives (--sweep): TP=1 x PP=1 needs 114.9 GiB and TP=1 x PP=2
+#   75.1 (no fit); TP=2 x PP=1 fits (62.6) but reduce-scatters twice the gradients per GPU over InfiniBand
+#   (DP=8); TP=4 x PP=1 fits (36.5) with twice the tensor-parallel traffic. On one node (DP=2): 51.93 GiB.
 source "$(dirname "$0")/multinode.sh"
 run_recipe "${RECIPE:-configs/vicuna13b_stage2.yaml}" "$@"

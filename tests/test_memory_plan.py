@@ -13,6 +13,7 @@ import torch
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig, ParallelConfig, load_run_config
 from megatron_asvr.planner import Cluster, format_plan, plan_memory
 from megatron_asvr.planner.param_counts import stage_parameters
+from megatron_asvr.planner.plan import sweep_layouts
 from megatron_asvr.testing.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +123,9 @@ def test_pipeline_stages_hold_their_parts_and_micro_batches_in_flight():
     text = format_plan(plan, "vicuna13b_stage2")
     assert "| 0 | 21 | vision+projector+embedding |" in text and "| 1 | 19 | output+visual_head |" in text
     assert "fits: largest stage 0 needs 42.35 GiB of 72 GiB usable" in text
+    sweep = sweep_layouts(_recipe("vicuna13b_stage2"), Cluster(nodes=2))
+    assert "| 2 | 2 | 4 | 42.35 | yes |" in sweep and "| 1 | 1 | 16 | 114.90 | NO |" in sweep
+    assert "| 1 | 4 | 4 | 54.25 | yes |" in sweep  # other PPs split the 40 layers evenly
     whole = plan_memory(_recipe("vicuna13b_stage2", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
                                 "parallel.sequence_parallel=false"), Cluster(nodes=2))
     assert not whole.fits and "DOES NOT FIT" in format_plan(whole)

@@ -179,16 +179,20 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
 
 
 def sweep_layouts(config: RunConfig, cluster: Cluster, visual_positions: Optional[int] = None) -> str:
-    """One line per TP x PP (powers of two, TP within a node) that the model and batch allow."""
+    """One line per TP x PP (powers of two, TP within a node) that the model and batch allow; an uneven
+    layer split applies to the configured PP only (other PPs split evenly)."""
     lines = ["| TP | PP | DP | largest stage GiB | fits |", "|---|---|---|---|---|"]
+    even = dataclasses.replace(config.model, llm=dataclasses.replace(
+        config.model.llm, layers_in_first_stage=None, layers_in_last_stage=None))
     tp = 1
     while tp <= cluster.gpus_per_node:
         pp = 1
         while tp * pp <= cluster.world_size:
             layout = dataclasses.replace(config.parallel, tensor_parallel=tp, pipeline_parallel=pp,
                                          sequence_parallel=config.parallel.sequence_parallel and tp > 1)
+            model = config.model if pp == config.parallel.pipeline_parallel else even
             try:
-                plan = plan_memory(dataclasses.replace(config, parallel=layout), cluster, visual_positions)
+                plan = plan_memory(dataclasses.replace(config, model=model, parallel=layout), cluster, visual_positions)
             except ConfigError:
                 pp *= 2
                 continue
