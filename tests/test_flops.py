@@ -8,7 +8,7 @@ width 1152. Every GEMM is 2 x rows x inner x outer FLOPs.
 
 import dataclasses
 
-from megatron_asvr.config import ASVRConfig, LLM_PRESETS, VISION_PRESETS, ModelConfig
+from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig
 from megatron_asvr.training.flops import StepShape, causal_keys_per_query, step_flops
 
 SEQ, PATCHES = 2048, 729
@@ -104,7 +104,8 @@ def test_vicuna_13b_stage1_frozen_llm_passes_gradients_to_the_projector():
 def test_vicuna_13b_stage2_scales_with_the_batch():
     batch = StepShape(samples=128, seq_length=SEQ, image_tiles=128, visual_rows=128 * PATCHES)
     got = step_flops(_model("vicuna_13b", STAGE2), batch)
-    assert got["total"] == 128 * (ENC_TILE + 3 * PATCHES * (projector_row(5120) + head_row(5120)) + 3 * SEQ * LLM_TOKEN_13B)
+    per_sample = ENC_TILE + 3 * PATCHES * (projector_row(5120) + head_row(5120)) + 3 * SEQ * LLM_TOKEN_13B
+    assert got["total"] == 128 * per_sample
     baseline = step_flops(_model("vicuna_13b", STAGE2, visual_loss=False), batch)
     assert baseline["total"] == 128 * (ENC_TILE + 3 * PATCHES * projector_row(5120) + 3 * SEQ * LLM_TOKEN_13B)
 

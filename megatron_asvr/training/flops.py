@@ -59,8 +59,9 @@ def encoder_forward_flops_per_tile(model: ModelConfig) -> float:
     if model.asvr.discrete_input:
         return 0.0
     tokens = v.num_patches + (1 if v.kind == "clip" else 0)  # CLIP's class token
-    per_token_layer = 2 * 4 * v.hidden_size**2 + 2 * 2 * v.hidden_size * v.ffn_hidden_size + 2 * 2 * tokens * v.hidden_size
-    patch_embed = 2 * 3 * v.patch_size**2 * v.hidden_size  # per patch
+    w = v.hidden_size
+    per_token_layer = 2 * 4 * w * w + 2 * 2 * w * v.ffn_hidden_size + 2 * 2 * tokens * w  # QKV+out, MLP, attention
+    patch_embed = 2 * 3 * v.patch_size**2 * w  # per patch
     return tokens * v.layers_used * per_token_layer + v.num_patches * patch_embed
 
 
