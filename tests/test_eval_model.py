@@ -18,7 +18,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 from megatron_asvr.data.demo import DemoConfig, make_demo_data
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, collate
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, collate
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.testing.multirank import run_ranks
@@ -160,13 +160,16 @@ def test_query_expansion_and_answer_span(root):
 
     tokenizer = load_text_tokenizer(root / "data")
     item = _items(root)[2]  # a letter question
-    encoder = QueryEncoder(tokenizer, "vicuna_v1", "pad", VISION.num_patches)
+    encoder = QueryEncoder(tokenizer, "vicuna_v1", "pad", VISION.num_patches, MODEL.llm.max_sequence_length)
     prompt = encoder.prompt(item)
     [answer] = encoder.answers(item, ["B"])
     assert answer.ids[: len(prompt.ids)] == prompt.ids and answer.scored_from == len(prompt.ids)
     assert tokenizer.decode(answer.ids[answer.scored_from:]) == "B" and answer.ids[-1] == tokenizer.eos_id
     assert prompt.ids.count(IMAGE_PLACEHOLDER) == 1 and prompt.image_tokens == [VISION.num_patches]
     assert tokenizer.decode([t for t in prompt.ids if t >= 0]).endswith(item.prompt + " ASSISTANT:")
+    short = QueryEncoder(tokenizer, "vicuna_v1", "pad", VISION.num_patches, prompt.length - 1)
+    with pytest.raises(SequenceTooLong, match=rf"question {item.question_id}: {prompt.length} positions .* exceed"):
+        short.prompt(item)
 
 
 def test_last_row_attention_matches_sdpa_with_window():
@@ -300,3 +303,15 @@ def test_attention_map_tool_writes_overlay_png(root):
     assert difference.mean() > 5 and difference.max() > 40
     caption = png[heatmap.MARGIN + shown_h + heatmap.MARGIN + heatmap.COLOR_BAR_HEIGHT:]
     assert (caption.sum(-1) < 200).sum() > 500  # dark text pixels below the colour bar
+
+
+def test_attention_map_tool_names_missing_layers(root):
+    from megatron_asvr.testing.multirank import MultiRankError
+
+    item = _items(root)[0]
+    message = r"attention_map: error: layers \[9\] do not exist \(the model has layers 1..4\)"
+    with pytest.raises(MultiRankError, match=message):
+        run_ranks(_run_tool, 1, "attention_map", [
+            "--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "data"), "--template", "vicuna_v1",
+            "--image-mode", "pad", "--image", str(item.image), "--question", "Where?", "--out", str(root / "x.png"),
+            "--layers", "2,9"])

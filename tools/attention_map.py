@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_asvr.config import ConfigError, ParallelConfig
 from megatron_asvr.data.images import ImageLoadError
+from megatron_asvr.data.sequence import SequenceTooLong
 
 
 def _ints(text: str):
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
             micro_batch=1, batch_size=1, max_new_tokens=args.max_new_tokens,
         )
         write_attention_png(AttentionRequest(model, args.image, args.question, args.out, args.layers, args.heads))
-    except (ConfigError, ImageLoadError, FileNotFoundError, AttentionMapError) as err:
+    except (ConfigError, ImageLoadError, SequenceTooLong, FileNotFoundError, AttentionMapError) as err:
         sys.exit(f"attention_map: error: {err}")
 
 

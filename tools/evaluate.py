@@ -24,6 +24,7 @@ from pathlib import Path
 
 from megatron_asvr.config import ConfigError, ParallelConfig
 from megatron_asvr.data.images import ImageLoadError
+from megatron_asvr.data.sequence import SequenceTooLong
 from megatron_asvr.evaluation.items import BenchmarkError
 
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
             max_new_tokens=args.max_new_tokens,
         )
         run_evaluation(EvalConfig(model, specs, args.out, args.method, args.limit))
-    except (ConfigError, BenchmarkError, ImageLoadError, FileNotFoundError) as err:
+    except (ConfigError, BenchmarkError, ImageLoadError, SequenceTooLong, FileNotFoundError) as err:
         sys.exit(f"evaluate: error: {err}")
 
 

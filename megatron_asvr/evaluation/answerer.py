@@ -28,7 +28,7 @@ class Answerer:
         self.eos_id = encoder.tokenizer.eos_id
 
     def generate_ids(self, items: List[EvalItem]) -> List[List[int]]:
-        """Greedy decoding until EOS (not included) or ``max_new_tokens`` ids."""
+        """Greedy decoding until EOS (not included), ``max_new_tokens`` ids, or the model's last position."""
         outputs = []
         for start in range(0, len(items), self.batch_size):
             queries = [self.encoder.prompt(item) for item in items[start:start + self.batch_size]]
@@ -43,7 +43,8 @@ class Answerer:
                     if token != self.eos_id:
                         generated[i].append(token)
                         queries[i] = queries[i].extended(token)
-                        still.append(i)
+                        if queries[i].length < self.encoder.max_length:
+                            still.append(i)
                 active = still
             outputs += generated
         return outputs

@@ -95,7 +95,8 @@ def _select(values: Optional[Sequence[int]], available: Sequence[int], what: str
         return list(available)
     unknown = sorted(set(values) - set(available))
     if unknown:
-        raise AttentionMapError(f"{what} {unknown} do not exist (the model has {what} {min(available)}..{max(available)})")
+        raise AttentionMapError(f"{what} {unknown} do not exist "
+                                f"(the model has {what} {min(available)}..{max(available)})")
     return list(values)
 
 

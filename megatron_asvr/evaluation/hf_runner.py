@@ -19,6 +19,7 @@ class HFRunner(Runner):
         self.vocab_limit, self.micro_batch, self.dtype = vocab_limit, micro_batch, dtype
         vision = self.model.config.vision_config
         self.patch_size = vision.patch_size
+        self.max_length = self.model.config.text_config.max_position_embeddings
         self.patches_per_tile = (vision.image_size // vision.patch_size) ** 2
 
     @torch.no_grad()

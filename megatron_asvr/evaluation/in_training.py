@@ -59,7 +59,8 @@ class HeldOutScore:
             raise ConfigError(f"train.eval_data={config.train.eval_data!r} holds no letter or yes/no question")
         manifest = ShardDataset(config.data.shards).manifest.get("metadata", {})
         tokenizer = _tokenizer(config, manifest)
-        encoder = QueryEncoder(tokenizer, manifest["template"], config.data.image_mode, model.vision.num_patches)
+        encoder = QueryEncoder(tokenizer, manifest["template"], config.data.image_mode, model.vision.num_patches,
+                               model.llm.max_sequence_length)
         runner = MegatronRunner(chunks, min(model.llm.vocab_size, tokenizer.vocab_size), micro_batch)
         self.answerer = Answerer(runner, encoder)
 

@@ -67,7 +67,7 @@ def _checkpoint_model(spec: ModelSpec) -> LoadedModel:
     tokenizer = load_text_tokenizer(_required(spec.tokenizer or defaults.tokenizer, "text tokenizer", "--tokenizer"))
     encoder = QueryEncoder(tokenizer, _required(spec.template or defaults.template, "template", "--template"),
                            _required(spec.image_mode or defaults.image_mode, "image mode", "--image-mode"),
-                           model.vision.num_patches)
+                           model.vision.num_patches, model.llm.max_sequence_length)
     runner = MegatronRunner(chunks, min(model.llm.vocab_size, tokenizer.vocab_size), spec.micro_batch)
     answerer = Answerer(runner, encoder, spec.max_new_tokens, spec.batch_size)
     return LoadedModel(answerer, str(directory), info.rank == 0, model.vision.patch_size)
@@ -79,7 +79,8 @@ def _hf_model(spec: ModelSpec) -> LoadedModel:
     tokenizer = load_text_tokenizer(spec.tokenizer or spec.hf_model)
     runner = HFRunner(spec.hf_model, tokenizer.vocab_size, spec.micro_batch, spec.torch_dtype())
     encoder = QueryEncoder(tokenizer, _required(spec.template, "template", "--template"),
-                           _required(spec.image_mode, "image mode", "--image-mode"), runner.patches_per_tile)
+                           _required(spec.image_mode, "image mode", "--image-mode"), runner.patches_per_tile,
+                           runner.max_length)
     answerer = Answerer(runner, encoder, spec.max_new_tokens, spec.batch_size)
     return LoadedModel(answerer, str(spec.hf_model), True, runner.patch_size)
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from megatron_asvr.data.images import image_token_count, preprocess_image
-from megatron_asvr.data.sequence import SequenceSample, build_sequence
+from megatron_asvr.data.sequence import SequenceSample, SequenceTooLong, build_sequence
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
 from megatron_asvr.evaluation.prompts import generation_prompt, with_answer
 from megatron_asvr.tokenizers.templates import tokenize_with_images
@@ -51,9 +51,11 @@ def to_sample(query: Query, seq_length: int) -> SequenceSample:
 class QueryEncoder:
     """Prompts (and prompts with an answer) of items, tokenized as LLaVA's evaluation does."""
 
-    def __init__(self, tokenizer: TextTokenizer, template: str, image_mode: str, patches_per_tile: int):
+    def __init__(self, tokenizer: TextTokenizer, template: str, image_mode: str, patches_per_tile: int,
+                 max_length: int):
         self.tokenizer, self.template = tokenizer, template
         self.image_mode, self.patches_per_tile = image_mode, patches_per_tile
+        self.max_length = max_length  # the model's positions (llm.max_sequence_length)
         generation_prompt(template, "", False)  # an unknown template fails here, before any model work
 
     def _image(self, item: EvalItem):
@@ -67,7 +69,7 @@ class QueryEncoder:
         """The generation prompt of ``item``."""
         pixels, counts = self._image(item)
         ids = tokenize_with_images(generation_prompt(self.template, item.prompt, pixels is not None), self.tokenizer)
-        return Query(ids, pixels, counts, len(ids))
+        return self._checked(item, Query(ids, pixels, counts, len(ids)))
 
     def answers(self, item: EvalItem, answers: List[str]) -> List[Query]:
         """One query per candidate answer (the image loaded once), scored from the first id where the
@@ -79,6 +81,12 @@ class QueryEncoder:
         for answer in answers:
             ids = tokenize_with_images(with_answer(self.template, prompt, answer), self.tokenizer)
             shared = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), len(prompt_ids))
-            queries.append(Query(ids, pixels, counts, shared))
+            queries.append(self._checked(item, Query(ids, pixels, counts, shared)))
         return queries
+
+    def _checked(self, item: EvalItem, query: Query) -> Query:
+        if query.length > self.max_length:
+            raise SequenceTooLong(f"question {item.question_id}: {query.length} positions (image included) exceed "
+                                  f"the model's {self.max_length}")
+        return query
 
