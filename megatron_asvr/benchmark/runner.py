@@ -70,6 +70,7 @@ class RunResult:
         tflops = self.flops["total"] / step / self.world_size / 1e12
         self.derived = {
             "step_time_s": step,
+            "min_step_time_s": min(self.step_times),  # the least disturbed step, on a shared machine
             "tokens_per_s_per_gpu": self.tokens_per_step / step / self.world_size,
             "samples_per_s": self.samples_per_step / step,
             "tflops_per_gpu": tflops,
