@@ -199,8 +199,10 @@ def test_layouts_agree_with_direct_forward(root):
     assert tp1["ids"] == reference["ids"] and all(len(ids) > 0 for ids in tp1["ids"])
     assert _flat(tp1["logprobs"]).sub(_flat(reference["logprobs"])).abs().max() < LAYOUT_TOL
     assert abs(tp1["grid"].sum().item() - tp1["share"]) < 1e-6  # one tile: the grid is all image positions
-    for parallel, ranks in ((ParallelConfig(pipeline_parallel=2), 2), (ParallelConfig(tensor_parallel=2), 4)):
-        for result in run_ranks(_evaluate_at, ranks, str(root), parallel):  # TP=2 on 4 ranks: DP=2
+    layouts = ((ParallelConfig(pipeline_parallel=2), 2), (ParallelConfig(pipeline_parallel=2, virtual_pipeline=2), 2),
+               (ParallelConfig(tensor_parallel=2, sequence_parallel=True), 4))  # TP=2 on 4 ranks: DP=2
+    for parallel, ranks in layouts:
+        for result in run_ranks(_evaluate_at, ranks, str(root), parallel):
             assert result["ids"] == tp1["ids"] and result["answers"] == tp1["answers"]
             assert result["answer"] == tp1["answer"]
             assert _flat(result["logprobs"]).sub(_flat(tp1["logprobs"])).abs().max() < LAYOUT_TOL

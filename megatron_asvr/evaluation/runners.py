@@ -23,11 +23,14 @@ from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.training.step import evaluate
 
 
-def micro_batches(queries: List[Query], micro_batch: int) -> Tuple[int, List[Dict]]:
+def micro_batches(queries: List[Query], micro_batch: int, length_multiple: int = 1,
+                  count_multiple: int = 1) -> Tuple[int, List[Dict]]:
     """(sequence length, micro-batches) of ``queries``, right-padded to their longest expanded
-    length; the last micro-batch is filled up with copies of the last query (results dropped)."""
-    seq_length = max(q.length for q in queries)
-    padded = queries + [queries[-1]] * (-len(queries) % micro_batch)
+    length rounded up to ``length_multiple`` (sequence parallelism splits it over TP ranks); the
+    micro-batches are filled up with copies of the last query (results dropped) to a multiple of
+    ``count_multiple`` micro-batches (the interleaved schedule runs them in groups of PP)."""
+    seq_length = -(-max(q.length for q in queries) // length_multiple) * length_multiple
+    padded = queries + [queries[-1]] * (-len(queries) % (micro_batch * count_multiple))
     batches = []
     for start in range(0, len(padded), micro_batch):
         group = padded[start:start + micro_batch]
@@ -101,7 +104,11 @@ class MegatronRunner(Runner):
         return self._run(queries, answer_logprob)
 
     def _run(self, queries: List[Query], reduce: Callable) -> List[float]:
-        seq_length, batches = micro_batches(queries, self.micro_batch)
+        config = self.chunks[0].config
+        seq_length, batches = micro_batches(
+            queries, self.micro_batch, config.tensor_model_parallel_size if config.sequence_parallel else 1,
+            config.pipeline_model_parallel_size if len(self.chunks) > 1 else 1,
+        )
         batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
         def forward_step(data_iterator, model):
