@@ -26,6 +26,10 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    # Overlap data-parallel communication with compute (megatron DDP buckets): gradient
+    # reduce-scatter / all-reduce during backward, parameter all-gather during forward.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs the distributed optimizer
 
     def data_parallel(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks (after ``validate``)."""
@@ -45,6 +49,10 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.virtual_pipeline={vp} needs pipeline_parallel > 1 and a value >= 1 "
                 f"(pipeline_parallel is {pp}): unset virtual_pipeline or raise pipeline_parallel"
+            )
+        if self.overlap_param_gather and not (self.distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError(
+                "parallel.overlap_param_gather needs distributed_optimizer and overlap_grad_reduce: turn them on"
             )
         if self.sequence_parallel and tp == 1:
             raise ConfigError(
@@ -121,7 +129,7 @@ class LLMConfig:
             raise ConfigError("an uneven layer split (llm.layers_in_*_stage) is not supported with virtual_pipeline")
         middle_stages = pp - (first is not None) - (last is not None)
         rest = self.num_layers - (first or 0) - (last or 0)
-        if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and rest % middle_stages):
+        if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and (rest % middle_stages or rest < middle_stages)):
             raise ConfigError(
                 f"llm.num_layers={self.num_layers} cannot be split as first={first}, last={last} "
                 f"with the remaining {rest} layers evenly over {middle_stages} other stages"

@@ -63,6 +63,8 @@ def test_uneven_layer_split():
     llm = LLMConfig(num_layers=10, layers_in_last_stage=1)
     llm.validate(ParallelConfig(pipeline_parallel=4))  # 3 + 3 + 3 + 1
     llm.validate(ParallelConfig())  # unpipelined: one stage holds all 10
+    empty_middle = LLMConfig(num_layers=40, layers_in_first_stage=21, layers_in_last_stage=19)
+    assert "remaining 0 layers evenly over 2" in _one_line_error(empty_middle.validate, ParallelConfig(pipeline_parallel=4))
     bad = dataclasses.replace(llm, layers_in_last_stage=2)
     assert "remaining 8 layers evenly over 3" in _one_line_error(bad.validate, ParallelConfig(pipeline_parallel=4))
 
@@ -70,6 +72,7 @@ def test_uneven_layer_split():
 def test_other_impossible_layouts():
     assert "virtual_pipeline" in _one_line_error(ParallelConfig(virtual_pipeline=2).validate, 1)
     assert "sequence_parallel" in _one_line_error(ParallelConfig(sequence_parallel=True).validate, 2)
+    assert "overlap_param_gather needs" in _one_line_error(ParallelConfig(overlap_param_gather=True).validate, 1)
 
 
 def test_presets_validate_at_their_intended_layouts():

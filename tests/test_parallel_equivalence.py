@@ -25,6 +25,10 @@ LAYOUTS = {
     "tp2_sequence_parallel": (2, ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
     "dp2_distributed_optimizer": (2, ParallelConfig(distributed_optimizer=True)),
     "pp2_virtual2": (2, ParallelConfig(pipeline_parallel=2, virtual_pipeline=2)),
+    # DP communication overlapped with compute (bucketed reduce-scatter in backward, param
+    # all-gather in the next forward), small buckets so several are in flight
+    "tp2_pp2_dp2_overlap": (8, ParallelConfig(tensor_parallel=2, pipeline_parallel=2, distributed_optimizer=True,
+                                              overlap_grad_reduce=True, overlap_param_gather=True)),
 }
 
 

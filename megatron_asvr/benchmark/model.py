@@ -1,14 +1,14 @@
 """The benchmarked model: ``model.vlm`` stages at the settings' precision, FP8 on the LLM's config only."""
 
-import dataclasses
 from typing import Tuple
 
 import torch
 
 from megatron_asvr.benchmark.fp8 import fp8_llm_changes
 from megatron_asvr.benchmark.settings import BenchmarkSettings
-from megatron_asvr.model.vlm import ASVRModel, StageConfigs
-from megatron_asvr.training.loop import _recompute_changes
+from megatron_asvr.model import vlm
+from megatron_asvr.model.transformer_defaults import recompute_kwargs
+from megatron_asvr.model.vlm import StageConfigs
 
 
 def precision_settings(settings: BenchmarkSettings) -> Tuple[torch.dtype, dict]:
@@ -22,21 +22,15 @@ def precision_settings(settings: BenchmarkSettings) -> Tuple[torch.dtype, dict]:
 
 def stage_configs(settings: BenchmarkSettings, backend: str, dtype: torch.dtype, llm_changes: dict) -> StageConfigs:
     """The parts' TransformerConfigs: recompute on all of them, ``llm_changes`` on the LLM's alone."""
-    configs = StageConfigs.build(settings.model(), settings.parallel(), backend, dtype)
-    configs = configs.replace(**_recompute_changes(settings.recompute))
-    return dataclasses.replace(configs, llm=dataclasses.replace(configs.llm, **llm_changes))
+    return vlm.stage_configs(settings.model(), settings.parallel(), backend, dtype, llm_changes,
+                             **recompute_kwargs(settings.recompute))
 
 
 def stage_builder(settings: BenchmarkSettings, backend: str, dtype: torch.dtype, llm_changes: dict):
-    """A ``ChunkBuilder`` (as ``model.vlm.stage_builder``) with random frozen codebooks."""
+    """A ``ChunkBuilder`` (``model.vlm.stage_builder``) with random frozen codebooks."""
     model = settings.model()
-    model.validate(settings.parallel())
-    configs = stage_configs(settings, backend, dtype, llm_changes)
     g = torch.Generator().manual_seed(settings.seed)
     codebooks = {branch: [torch.randn(v, getattr(model.asvr, branch).dim, generator=g)
                           for v in getattr(model.asvr, branch).sizes] for branch in model.asvr.branches}
-
-    def build(pre_process: bool, post_process: bool, vp_stage) -> ASVRModel:
-        return ASVRModel(model, configs, backend, pre_process, post_process, codebooks, vp_stage)
-
-    return build
+    return vlm.stage_builder(model, settings.parallel(), backend, codebooks, dtype, llm_changes,
+                             **recompute_kwargs(settings.recompute))

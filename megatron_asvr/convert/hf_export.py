@@ -28,12 +28,11 @@ from tqdm import tqdm
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_asvr.convert import checkpoint_io
 from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, read_config, vision_from_hf
-from megatron_asvr.convert.hf_import import check_output_dir
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_tokenizer import write_processor, write_tokenizer
 from megatron_asvr.convert.hf_vision import find_prefix
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
-from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any
+from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
 from megatron_asvr.convert.rules import by_ours, hf_names
 from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
@@ -145,7 +144,7 @@ def _finalize(out: Path, written: list, expected: set, has_head: bool) -> None:
 def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOptions, device) -> Dict[str, Any]:
     """Write the HF directory of ``checkpoint`` to ``out_dir`` (collective); return a report."""
     checkpoint, out = Path(checkpoint), Path(out_dir)
-    check_output_dir(out)
+    require_new_directory(out)
     model = checkpoint_io.read_model_config(checkpoint)
     if model.asvr.discrete_input:
         raise ConfigError(f"{checkpoint}: a discrete-input model has no vision tower; LLaVA needs one")

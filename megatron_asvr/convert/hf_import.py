@@ -28,7 +28,7 @@ from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer
 from megatron_asvr.convert.hf_vision import find_prefix, is_dropped, vision_rules
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
-from megatron_asvr.convert.ranks import gather_objects, raise_if_any
+from megatron_asvr.convert.ranks import gather_objects, raise_if_any, require_new_directory
 from megatron_asvr.convert.rules import LazyCanonical, TensorRule, check_hf_keys, hf_names
 from megatron_asvr.convert.safetensors_io import SafetensorsDir
 from megatron_asvr.convert.visual_head_io import head_rules, read_head_config
@@ -153,18 +153,12 @@ def base_model_config(recipe: Optional[Path], overrides: List[str]) -> ModelConf
     return from_dict(RunConfig, apply_overrides({}, overrides)).model
 
 
-def check_output_dir(directory) -> None:
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} is not empty: choose a new output directory")
-
-
 def import_hf(
     sources: ImportSources, out_dir, parallel: ParallelConfig, base: ModelConfig, params_dtype: torch.dtype,
     device, progress: bool = True,
 ) -> Dict[str, Any]:
     """Write the checkpoint of the HF ``sources`` to ``out_dir`` (collective); return a report."""
-    check_output_dir(out_dir)
+    require_new_directory(out_dir)
     plan = plan_import(sources, base, parallel.tensor_parallel)
     plan.model.validate(parallel)
     chunks = checkpoint_io.build_chunks(plan.model, parallel, params_dtype, device)

@@ -4,7 +4,9 @@ The text tokenizer's own files are copied (``tokenizer.model`` and / or
 ``tokenizer.json``, ``tokenizer_config.json``, ...); llava-hf's ``<image>`` and
 ``<pad>`` tokens (``convert.hf_vocab``) are added to ``tokenizer_config.json``'s
 ``added_tokens_decoder`` (and to ``tokenizer.json``'s ``added_tokens``) unless
-the tokenizer already has them. The processor files let
+the tokenizer already has them. A SentencePiece-only tokenizer also gets a
+``tokenizer.json`` (transformers 5 reads LLaVA tokenizers from that file
+alone; without it, it silently builds a different tokenizer). The processor files let
 ``AutoProcessor.from_pretrained`` expand ``<image>`` to the image's patches and
 preprocess images as the encoder expects (SigLIP: 384 x 384 bicubic, mean = std
 = 0.5; CLIP: OpenAI CLIP's resize, crop and statistics).
@@ -101,13 +103,31 @@ def write_tokenizer(source, directory, vocab: HFVocab, max_length: int) -> List[
     config.setdefault("model_max_length", max_length)
     _write_json(config_path, config)
     json_path = directory / "tokenizer.json"
-    if json_path.is_file() and missing:
+    if not json_path.is_file():
+        _write_tokenizer_json(directory)
+    elif missing:
         tokenizer = _read_json(json_path)
         tokenizer.setdefault("added_tokens", []).extend(
             {"id": token_id, **_added_token(content)} for token_id, content in missing.items()
         )
         _write_json(json_path, tokenizer)
-    return sorted(set(names) | {config_path.name})
+    return sorted(set(names) | {config_path.name, json_path.name})
+
+
+def _write_tokenizer_json(directory: Path) -> None:
+    """tokenizer.json of a SentencePiece tokenizer (``legacy`` and added tokens as its config says).
+
+    transformers 5 loads llava's tokenizer from tokenizer.json only (``TokenizersBackend``);
+    its own conversion of the SentencePiece model is the reference for that file.
+    """
+    try:
+        from transformers import LlamaTokenizer
+    except ImportError as err:
+        raise ConfigError(
+            f"{directory}: writing tokenizer.json (which transformers 5 needs for LLaVA) needs transformers: "
+            f"pip install transformers, or give a tokenizer that has a tokenizer.json"
+        ) from err
+    LlamaTokenizer.from_pretrained(str(directory)).backend_tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def write_processor(directory, vision: VisionConfig) -> None:

@@ -1,5 +1,6 @@
 """Collective helpers for conversions that run on every rank of a TP x PP layout."""
 
+from pathlib import Path
 from typing import Any, List, Optional
 
 import torch.distributed as dist
@@ -29,3 +30,10 @@ def gather_objects(value: Any) -> List[Any]:
 def is_writer() -> bool:
     """The one rank of each pipeline stage that writes files (TP rank 0, DP rank 0)."""
     return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+
+
+def require_new_directory(directory) -> None:
+    """Every rank looks before any rank writes (collective): the output must be new or empty."""
+    directory = Path(directory)
+    busy = directory.exists() and any(directory.iterdir())
+    raise_if_any(f"{directory} is not empty: choose a new output directory" if busy else None)

@@ -43,3 +43,12 @@ def fusion_kwargs(backend: str) -> dict:
         masked_softmax_fusion=False,  # attention softmax lives inside SDPA / TE attention
         persist_layer_norm=False,
     )
+
+
+def recompute_kwargs(mode: str) -> dict:
+    """Activation recompute: ``none``, ``selective`` (core attention) or ``full`` (every layer)."""
+    if mode == "selective":
+        return {"recompute_granularity": "selective"}
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}

@@ -199,19 +199,29 @@ class ASVRModel(MegatronModule):
         return {"text": text, "visual": visual}
 
 
+def stage_configs(
+    model: ModelConfig, parallel: ParallelConfig, backend: str, params_dtype: torch.dtype = torch.float32,
+    llm_changes: Optional[dict] = None, **config_changes,
+) -> StageConfigs:
+    """The parts' configs with ``config_changes`` on every part (recompute, initialisation) and
+    ``llm_changes`` on the LLM's alone (FP8 runs only the decoder layers in FP8)."""
+    configs = StageConfigs.build(model, parallel, backend, params_dtype).replace(**config_changes)
+    return dataclasses.replace(configs, llm=dataclasses.replace(configs.llm, **(llm_changes or {})))
+
+
 def stage_builder(
     model: ModelConfig, parallel: ParallelConfig, backend: str, codebooks: Dict[str, List[torch.Tensor]],
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: torch.dtype = torch.float32, llm_changes: Optional[dict] = None,
     **config_changes,
 ):
     """A ``ChunkBuilder`` for ``training.parallel_model.build_model_chunks``.
 
     ``config_changes`` apply to every part's TransformerConfig (e.g.
     ``use_cpu_initialization=True, perform_initialization=False`` to build under
-    ``torch.device("meta")`` for parameter counts).
+    ``torch.device("meta")`` for parameter counts); ``llm_changes`` to the LLM's only.
     """
     model.validate(parallel)
-    configs = StageConfigs.build(model, parallel, backend, params_dtype).replace(**config_changes)
+    configs = stage_configs(model, parallel, backend, params_dtype, llm_changes, **config_changes)
 
     def build(pre_process: bool, post_process: bool, vp_stage: Optional[int]) -> ASVRModel:
         return ASVRModel(model, configs, backend, pre_process, post_process, codebooks, vp_stage)

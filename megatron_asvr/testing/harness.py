@@ -24,6 +24,7 @@ from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
     build_model_chunks,
     build_optimizer,
+    params_synced,
     wrap_data_parallel,
 )
 from megatron_asvr.training.step import evaluate, forward_backward
@@ -101,7 +102,7 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
         initial = full_state(chunks)
     else:
         load_full_state(chunks, initial)
-    settings = DataParallelSettings(distributed_optimizer=case.parallel.distributed_optimizer)
+    settings = DataParallelSettings.of(case.parallel)
     model = wrap_data_parallel(chunks, settings)
     optimizer = build_optimizer(
         model, lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps,
@@ -121,10 +122,12 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
         _, grad_norm, _ = optimizer.step()
         out["reports"].append(_reported(reports, first))
         out["grad_norms"].append(grad_norm)
-        out["params"].append(full_state(model))
+        with params_synced(model):
+            out["params"].append(full_state(model))
     if save_to is not None:
-        save_model(model, Path(save_to))
-        out["eval"] = evaluate_reports(case, info, model)
+        with params_synced(model):
+            save_model(model, Path(save_to))
+            out["eval"] = evaluate_reports(case, info, model)
     runtime.destroy()
     return out
 

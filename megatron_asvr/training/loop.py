@@ -31,6 +31,7 @@ from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.evaluation.in_training import HeldOutScore
 from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
+from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.tokenizers import visual
 from megatron_asvr.training import checkpoint as ckpt
@@ -41,6 +42,7 @@ from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
     build_model_chunks,
     build_optimizer,
+    params_synced,
     wrap_data_parallel,
 )
 from megatron_asvr.training.step import forward_backward
@@ -79,14 +81,6 @@ def _precision(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
-
-
-def _recompute_changes(mode: str) -> dict:
-    if mode == "selective":
-        return {"recompute_granularity": "selective"}
-    if mode == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    return {}
 
 
 def _total_steps(config: RunConfig, num_samples: int) -> int:
@@ -160,13 +154,13 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
     info = runtime.initialize(config.parallel, seed=config.train.seed)
     dtype = _precision(config.train.precision)
     backend = resolve_backend(model_cfg.transformer_impl)
-    builder = stage_builder(model_cfg, config.parallel, backend, codebooks, dtype, **_recompute_changes(config.train.recompute))
+    builder = stage_builder(model_cfg, config.parallel, backend, codebooks, dtype, **recompute_kwargs(config.train.recompute))
     chunks = build_model_chunks(builder, info.device)
     if config.train.load:
         loaded = ckpt.load_weights(Path(config.train.load), chunks)
         if info.rank == 0:
             print(f"initial weights from {loaded}", flush=True)
-    settings = DataParallelSettings(distributed_optimizer=config.parallel.distributed_optimizer)
+    settings = DataParallelSettings.of(config.parallel)
     model = wrap_data_parallel(chunks, settings)
     t = config.train
     optimizer = build_optimizer(
@@ -211,10 +205,11 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
     sigterm, consecutive_skips, last_saved = _SigtermFlag(), 0, latest
 
     def save(step: int) -> Path:
-        if not _params_finite(model):
-            raise NonFiniteError(f"parameters are not finite at step {step}: refusing to checkpoint")
-        return ckpt.save_checkpoint(save_dir, step, model, optimizer, scheduler, loader.consumed_samples,
-                                    to_dict(model_cfg), to_dict(config), t.keep_last)
+        with params_synced(model):
+            if not _params_finite(model):
+                raise NonFiniteError(f"parameters are not finite at step {step}: refusing to checkpoint")
+            return ckpt.save_checkpoint(save_dir, step, model, optimizer, scheduler, loader.consumed_samples,
+                                        to_dict(model_cfg), to_dict(config), t.keep_last)
 
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -253,7 +248,8 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
                           samples, step_flops(model_cfg, shape)["total"], step_time, data_time,
                           dropped=_sum_over(sum(m["dropped"] for m in micro), dp_group))
             if held_out is not None and step % t.eval_interval == 0:
-                held_out.log(step, logger)
+                with params_synced(model):
+                    held_out.log(step, logger)
             stop = _any_rank(sigterm.raised)
             if (t.save_interval and step % t.save_interval == 0) or stop or step == total_steps:
                 last_saved = save(step)

@@ -1,5 +1,6 @@
 """This rank's model chunks, wrapped for data parallelism, and their optimizer."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -8,6 +9,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module, MegatronModule
+
+from megatron_asvr.config import ParallelConfig
 
 # (pre_process, post_process, vp_stage) -> this chunk's module
 ChunkBuilder = Callable[[bool, bool, Optional[int]], MegatronModule]
@@ -31,6 +34,14 @@ class DataParallelSettings:
     overlap_param_gather: bool = False
     grad_reduce_in_fp32: bool = True
     bucket_size: Optional[int] = None
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> "DataParallelSettings":
+        return cls(
+            distributed_optimizer=parallel.distributed_optimizer,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            overlap_param_gather=parallel.overlap_param_gather,
+        )
 
 
 def wrap_data_parallel(chunks: List[MegatronModule], settings: DataParallelSettings) -> List[DistributedDataParallel]:
@@ -94,3 +105,22 @@ def build_optimizer(
         use_distributed_optimizer=distributed_optimizer,
     )
     return get_megatron_optimizer(optimizer_config, model)
+
+
+@contextmanager
+def params_synced(model: List[DistributedDataParallel]):
+    """Parameters all-gathered for reading (checkpoint, evaluation, comparison).
+
+    With ``overlap_param_gather`` the distributed optimizer's updated shards are
+    only gathered by the next forward's pre-hooks; as Megatron-LM does around
+    saves and evaluation, the hooks are lifted with a synchronous all-gather and
+    put back afterwards.
+    """
+    overlapped = [m for m in model if m.ddp_config.overlap_param_gather]
+    for m in overlapped:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in overlapped:
+            m.enable_forward_pre_hook()
