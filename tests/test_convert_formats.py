@@ -180,14 +180,21 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_asvr.data.demo import DemoConfig, make_demo_data
-    from megatron_asvr.tokenizers import load_text_tokenizer
+    from megatron_asvr.tokenizers import IMAGE_TOKEN_INDEX, load_text_tokenizer, tokenize_with_images
 
     make_demo_data(tmp_path / "demo", DemoConfig.tiny())
-    size = load_text_tokenizer(tmp_path / "demo").vocab_size
-    write_tokenizer(tmp_path / "demo", tmp_path / "hf", appended_vocab(size), 64)
+    ours = load_text_tokenizer(tmp_path / "demo")
+    size = ours.vocab_size
+    written = write_tokenizer(tmp_path / "demo", tmp_path / "hf", appended_vocab(size), 64)
+    assert written == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    # transformers 5 reads a llava directory's tokenizer from tokenizer.json alone (TokenizersBackend)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(_llava_config()))
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert type(hf).__name__ == "TokenizersBackend"
     assert hf.convert_tokens_to_ids(["<image>", "<pad>"]) == [size, size + 1] and hf.pad_token_id == size + 1
-    assert hf("USER: <image>\nWhat?").input_ids.count(size) == 1
+    prompt = "A chat. USER: <image>\nWhat color is the star? ASSISTANT:"
+    expected = [size if i == IMAGE_TOKEN_INDEX else i for i in tokenize_with_images(prompt, ours)]
+    assert hf(prompt).input_ids == expected and expected.count(size) == 1
     write_tokenizer(tmp_path / "hf", tmp_path / "again", appended_vocab(size), 64)  # already there: unchanged
     assert (tmp_path / "again" / "tokenizer_config.json").read_text() == (tmp_path / "hf" / "tokenizer_config.json").read_text()
     with pytest.raises(ConfigError, match=f"the tokenizer has {size} tokens, so <image> cannot get id {size + 5}"):
