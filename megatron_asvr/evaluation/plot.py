@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-PANEL_SIZE = (520, 360)
+PANEL_SIZE = (520, 370)
 PLOT_BOX = (64, 36, 500, 300)  # left, top, right, bottom of the axes inside a panel
 COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 FONT_SIZE = 13
@@ -38,6 +38,23 @@ def nice_ticks(low: float, high: float, count: int = TICKS) -> List[float]:
 
 def _label(value: float) -> str:
     return f"{value:.3g}"
+
+
+def _legend(draw: ImageDraw.ImageDraw, panel: Panel, font, colors) -> None:
+    """Series names with their colour, in one row below the x-axis label."""
+    x, y = PLOT_BOX[0], PANEL_SIZE[1] - FONT_SIZE - 6
+    for name in panel.series:
+        draw.line([(x, y + FONT_SIZE / 2), (x + 20, y + FONT_SIZE / 2)], fill=colors[name], width=3)
+        draw.text((x + 24, y), name, fill=(0, 0, 0), font=font)
+        x += 24 + draw.textlength(name, font=font) + 18
+
+
+def _vertical_text(text: str, font) -> Image.Image:
+    """``text`` rotated to read bottom to top."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label = Image.new("RGB", (int(measure.textlength(text, font=font)) + 2, FONT_SIZE + 4), (255, 255, 255))
+    ImageDraw.Draw(label).text((0, 0), text, fill=(0, 0, 0), font=font)
+    return label.rotate(90, expand=True)
 
 
 def _draw_panel(panel: Panel, font, colors: Dict[str, Tuple[int, int, int]]) -> Image.Image:
@@ -71,20 +88,17 @@ def _draw_panel(panel: Panel, font, colors: Dict[str, Tuple[int, int, int]]) -> 
         draw.line([(px, top), (px, bottom)], fill=(120, 120, 120), width=1)
         draw.text((px + 3, top + 3), text, fill=(90, 90, 90), font=font)
     draw.rectangle(PLOT_BOX, outline=(0, 0, 0))
-    for i, (name, series) in enumerate(panel.series.items()):
-        color = colors[name]
+    for name, series in panel.series.items():
         line = [at(x, y) for x, y in sorted(series)]
         if len(line) > 1:
-            draw.line(line, fill=color, width=2)
+            draw.line(line, fill=colors[name], width=2)
         for px, py in line if len(line) <= 40 else []:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-        legend_y = top + 6 + i * (FONT_SIZE + 4)
-        middle = legend_y + FONT_SIZE / 2
-        draw.line([(right - 120, middle), (right - 100, middle)], fill=color, width=3)
-        draw.text((right - 95, legend_y), name, fill=(0, 0, 0), font=font)
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colors[name])
+    _legend(draw, panel, font, colors)
     draw.text(((left + right - draw.textlength(panel.x_label, font=font)) / 2, bottom + 22), panel.x_label,
               fill=(0, 0, 0), font=font)
-    draw.text((4, 8 + FONT_SIZE + 4), panel.y_label, fill=(0, 0, 0), font=font)
+    label = _vertical_text(panel.y_label, font)
+    image.paste(label, (6, int((top + bottom - label.height) / 2)))
     return image
 
 
