@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from megatron_asvr.evaluation.answerer import METHODS
 from megatron_asvr.evaluation.plot import Panel, save_chart
 from megatron_asvr.training.checkpoint import checkpoint_dir, find_latest
 
@@ -29,7 +30,6 @@ ARMS = {  # name -> (label, overrides for both stages)
 DEMO_INPUTS = ("data/eval.jsonl", "data/images", "tokenizer", "shards/pretrain", "shards/instruct",
                "targets/pretrain", "targets/instruct")
 FINAL_WINDOW = 10  # final losses are the mean of the last logged steps
-METHODS = ("generate", "likelihood")
 
 
 class ExperimentError(RuntimeError):

@@ -13,7 +13,6 @@ SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHIJ"
 YES_NO_CHOICES = ("Yes", "No")  # as LLaVA-style models answer; the scorers lower-case them
-KINDS = ("yes_no", "choice", "short")
 
 
 class BenchmarkError(ValueError):
