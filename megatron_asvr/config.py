@@ -452,8 +452,36 @@ def from_dict(cls, data: Optional[Dict[str, Any]], where: str = ""):
     kwargs = {}
     for name, value in data.items():
         kind = _dataclass_type(hints[name])
-        kwargs[name] = from_dict(kind, value, f"{where}{name}.") if kind and isinstance(value, dict) else value
+        if kind and isinstance(value, dict):
+            kwargs[name] = from_dict(kind, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _typed(hints[name], value, f"{where}{name}")
     return cls(**kwargs)
+
+
+def _typed(hint, value, key: str):
+    """``value`` as the field's scalar type; YAML reads ``1e-3`` as a string, so floats parse."""
+    optional = type(None) in typing.get_args(hint)
+    if value is None and optional:
+        return None
+    candidates = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    scalar = next((a for a in candidates if a in (bool, int, float, str)), None)
+    if scalar is None:
+        return value
+    if scalar is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = (
+        isinstance(value, bool) if scalar is bool
+        else isinstance(value, int) and not isinstance(value, bool) if scalar is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if scalar is float
+        else isinstance(value, str)
+    )
+    if not ok:
+        raise ConfigError(f"config key {key} must be {scalar.__name__}{' or null' if optional else ''}, got {value!r}")
+    return float(value) if scalar is float else value
 
 
 def _dataclass_type(hint):

@@ -89,4 +89,11 @@ def test_yaml_and_overrides(tmp_path):
     assert apply_overrides({}, ["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
     assert "unknown config key tensor_paralel" in _one_line_error(from_dict, ParallelConfig, {"tensor_paralel": 2})
     assert "section.key=value" in _one_line_error(apply_overrides, {}, ["novalue"])
+    # YAML 1.1 reads 1e-3 as a string: floats are parsed; other wrong types are named
+    from megatron_asvr.config import TrainConfig
+
+    assert from_dict(TrainConfig, apply_overrides({}, ["lr=1e-3", "steps=5"])).lr == 1e-3
+    assert "train.steps must be int or null, got 'many'" in _one_line_error(
+        from_dict, TrainConfig, {"steps": "many"}, "train.")
+    assert "must be bool" in _one_line_error(from_dict, ParallelConfig, {"sequence_parallel": "yes please"})
     assert "does not exist" in _one_line_error(load_yaml, tmp_path / "missing.yaml")
