@@ -10,12 +10,22 @@ from safetensors.torch import save_file
 
 from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_config import llava_from_hf, llava_to_hf, llm_from_hf
-from megatron_asvr.convert.hf_llava import HUB, detect_prefixes, llava_rules, vision_tail_names
+from megatron_asvr.convert.hf_llava import (
+    HUB,
+    detect_prefixes,
+    llava_rules,
+    vision_tail_names,
+)
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import write_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, rows_to_hf
 from megatron_asvr.convert.rules import LazyCanonical, check_hf_keys
-from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir, ShardWriter, finalize_shards
+from megatron_asvr.convert.safetensors_io import (
+    INDEX_NAME,
+    SafetensorsDir,
+    ShardWriter,
+    finalize_shards,
+)
 from megatron_asvr.convert.visual_head_io import head_rules
 
 GQA = LLMConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
@@ -64,12 +74,13 @@ def test_llm_rules_round_trip_gqa_qkv_and_gated_mlp():
     q, k, v = (hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
     assert torch.equal(qkv[:32], q[:32]) and torch.equal(qkv[32:40], k[:8]) and torch.equal(qkv[40:48], v[:8])
     fc1 = lazy["language_model.decoder.layers.0.mlp.linear_fc1.weight"]
-    assert torch.equal(fc1, torch.cat([hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]]))
+    gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(fc1, torch.cat([gate, up]))
     embedding = lazy["language_model.embedding.word_embeddings.weight"]
     assert embedding.shape == (384, 64) and not embedding[300:].any()  # padded to 128 rows, zeros
     for rule in rules:  # ours -> HF gives back the same tensors (embedding: plus the appended rows)
         back = rule.to_hf(lazy[rule.ours])
-        for name, tensor in zip(rule.hf, back):
+        for name, tensor in zip(rule.hf, back, strict=True):
             assert torch.equal(tensor[: hf[name].shape[0]], hf[name]), name
     assert rules[0].to_hf(embedding)[0].shape == (320, 64)
 
@@ -78,21 +89,26 @@ def test_layouts_are_detected_and_keys_are_strict():
     rules = llava_rules(MODEL, HFVocab(300, 301, 320), 1, HUB)
     hub = {name for rule in rules for name in rule.hf}
     assert detect_prefixes(hub, "hub") == HUB
-    in_memory = {k.replace("vision_tower.vision_model.", "model.vision_tower.").replace("language_model.model.", "model.language_model.")
-                 .replace("language_model.lm_head.", "lm_head.").replace("multi_modal_projector.", "model.multi_modal_projector.")
-                 for k in hub}
+    renames = {"vision_tower.vision_model.": "model.vision_tower.", "language_model.model.": "model.language_model.",
+               "language_model.lm_head.": "lm_head.", "multi_modal_projector.": "model.multi_modal_projector."}
+    in_memory = set()
+    for key in hub:
+        old = next(o for o in renames if key.startswith(o))
+        in_memory.add(renames[old] + key[len(old):])
     prefixes = detect_prefixes(in_memory, "v5")
-    assert (prefixes.vision, prefixes.llm, prefixes.lm_head) == ("model.vision_tower.", "model.language_model.", "lm_head.weight")
+    assert (prefixes.vision, prefixes.llm) == ("model.vision_tower.", "model.language_model.")
+    assert (prefixes.projector, prefixes.lm_head) == ("model.multi_modal_projector.", "lm_head.weight")
     tail = vision_tail_names(VISION, HUB.vision)
     assert tail[0] == "vision_tower.vision_model.encoder.layers.2.layer_norm1.weight" and len(tail) == 16 + 2
-    dropped = lambda key: key in tail  # noqa: E731
+    dropped = lambda key: key in tail
     assert check_hf_keys(rules, hub | set(tail), "dir", dropped) == sorted(tail)
     with pytest.raises(KeyError, match="dir: missing tensor language_model.model.layers.1.mlp.up_proj.weight"):
         check_hf_keys(rules, hub - {"language_model.model.layers.1.mlp.up_proj.weight"}, "dir")
     with pytest.raises(KeyError, match="dir: unexpected tensor language_model.model.layers.9.mlp.up_proj.weight"):
         check_hf_keys(rules, hub | {"language_model.model.layers.9.mlp.up_proj.weight"}, "dir")
     lazy = LazyCanonical(rules, lambda name: torch.zeros(1))
-    assert "visual_heads.semantic.final_norm.weight" not in lazy and lazy.unmatched == {"visual_heads.semantic.final_norm.weight"}
+    head_norm = "visual_heads.semantic.final_norm.weight"
+    assert head_norm not in lazy and lazy.unmatched == {head_norm}
 
 
 def test_visual_head_export_removes_tp_padding_and_splits_qkv():
@@ -105,7 +121,8 @@ def test_visual_head_export_removes_tp_padding_and_splits_qkv():
     rules = {r.ours: r for r in head_rules(small, tensor_parallel=2)}
     weight = torch.randn(128, 8)
     exported = rules["visual_heads.semantic.classifiers.1.weight"].to_hf(weight)[0]
-    assert exported.shape == (24, 8) and torch.equal(rules["visual_heads.semantic.classifiers.1.weight"].to_ours([exported])[:24], weight[:24])
+    back = rules["visual_heads.semantic.classifiers.1.weight"].to_ours([exported])
+    assert exported.shape == (24, 8) and back.shape == (128, 8) and torch.equal(back[:24], weight[:24])
     qkv = rules["visual_heads.semantic.layers.0.attention.linear_qkv.weight"]
     assert qkv.hf[0] == "semantic.layers.0.attention.q_proj.weight"
 
@@ -180,7 +197,11 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_asvr.data.demo import DemoConfig, make_demo_data
-    from megatron_asvr.tokenizers import IMAGE_TOKEN_INDEX, load_text_tokenizer, tokenize_with_images
+    from megatron_asvr.tokenizers import (
+        IMAGE_TOKEN_INDEX,
+        load_text_tokenizer,
+        tokenize_with_images,
+    )
 
     make_demo_data(tmp_path / "demo", DemoConfig.tiny())
     ours = load_text_tokenizer(tmp_path / "demo")
@@ -196,6 +217,7 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     expected = [size if i == IMAGE_TOKEN_INDEX else i for i in tokenize_with_images(prompt, ours)]
     assert hf(prompt).input_ids == expected and expected.count(size) == 1
     write_tokenizer(tmp_path / "hf", tmp_path / "again", appended_vocab(size), 64)  # already there: unchanged
-    assert (tmp_path / "again" / "tokenizer_config.json").read_text() == (tmp_path / "hf" / "tokenizer_config.json").read_text()
+    for name in written:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
     with pytest.raises(ConfigError, match=f"the tokenizer has {size} tokens, so <image> cannot get id {size + 5}"):
         write_tokenizer(tmp_path / "demo", tmp_path / "bad", HFVocab(size + 5, None, size + 64), 64)

@@ -53,7 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _import(args, parallel, info) -> None:
-    from megatron_asvr.convert.hf_import import ImportSources, base_model_config, import_hf, print_import_report
+    from megatron_asvr.convert.hf_import import (
+        ImportSources,
+        base_model_config,
+        import_hf,
+        print_import_report,
+    )
     from megatron_asvr.convert.verify import verify_checkpoint
 
     sources = ImportSources(args.llava, args.llm, args.vision, args.visual_head, args.tokenizer)
@@ -68,7 +73,11 @@ def _import(args, parallel, info) -> None:
 
 
 def _export(args, parallel, info) -> None:
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf, print_export_report
+    from megatron_asvr.convert.hf_export import (
+        ExportOptions,
+        export_hf,
+        print_export_report,
+    )
     from megatron_asvr.convert.verify import verify_checkpoint
 
     options = ExportOptions(args.vision_tower_from, args.tokenizer, args.dtype,

@@ -19,7 +19,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
+from megatron_asvr.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    from_dict,
+    to_dict,
+)
 from megatron_asvr.convert.hf_vocab import HFVocab
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
@@ -53,14 +59,18 @@ def read_hf_vocab(directory) -> Optional[HFVocab]:
 
 
 def placeholder_codebooks(model: ModelConfig) -> Dict[str, List[torch.Tensor]]:
+    """Zero codebooks (expanded views: no memory) for the branches the model builds."""
     asvr = model.asvr
+    branches = set(asvr.branches) | ({"semantic"} if asvr.discrete_input else set())
     return {
-        branch: [torch.zeros(size, spec.dim) for size in spec.sizes]
-        for branch, spec in (("semantic", asvr.semantic), ("appearance", asvr.appearance))
+        branch: [torch.zeros(1, spec.dim).expand(size, spec.dim) for size in spec.sizes]
+        for branch, spec in ((b, getattr(asvr, b)) for b in sorted(branches))
     }
 
 
-def build_chunks(model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype, device) -> List[torch.nn.Module]:
+def build_chunks(
+    model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype, device
+) -> List[torch.nn.Module]:
     """This rank's model chunks (after ``runtime.initialize``), freshly initialised."""
     backend = resolve_backend(model.transformer_impl)
     builder = stage_builder(model, parallel, backend, placeholder_codebooks(model), params_dtype)

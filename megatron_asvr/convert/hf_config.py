@@ -10,7 +10,7 @@ produces the classic llava-hf fields, which both transformers generations read.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_vocab import HFVocab
@@ -52,8 +52,8 @@ def _rope_theta(text: dict, where: str) -> float:
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
-def llm_from_hf(text: dict, where: str, base: LLMConfig = LLMConfig()) -> LLMConfig:
-    """LLMConfig of an HF LlamaConfig / MistralConfig dict; other fields from ``base``."""
+def llm_from_hf(text: dict, where: str, base: Optional[LLMConfig] = None) -> LLMConfig:
+    """LLMConfig of an HF LlamaConfig / MistralConfig dict; other fields from ``base`` (or the defaults)."""
     _expect(text, "model_type", TEXT_TYPES, None, where)
     _expect(text, "hidden_act", ("silu",), "silu", where)
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
@@ -64,7 +64,7 @@ def llm_from_hf(text: dict, where: str, base: LLMConfig = LLMConfig()) -> LLMCon
     kv_heads = text.get("num_key_value_heads") or heads
     window = text.get("sliding_window") if text["model_type"] == "mistral" else None
     return dataclasses.replace(
-        base,
+        base or LLMConfig(),
         num_layers=_need(text, "num_hidden_layers", where),
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -112,19 +112,20 @@ def llm_to_hf(llm: LLMConfig, vocab: HFVocab, dtype: str) -> Dict[str, Any]:
     return config
 
 
-def vision_from_hf(vision: dict, feature_layer: int, where: str, base: VisionConfig = VisionConfig()) -> VisionConfig:
+def vision_from_hf(vision: dict, feature_layer: int, where: str, base: Optional[VisionConfig] = None) -> VisionConfig:
     """VisionConfig of an HF SiglipVisionConfig / CLIPVisionConfig dict (or a SigLIP / CLIP
     config that nests one as ``vision_config``)."""
     model_type = vision.get("model_type")
     if model_type in ("siglip", "clip") and "vision_config" in vision:
-        vision, where = {"model_type": f"{model_type}_vision_model", **vision["vision_config"]}, f"{where}.vision_config"
+        vision = {"model_type": f"{model_type}_vision_model", **vision["vision_config"]}
+        where = f"{where}.vision_config"
         model_type = vision["model_type"]
     if model_type not in VISION_TYPES:
         raise ConfigError(f"{where}: model_type={model_type!r} is not a SigLIP or CLIP vision config")
     kind = VISION_TYPES[model_type]
     _expect(vision, "hidden_act", (VISION_ACT[kind],), VISION_ACT[kind], where)
     return dataclasses.replace(
-        base,
+        base or VisionConfig(),
         kind=kind,
         num_layers=_need(vision, "num_hidden_layers", where),
         hidden_size=_need(vision, "hidden_size", where),
@@ -159,8 +160,9 @@ def vision_to_hf(vision: VisionConfig, num_layers: int, dtype: str) -> Dict[str,
     return config
 
 
-def llava_from_hf(config: dict, where: str, base: ModelConfig = ModelConfig()) -> Tuple[ModelConfig, HFVocab]:
+def llava_from_hf(config: dict, where: str, base: Optional[ModelConfig] = None) -> Tuple[ModelConfig, HFVocab]:
     """(ModelConfig, vocabulary mapping) of an HF LlavaConfig dict; ASVR settings from ``base``."""
+    base = base or ModelConfig()
     _expect(config, "model_type", ("llava",), None, where)
     _expect(config, "projector_hidden_act", ("gelu",), "gelu", where)
     _expect(config, "multimodal_projector_bias", (True,), True, where)

@@ -27,14 +27,28 @@ from tqdm import tqdm
 
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, read_config, vision_from_hf
+from megatron_asvr.convert.hf_config import (
+    check_same_vision,
+    llava_to_hf,
+    read_config,
+    vision_from_hf,
+)
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_tokenizer import write_processor, write_tokenizer
 from megatron_asvr.convert.hf_vision import find_prefix
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
-from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
+from megatron_asvr.convert.ranks import (
+    gather_objects,
+    is_writer,
+    raise_if_any,
+    require_new_directory,
+)
 from megatron_asvr.convert.rules import by_ours, hf_names
-from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
+from megatron_asvr.convert.safetensors_io import (
+    SafetensorsDir,
+    ShardWriter,
+    finalize_shards,
+)
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
 from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
@@ -90,7 +104,7 @@ class VisionTail:
         missing = [name for name in source if name not in reader]
         if missing:
             raise KeyError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-        return cls(reader, list(zip(source, vision_tail_names(model.vision, HUB.vision))))
+        return cls(reader, list(zip(source, vision_tail_names(model.vision, HUB.vision), strict=True)))
 
     def write(self, writer: ShardWriter, dtype: torch.dtype) -> None:
         for source, target in self.names:
@@ -129,14 +143,20 @@ def _expected_names(rules, tail: Optional[VisionTail]) -> set:
     return names | {target for _, target in (tail.names if tail else [])}
 
 
-def _finalize(out: Path, written: list, expected: set, has_head: bool) -> None:
-    """Name the shards, write the indexes, and check the export holds exactly ``expected``."""
-    weight_map = finalize_shards(out, [w[0] for w in written], sum(w[1] for w in written))
+def _finalize(out: Path, written: List[Dict[str, Tuple[dict, int]]], expected: set, has_head: bool) -> None:
+    """Name the shards, write the indexes, and check the export holds exactly ``expected``.
+
+    ``written``: per rank, {"model" | "head": (its writer's weight map, bytes)}.
+    """
+    def merged(part: str, directory: Path) -> Dict[str, str]:
+        return finalize_shards(directory, [w[part][0] for w in written], sum(w[part][1] for w in written))
+
+    weight_map = merged("model", out)
     if set(weight_map) != expected:
         missing, extra = sorted(expected - set(weight_map)), sorted(set(weight_map) - expected)
         raise KeyError(f"{out}: the export is missing {missing[:3]} and has unexpected {extra[:3]}")
     if has_head:
-        finalize_shards(out / HEAD_DIR, [w[2] for w in written], sum(w[3] for w in written))
+        merged("head", out / HEAD_DIR)
     else:
         (out / HEAD_DIR).rmdir()
 
@@ -166,30 +186,30 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     checkpoint_io.load_model_weights(chunks, checkpoint)
 
     writer = is_writer()
-    stem = f"rank{rank:05d}"
-    model_writer = ShardWriter(out, stem, options.max_shard_bytes)
-    head_writer = ShardWriter(out / HEAD_DIR, stem, options.max_shard_bytes)
+    writers = {"model": ShardWriter(out, f"rank{rank:05d}", options.max_shard_bytes),
+               "head": ShardWriter(out / HEAD_DIR, f"rank{rank:05d}", options.max_shard_bytes)}
     unmatched = []
     total = sum(1 for chunk in chunks for _ in chunk.parameters())
-    with torch.no_grad(), tqdm(total=total, desc="export", unit="tensor", disable=not options.progress or rank != 0) as bar:
+    with torch.no_grad(), tqdm(total=total, desc="export", unit="tensor", disable=not options.progress or rank) as bar:
         for name, tensor in iter_full_tensors(chunks):
             bar.update()
             if not writer:
                 continue
-            rule, target = (head.get(name), head_writer) if name.startswith(HEAD_PREFIX) else (hf_rules.get(name), model_writer)
+            part = "head" if name.startswith(HEAD_PREFIX) else "model"
+            rule = (head if part == "head" else hf_rules).get(name)
             if rule is None:
                 unmatched.append(name)
                 continue
-            for hf_name, value in zip(rule.hf, rule.to_hf(tensor)):
-                target.add(hf_name, value.to(dtype))
+            for hf_name, value in zip(rule.hf, rule.to_hf(tensor), strict=True):
+                writers[part].add(hf_name, value.to(dtype))
         if writer and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             if tail is not None:
-                tail.write(model_writer, dtype)
+                tail.write(writers["model"], dtype)
             else:
-                _identity_post_layernorm(model_writer, model.vision.hidden_size, dtype)
+                _identity_post_layernorm(writers["model"], model.vision.hidden_size, dtype)
     raise_if_any(f"rank {rank}: no HF name for {unmatched[:3]} ({len(unmatched)} in all)" if unmatched else None)
 
-    written = gather_objects((model_writer.close(), model_writer.total_bytes, head_writer.close(), head_writer.total_bytes))
+    written = gather_objects({part: (w.close(), w.total_bytes) for part, w in writers.items()})
     files, error = [], None
     if rank == 0:
         try:
@@ -201,8 +221,8 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     dist.barrier()
     return {
         "out": str(out),
-        "tensors": sum(len(w[0]) for w in written),
-        "head_tensors": sum(len(w[2]) for w in written),
+        "tensors": sum(len(w["model"][0]) for w in written),
+        "head_tensors": sum(len(w["head"][0]) for w in written),
         "vision_tower": (
             f"complete ({model.vision.num_layers} layers, vision_feature_layer={model.vision.feature_layer})"
             if tail is not None else

@@ -60,12 +60,12 @@ def unique_prefix(keys: List[str], suffix: str, what: str, where: str) -> str:
 def detect_prefixes(keys: Iterable[str], where: str) -> LlavaPrefixes:
     """The prefixes of the layout ``keys`` are in (one anchor key per part)."""
     keys = list(keys)
-    lm_head = unique_prefix(keys, "lm_head.weight", "the LM head", where) + "lm_head.weight"
+    projector = unique_prefix(keys, "multi_modal_projector.linear_1.weight", "the projector", where)
     return LlavaPrefixes(
         vision=find_prefix(keys),
-        projector=unique_prefix(keys, "multi_modal_projector.linear_1.weight", "the projector", where) + "multi_modal_projector.",
+        projector=projector + "multi_modal_projector.",
         llm=unique_prefix(keys, "embed_tokens.weight", "the token embedding", where),
-        lm_head=lm_head,
+        lm_head=unique_prefix(keys, "lm_head.weight", "the LM head", where) + "lm_head.weight",
     )
 
 

@@ -51,7 +51,8 @@ def llm_rules(
             ours + "self_attention.linear_qkv.weight",
             *(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"), llm.num_attention_heads, llm.kv_heads,
         ))
-        rules.append(stacked_rows(ours + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight")))
+        gate_up = (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight")
+        rules.append(stacked_rows(ours + "mlp.linear_fc1.weight", gate_up))
     rules.append(same(t + "decoder.final_layernorm.weight", hf_prefix + "norm.weight"))
     rules.append(vocab_rows(t + "output_layer.weight", lm_head, llm, vocab, tensor_parallel))
     return rules

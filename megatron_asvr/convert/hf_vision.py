@@ -9,7 +9,7 @@ streaming LLaVA converters (both directions).
 """
 
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -74,7 +74,7 @@ def is_dropped(key: str, vision: VisionConfig) -> bool:
 
 
 def hf_vision_to_canonical(
-    hf: Dict[str, torch.Tensor], vision: VisionConfig, target_prefix: str = "", source_prefix: str = None
+    hf: Dict[str, torch.Tensor], vision: VisionConfig, target_prefix: str = "", source_prefix: Optional[str] = None
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Return (canonical state for ``VisionEncoder`` under ``target_prefix``, skipped HF keys)."""
     source_prefix = find_prefix(hf) if source_prefix is None else source_prefix

@@ -87,4 +87,6 @@ def rows_to_ours(weight: torch.Tensor, llm_vocab: int, padded: int, name: str) -
     """The HF [llm_vocab, h] weight ``name`` -> ours, zero rows appended up to ``padded``."""
     if weight.shape[0] != llm_vocab:
         raise ValueError(f"{name} has {weight.shape[0]} rows, the config says vocab_size={llm_vocab}")
+    if padded == llm_vocab:
+        return weight
     return torch.cat([weight, weight.new_zeros(padded - llm_vocab, *weight.shape[1:])])

@@ -23,11 +23,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class SafetensorsDir:
-    """The tensors of an HF directory by name, read lazily (one open handle per shard file)."""
+    """The tensors of an HF directory by name, each read when asked for."""
 
     def __init__(self, directory):
         self.directory = Path(directory)
-        self._handles = {}
         index = self.directory / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
@@ -61,16 +60,15 @@ class SafetensorsDir:
         return self.directory / self._file_of[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read from its shard now."""
+        """The tensor ``name``, copied out of its shard now. The shard is mapped only while it is
+        read, so the file's pages do not stay in this process's resident memory."""
         if name not in self._file_of:
             raise KeyError(f"{self.directory}: no tensor {name}")
-        file = self._file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        handle = self._handles[file]
-        if name not in handle.keys():
-            raise KeyError(f"{self.directory / file}: the index lists {name} here but the file lacks it")
-        return handle.get_tensor(name)
+        path = self.directory / self._file_of[name]
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise KeyError(f"{path}: the index lists {name} here but the file lacks it")
+            return handle.get_tensor(name)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

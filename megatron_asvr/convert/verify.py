@@ -40,7 +40,8 @@ def random_inputs(model: ModelConfig, vocab: HFVocab, with_image: bool, text_tok
                   seed: int = 0) -> VerifyInputs:
     """BOS, the image's positions (``with_image``), then random text ids below the special tokens."""
     g = torch.Generator().manual_seed(seed)
-    top = min(model.llm.vocab_size, vocab.image_token_index, vocab.pad_token_id or model.llm.vocab_size)
+    specials = [vocab.image_token_index] + ([] if vocab.pad_token_id is None else [vocab.pad_token_id])
+    top = min(model.llm.vocab_size, *specials)
     text = torch.randint(FIRST_TEXT_ID, top, (text_tokens,), generator=g)
     patches = model.vision.num_patches if with_image else 0
     tokens = torch.cat([torch.tensor([BOS]), torch.zeros(patches, dtype=torch.long), text])[None]  # [1, s]

@@ -15,7 +15,13 @@ from typing import Any, Dict, List
 
 import torch
 
-from megatron_asvr.config import ASVRConfig, CodebookSpec, ConfigError, HeadConfig, from_dict
+from megatron_asvr.config import (
+    ASVRConfig,
+    CodebookSpec,
+    ConfigError,
+    HeadConfig,
+    from_dict,
+)
 from megatron_asvr.convert.rules import TensorRule, fused_qkv, same
 from megatron_asvr.model.llm import padded_vocab_size
 
@@ -94,7 +100,5 @@ def read_head_config(directory: Path, base: ASVRConfig, llm_hidden_size: int) ->
     if supervision is None:
         raise ConfigError(f"{path}: branches {sorted(branches)} are not semantic, appearance or both")
     specs = {branch: from_dict(CodebookSpec, spec, f"{path}: branches.{branch}.") for branch, spec in branches.items()}
-    return dataclasses.replace(
-        base, visual_loss=True, supervision=supervision, head=from_dict(HeadConfig, found.get("head"), f"{path}: head."),
-        **specs,
-    )
+    head = from_dict(HeadConfig, found.get("head"), f"{path}: head.")
+    return dataclasses.replace(base, visual_loss=True, supervision=supervision, head=head, **specs)
