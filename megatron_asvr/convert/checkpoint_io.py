@@ -71,10 +71,12 @@ def placeholder_codebooks(model: ModelConfig) -> Dict[str, List[torch.Tensor]]:
 def build_chunks(
     model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype, device
 ) -> List[torch.nn.Module]:
-    """This rank's model chunks (after ``runtime.initialize``), freshly initialised."""
+    """This rank's model chunks (after ``runtime.initialize``), freshly initialised, every floating
+    tensor in ``params_dtype`` (as megatron's Float16Module casts them for training: the ViT's
+    convolution and a few plain torch layers are built in fp32)."""
     backend = resolve_backend(model.transformer_impl)
     builder = stage_builder(model, parallel, backend, placeholder_codebooks(model), params_dtype)
-    return build_model_chunks(builder, device)
+    return [chunk.to(params_dtype) for chunk in build_model_chunks(builder, device)]
 
 
 def save_model_checkpoint(chunks, directory, model: ModelConfig, hf_vocab: Optional[HFVocab] = None) -> None:
