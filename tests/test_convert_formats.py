@@ -10,22 +10,12 @@ from safetensors.torch import save_file
 
 from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_config import llava_from_hf, llava_to_hf, llm_from_hf
-from megatron_asvr.convert.hf_llava import (
-    HUB,
-    detect_prefixes,
-    llava_rules,
-    vision_tail_names,
-)
+from megatron_asvr.convert.hf_llava import HUB, detect_prefixes, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import write_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, rows_to_hf
 from megatron_asvr.convert.rules import LazyCanonical, check_hf_keys
-from megatron_asvr.convert.safetensors_io import (
-    INDEX_NAME,
-    SafetensorsDir,
-    ShardWriter,
-    finalize_shards,
-)
+from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import head_rules
 
 GQA = LLMConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
@@ -221,3 +211,22 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
     with pytest.raises(ConfigError, match=f"the tokenizer has {size} tokens, so <image> cannot get id {size + 5}"):
         write_tokenizer(tmp_path / "demo", tmp_path / "bad", HFVocab(size + 5, None, size + 64), 64)
+
+
+def test_clip_tower_rules_round_trip():
+    """LLaVA-1.5's CLIP: class token [h] <-> ours [1, 1, h], pre-norm, fused QKV with biases."""
+    from megatron_asvr.convert.hf_vision import vision_rules
+
+    clip = dataclasses.replace(VISION, kind="clip", activation="quick_gelu")
+    rules = vision_rules(clip, "vision_tower.vision_model.", "vision_encoder.")
+    names = {r.ours: r for r in rules}
+    assert names["vision_encoder.vit.class_token"].hf == ("vision_tower.vision_model.embeddings.class_embedding",)
+    assert "vision_encoder.vit.ln_pre.weight" in names and "vision_encoder.vit.conv1.bias" not in names
+    g = torch.Generator().manual_seed(1)
+    for rule in rules:
+        shape = (32,) if rule.hf[0].endswith(("bias", "weight", "class_embedding")) else (4, 32)
+        hf = [torch.randn(*shape, generator=g) for _ in rule.hf]
+        ours = rule.to_ours(hf)
+        back = rule.to_hf(ours)
+        assert all(torch.equal(a, b) for a, b in zip(hf, back, strict=True)), rule.ours
+    assert names["vision_encoder.vit.class_token"].to_ours([torch.zeros(32)]).shape == (1, 1, 32)

@@ -19,13 +19,7 @@ import pytest
 import torch
 
 from megatron_asvr.config import (
-    ASVRConfig,
-    CodebookSpec,
-    HeadConfig,
-    LLMConfig,
-    ModelConfig,
-    ParallelConfig,
-    VisionConfig,
+    ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
 from megatron_asvr.convert.hf_vocab import appended_vocab
 from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir

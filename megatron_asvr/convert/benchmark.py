@@ -21,13 +21,7 @@ from typing import Dict, List
 import torch
 
 from megatron_asvr.config import (
-    ASVRConfig,
-    CodebookSpec,
-    HeadConfig,
-    LLMConfig,
-    ModelConfig,
-    ParallelConfig,
-    VisionConfig,
+    ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
 
 MIB = 2**20

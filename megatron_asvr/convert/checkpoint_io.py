@@ -19,13 +19,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_asvr.config import (
-    ConfigError,
-    ModelConfig,
-    ParallelConfig,
-    from_dict,
-    to_dict,
-)
+from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
 from megatron_asvr.convert.hf_vocab import HFVocab
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
