@@ -204,7 +204,7 @@ def _load_into_model_with_heads(directory):
     from megatron_asvr import runtime
     from megatron_asvr.model.canonical import full_state
     from megatron_asvr.training.checkpoint import load_weights
-    from megatron_asvr.training.parallel_model import build_model_chunks
+    from megatron_asvr.model.chunks import build_model_chunks
 
     case = VLMCase(model=STAGE2)
     info = runtime.initialize(case.parallel)

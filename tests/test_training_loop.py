@@ -48,7 +48,7 @@ def _final_params(config, checkpoint_dir):
     from megatron_asvr.model.vlm import stage_builder
     from megatron_asvr.training.checkpoint import load_weights
     from megatron_asvr.training.loop import load_codebooks
-    from megatron_asvr.training.parallel_model import build_model_chunks
+    from megatron_asvr.model.chunks import build_model_chunks
 
     books, specs = load_codebooks(config.train.visual_tokenizer, ["semantic"])
     model = dataclasses.replace(config.model, asvr=dataclasses.replace(config.model.asvr, **specs))

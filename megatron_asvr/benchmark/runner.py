@@ -34,9 +34,9 @@ from megatron_asvr.runtime.device import peak_memory_bytes
 from megatron_asvr.training.flops import StepShape, step_flops
 from megatron_asvr.training.forward_step import make_forward_step
 from megatron_asvr.training.metrics import reduce_reports, step_losses
+from megatron_asvr.model.chunks import build_model_chunks
 from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
-    build_model_chunks,
     build_optimizer,
     wrap_data_parallel,
 )

@@ -23,11 +23,9 @@ from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig, from_
 from megatron_asvr.convert.hf_vocab import HFVocab
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
-from megatron_asvr.training.checkpoint import load_model, save_model
-from megatron_asvr.training.parallel_model import build_model_chunks
+from megatron_asvr.checkpoint_format import DIST, MODEL_CONFIG, load_model, save_model
+from megatron_asvr.model.chunks import build_model_chunks
 
-MODEL_CONFIG = "model_config.json"
-DIST = "dist"
 HF_VOCAB = "hf_vocab.json"
 TOKENIZER_DIR = "tokenizer"
 

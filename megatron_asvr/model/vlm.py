@@ -214,7 +214,7 @@ def stage_builder(
     params_dtype: torch.dtype = torch.float32, llm_changes: Optional[dict] = None,
     **config_changes,
 ):
-    """A ``ChunkBuilder`` for ``training.parallel_model.build_model_chunks``.
+    """A ``ChunkBuilder`` for ``model.chunks.build_model_chunks``.
 
     ``config_changes`` apply to every part's TransformerConfig (e.g.
     ``use_cpu_initialization=True, perform_initialization=False`` to build under

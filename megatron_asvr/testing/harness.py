@@ -18,11 +18,10 @@ from megatron.core import tensor_parallel
 from megatron_asvr import runtime
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import full_state, load_full_state
-from megatron_asvr.training.checkpoint import load_model, save_model
+from megatron_asvr.checkpoint_format import load_model, save_model
+from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.training.parallel_model import (
-    ChunkBuilder,
     DataParallelSettings,
-    build_model_chunks,
     build_optimizer,
     params_synced,
     wrap_data_parallel,

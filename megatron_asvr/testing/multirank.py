@@ -9,13 +9,15 @@ like a real entry point would.
 
 A rank that raises fails the launch with that rank's traceback; a launch that
 does not finish within ``timeout`` seconds is killed and reported as a hang,
-naming the ranks that had not finished.
+naming the ranks that had not finished. Each rank leads its own process group,
+so processes it started (dist_checkpointing's writers) are killed with it.
 """
 
 import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -69,6 +71,7 @@ def _rank_main(fn, rank, world_size, port, payload, results):
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    os.setpgrp()  # this rank leads a process group: killing the group also ends its helpers
     import torch
 
     torch.set_num_threads(1)
@@ -136,4 +139,12 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+            _kill_group(p.pid)  # e.g. dist_checkpointing's writer processes of a killed rank
     return [outputs[r] for r in range(world_size)]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,4 +1,4 @@
-"""Checkpoints through megatron's dist_checkpointing (torch_dist format).
+"""Training checkpoints through megatron's dist_checkpointing (torch_dist format).
 
 Layout of a save directory::
 
@@ -23,77 +23,20 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.distributed import DistributedDataParallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_asvr.checkpoint_format import DIST, MODEL_CONFIG, load_model, model_keys, sharded_model_state, unwrap_ddp
 
 LATEST = "latest"
-DIST = "dist"
-MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "run_config.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
-
-def _unwrap_ddp(chunk: torch.nn.Module) -> torch.nn.Module:
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
-
-
-def _model_keys(model: List[torch.nn.Module]) -> List[str]:
-    # Megatron-LM's naming: "model", or "model0", "model1", ... per virtual stage.
-    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
-
-
-def sharded_model_state(model: List[torch.nn.Module]) -> Dict[str, dict]:
-    """The sharded state dict of every model chunk on this rank."""
-    return {key: _unwrap_ddp(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
-
-
-def save_model(model: List[torch.nn.Module], directory: Path) -> None:
-    """Write the model's weights (collective over all ranks) into an empty ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_model_state(model), str(directory))
-
-
-def load_model(model: List[torch.nn.Module], directory: Path, optional: Sequence[str] = ()) -> List[str]:
-    """Load weights saved at any layout into this rank's chunks (collective).
-
-    Tensors the checkpoint lacks are an error naming them, except those under an
-    ``optional`` prefix (e.g. ``visual_heads.`` when stage 1 ran without the visual
-    loss): those keep their initialisation and are returned.
-    """
-    directory = Path(directory)
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
-        raise FileNotFoundError(f"{directory} is not a dist checkpoint (no metadata.json)")
-    available = set(dist_checkpointing.load_tensors_metadata(str(directory)))
-    sharded, kept_init, missing = sharded_model_state(model), [], []
-    tensors = [item for chunk_state in sharded.values() for item in chunk_state.values() if isinstance(item, ShardedTensor)]
-    for item in tensors:
-        if item.key not in available:
-            (kept_init if item.key.startswith(tuple(optional)) else missing).append(item.key)
-    # An absent optional part goes whole: its tensors and its modules' extra state.
-    absent = tuple(p for p in optional if any(k.startswith(p) for k in kept_init))
-    for chunk_state in sharded.values():
-        for name, item in list(chunk_state.items()):
-            if absent and getattr(item, "key", "").startswith(absent):
-                del chunk_state[name]
-    if missing:
-        raise KeyError(f"{directory} lacks {len(missing)} model tensors, e.g. {sorted(missing)[:5]}")
-    state = dist_checkpointing.load(sharded, str(directory))
-    for key, chunk in zip(_model_keys(model), model):
-        result = _unwrap_ddp(chunk).load_state_dict(state[key], strict=False)
-        unexpected_missing = [k for k in result.missing_keys if not k.startswith(tuple(optional)) and "_extra_state" not in k]
-        if unexpected_missing or result.unexpected_keys:
-            raise KeyError(f"{directory}: missing {unexpected_missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    return sorted(set(kept_init))
-
-
-# --- whole training state -----------------------------------------------------------------
 
 
 def _layout() -> Dict[str, int]:
@@ -228,8 +171,8 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> Dict[str, i
     if same_layout:
         state["rng"] = _sharded_rng()
     loaded = dist_checkpointing.load(state, path)
-    for key, chunk in zip(_model_keys(model), model):
-        _unwrap_ddp(chunk).load_state_dict(loaded[key], strict=True)
+    for key, chunk in zip(model_keys(model), model):
+        unwrap_ddp(chunk).load_state_dict(loaded[key], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
