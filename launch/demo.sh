@@ -9,6 +9,9 @@ OUT=${DEMO_DIR:-runs/demo}
 NPROC=${NPROC:-2}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# megatron-core's notices that a CPU machine lacks Transformer Engine / apex, and
+# deprecations inside megatron and torch: noise on the demo's console.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-"ignore:Transformer Engine and Apex are not installed,ignore:Apex is not installed,ignore:full scope is deprecated,ignore:When using async grad allreduce,ignore:Please use DTensor instead,ignore:\`load_state_dict\` is deprecated"}
 start=$(date +%s)
 say() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
