@@ -5,6 +5,7 @@ middle of the prompt. Images are random pixels, their codes random per branch.
 """
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -86,7 +87,8 @@ class VLMCase(Case):
 
     def _image(self, name: str):
         """Pixels and per-branch codes of an image (the zero image: zero pixels, fixed codes)."""
-        g = torch.Generator().manual_seed(abs(hash(name)) % 2**31 if name != ZERO_IMAGE else 0)
+        # crc32, not hash(): str hashes are salted per interpreter, and every run must see the same data
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) if name != ZERO_IMAGE else 0)
         pixels = torch.zeros(3, 28, 28) if name == ZERO_IMAGE else torch.randn(3, 28, 28, generator=g)
         codes = {
             branch: torch.stack([torch.randint(0, v, (PATCHES,), generator=g) for v in spec.sizes], dim=1)

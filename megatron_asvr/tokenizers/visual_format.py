@@ -33,7 +33,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from megatron_asvr.config import VISION_PRESETS, VisionConfig
+from megatron_asvr.config import VISION_PRESETS, ConfigError, VisionConfig
+from megatron_asvr.convert.hf_config import vision_from_hf
 from megatron_asvr.convert.hf_vision import hf_vision_to_canonical
 
 VISION_PREFIX = "siglip_model.vision_model."
@@ -140,13 +141,10 @@ def _per_depth(value, where: str, depth: int) -> Tuple[int, ...]:
 
 def vision_config_from_hf(hf: dict, feature_layer: int, where: str) -> VisionConfig:
     """A SigLIP VisionConfig from HF ``SiglipVisionConfig`` fields, features at ``feature_layer``."""
-    if hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise TokenizerFileError(f"{where}.hidden_act must be gelu_pytorch_tanh (SigLIP), got {hf['hidden_act']!r}")
-    fields = {"hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size", "num_layers": "num_hidden_layers",
-              "num_attention_heads": "num_attention_heads", "image_size": "image_size", "patch_size": "patch_size"}
-    kwargs = {ours: _get(hf, theirs, where) for ours, theirs in fields.items()}
-    return VisionConfig(kind="siglip", activation="gelu_tanh", norm_eps=hf.get("layer_norm_eps", 1e-6),
-                        feature_layer=feature_layer, **kwargs)
+    try:
+        return vision_from_hf({**hf, "model_type": "siglip_vision_model"}, feature_layer, where)
+    except ConfigError as err:
+        raise TokenizerFileError(str(err)) from err
 
 
 def _vision(rq: dict, where: str) -> VisionConfig:
