@@ -118,3 +118,56 @@ def test_run_ranks_reports_the_failing_rank_traceback():
 def test_run_ranks_turns_a_hang_into_a_failure():
     with pytest.raises(MultiRankError, match=r"hung: ranks \[0, 1\] did not finish within 2 s"):
         run_ranks(_hangs, 2, timeout=2)
+
+
+def _strict_device_rules():
+    """In a fresh rank: strict mode's verdicts on the mistakes a GPU would reject, and on what it allows."""
+    import torch.distributed as dist
+
+    from megatron_asvr.runtime import cpu_emulation
+    from megatron_asvr.runtime.cpu_emulation import StrictDeviceError
+
+    assert cpu_emulation.install(strict=True)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    verdicts = {}
+
+    def verdict(name, fn):
+        try:
+            fn()
+            verdicts[name] = "ok"
+        except StrictDeviceError as err:
+            verdicts[name] = str(err).split(":")[0]
+
+    host, device = torch.ones(3), torch.ones(3, device="cuda")
+    layer = torch.nn.Linear(3, 2).cuda()
+    moved = host.to("cuda", non_blocking=True)
+    verdict("host + device", lambda: host + device)
+    verdict("moved + device", lambda: moved + device)
+    verdict("0-dim host scalar + device", lambda: torch.tensor(2.0) * device)
+    verdict("host batch into a layer", lambda: layer(torch.ones(4, 3)))
+    verdict("moved batch into a layer", lambda: layer(torch.ones(4, 3).cuda()))
+    verdict("created like a device tensor", lambda: device + torch.zeros_like(device))
+    verdict("host stays host after a move", lambda: host + layer.weight[0])
+    verdict("copy from host", lambda: device.copy_(host))
+    verdict("all_reduce on host", lambda: dist.all_reduce(torch.zeros(2)))
+    verdict("all_reduce on device", lambda: dist.all_reduce(torch.zeros(2, device="cuda")))
+    gloo = dist.new_group([0], backend="gloo")
+    verdict("host on a gloo group", lambda: dist.all_reduce(torch.zeros(2), group=gloo))
+    dist.destroy_process_group()
+    return verdicts
+
+
+def test_strict_device_mode_rejects_what_a_gpu_would():
+    assert run_ranks(_strict_device_rules, 1)[0] == {
+        "host + device": "add mixes a host tensor (3,) torch.float32 with device tensors",
+        "moved + device": "ok",
+        "0-dim host scalar + device": "ok",
+        "host batch into a layer": "linear mixes a host tensor (4, 3) torch.float32 with device tensors",
+        "moved batch into a layer": "ok",
+        "created like a device tensor": "ok",
+        "host stays host after a move": "add mixes a host tensor (3,) torch.float32 with device tensors",
+        "copy from host": "ok",
+        "all_reduce on host": "torch.distributed.all_reduce on a host tensor (2,) torch.float32",
+        "all_reduce on device": "ok",
+        "host on a gloo group": "ok",
+    }

@@ -1,5 +1,5 @@
 """Distributed start-up, device choice, seeding, and the CPU emulation of megatron's CUDA calls."""
 
-from megatron_asvr.runtime.distributed import RankInfo, destroy, initialize, set_seed
+from megatron_asvr.runtime.distributed import RankInfo, current_device, destroy, initialize, set_seed
 
-__all__ = ["RankInfo", "destroy", "initialize", "set_seed"]
+__all__ = ["RankInfo", "current_device", "destroy", "initialize", "set_seed"]

@@ -22,7 +22,7 @@ class RankInfo:
     world_size: int
     local_rank: int
     backend: str
-    device: torch.device
+    device: torch.device  # where tensors go: runtime.current_device()
     tp_rank: int
     pp_rank: int
     dp_rank: int
@@ -47,11 +47,10 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     if torch.cuda.is_available():
         backend = "nccl"
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
     else:
         backend = "gloo"
         cpu_emulation.install()
-        device = torch.device("cpu")
+    device = current_device()
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -77,6 +76,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )
+
+
+def current_device() -> torch.device:
+    """The runtime device: this rank's GPU; under the CPU emulation ``cuda``, which the emulation
+    places on the CPU (so that moves to it are moves, for its strict device mode); else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda") if cpu_emulation.is_active() else torch.device("cpu")
 
 
 def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:
