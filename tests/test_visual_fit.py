@@ -76,6 +76,7 @@ def _fit_and_reload(argv, images_dir, mode):
     runtime.initialize(ParallelConfig())
     tokenizer = load_visual_tokenizer(report["config"], report["checkpoint"])
     images = torch.cat([preprocess_image(load_rgb(p), mode) for p in list_images(images_dir, None, 0)])
+    images = images.to(runtime.current_device())
     semantic, appearance = tokenizer.features(images)
     recount = {}
     for kind, features in (("semantic", semantic), ("appearance", appearance)):

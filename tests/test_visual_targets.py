@@ -100,7 +100,8 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
         tiles = {name: preprocess_image(load_rgb(config.image_root / name), reference_mode) for name in IMAGES}
         tiles[ZERO_IMAGE] = torch.zeros(1, 3, 384, 384)
         for name, pixels in tiles.items():
-            expected[name] = {k: v.reshape(-1, len(SIZES)) for k, v in tokenizer.codes(pixels, config.kinds).items()}
+            codes = tokenizer.codes(pixels.to(runtime.current_device()), config.kinds)
+            expected[name] = {k: v.reshape(-1, len(SIZES)).cpu() for k, v in codes.items()}
     runtime.destroy()
     return outcomes, expected
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from megatron_asvr.data.images import MODES, TILE_SIZE, ImageLoadError, load_rgb, preprocess_image, tile_count
 from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
 from megatron_asvr.tokenizers.visual_format import KINDS, VisualCodesMeta
+from megatron_asvr.runtime import current_device
 
 # Key of the all-zero tile (mid-gray once normalised) that text-only samples get when they
 # are supervised, as the released code feeds them; always planned last, one tile.
@@ -304,7 +305,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
 def _compute(tokenizer, store: TargetStore, pending: List[int], config: TargetsConfig) -> Tuple[int, List[dict]]:
     """Code the pending entries batch by batch; returns (entries written, undecodable images)."""
     index = store.plan["index"]
-    device = tokenizer.features.encoder.vit.conv1.weight.device
+    device = current_device()
     paths = [None if index[i][0] == ZERO_IMAGE else config.image_root / index[i][0] for i in pending]
     written, failures = 0, []
     with tqdm(total=len(pending), unit="img", desc="visual targets", disable=not config.progress) as bar:

@@ -15,14 +15,16 @@ quantizer in ``visual_rq``.
 """
 
 import os
+from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import CodebookSpec, ConfigError, ParallelConfig
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.vision import VisionEncoder, vision_transformer_config
+from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual_format import (
     KINDS,
     PROJECTION_GROUPS,
@@ -71,7 +73,8 @@ class TappedVisionEncoder(torch.nn.Module):
         if not 1 <= tap_layer <= vision.layers_used:
             raise ValueError(f"tap layer {tap_layer} is not among the {vision.layers_used} encoder layers built")
         self.encoder = VisionEncoder(vision, vision_transformer_config(vision, parallel, backend, dtype), backend)
-        self.encoder.to(dtype)  # megatron leaves the patch conv and position table in fp32 (Float16Module's job)
+        # On the runtime device (megatron builds the patch conv and position table on the host, in fp32).
+        self.encoder.to(device=current_device(), dtype=dtype)
         self._tapped = None
         self.encoder.vit.decoder.layers[tap_layer - 1].register_forward_hook(self._keep)
 
@@ -102,7 +105,7 @@ class VisualTokenizer(torch.nn.Module):
         dtype = check_precision(precision)
         parallel = parallel or ParallelConfig()
         self.features = TappedVisionEncoder(config.vision, config.appearance_layer, parallel, backend, dtype)
-        device = self.features.encoder.vit.conv1.weight.device  # where megatron placed the encoder
+        device = current_device()
         self.projection = AppearanceProjection(config.code_width, dtype).to(device)
         self.quantizers = torch.nn.ModuleDict({kind: ResidualQuantizer(codebooks[kind]) for kind in KINDS}).to(device)
         self.requires_grad_(False)
@@ -150,6 +153,32 @@ def load_codebooks(
     config = read_config(config_path)
     weights = split_checkpoint(read_state_dict(checkpoint_path), config, str(checkpoint_path))
     return config.metadata(kind), weights.codebooks[kind]
+
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def tokenizer_directory_files(directory: str | os.PathLike) -> Tuple[Path, Path]:
+    """(config.json, the one checkpoint file) of a DualToken-format tokenizer directory."""
+    directory = Path(directory)
+    checkpoints = sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) if directory.is_dir() else []
+    if not (directory / "config.json").is_file() or len(checkpoints) != 1:
+        raise ConfigError(
+            f"train.visual_tokenizer={str(directory)!r} must hold config.json and one checkpoint "
+            f"({'/'.join(CHECKPOINT_SUFFIXES)}); found {[p.name for p in checkpoints]}"
+        )
+    return directory / "config.json", checkpoints[0]
+
+
+def load_directory_codebooks(directory: str | os.PathLike, kinds: Sequence[str]):
+    """Per-kind codebook vectors (padding rows removed) and their ``CodebookSpec``, from a
+    DualToken-format tokenizer directory."""
+    config_path, checkpoint_path = tokenizer_directory_files(directory)
+    books, specs = {}, {}
+    for kind in kinds:
+        meta, books[kind] = load_codebooks(config_path, checkpoint_path, kind)
+        specs[kind] = CodebookSpec(sizes=list(meta.codebook_sizes), dim=meta.code_width)
+    return books, specs
 
 
 def load_visual_tokenizer(

@@ -39,6 +39,7 @@ from megatron_asvr.convert.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.data.targets import image_batches
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.specs import resolve_backend
+from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual import AppearanceProjection, TappedVisionEncoder
 from megatron_asvr.tokenizers.visual_format import (
     KINDS,
@@ -198,7 +199,7 @@ class FeatureStream:
 
     def __init__(self, encoder: TappedVisionEncoder, config: FitConfig):
         self.encoder, self.config = encoder, config
-        self.device = encoder.encoder.vit.conv1.weight.device
+        self.device = current_device()
         self.undecodable: Dict[str, str] = {}
 
     def batches(self, paths: Sequence[Path]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -253,7 +254,8 @@ def fit_visual_tokenizer(config: FitConfig) -> dict:
     load_full_state([encoder.encoder], hf_vision_to_canonical(hf_state, vision)[0])
     encoder.eval()
     stream = FeatureStream(encoder, config)
-    generator = torch.Generator(device=stream.device).manual_seed(config.seed)
+    where = torch.empty(0, device=stream.device).device  # the real device (the emulation's "cuda" is the CPU)
+    generator = torch.Generator(device=where).manual_seed(config.seed)
     restart_after = config.restart_after or RESTART_AFTER_SHARES * config.codebook_size
     fits = {kind: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for kind in KINDS}
 
