@@ -25,16 +25,16 @@ TINY = BenchmarkSettings(warmup=1, steps=2, micro_batch=2, global_batch=4)
 
 def test_synthetic_batches_have_vicuna_7b_shapes():
     model = BenchmarkSettings(preset="vicuna_7b").model()
-    (batch,) = synthetic_micro_batches(model, micro_batch=2, num_micro=1, seq_length=2048, device=torch.device("cpu"))
-    assert batch["tokens"].shape == (2, 2048) and batch["images"].shape == (2, 3, 384, 384)
-    assert batch["image_mask"].sum(dim=1).tolist() == [729, 729]
-    assert batch["image_mask"][:, 1:730].all()  # BOS, then the image
+    (batch,) = synthetic_micro_batches(model, micro_batch=2, num_micro=1, seq_length=2048)
+    assert batch.tokens.shape == (2, 2048) and batch.images.shape == (2, 3, 384, 384)
+    # BOS, then the image, in each sample of the flattened [2 * 2048] batch
+    assert batch.image_index.tolist() == list(range(1, 730)) + list(range(2049, 2778))
     # answer tokens: 2048 - 729 image positions - 16 prompt tokens; the label of the last prompt token is the first
-    assert batch["loss_mask"].sum(dim=1).tolist() == [1303, 1303]
-    assert (batch["tokens"][:, 730:] >= 3).all() and (batch["tokens"][:, 730:] < 32000).all()
-    codes = batch["visual_targets"]["semantic"]
+    assert batch.loss_mask.sum(dim=1).tolist() == [1303, 1303]
+    assert (batch.tokens[:, 730:] >= 3).all() and (batch.tokens[:, 730:] < 32000).all()
+    codes = batch.visual_targets["semantic"]
     assert codes.shape == (2 * 729, 8) and int(codes.max()) < 16384
-    assert batch["visual_row_mask"].all() and batch["visual_row_mask"].shape == (1458,)
+    assert batch.visual_rows.tolist() == list(range(1458))
 
 
 def test_settings_errors_are_one_line():

@@ -53,7 +53,7 @@ def _perturbed(chunks, seed: int) -> None:
     noisy = {}
     for name, value in full_state(chunks).items():
         g = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
-        noisy[name] = value + 0.05 * torch.randn(value.shape, generator=g)
+        noisy[name] = value + 0.05 * torch.randn(value.shape, generator=g).to(value.device)
     load_full_state(chunks, noisy)
 
 
@@ -141,12 +141,12 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
     for _ in range(steps):  # greedy: the arg-max of a full forward over the prompt so far
         step_inputs = dataclasses.replace(inputs, tokens=tokens, image_mask=image_mask, images=images)
         logits = our_logits(chunks, step_inputs, original.llm.vocab_size)  # None before the last stage
-        next_token = torch.zeros(1, 1, dtype=torch.long)
+        next_token = torch.zeros(1, 1, dtype=torch.long, device=info.device)
         if logits is not None:
             result["step_logits"].append(logits[0, -1])
-            next_token = logits[0, -1].argmax().view(1, 1)
+            next_token = logits[0, -1].argmax().view(1, 1).to(info.device)
         torch.distributed.broadcast(next_token, src=torch.distributed.get_world_size() - 1)  # the last stage's
-        tokens = torch.cat([tokens, next_token], dim=1)
+        tokens = torch.cat([tokens, next_token.cpu()], dim=1)
         image_mask = torch.cat([image_mask, torch.zeros(1, 1, dtype=torch.bool)], dim=1)
     result["generated"] = tokens[0, prompt[0].shape[1]:].tolist()
     result["model"] = model

@@ -21,9 +21,9 @@ def tiny_root(tmp_path_factory):
 
 
 def _train(config):
-    from megatron_asvr.training.loop import run
+    from megatron_asvr.evaluation.in_training import train
 
-    return run(config)
+    return train(config)
 
 
 def _likelihood_scores(checkpoint: str, root: str) -> dict:

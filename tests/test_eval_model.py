@@ -18,6 +18,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 from megatron_asvr.data.demo import DemoConfig, make_demo_data
+from megatron_asvr.data.batch import image_index_of
 from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, collate
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
@@ -103,8 +104,11 @@ def _direct_reference(root: str) -> dict:
 
         def logits(query):
             batch = collate([to_sample(query, query.length)])
-            return chunk(batch["tokens"], batch["position_ids"], image_mask=batch["image_mask"],
-                         images=query.pixels)["logits"][0, :, :vocab]  # [s, V]
+            device = loaded.answerer.runner.device
+            pixels = query.pixels.to(device) if query.pixels is not None else None
+            return chunk(batch["tokens"].to(device), batch["position_ids"].to(device),
+                         image_index=image_index_of(batch["image_mask"]).to(device),
+                         images=pixels)["logits"][0, :, :vocab]  # [s, V]
 
         ids, margins = [], []
         for item in items[:GENERATED]:

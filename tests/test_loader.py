@@ -52,7 +52,7 @@ def _sample_ids(shards_dir, dp_rank, dp_size, consumed, steps, group_by_length=F
     order = GlobalBatchOrder(len(data), GLOBAL_BATCH, seed=5, lengths=data.num_positions if group_by_length else None)
     builder = SampleBuilder(data, Path("."), None, TEXT_ONLY, 64, "resize", NOTHING, patches_per_tile=4)
     loader = TrainLoader(order, builder, dp_rank, dp_size, MICRO_BATCH, TEXT_ONLY, NOTHING, workers, consumed)
-    ids = [i for _ in range(steps) for micro in loader.next_step() for i in micro["ids"]]
+    ids = [i for _ in range(steps) for micro in loader.next_step() for i in micro.ids]
     return ids, loader.state_dict()
 
 

@@ -21,14 +21,26 @@ def tiny_root(tmp_path_factory):
     return str(root)
 
 
-def _train(config, kill_at_step=None, kill_in_save_of=None):
-    """loop.run in this rank; optionally SIGKILL itself at a step or inside a checkpoint write."""
+def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
+    """loop.run in this rank; optionally SIGKILL itself when a step's batches are loaded or inside
+    a checkpoint write, or poison one step's images with NaN."""
+    from megatron_asvr.data.loader import TrainLoader
     from megatron_asvr.training import checkpoint, loop
 
-    def hook(step, micro):
+    next_step = TrainLoader.next_step
+
+    def faulty_next_step(self):
+        micro = next_step(self)
+        step = self.consumed_samples // self.order.global_batch  # the step these batches feed
         if step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == poison_step:
+            for batch in micro:
+                if batch.images is not None:
+                    batch.images.fill_(float("nan"))
+        return micro
 
+    TrainLoader.next_step = faulty_next_step
     if kill_in_save_of is not None:
         write_json = checkpoint._write_json
 
@@ -38,7 +50,7 @@ def _train(config, kill_at_step=None, kill_in_save_of=None):
             write_json(path, data)
 
         checkpoint._write_json = dying_write
-    return loop.run(config, step_hook=hook)
+    return loop.run(config)
 
 
 def _final_params(config, checkpoint_dir):
@@ -47,11 +59,10 @@ def _final_params(config, checkpoint_dir):
     from megatron_asvr.model.canonical import full_state
     from megatron_asvr.model.vlm import stage_builder
     from megatron_asvr.training.checkpoint import load_weights
-    from megatron_asvr.training.loop import load_codebooks
+    from megatron_asvr.training.loop import with_codebooks
     from megatron_asvr.model.chunks import build_model_chunks
 
-    books, specs = load_codebooks(config.train.visual_tokenizer, ["semantic"])
-    model = dataclasses.replace(config.model, asvr=dataclasses.replace(config.model.asvr, **specs))
+    books, model = with_codebooks(config)
     info = runtime.initialize(config.parallel)
     chunks = build_model_chunks(stage_builder(model, config.parallel, "local", books), info.device)
     load_weights(checkpoint_dir, chunks)
@@ -116,21 +127,6 @@ def test_resume_at_other_layouts(tiny_root, tmp_path):
         assert all(abs(a - b) <= 1e-6 for a, b in zip(losses[name], losses["tp2pp2"])), (name, losses)
 
 
-def _inject_nan(step_to_poison):
-    def hook(step, micro):
-        if step == step_to_poison:
-            for batch in micro:
-                if batch.get("images") is not None:
-                    batch["images"].fill_(float("nan"))
-    return hook
-
-
-def _train_with_nan(config, step_to_poison):
-    from megatron_asvr.training import loop
-
-    return loop.run(config, step_hook=_inject_nan(step_to_poison))
-
-
 def _checkpoints_finite(config, save_dir):
     from pathlib import Path
 
@@ -140,7 +136,7 @@ def _checkpoints_finite(config, save_dir):
 
 def test_nan_step_is_skipped_and_never_checkpointed(tiny_root, tmp_path):
     config = tiny_run_config(tiny_root, tmp_path / "nan", steps=4, save_interval=1, keep_last=10)
-    history = run_ranks(_train_with_nan, 1, config, 2)[0]["history"]
+    history = run_ranks(_train, 1, config, poison_step=2)[0]["history"]
     assert [h["skipped"] for h in history] == [False, True, False, False]
     assert all(torch.isfinite(torch.tensor(h["loss/text"])) for i, h in enumerate(history) if i != 1)
     finite = run_ranks(_checkpoints_finite, 1, config, str(tmp_path / "nan"))[0]
@@ -148,4 +144,4 @@ def test_nan_step_is_skipped_and_never_checkpointed(tiny_root, tmp_path):
 
     stop = tiny_run_config(tiny_root, tmp_path / "stop", steps=4, nan_policy="stop")
     with pytest.raises(MultiRankError, match="NonFiniteError: step 2: non-finite loss or gradients"):
-        run_ranks(_train_with_nan, 1, stop, 2)
+        run_ranks(_train, 1, stop, poison_step=2)

@@ -116,7 +116,7 @@ def _project_head(tp, state, codebooks, hidden, codes, row_mask):
     load_full_state([head], state)
     logits = [l.detach() for l in head.logits(hidden, codes)]
     hidden = hidden.clone().requires_grad_(True)
-    loss_sum, count, correct = head(hidden, codes, row_mask)
+    loss_sum, count, correct = head(hidden, codes, row_mask.nonzero().squeeze(1))
     loss_sum.sum().backward()
     grads = {"hidden": hidden.grad, "code_embed": head.code_embed.weight.grad}
     runtime.destroy()

@@ -22,9 +22,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         config = load_run_config(args.config, args.set)
-        from megatron_asvr.training.loop import run  # heavy imports after the config is known good
+        from megatron_asvr.evaluation.in_training import train  # heavy imports after the config is known good
 
-        run(config)
+        train(config)
     except (ConfigError, DataLoaderError) as err:
         sys.exit(f"train: error: {err}")
 

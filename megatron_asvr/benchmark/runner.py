@@ -4,8 +4,8 @@ Every rank runs ``run_variants`` (under torchrun, or ``testing.multirank``).
 Each variant (e.g. baseline / ASVR, or bf16 / FP8) builds its model from the
 same seed, runs ``warmup + steps`` optimizer steps on the same synthetic
 batches through megatron's pipeline schedule, and is freed before the next.
-A step is timed from before ``forward_backward`` to after ``optimizer.step()``
-with the device synchronized; a step's time is the slowest rank's, and a run's
+A step is the trainer's own ``train_step`` (tools/train.py runs the same),
+timed with the device synchronized before and after; a step's time is the slowest rank's, and a run's
 the median over its timed steps. The visual head's share is its forward +
 backward time (module hooks, on the last pipeline stage) over the step time.
 """
@@ -19,7 +19,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_asvr import runtime
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable
@@ -28,19 +27,11 @@ from megatron_asvr.benchmark.settings import STAGE_LR, BenchmarkError, Benchmark
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.benchmark.timing import DeviceClock, ModuleTimer
 from megatron_asvr.model.head import VisualHead
-from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime.device import peak_memory_bytes
 from megatron_asvr.training.flops import StepShape, step_flops
-from megatron_asvr.training.forward_step import make_forward_step
-from megatron_asvr.training.metrics import reduce_reports, step_losses
-from megatron_asvr.model.chunks import build_model_chunks
-from megatron_asvr.training.parallel_model import (
-    DataParallelSettings,
-    build_optimizer,
-    wrap_data_parallel,
-)
-from megatron_asvr.training.step import forward_backward
+from megatron_asvr.training.task import ASVRTask
+from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "micro_batch", "global_batch",
                  "seq_length")
@@ -80,15 +71,15 @@ class RunResult:
 
 
 def _max_over_ranks(values: Sequence[float]) -> List[float]:
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=runtime.current_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    return tensor.tolist()  # host sync, outside the timed steps
 
 
 def _sum_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.current_device())
     dist.all_reduce(tensor)
-    return tensor.item()
+    return tensor.item()  # host sync, outside the timed steps
 
 
 def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> RunResult:
@@ -100,33 +91,23 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
     runtime.set_seed(settings.seed)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
-    chunks = build_model_chunks(stage_builder(settings, backend, dtype, llm_changes), info.device)
-    checksum = _sum_over_ranks(sum(p.double().sum().item() for c in chunks for p in c.parameters()))
-    model = wrap_data_parallel(chunks, DataParallelSettings(distributed_optimizer=settings.distributed_optimizer))
-    optimizer = build_optimizer(model, lr=STAGE_LR[settings.stage],
-                                distributed_optimizer=settings.distributed_optimizer)
-
+    trainer = Trainer(stage_builder(settings, backend, dtype, llm_changes), ASVRTask(model_cfg.asvr),
+                      settings.parallel(), OptimizerSettings(lr=STAGE_LR[settings.stage]), info)
+    checksum = _sum_over_ranks(sum(p.double().sum().item() for c in trainer.chunks for p in c.parameters()))
     num_micro = settings.global_batch // (info.dp_size * settings.micro_batch)
-    micro = synthetic_micro_batches(model_cfg, settings.micro_batch, num_micro, settings.positions, info.device,
+    micro = synthetic_micro_batches(model_cfg, settings.micro_batch, num_micro, settings.positions,
                                     seed=settings.seed + info.dp_rank)
-    dp_group = parallel_state.get_data_parallel_group()
-    counts = global_counts(micro, dp_group)
-    micro = [dict(m, loss_counts=counts) for m in micro]
-    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    timer = ModuleTimer([m for c in chunks for m in c.modules() if isinstance(m, VisualHead)], clock)
-    forward_step = make_forward_step(model_cfg.asvr)
+    timer = ModuleTimer([m for c in trainer.chunks for m in c.modules() if isinstance(m, VisualHead)], clock)
 
     step_times, head_times, losses = [], [], []
     for step in range(settings.warmup + settings.steps):
         timer.reset()
         clock.synchronize()
         start = clock.mark()
-        reports = forward_backward(forward_step, iter(micro), model, optimizer, num_micro, settings.positions,
-                                   settings.micro_batch)
-        optimizer.step()
+        result = trainer.train_step(micro)
         end = clock.mark()
         clock.synchronize()
-        losses.append(step_losses(reduce_reports(reports, dp_group)) if last_stage else {})
+        losses.append(result.losses)
         if step >= settings.warmup:
             step_times.append(clock.seconds(start, end))
             head_times.append(timer.seconds())
@@ -141,7 +122,7 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
         tokens_per_step=samples * settings.positions, samples_per_step=samples, peak_memory_bytes=int(peak),
         initial_weights_checksum=checksum, gpu_peak_tflops=settings.gpu_peak_tflops,
     )
-    del model, optimizer, chunks, micro
+    del trainer, micro
     gc.collect()
     if clock.cuda:
         torch.cuda.empty_cache()

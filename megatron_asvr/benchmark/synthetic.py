@@ -12,7 +12,8 @@ from typing import List
 import torch
 
 from megatron_asvr.config import ModelConfig
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, align_visual_targets, build_sequence, collate
+from megatron_asvr.data.batch import MicroBatch, build_micro_batch
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, build_sequence
 
 BOS, PROMPT_TOKENS, FIRST_ID = 1, 16, 3  # ids below FIRST_ID are special
 
@@ -28,8 +29,8 @@ def synthetic_sample_ids(model: ModelConfig, seq_length: int, generator: torch.G
 
 
 def synthetic_micro_batches(model: ModelConfig, micro_batch: int, num_micro: int, seq_length: int,
-                            device: torch.device, seed: int = 0) -> List[dict]:
-    """``num_micro`` micro-batches of ``micro_batch`` samples (the keys ``make_forward_step`` reads)."""
+                            seed: int = 0) -> List[MicroBatch]:
+    """``num_micro`` host micro-batches of ``micro_batch`` full-length samples."""
     g = torch.Generator().manual_seed(seed)
     g_codes = torch.Generator().manual_seed(seed + 1)  # tokens and pixels do not depend on the heads
     patches, size = model.vision.num_patches, model.vision.image_size
@@ -37,17 +38,14 @@ def synthetic_micro_batches(model: ModelConfig, micro_batch: int, num_micro: int
     for _ in range(num_micro):
         samples = [build_sequence(*synthetic_sample_ids(model, seq_length, g), [patches], seq_length)
                    for _ in range(micro_batch)]
-        batch = collate(samples)
-        batch["images"] = torch.randn(micro_batch, 3, size, size, generator=g)
-        targets, row_mask = {}, None
-        for branch in model.asvr.branches:
-            spec = getattr(model.asvr, branch)
-            codes = [torch.stack([torch.randint(0, v, (patches,), generator=g_codes) for v in spec.sizes], dim=1)
+        images = torch.randn(micro_batch, 3, size, size, generator=g)
+        codes = {
+            branch: [torch.stack([torch.randint(0, v, (patches,), generator=g_codes)
+                                  for v in getattr(model.asvr, branch).sizes], dim=1)
                      for _ in range(micro_batch)]  # per image [P, D]
-            targets[branch], row_mask = align_visual_targets(codes, [True] * micro_batch, spec.depth,
-                                                             model.asvr.target_shift)
-        batch["visual_targets"] = {k: v.to(device) for k, v in targets.items()}
-        batch["visual_row_mask"] = (row_mask if row_mask is not None
-                                    else torch.zeros(micro_batch * patches, dtype=torch.bool)).to(device)
-        out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            for branch in model.asvr.branches
+        }
+        out.append(build_micro_batch(samples, images=images, codes=codes,
+                                     depths={b: getattr(model.asvr, b).depth for b in model.asvr.branches},
+                                     target_shift=model.asvr.target_shift))
     return out

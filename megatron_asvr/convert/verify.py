@@ -22,7 +22,8 @@ from megatron_asvr.config import ModelConfig, ParallelConfig
 from megatron_asvr.convert import checkpoint_io
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
 from megatron_asvr.convert.ranks import is_writer, raise_if_any
-from megatron_asvr.training.step import evaluate
+from megatron_asvr.data.batch import image_index_of
+from megatron_asvr.training.schedule import forward_only
 
 BOS = 1
 FIRST_TEXT_ID = 3  # after <unk>, <s>, </s>
@@ -60,17 +61,19 @@ def our_logits(chunks, inputs: VerifyInputs, vocab_size: int) -> Optional[torch.
     """Logits [1, s, vocab_size] (fp32) on the last pipeline stage's ranks; None on the others."""
     batch = {
         "tokens": inputs.tokens, "position_ids": torch.arange(inputs.tokens.shape[1])[None],
-        "image_mask": inputs.image_mask, "images": inputs.images,
+        "image_index": None if inputs.image_mask is None else image_index_of(inputs.image_mask),
+        "images": inputs.images,
     }
     device = next(chunks[0].parameters()).device
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
 
     def forward_step(data_iterator, model):
         data = next(data_iterator)
-        return model(data["tokens"], data["position_ids"], image_mask=data["image_mask"], images=data["images"]), None
+        return model(data["tokens"], data["position_ids"], image_index=data["image_index"],
+                     images=data["images"]), None
 
     iterators = [iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch])
-    outputs = evaluate(forward_step, iterators, chunks, 1, inputs.tokens.shape[1], 1)
+    outputs = forward_only(forward_step, iterators, chunks, 1, inputs.tokens.shape[1], 1)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     logits = gather_from_tensor_model_parallel_region(outputs[0]["logits"])  # [1, s, V_pad]

@@ -21,14 +21,9 @@ import numpy as np
 import torch
 
 from megatron_asvr.config import ASVRConfig
+from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.images import image_token_count, load_image_batch
-from megatron_asvr.data.sequence import (
-    IMAGE_PLACEHOLDER,
-    SequenceTooLong,
-    align_visual_targets,
-    build_sequence,
-    collate,
-)
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
 
 GROUP_WINDOW = 8  # global batches per length-sorting window
@@ -146,22 +141,20 @@ class SampleBuilder:
             raise DataLoaderError(f"visual targets: {err.args[0]}") from err
 
 
-def collate_micro_batch(items: List[dict], asvr: ASVRConfig, needs: StageNeeds) -> dict:
-    """Items of one micro-batch -> the dict ``training.forward_step`` feeds the model."""
-    batch = collate([item["sequence"] for item in items])
-    batch["ids"] = [item["id"] for item in items]
-    batch["dropped"] = sum(item["dropped"] for item in items)
-    for key, name in (("pixels", "images"), ("input_codes", "input_codes")):
+def collate_micro_batch(items: List[dict], asvr: ASVRConfig, needs: StageNeeds) -> MicroBatch:
+    """Items of one micro-batch -> the ``MicroBatch`` the trainer feeds the model."""
+    def cat(key):
         parts = [item[key] for item in items if key in item]  # [tiles, ...] per image
-        batch[name] = torch.cat(parts) if parts else None
+        return torch.cat(parts) if parts else None
+
+    codes = None
     if needs.targets:
-        targets, row_mask = {}, torch.zeros(0, dtype=torch.bool)
-        for branch in asvr.branches:
-            codes = [c for item in items for c in item["codes"][branch]]  # [P_i, D] per image
-            depth = getattr(asvr, branch).depth
-            targets[branch], row_mask = align_visual_targets(codes, [True] * len(codes), depth, asvr.target_shift)
-        batch["visual_targets"], batch["visual_row_mask"] = targets, row_mask
-    return batch
+        codes = {b: [c for item in items for c in item["codes"][b]] for b in asvr.branches}  # [P_i, D] per image
+    return build_micro_batch(
+        [item["sequence"] for item in items], images=cat("pixels"), input_codes=cat("input_codes"), codes=codes,
+        depths={b: getattr(asvr, b).depth for b in asvr.branches}, target_shift=asvr.target_shift,
+        ids=[item["id"] for item in items], dropped=sum(item["dropped"] for item in items),
+    )
 
 
 class _MicroBatches(torch.utils.data.Dataset):
@@ -206,14 +199,11 @@ class TrainLoader:
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=1, collate_fn=_identity, num_workers=num_workers,
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),  # MicroBatch.pin_memory, for the non-blocking device copy
         )
         self._iter: Optional[Iterator] = None
 
-    @property
-    def step(self) -> int:
-        return self.consumed_samples // self.order.global_batch
-
-    def next_step(self) -> List[dict]:
+    def next_step(self) -> List[MicroBatch]:
         """The micro-batches of the next step on this rank."""
         if self._iter is None:
             self._iter = iter(self._loader)

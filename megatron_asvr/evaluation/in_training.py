@@ -21,6 +21,7 @@ from megatron_asvr.evaluation.items import EvalItem
 from megatron_asvr.evaluation.queries import QueryEncoder
 from megatron_asvr.evaluation.runners import MegatronRunner
 from megatron_asvr.tokenizers.text import load_text_tokenizer
+from megatron_asvr.training.loop import run
 
 
 def true_choice_index(item: EvalItem) -> int:
@@ -64,6 +65,11 @@ class HeldOutScore:
         runner = MegatronRunner(chunks, min(model.llm.vocab_size, tokenizer.vocab_size), micro_batch)
         self.answerer = Answerer(runner, encoder)
 
+    @classmethod
+    def for_trainer(cls, config: RunConfig, model: ModelConfig, trainer) -> "HeldOutScore":
+        """The ``training.loop.run`` evaluator: scores the trainer's own model chunks."""
+        return cls(config, model, trainer.model, config.train.micro_batch)
+
     def __call__(self) -> Dict[str, float]:
         answers = self.answerer.answer(self.items, "likelihood")
         scores = score_jsonl(self.items, {qid: a.text for qid, a in answers.items()})
@@ -82,3 +88,8 @@ class HeldOutScore:
                     logger.writer.add_scalar(f"eval/{name}", value, step)
                 logger.writer.flush()
         return scores
+
+
+def train(config: RunConfig) -> dict:
+    """``training.loop.run`` with the held-out score every ``train.eval_interval`` steps."""
+    return run(config, evaluator=HeldOutScore.for_trainer)

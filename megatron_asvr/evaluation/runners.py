@@ -18,9 +18,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
+from megatron_asvr.data.batch import image_index_of
 from megatron_asvr.data.sequence import collate
 from megatron_asvr.evaluation.queries import Query, to_sample
-from megatron_asvr.training.step import evaluate
+from megatron_asvr.training.schedule import forward_only
 
 
 def micro_batches(queries: List[Query], micro_batch: int, length_multiple: int = 1,
@@ -36,6 +37,7 @@ def micro_batches(queries: List[Query], micro_batch: int, length_multiple: int =
         group = padded[start:start + micro_batch]
         batch = collate([to_sample(q, seq_length) for q in group])
         batch["last"] = torch.tensor([q.length - 1 for q in group])  # [b] position of the last id
+        batch["image_index"] = image_index_of(batch["image_mask"])  # [sum P]
         pixels = [q.pixels for q in group if q.pixels is not None]
         batch["images"] = torch.cat(pixels) if pixels else None  # [sum T, 3, H, W]
         batches.append(batch)
@@ -114,11 +116,11 @@ class MegatronRunner(Runner):
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             output = model(tokens=batch["tokens"], position_ids=batch["position_ids"],
-                           image_mask=batch["image_mask"], images=batch["images"])
+                           image_index=batch["image_index"], images=batch["images"])
             return output, partial(_collect, reduce=reduce, batch=batch, vocab_limit=self.vocab_limit)
 
         iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
-        reports = evaluate(forward_step, iterators, self.chunks, len(batches), seq_length, self.micro_batch)
+        reports = forward_only(forward_step, iterators, self.chunks, len(batches), seq_length, self.micro_batch)
         count = len(batches) * self.micro_batch
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             values = torch.cat([r["values"] for r in reports])  # [count]

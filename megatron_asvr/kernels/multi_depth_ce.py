@@ -18,6 +18,7 @@ tiles in fp32 and is all-reduced over the group, so every rank gets the full
 gradient.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -30,6 +31,13 @@ from megatron_asvr.kernels.backends import Kernels, select_kernels
 # Logits buffer of one chunk when chunk_rows is not given.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_ints(values: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small constant int64 tensor on ``device``, copied there once: a blocking
+    host-to-device copy per call would be a host sync."""
+    return torch.tensor(values, device=device)
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,8 @@ class VocabShard:
 
     def local_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Global target ids [M, D] -> this rank's column of each target, or -1."""
-        start = torch.tensor(self.start, device=targets.device)
-        width = torch.tensor(self.width, device=targets.device)
+        start = _device_ints(tuple(self.start), targets.device)
+        width = _device_ints(tuple(self.width), targets.device)
         local = targets - start
         return torch.where((local >= 0) & (local < width), local, -1).contiguous()
 
@@ -97,7 +105,7 @@ def _fill_logits(buffer, hidden_chunk, weights, biases, width) -> None:
 
 def _combine_over_ranks(plan: _Plan, max_, sumexp, target_logit, argmax):
     """Local statistics [M, D] -> global (log-sum-exp, target logit, arg-max global id)."""
-    start = torch.tensor(plan.shard.start, device=argmax.device)
+    start = _device_ints(tuple(plan.shard.start), argmax.device)
     no_id = torch.iinfo(torch.int64).max
     global_arg = torch.where(argmax >= 0, argmax + start, no_id)
     if plan.group is None:
@@ -170,9 +178,9 @@ class _MultiDepthCrossEntropy(torch.autograd.Function):
         for begin, end in _column_blocks(plan.shard.width, blocks):
             width = [e - b for b, e in zip(begin, end)]
             valid = [max(0, min(w, v - b)) for w, v, b in zip(width, plan.shard.valid, begin)]
-            block_targets = local_targets - torch.tensor(begin, device=rows.device)
+            block_targets = local_targets - _device_ints(tuple(begin), rows.device)
             block_targets = torch.where(
-                (block_targets >= 0) & (block_targets < torch.tensor(width, device=rows.device)), block_targets, -1
+                (block_targets >= 0) & (block_targets < _device_ints(tuple(width), rows.device)), block_targets, -1
             )
             block_weights = [w[b:e] for w, b, e in zip(weights, begin, end)]
             block_biases = None if biases is None else [x[b:e] for x, b, e in zip(biases, begin, end)]
@@ -202,7 +210,7 @@ class _MultiDepthCrossEntropy(torch.autograd.Function):
         return (None, grad_hidden, None, None, None, *grad_weights, *grad_biases)
 
 
-def _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, world_size) -> None:
+def _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, row_index, world_size) -> None:
     """Raise ValueError naming the argument, depth and problem for malformed inputs."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, D, E], got shape {tuple(hidden.shape)}")
@@ -236,11 +244,19 @@ def _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, world
         raise ValueError(f"targets must be int64 [{n}, {depths}], got {targets.dtype} {tuple(targets.shape)}")
     if row_mask is not None and (row_mask.shape != (n,) or row_mask.dtype != torch.bool):
         raise ValueError(f"row_mask must be bool [{n}], got {row_mask.dtype} {tuple(row_mask.shape)}")
-    limit = torch.tensor(vocab_sizes, device=targets.device)
-    bad = (targets < 0) | (targets >= limit)
+    if row_index is not None and (row_index.dim() != 1 or row_index.dtype != torch.int64 or row_mask is not None):
+        raise ValueError(f"row_index must be int64 [M] and excludes row_mask, got {row_index.dtype} "
+                         f"{tuple(row_index.shape)}{' and a row_mask' if row_mask is not None else ''}")
+    limit = _device_ints(tuple(vocab_sizes), targets.device)
+    checked = targets if row_index is None else targets.index_select(0, row_index)
+    bad = (checked < 0) | (checked >= limit)
     if row_mask is not None:
         bad &= row_mask.unsqueeze(1)
-    if bool(bad.any()):
+    if targets.is_cuda:  # checked on the device, without a host sync: a bad id stops at the next sync
+        torch._assert_async(~bad.any(), "multi_depth_cross_entropy: a target id is outside its depth's vocabulary")
+    elif bool(bad.any()):  # host tensors: no device to wait for
+        if row_index is not None:
+            bad = torch.zeros_like(targets, dtype=torch.bool).index_copy_(0, row_index, bad)
         row, d = (int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(
             f"targets[{row}, {d}] = {int(targets[row, d])} is outside depth {d}'s vocabulary "
@@ -259,13 +275,15 @@ def multi_depth_cross_entropy(
     group: Optional[dist.ProcessGroup] = None,
     chunk_rows: Optional[int] = None,
     backend: str = "auto",
+    row_index: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-depth cross-entropy sums of D vocab-parallel classifiers over hidden [N, D, E].
 
     weights[d] [V_local_d, E] (and biases[d] [V_local_d] or None) are rank r's slice of
     depth d's padded classifier, global ids [r * V_local_d, (r + 1) * V_local_d);
     ids >= vocab_sizes[d] are padding. targets [N, D] are global ids; rows where
-    row_mask [N] is False count for nothing. hidden must be identical on all ranks
+    row_mask [N] is False count for nothing; ``row_index`` [M] (the rows that count, instead
+    of a mask) spares the host sync that counting a mask's rows costs. hidden must be identical on all ranks
     of ``group``. Returns, summed over the group and identical on every rank:
     loss_sum [D] fp32 (depth_weights[d] * sum of CE_d; differentiable w.r.t. hidden,
     weights, biases), count [D] int64 (unmasked rows) and correct [D] int64 (top-1
@@ -274,7 +292,7 @@ def multi_depth_cross_entropy(
     time. Statistics, losses and the grad_h accumulation are fp32.
     """
     world_size = dist.get_world_size(group) if group is not None else 1
-    _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, world_size)
+    _check_inputs(hidden, weights, biases, targets, vocab_sizes, row_mask, row_index, world_size)
     depths = hidden.shape[1]
     shard = VocabShard.of_rank(
         [w.shape[0] for w in weights], vocab_sizes, dist.get_rank(group) if group is not None else 0
@@ -284,7 +302,9 @@ def multi_depth_cross_entropy(
         chunk_rows = max(1, DEFAULT_CHUNK_BYTES // bytes_per_row)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    num_rows = hidden.shape[0] if row_mask is None else int(row_mask.sum())
+    if row_mask is not None:
+        row_index = torch.nonzero(row_mask).squeeze(1)  # host sync (the output's size): pass row_index instead
+    num_rows = hidden.shape[0] if row_index is None else row_index.numel()
     if num_rows > 0:  # equal chunks instead of a short tail
         chunk_rows = math.ceil(num_rows / math.ceil(num_rows / chunk_rows))
     plan = _Plan(
@@ -300,6 +320,5 @@ def multi_depth_cross_entropy(
         depth_weights = torch.as_tensor(depth_weights, dtype=torch.float32, device=hidden.device)
         if depth_weights.shape != (depths,):
             raise ValueError(f"depth_weights must have {depths} entries, got {tuple(depth_weights.shape)}")
-    row_index = None if row_mask is None else torch.nonzero(row_mask).squeeze(1)
     params = tuple(weights) + (tuple(biases) if biases is not None else ())
     return _MultiDepthCrossEntropy.apply(plan, hidden, targets, row_index, depth_weights.detach(), *params)

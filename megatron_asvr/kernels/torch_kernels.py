@@ -58,8 +58,9 @@ def softmax_grad_(
     for d, block in enumerate(_blocks(logits, rows, width)):
         z = block[:, : valid[d]].float()  # [rows, valid_d]
         grad = torch.exp(z - lse[:, d : d + 1])
-        owned = (targets[:, d] >= 0) & (targets[:, d] < valid[d])
-        hit = torch.nonzero(owned).squeeze(1)
-        grad[hit, targets[hit, d]] -= 1.0
+        owned = (targets[:, d] >= 0) & (targets[:, d] < valid[d])  # [rows]
+        if valid[d]:  # one-hot subtracted without a host sync (no nonzero)
+            column = targets[:, d].clamp(0, valid[d] - 1).unsqueeze(1)  # [rows, 1]
+            grad.scatter_add_(1, column, -owned.to(grad.dtype).unsqueeze(1))
         block[:, : valid[d]] = grad * scale[d]
         block[:, valid[d] :] = 0

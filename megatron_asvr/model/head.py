@@ -155,8 +155,9 @@ class VisualHead(MegatronModule):
             x = tensor_parallel.checkpoint(layer, False, x) if recompute else layer(x)
         return self.final_norm(x).transpose(0, 1)  # [N, D, E]
 
-    def forward(self, llm_hidden: torch.Tensor, codes: torch.Tensor, row_mask: Optional[torch.Tensor] = None):
-        """Per-depth (loss_sum [D], count [D], correct [D]), summed over this micro-batch's rows."""
+    def forward(self, llm_hidden: torch.Tensor, codes: torch.Tensor, rows: Optional[torch.Tensor] = None):
+        """Per-depth (loss_sum [D], count [D], correct [D]), summed over the supervised ``rows``
+        (int64 indices into llm_hidden [N, H] and codes [N, D]; None: all)."""
         if codes.shape[0] == 0:  # no image in this micro-batch
             depth = len(self.vocab_sizes)
             zeros = torch.zeros(depth, dtype=torch.long, device=llm_hidden.device)
@@ -169,7 +170,7 @@ class VisualHead(MegatronModule):
             [c.bias for c in self.classifiers],
             codes,
             self.vocab_sizes,
-            row_mask=row_mask,
+            row_index=rows,
             group=group if group.size() > 1 else None,
         )
 

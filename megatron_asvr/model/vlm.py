@@ -6,8 +6,10 @@
     last stage:   decoder layers -> final norm -> LM head (text loss)
                                               └> image positions -> visual head(s) (visual loss)
 
-Image features replace the embeddings at ``image_mask`` positions in row-major
-order (sample by sample, left to right). The model reads no files: frozen
+Image features replace the embeddings at ``image_index``, positions of the
+flattened [b * s] batch in row-major order (sample by sample, left to right),
+built on the host with the batch: the forward pass never waits for the device
+to find them. The model reads no files: frozen
 codebook vectors come in through ``build_stage``.
 """
 
@@ -154,13 +156,14 @@ class ASVRModel(MegatronModule):
             features = self.vision_encoder(images)  # [n, P, h_vision]
         return self.projector(features)
 
-    def _decoder_input(self, tokens, position_ids, image_mask, images, input_codes) -> torch.Tensor:
+    def _decoder_input(self, tokens, position_ids, image_index, images, input_codes) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
-        if image_mask is not None and bool(image_mask.any()):
+        if images is not None or input_codes is not None:
             features = self.image_features(images, input_codes)  # [n, P, h]
-            # masked_scatter fills positions in row-major [b, s] order: the order of the features.
-            spliced = embeddings.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(embeddings.dtype))
-            embeddings = spliced.transpose(0, 1).contiguous()  # [s, b, h]
+            s, b, h = embeddings.shape
+            flat = embeddings.transpose(0, 1).reshape(b * s, h)  # [b * s, h]
+            flat = flat.index_copy(0, image_index, features.reshape(-1, h).to(flat.dtype))
+            embeddings = flat.view(b, s, h).transpose(0, 1).contiguous()  # [s, b, h]
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
@@ -169,16 +172,16 @@ class ASVRModel(MegatronModule):
         self,
         tokens: torch.Tensor,  # [b, s]
         position_ids: torch.Tensor,  # [b, s]
-        image_mask: Optional[torch.Tensor] = None,  # [b, s] bool
+        image_index: Optional[torch.Tensor] = None,  # [sum P] image positions in the flattened [b * s]
         images: Optional[torch.Tensor] = None,  # [n, 3, H, W] (first stage)
         input_codes: Optional[torch.Tensor] = None,  # [n, P, D] (first stage, discrete input)
         labels: Optional[torch.Tensor] = None,  # [b, s] (last stage)
         visual_targets: Optional[Dict[str, torch.Tensor]] = None,  # branch -> [sum P, D] codes
-        visual_row_mask: Optional[torch.Tensor] = None,  # [sum P] bool: supervised image positions
+        visual_rows: Optional[torch.Tensor] = None,  # [n_sup] supervised rows of visual_targets
     ):
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._decoder_input(tokens, position_ids, image_mask, images, input_codes)
+            decoder_input = self._decoder_input(tokens, position_ids, image_index, images, input_codes)
         output = self.language_model(
             tokens, position_ids, None, decoder_input=decoder_input, labels=labels if self.post_process else None
         )
@@ -193,9 +196,10 @@ class ASVRModel(MegatronModule):
                 # The head's rows are replicated over TP ranks and so are their gradients:
                 # the backward of this gather keeps each rank's slice (no reduce-scatter).
                 hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-            rows = hidden.transpose(0, 1)[image_mask]  # [sum P, h]
+            s, b, h = hidden.shape
+            rows = hidden.transpose(0, 1).reshape(b * s, h).index_select(0, image_index)  # [sum P, h]
             for branch, head in self.visual_heads.items():
-                visual[branch] = head(rows, visual_targets[branch], visual_row_mask)
+                visual[branch] = head(rows, visual_targets[branch], visual_rows)
         return {"text": text, "visual": visual}
 
 

@@ -16,17 +16,12 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_asvr import runtime
-from megatron_asvr.config import ParallelConfig
-from megatron_asvr.model.canonical import full_state, load_full_state
 from megatron_asvr.checkpoint_format import load_model, save_model
-from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
-from megatron_asvr.training.parallel_model import (
-    DataParallelSettings,
-    build_optimizer,
-    params_synced,
-    wrap_data_parallel,
-)
-from megatron_asvr.training.step import evaluate, forward_backward
+from megatron_asvr.config import ParallelConfig
+from megatron_asvr.data.batch import MicroBatch
+from megatron_asvr.model.canonical import full_state, load_full_state
+from megatron_asvr.model.chunks import ChunkBuilder
+from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
 EVAL_STEP = 99  # the fixed batch used for evaluation only
 
@@ -50,16 +45,12 @@ class Case:
     def chunk_builder(self) -> ChunkBuilder:
         raise TypeError(f"{type(self).__name__} must define chunk_builder")
 
-    def global_batch_data(self, step: int) -> List[dict]:
+    def global_batch_data(self, step: int) -> List[MicroBatch]:
         """The global batch of ``step`` as micro-batches (identical at every layout)."""
         raise TypeError(f"{type(self).__name__} must define global_batch_data")
 
-    def forward_step(self, data_iterator, model):
-        raise TypeError(f"{type(self).__name__} must define forward_step")
-
-    def prepare(self, micro_batches: List[dict]) -> List[dict]:
-        """Hook to annotate this rank's micro-batches before a step (e.g. global loss counts)."""
-        return micro_batches
+    def task(self) -> StepTask:
+        raise TypeError(f"{type(self).__name__} must define task")
 
 
 def _rank_micro_batches(case: Case, info, step: int):
@@ -67,11 +58,7 @@ def _rank_micro_batches(case: Case, info, step: int):
     micro = case.global_batch_data(step)
     per_rank = len(micro) // info.dp_size
     first = info.dp_rank * per_rank
-    return case.prepare(micro[first:first + per_rank]), first
-
-
-def _iterators(model, micro):
-    return [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
+    return micro[first:first + per_rank], first
 
 
 def _reported(reports, first: int) -> List[tuple]:
@@ -79,9 +66,11 @@ def _reported(reports, first: int) -> List[tuple]:
     return [(first + i, {k: v.detach().clone() for k, v in r.items()}) for i, r in enumerate(reports)]
 
 
-def _build(case: Case):
+def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
     info = runtime.initialize(case.parallel, seed=case.seed)
-    return info, build_model_chunks(case.chunk_builder(), info.device)
+    optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps)
+    return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info,
+                   init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial))
 
 
 def _main_param_dtypes(optimizer) -> set:
@@ -89,61 +78,63 @@ def _main_param_dtypes(optimizer) -> set:
     return {p.dtype for opt in optimizers for group in opt.optimizer.param_groups for p in group["params"]}
 
 
+def _record_grads_before_update(trainer: Trainer, grads: list) -> None:
+    """Append the canonical reduced gradients to ``grads`` each time the optimizer is about to step."""
+    step = trainer.optimizer.step
+
+    def recording_step():
+        grads.append(full_state(trainer.model, attr="main_grad"))
+        return step()
+
+    trainer.optimizer.step = recording_step
+
+
 def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to: Optional[str] = None) -> dict:
-    """Train ``case``; return the canonical initial params, and per step the loss reports,
-    grad norm, gradients (before the update) and params (after it).
+    """Train ``case`` through ``Trainer.train_step``; return the canonical initial params, and per
+    step the loss reports, grad norm, gradients (reduced, before clipping and the update) and
+    params (after the update).
 
     With ``save_to``, the trained model is saved there as a dist checkpoint and its
     evaluation reports are returned too.
     """
-    info, chunks = _build(case)
-    if initial is None:
-        initial = full_state(chunks)
-    else:
-        load_full_state(chunks, initial)
-    settings = DataParallelSettings.of(case.parallel)
-    model = wrap_data_parallel(chunks, settings)
-    optimizer = build_optimizer(
-        model, lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps,
-        distributed_optimizer=settings.distributed_optimizer,
-    )
+    trainer = _trainer(case, initial)
+    info = trainer.info
     out = {
-        "initial": initial, "reports": [], "grad_norms": [], "grads": [], "params": [],
+        "initial": full_state(trainer.chunks) if initial is None else initial,
+        "reports": [], "grad_norms": [], "grads": [], "params": [],
         "rank": info.rank, "tp_rank": info.tp_rank, "dp_rank": info.dp_rank,
         "model_parallel_rng": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"].clone(),
-        "main_param_dtypes": _main_param_dtypes(optimizer),
+        "main_param_dtypes": _main_param_dtypes(trainer.optimizer),
     }
+    if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards
+        _record_grads_before_update(trainer, out["grads"])
     for step in range(case.steps):
         micro, first = _rank_micro_batches(case, info, step)
-        reports = forward_backward(case.forward_step, _iterators(model, micro), model, optimizer, len(micro), case.seq_length, case.micro_batch)
-        if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards
-            out["grads"].append(full_state(model, attr="main_grad"))
-        _, grad_norm, _ = optimizer.step()
-        out["reports"].append(_reported(reports, first))
-        out["grad_norms"].append(grad_norm)
-        with params_synced(model):
-            out["params"].append(full_state(model))
+        result = trainer.train_step(micro)
+        assert not result.skipped, f"step {step} was skipped as non-finite"
+        out["reports"].append(_reported(result.reports, first))
+        out["grad_norms"].append(result.grad_norm)
+        with trainer.synced():
+            out["params"].append(full_state(trainer.model))
     if save_to is not None:
-        with params_synced(model):
-            save_model(model, Path(save_to))
-            out["eval"] = evaluate_reports(case, info, model)
+        with trainer.synced():
+            save_model(trainer.model, Path(save_to))
+        out["eval"] = evaluate_reports(case, trainer)
     runtime.destroy()
     return out
 
 
-def evaluate_reports(case: Case, info, model, step: int = EVAL_STEP) -> List[tuple]:
+def evaluate_reports(case: Case, trainer: Trainer, step: int = EVAL_STEP) -> List[tuple]:
     """Forward-only reports on the batches of ``step`` (a batch never trained on by default)."""
-    micro, first = _rank_micro_batches(case, info, step)
-    reports = evaluate(case.forward_step, _iterators(model, micro), model, len(micro), case.seq_length, case.micro_batch)
-    return _reported(reports, first)
+    micro, first = _rank_micro_batches(case, trainer.info, step)
+    return _reported(trainer.evaluate(micro), first)
 
 
 def evaluate_checkpoint(case: Case, directory: str) -> List[tuple]:
     """Load a dist checkpoint at ``case``'s layout and return its evaluation reports."""
-    info, chunks = _build(case)
-    model = wrap_data_parallel(chunks, DataParallelSettings())
-    load_model(model, Path(directory))
-    reports = evaluate_reports(case, info, model)
+    trainer = _trainer(case)
+    load_model(trainer.model, Path(directory))
+    reports = evaluate_reports(case, trainer)
     runtime.destroy()
     return reports
 
@@ -157,4 +148,3 @@ def merged_reports(results: List[dict], key: str = "reports") -> Dict[tuple, dic
             for micro, report in reports:
                 merged[(step, micro)] = report
     return merged
-

@@ -6,6 +6,7 @@ from functools import partial
 import torch
 
 from megatron_asvr.config import LLMConfig
+from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.llm import build_llm, llm_transformer_config
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.testing.harness import Case
@@ -38,7 +39,7 @@ class GPTCase(Case):
         tokens = torch.randint(0, self.llm.vocab_size, (n, s + 1), generator=g)
         loss_mask = (torch.rand(n, s, generator=g) > 0.2).float()
         return [
-            dict(
+            MicroBatch(
                 tokens=tokens[i:i + self.micro_batch, :-1],
                 labels=tokens[i:i + self.micro_batch, 1:],
                 loss_mask=loss_mask[i:i + self.micro_batch],
@@ -47,10 +48,20 @@ class GPTCase(Case):
             for i in range(0, n, self.micro_batch)
         ]
 
+    def task(self):
+        return GPTTask()
+
+
+class GPTTask:
+    """Per-token LM loss; megatron normalises by the summed loss-mask count."""
+
+    def prepare(self, micro, last_stage):
+        pass
+
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
-        return per_token, partial(_loss_func, batch["loss_mask"])
+        per_token = model(batch.tokens, batch.position_ids, None, labels=batch.labels)  # [b, s]
+        return per_token, partial(_loss_func, batch.loss_mask)
 
 
 def mean_losses(results, key="reports"):

@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, align_visual_targets, build_sequence, collate
+from megatron_asvr.data.batch import build_micro_batch
+from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE
-from megatron_asvr.model.loss import global_counts
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.testing.harness import Case, merged_reports
-from megatron_asvr.training.forward_step import make_forward_step
+from megatron_asvr.training.task import ASVRTask
 
 TINY_MODEL = ModelConfig(
     vision=VisionConfig(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, image_size=28),
@@ -33,6 +32,7 @@ TINY_MODEL = ModelConfig(
     transformer_impl="local",
 )
 BOS, PATCHES = 1, 4  # 28-pixel images, 14-pixel patches
+BRANCHES = ("semantic", "appearance")
 
 
 def codebooks(model: ModelConfig) -> Dict[str, List[torch.Tensor]]:
@@ -92,36 +92,29 @@ class VLMCase(Case):
         pixels = torch.zeros(3, 28, 28) if name == ZERO_IMAGE else torch.randn(3, 28, 28, generator=g)
         codes = {
             branch: torch.stack([torch.randint(0, v, (PATCHES,), generator=g) for v in spec.sizes], dim=1)
-            for branch, spec in (("semantic", self.model.asvr.semantic), ("appearance", self.model.asvr.appearance))
+            for branch, spec in ((b, getattr(self.model.asvr, b)) for b in BRANCHES)
         }
         return pixels, codes
 
     def global_batch_data(self, step):
         samples = self._samples(step)
+        asvr = self.model.asvr
         micro = []
         for i in range(0, len(samples), self.micro_batch):
             group = samples[i:i + self.micro_batch]
-            batch = collate([s for s, _ in group])
-            names = [name for _, names in group for name in names]
-            images = [self._image(name) for name in names]
-            batch["images"] = torch.stack([p for p, _ in images]) if images else None
-            batch["input_codes"] = torch.stack([c["semantic"] for _, c in images]) if images else None
-            targets = {}
-            for branch in ("semantic", "appearance"):
-                targets[branch], row_mask = align_visual_targets(
-                    [c[branch] for _, c in images], [True] * len(images),
-                    getattr(self.model.asvr, branch).depth, self.model.asvr.target_shift,
-                )
-            batch["visual_targets"], batch["visual_row_mask"] = targets, row_mask
-            micro.append(batch)
+            images = [self._image(name) for _, names in group for name in names]
+            micro.append(build_micro_batch(
+                [s for s, _ in group],
+                images=torch.stack([p for p, _ in images]) if images else None,
+                input_codes=torch.stack([c["semantic"] for _, c in images]) if images else None,
+                codes={branch: [c[branch] for _, c in images] for branch in BRANCHES},
+                depths={branch: getattr(asvr, branch).depth for branch in BRANCHES},
+                target_shift=asvr.target_shift,
+            ))
         return micro
 
-    def forward_step(self, data_iterator, model):
-        return make_forward_step(self.model.asvr)(data_iterator, model)
-
-    def prepare(self, micro_batches):
-        counts = global_counts(micro_batches, parallel_state.get_data_parallel_group())
-        return [dict(b, loss_counts=counts) for b in micro_batches]
+    def task(self):
+        return ASVRTask(self.model.asvr)
 
 
 def losses(results, model: ModelConfig, key: str = "reports") -> Dict[str, float]:

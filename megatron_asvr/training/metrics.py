@@ -18,40 +18,52 @@ import torch.distributed as dist
 from megatron_asvr.runtime.device import peak_memory_bytes
 
 
-def reduce_reports(reports: List[Dict[str, torch.Tensor]], group) -> Dict[str, torch.Tensor]:
+@dataclass
+class SummedReports:
+    """Loss reports summed over micro-batches and data-parallel ranks, as one device vector."""
+
+    flat: torch.Tensor  # [sum of sizes] float64, on the device
+    sizes: Dict[str, int]  # report name -> its length in ``flat``, in order
+
+    def on_host(self) -> Dict[str, List[float]]:
+        values = self.flat.tolist()  # host sync: the step's numbers for the log (one transfer)
+        out, at = {}, 0
+        for name, size in self.sizes.items():
+            out[name], at = values[at:at + size], at + size
+        return out
+
+
+def reduce_reports(reports: List[Dict[str, torch.Tensor]], group) -> Optional[SummedReports]:
     """Sum the micro-batch reports of this rank, then over the data-parallel ``group``."""
     if not reports:
-        return {}
+        return None
     names = sorted(reports[0])
     flat = torch.cat([sum(r[n].double().flatten() for r in reports) for n in names])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, group=group)
-    out, at = {}, 0
-    for n in names:
-        size = reports[0][n].numel()
-        out[n] = flat[at:at + size]
-        at += size
-    return out
+    return SummedReports(flat, {n: reports[0][n].numel() for n in names})
 
 
-def step_losses(summed: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def step_losses(summed: Optional[SummedReports]) -> Dict[str, float]:
     """Text loss, visual loss per head, and per-depth CE / accuracy, from summed reports."""
+    if summed is None:
+        return {}
+    values = summed.on_host()
     out = {}
-    if "text" in summed:
-        total, count = summed["text"].tolist()
+    if "text" in values:
+        total, count = values["text"]
         out["loss/text"] = total / count if count else float("nan")
-    for name in summed:
+    for name, ce in values.items():
         if name.startswith("visual/") and name.endswith("/ce"):
             branch = name.split("/")[1]
-            rows = summed[f"visual/{branch}/rows"].item()
+            rows = values[f"visual/{branch}/rows"][0]
             if rows == 0:
                 continue
-            ce = summed[name] / rows
-            acc = summed[f"visual/{branch}/correct"] / rows
-            out[f"loss/visual_{branch}"] = ce.mean().item()
+            correct = values[f"visual/{branch}/correct"]
+            out[f"loss/visual_{branch}"] = sum(ce) / len(ce) / rows
             for d in range(len(ce)):
-                out[f"visual_{branch}/ce_depth{d}"] = ce[d].item()
-                out[f"visual_{branch}/acc_depth{d}"] = acc[d].item()
+                out[f"visual_{branch}/ce_depth{d}"] = ce[d] / rows
+                out[f"visual_{branch}/acc_depth{d}"] = correct[d] / rows
     return out
 
 

@@ -1,4 +1,4 @@
-"""Forward and backward passes on megatron's pipeline schedules (the optimizer step is the caller's)."""
+"""megatron's pipeline schedules: forward + backward for the trainer, forward only for it and inference."""
 
 from typing import Any, Callable, Iterator, List, Union
 
@@ -30,7 +30,7 @@ def forward_backward(
 
 
 @torch.no_grad()
-def evaluate(
+def forward_only(
     forward_step_func: Callable,
     data_iterator: Union[Iterator, List[Iterator]],
     model: List[torch.nn.Module],

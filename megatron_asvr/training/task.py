@@ -1,0 +1,51 @@
+"""What the trainer runs for the ASVR model: megatron's forward-step function and the loss counts."""
+
+from functools import partial
+from typing import List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_asvr.config import ASVRConfig
+from megatron_asvr.data.batch import MicroBatch
+from megatron_asvr.model.loss import asvr_loss
+
+
+class ASVRTask:
+    """``forward_step`` for ``ASVRModel`` stages; ``prepare`` sets the global loss counts."""
+
+    def __init__(self, asvr: ASVRConfig):
+        self.asvr = asvr
+
+    def prepare(self, micro: List[MicroBatch], last_stage: bool) -> None:
+        """On the last stage: the supervised text tokens and visual rows of the global batch
+        (every micro-batch, every data-parallel rank), summed on the device."""
+        if not last_stage:
+            return
+        counts = torch.stack([
+            torch.stack([m.loss_mask.sum(dtype=torch.float64),
+                         torch.full((), m.visual_rows.numel() if m.visual_rows is not None else 0,
+                                    dtype=torch.float64, device=m.loss_mask.device)])
+            for m in micro
+        ]).sum(0)  # [2]
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        for m in micro:
+            m.loss_counts = counts
+
+    def forward_step(self, data_iterator, model):
+        batch: MicroBatch = next(data_iterator)
+        output = model(
+            tokens=batch.tokens,
+            position_ids=batch.position_ids,
+            image_index=batch.image_index,
+            images=batch.images,
+            input_codes=batch.input_codes,
+            labels=batch.labels,
+            visual_targets=batch.visual_targets,
+            visual_rows=batch.visual_rows,
+        )
+        # The loss function only runs on the last stage.
+        return output, partial(asvr_loss, loss_mask=batch.loss_mask, counts=batch.loss_counts, asvr=self.asvr)

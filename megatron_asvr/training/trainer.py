@@ -1,0 +1,205 @@
+"""The trainer: this rank's model chunks, DDP, optimizer and scheduler, and THE training step.
+
+    Trainer(build_chunk, task, parallel, optim, info)
+        .train_step(micro_batches) -> StepResult      (tools/train.py, the benchmark, the tests)
+        .evaluate(micro_batches)   -> loss reports    (forward only, same task)
+        .save(...) / .resume(...)                     (model, optimizer, scheduler, RNG, data position)
+
+One step: the micro-batches go to the device (the only move), the task annotates
+them (the global loss counts, reduced on the device), megatron's pipeline
+schedule runs forward and backward, the last stage's loss reports are reduced
+over data-parallel ranks, then one collective decides for every rank whether
+the loss and gradients are finite. A finite step runs the optimizer and the
+learning-rate schedule; a non-finite one is skipped (``nan_policy``). The host
+waits for the device at two points per step, each marked ``host sync``.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_asvr.config import ParallelConfig
+from megatron_asvr.data.batch import MicroBatch
+from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
+from megatron_asvr.runtime import RankInfo
+from megatron_asvr.training import checkpoint as ckpt
+from megatron_asvr.training.metrics import reduce_reports, step_losses
+from megatron_asvr.training.parallel_model import (
+    DataParallelSettings,
+    build_optimizer,
+    params_synced,
+    wrap_data_parallel,
+)
+from megatron_asvr.training.schedule import forward_backward, forward_only
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stayed non-finite: training stopped without applying them."""
+
+
+class StepTask(Protocol):
+    """What a model is trained on: megatron's forward-step function and the per-step annotations."""
+
+    def forward_step(self, data_iterator, model):
+        """(output, loss_func) for the next micro-batch of ``data_iterator``."""
+
+    def prepare(self, micro: List[MicroBatch], last_stage: bool) -> None:
+        """Annotate this rank's micro-batches (on the device) before the schedule runs."""
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW and its learning-rate schedule (cosine or constant after a linear warm-up)."""
+
+    lr: float
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    decay_style: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    total_steps: int = 1
+    nan_policy: str = "skip"  # skip (up to max_consecutive_skips in a row) | stop
+    max_consecutive_skips: int = 5
+
+
+@dataclass
+class StepResult:
+    """What one step did, on the host (losses only on the last pipeline stage)."""
+
+    step: int
+    losses: Dict[str, float]
+    grad_norm: Optional[float]
+    skipped: bool
+    lr: float  # the rate this step used
+    samples: int  # global batch
+    image_positions: int  # over the global batch
+    dropped: int  # samples masked out as too long, over the global batch
+    stop: bool  # some rank asked the run to stop after this step
+    reports: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch (last stage)
+
+
+class Trainer:
+    """One rank's share of the training job (every rank constructs one and calls the same methods)."""
+
+    def __init__(self, build_chunk: ChunkBuilder, task: StepTask, parallel: ParallelConfig,
+                 optim: OptimizerSettings, info: RankInfo,
+                 init_weights: Optional[Callable[[list], None]] = None, bucket_size: Optional[int] = None):
+        """``init_weights(chunks)`` may load weights before the chunks are wrapped for DDP."""
+        self.task, self.optim, self.info = task, optim, info
+        self.chunks = build_model_chunks(build_chunk, info.device)
+        if init_weights is not None:
+            init_weights(self.chunks)
+        settings = DataParallelSettings.of(parallel)
+        if bucket_size is not None:
+            settings.bucket_size = bucket_size
+        self.model = wrap_data_parallel(self.chunks, settings)
+        self.optimizer = build_optimizer(
+            self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            clip_grad=optim.clip_grad, adam_betas=optim.adam_betas, adam_eps=optim.adam_eps,
+            distributed_optimizer=settings.distributed_optimizer,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(optim.total_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.first_stage = any(get_attr_wrapped_model(c, "pre_process") for c in self.model)
+        self.last_stage = any(get_attr_wrapped_model(c, "post_process") for c in self.model)
+        self.step, self.consumed_samples, self.consecutive_skips = 0, 0, 0
+        self._grad_buffers = [b.grad_data for m in self.model for b in m.buffers + m.expert_parallel_buffers]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _to_device(self, micro: List[MicroBatch]) -> List[MicroBatch]:
+        micro = [m.to(self.info.device) for m in micro]
+        self.task.prepare(micro, self.last_stage)
+        return micro
+
+    def _iterators(self, micro: List[MicroBatch]):
+        return [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+
+    def train_step(self, micro: List[MicroBatch], stop_requested: bool = False) -> StepResult:
+        """Forward, backward and (when everything is finite) the optimizer step on this rank's
+        micro-batches of the next global batch. ``stop_requested`` (e.g. SIGTERM seen here) is
+        shared with every rank through the step's own all-reduce: ``StepResult.stop``."""
+        micro = self._to_device(micro)
+        seq_length, micro_batch = micro[0].tokens.shape[1], micro[0].num_samples
+        reports = forward_backward(self.task.forward_step, self._iterators(micro), self.model, self.optimizer,
+                                   len(micro), seq_length, micro_batch)
+        summed = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
+        bad, stop, dropped, positions = self._step_facts(summed, micro, stop_requested)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if bad:
+            self.consecutive_skips += 1
+            if self.optim.nan_policy == "stop" or self.consecutive_skips > self.optim.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"step {self.step + 1}: non-finite loss or gradients ({self.consecutive_skips} consecutive); "
+                    f"stopped without applying them (train.nan_policy={self.optim.nan_policy})")
+        else:
+            self.consecutive_skips = 0
+            _, grad_norm, _ = self.optimizer.step()  # host sync inside megatron: the clipping norm
+            self.scheduler.step(increment=1)
+        self.step += 1
+        samples = sum(m.num_samples for m in micro) * self.info.dp_size
+        self.consumed_samples += samples
+        return StepResult(self.step, step_losses(summed), grad_norm, bad, lr, samples, positions, dropped, stop,
+                          reports)
+
+    def _step_facts(self, summed, micro: List[MicroBatch], stop_requested: bool) -> Tuple[bool, bool, int, int]:
+        """(any rank non-finite, any rank asked to stop, dropped samples, image positions) over the
+        job: one all-reduce."""
+        host = torch.tensor([0.0, float(stop_requested), sum(m.dropped for m in micro),
+                             sum(m.num_image_positions for m in micro)], dtype=torch.float64)
+        facts = host.to(self.info.device, non_blocking=True)
+        checks = [torch.isfinite(g).all() for g in self._grad_buffers]  # one per buffer, not per parameter
+        if summed is not None:
+            checks.append(torch.isfinite(summed.flat).all())
+        if checks:
+            facts[0] = (~torch.stack(checks)).sum()
+        dist.all_reduce(facts)
+        # host sync: skipping the update must be decided on the host, by every rank alike.
+        bad, stop, dropped, positions = facts.tolist()
+        replicas = self.info.world_size // self.info.dp_size  # every TP x PP rank of a replica counted it
+        return bad > 0, stop > 0, int(dropped) // replicas, int(positions) // replicas
+
+    @torch.no_grad()
+    def evaluate(self, micro: List[MicroBatch]) -> List[Dict[str, torch.Tensor]]:
+        """Forward-only loss reports on ``micro`` (last stage), parameters gathered first."""
+        micro = self._to_device(micro)
+        with self.synced():
+            return forward_only(self.task.forward_step, self._iterators(micro), self.model, len(micro),
+                                micro[0].tokens.shape[1], micro[0].num_samples)
+
+    @contextmanager
+    def synced(self):
+        """The parameters all-gathered for reading (with overlapped param gather they may lag)."""
+        with params_synced(self.model):
+            yield
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def save(self, save_dir: Path, model_config: dict, run_config: dict, keep_last: int = 3) -> Path:
+        """Checkpoint the full training state after ``self.step`` (collective); refuses non-finite weights."""
+        with self.synced():
+            finite = torch.stack([torch.isfinite(p).all() for c in self.model for p in c.parameters()]).all()
+            if not finite:  # host sync, once per checkpoint
+                raise NonFiniteError(f"parameters are not finite at step {self.step}: refusing to checkpoint")
+            return ckpt.save_checkpoint(save_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                        self.consumed_samples, model_config, run_config, keep_last)
+
+    def resume(self, directory: Path) -> bool:
+        """Restore everything from a checkpoint; return whether the layout was the same (RNG restored)."""
+        state = ckpt.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
+        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+        return state["same_layout"]
