@@ -231,7 +231,7 @@ class CodebookSpec:
 
 @dataclass
 class HeadConfig:
-    """The ASVR visual head (ASVR_SPEC.md section 2); the reference is E=2048, 3 layers, 16 heads."""
+    """The ASVR visual head (docs/method.md#3-the-visual-head); the reference is E=2048, 3 layers, 16 heads."""
 
     hidden_size: int = 2048  # E
     num_layers: int = 3
@@ -245,7 +245,7 @@ SUPERVISION = ("semantic", "appearance", "dual")
 
 @dataclass
 class ASVRConfig:
-    """The visual loss and its switches (ASVR_SPEC.md sections 4 and 5)."""
+    """The visual loss and its switches (docs/method.md#4-losses, docs/method.md#5-switches)."""
 
     visual_loss: bool = True  # on/off for this training stage
     loss_weight: float = 1.0  # lambda in L = L_text + lambda * L_visual
@@ -332,7 +332,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe (ASVR_SPEC.md section 5) and the run's bookkeeping."""
+    """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping."""
 
     seed: int = 1234
     global_batch: int = 256

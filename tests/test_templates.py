@@ -1,8 +1,9 @@
 """Golden tokens: LLaVA's templates with the real Vicuna-1.5 tokenizer, written out by hand.
 
 Every expected id list below is assembled from SentencePiece pieces of
-llama2_tokenizer.model (named in the comments) following ASVR_SPEC.md section 7;
-masks mark the answers and their </s> as supervised (1).
+llama2_tokenizer.model (named in the comments) following
+docs/method.md#6-conversation-templates-and-sequences; masks mark the answers
+and their </s> as supervised (1).
 """
 
 import json

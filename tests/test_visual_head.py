@@ -1,4 +1,4 @@
-"""The project's visual head equals a plain-PyTorch head written from ASVR_SPEC.md section 2.
+"""The project's visual head equals a plain-PyTorch head written from docs/method.md#3-the-visual-head.
 
 The reference below uses no megatron code: nn.Linear, an explicit causal
 multi-head attention with biases over the depth slots, the released layer

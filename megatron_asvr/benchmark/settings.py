@@ -20,7 +20,7 @@ from megatron_asvr.config import (
 PRESETS = ("vicuna_7b", "vicuna_13b", "mistral_7b", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
-# Trained parts per ASVR stage (ASVR_SPEC.md section 5).
+# Trained parts per ASVR stage (docs/method.md#7-the-two-stage-recipe).
 STAGE_TRAINABLE = {1: ["projector", "visual_head"], 2: ["projector", "llm", "visual_head"]}
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 

@@ -1,4 +1,5 @@
-"""One benchmark question as the evaluator sees it, and the paper's answer prompts (ASVR_SPEC.md section 6)."""
+"""One benchmark question as the evaluator sees it, and the paper's answer prompts
+(docs/method.md#8-evaluation-prompts)."""
 
 import io
 from dataclasses import dataclass

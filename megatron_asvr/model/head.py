@@ -1,4 +1,4 @@
-"""The ASVR visual head, exactly as released (ASVR_SPEC.md section 2).
+"""The ASVR visual head, exactly as released (docs/method.md#3-the-visual-head).
 
 Input: the LLM's final, normed hidden states at supervised image positions
 [N, H]. Output: per-depth cross entropy against the frozen tokenizer's

@@ -2,9 +2,9 @@
 
 ``plain`` (stage 1), ``vicuna_v1`` (stage 2) and ``mistral_instruct`` follow
 LLaVA's ``preprocess_plain``, ``preprocess_v1`` and ``preprocess_llama_2``
-(ASVR_SPEC.md section 7), including their way of counting tokens per round; where
-that count disagrees with the real tokenization, LLaVA masks the whole sample
-silently, here :class:`TokenizationMismatch` is raised.
+(docs/method.md#6-conversation-templates-and-sequences), including their way of
+counting tokens per round; where that count disagrees with the real tokenization,
+LLaVA masks the whole sample silently, here :class:`TokenizationMismatch` is raised.
 """
 
 from abc import ABC, abstractmethod
