@@ -1,0 +1,33 @@
+"""The run's configuration: the schema (``schema``), reading it (``loading``), one-line errors (``errors``)."""
+
+from megatron_asvr.config.errors import ConfigError
+from megatron_asvr.config.loading import (
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_run_config,
+    load_yaml,
+    parse_yaml,
+    to_dict,
+)
+from megatron_asvr.config.schema import (
+    LLM_PRESETS,
+    VISION_PRESETS,
+    ASVRConfig,
+    CodebookSpec,
+    Component,
+    DataConfig,
+    HeadConfig,
+    ImageMode,
+    LLMConfig,
+    ModelConfig,
+    NanPolicy,
+    ParallelConfig,
+    Precision,
+    Recompute,
+    RunConfig,
+    Supervision,
+    TrainConfig,
+    TransformerImpl,
+    VisionConfig,
+)
