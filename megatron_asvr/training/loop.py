@@ -149,6 +149,7 @@ def run(config: RunConfig, step_hook: Optional[Callable[[int, List[dict]], None]
     codebooks = {}
     if kinds:
         codebooks, specs = load_codebooks(config.train.visual_tokenizer, kinds)
+        VisualTargets.check_made_with(config.data.targets, *tokenizer_files(config.train.visual_tokenizer), config.data.image_mode)
         model_cfg = dataclasses.replace(model_cfg, asvr=dataclasses.replace(model_cfg.asvr, **specs))
 
     info = runtime.initialize(config.parallel, seed=config.train.seed)
