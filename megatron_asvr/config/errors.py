@@ -19,6 +19,7 @@ _SECTION_CONFIG = pydantic.ConfigDict(extra="forbid")
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 
+@typing.dataclass_transform(field_specifiers=(dataclasses.field,))
 def section(cls):
     """``cls`` as a pydantic dataclass: fields checked on construction (also by ``dataclasses.replace``),
     a failure raised as a one-line ``ConfigError`` that names ``Class.field``."""

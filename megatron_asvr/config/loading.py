@@ -24,7 +24,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str, where: str) -> Any:
+def _parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
@@ -46,7 +46,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = parse_yaml(raw, f"override {item!r}")
+        node[leaf] = _parse_yaml(raw, f"override {item!r}")
     return data
 
 
@@ -55,7 +55,7 @@ def load_yaml(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = parse_yaml(path.read_text(), f"config file {path}") or {}
+    data = _parse_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return apply_overrides(data, overrides)
