@@ -15,6 +15,7 @@ RUNTIME_DEPS = [
     "numpy>=1.26",
     "psutil>=5.9",  # dist_checkpointing's writer hangs without it
     "pyyaml>=6.0",
+    "pydantic>=2.6,<3",  # the configuration schema (megatron_asvr/config)
     "safetensors>=0.4",
     "tqdm>=4.66",
     "pillow>=10.0",

@@ -10,8 +10,10 @@ from megatron_asvr.config import (
     ConfigError,
     LLMConfig,
     ParallelConfig,
+    TrainConfig,
     apply_overrides,
     from_dict,
+    load_run_config,
     load_yaml,
 )
 
@@ -90,10 +92,41 @@ def test_yaml_and_overrides(tmp_path):
     assert "unknown config key tensor_paralel" in _one_line_error(from_dict, ParallelConfig, {"tensor_paralel": 2})
     assert "section.key=value" in _one_line_error(apply_overrides, {}, ["novalue"])
     # YAML 1.1 reads 1e-3 as a string: floats are parsed; other wrong types are named
-    from megatron_asvr.config import TrainConfig
-
     assert from_dict(TrainConfig, apply_overrides({}, ["lr=1e-3", "steps=5"])).lr == 1e-3
     assert "train.steps must be int or null, got 'many'" in _one_line_error(
         from_dict, TrainConfig, {"steps": "many"}, "train.")
     assert "must be bool" in _one_line_error(from_dict, ParallelConfig, {"sequence_parallel": "yes please"})
     assert "does not exist" in _one_line_error(load_yaml, tmp_path / "missing.yaml")
+
+
+def test_schema_errors_name_the_key_the_value_and_what_is_allowed(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  asvr: {head: {hidden: 64}}\ntrain: {precision: fp16}\n")
+    assert _one_line_error(load_run_config, recipe) == (
+        "unknown config key model.asvr.head.hidden "
+        "(known: hidden_size, mlp_ratio, norm_eps, num_attention_heads, num_layers)")
+    recipe.write_text("train: {precision: fp16}\n")
+    assert _one_line_error(load_run_config, recipe) == "train.precision must be auto, bf16 or fp32, got 'fp16'"
+    assert _one_line_error(load_run_config, recipe, ["train.precision=bf16", "train.lr=abc"]) == (
+        "train.lr must be float, got 'abc'")
+    assert _one_line_error(load_run_config, recipe, ["train.precision=bf16", "model.trainable=[llm, lm_head]"]) == (
+        "model.trainable[1] must be vision, projector, llm or visual_head, got 'lm_head'")
+    assert _one_line_error(load_run_config, recipe, ["train.precision=bf16", "parallel.tensor_parallel=0"]) == (
+        "parallel.tensor_parallel must be >= 1, got 0")
+
+
+def test_files_are_read_strictly_python_callers_get_config_errors_too(tmp_path):
+    # as JSON is read strictly: an int stands for a float, nothing else converts
+    assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+    assert _one_line_error(from_dict, TrainConfig, {"global_batch": "256"}) == "global_batch must be int, got '256'"
+    assert _one_line_error(from_dict, TrainConfig, {"steps": 5.5}, "train.") == "train.steps must be int or null, got 5.5"
+    assert _one_line_error(from_dict, ParallelConfig, {"sequence_parallel": 1}) == "sequence_parallel must be bool, got 1"
+    assert _one_line_error(from_dict, TrainConfig, [1], "x.json: ") == "x.json must be a mapping, got [1]"
+    # constructing a section (or dataclasses.replace) checks the fields too, naming the class
+    assert _one_line_error(ParallelConfig, 0) == "ParallelConfig.tensor_parallel must be >= 1, got 0"
+    assert _one_line_error(lambda: dataclasses.replace(TrainConfig(), nan_policy="retry")) == (
+        "TrainConfig.nan_policy must be skip or stop, got 'retry'")
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  lr: [1\n")
+    assert _one_line_error(load_yaml, recipe) == (
+        f"config file {recipe} is not valid YAML: expected ',' or ']', but got '<stream end>' (line 3, column 1)")

@@ -1,6 +1,7 @@
 """Bad recipes fail before any model is built, with one line that says what to change."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -67,3 +68,34 @@ def test_recipes_in_configs_load_and_name_unknown_keys(tmp_path):
     recipe.write_text("model: {llm: {preset: llama_70b}}\n")
     with pytest.raises(ConfigError, match="model.llm.preset='llama_70b' is unknown"):
         load_run_config(recipe)
+
+
+def test_targets_must_come_from_the_runs_tokenizer_and_image_mode(tmp_path):
+    from megatron_asvr.data.targets import PLAN_FILE, VisualTargets, file_sha256
+
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "config.json").write_text('{"depth": 4}')
+    (tokenizer / "tokenizer.ckpt").write_bytes(b"weights of the tokenizer")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    record = {"config_sha256": file_sha256(tokenizer / "config.json"),
+              "checkpoint_sha256": file_sha256(tokenizer / "tokenizer.ckpt")}
+    (targets / PLAN_FILE).write_text(json.dumps({"mode": "resize", "tokenizer": record}))
+    files = (tokenizer / "config.json", tokenizer / "tokenizer.ckpt")
+
+    VisualTargets.check_made_with(str(targets), *files, "resize")
+    VisualTargets.check_made_with(None, *files, "pad")  # a run without targets
+    with pytest.raises(ConfigError) as info:
+        VisualTargets.check_made_with(str(targets), *files, "pad")
+    assert str(info.value) == (
+        f"{targets / PLAN_FILE} holds codes of 'resize' images but data.image_mode='pad': "
+        "set data.image_mode=resize or recompute the targets with --mode pad")
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"weights of another tokenizer")
+    with pytest.raises(ConfigError) as info:
+        VisualTargets.check_made_with(str(targets), files[0], other, "resize")
+    assert str(info.value) == (
+        f"{targets / PLAN_FILE} was computed with another visual tokenizer ({other} has SHA-256 "
+        f"{file_sha256(other)[:12]}..., the targets record checkpoint {record['checkpoint_sha256'][:12]}...): "
+        "point train.visual_tokenizer at the tokenizer the targets were made with, or recompute them with this one")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_asvr.config import ConfigError, ParallelConfig
-from megatron_asvr.data.images import ImageLoadError
+from megatron_asvr.data.images import MODES, ImageLoadError
 from megatron_asvr.data.sequence import SequenceTooLong
 
 
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=_ints, help="comma-separated 0-based heads (default: all)")
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--template", choices=("vicuna_v1", "mistral_instruct", "plain"))
-    parser.add_argument("--image-mode", choices=("resize", "pad", "anyres"))
+    parser.add_argument("--image-mode", choices=MODES)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=32)

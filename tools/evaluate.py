@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from megatron_asvr.config import ConfigError, ParallelConfig
-from megatron_asvr.data.images import ImageLoadError
+from megatron_asvr.data.images import MODES, ImageLoadError
 from megatron_asvr.data.sequence import SequenceTooLong
 from megatron_asvr.evaluation.items import BenchmarkError
 
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json and the table")
     parser.add_argument("--tokenizer", type=Path, help="text tokenizer (directory or file)")
     parser.add_argument("--template", choices=("vicuna_v1", "mistral_instruct", "plain"))
-    parser.add_argument("--image-mode", choices=("resize", "pad", "anyres"))
+    parser.add_argument("--image-mode", choices=MODES)
     parser.add_argument("--method", choices=("generate", "likelihood"), default="generate",
                         help="likelihood: the likeliest option letter / yes-no (short answers are generated)")
     parser.add_argument("--tp", type=int, default=1)

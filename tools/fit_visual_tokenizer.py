@@ -16,9 +16,10 @@ OUT/fit_report.json.
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 from megatron_asvr import runtime
-from megatron_asvr.config import ConfigError, ParallelConfig
+from megatron_asvr.config import ConfigError, ParallelConfig, TransformerImpl
 from megatron_asvr.data.images import MODES
 from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer, report_table
 from megatron_asvr.tokenizers.visual_format import TokenizerFileError
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"(default: {default})")
     p.add_argument("--mode", choices=MODES, default=defaults.mode, help="image preprocessing")
-    p.add_argument("--backend", choices=("auto", "local", "transformer_engine"), default=defaults.backend)
+    p.add_argument("--backend", choices=get_args(TransformerImpl), default=defaults.backend)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 

@@ -15,9 +15,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from megatron_asvr import runtime
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import ParallelConfig, TransformerImpl
 from megatron_asvr.data.images import MODES
 from megatron_asvr.data.targets import TargetsConfig, TargetsFailed, precompute_targets
 from megatron_asvr.tokenizers.visual_format import KINDS
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default="pad", help="image preprocessing of the training stage")
     p.add_argument("--kind", choices=sorted(KIND_CHOICES), default="semantic", help="which codes (dual: both)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 reproduces the released codes")
-    p.add_argument("--backend", choices=("auto", "local", "transformer_engine"), default="auto")
+    p.add_argument("--backend", choices=get_args(TransformerImpl), default="auto")
     p.add_argument("--batch-images", type=int, default=32)
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p.add_argument("--max-images", type=int, default=None, help="stop after this many images (resume later)")

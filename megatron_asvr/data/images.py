@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 import math
 import os
+from typing import get_args
 
 import numpy as np
 from PIL import Image
 import torch
+
+from megatron_asvr.config import ImageMode
 
 TILE_SIZE = 384
 PATCHES_PER_TILE = 729  # SigLIP-SO400M-patch14-384: (384 // 14) ** 2 = 27 * 27
@@ -27,7 +30,7 @@ IMAGE_MEAN = 0.5  # the same for all three channels
 IMAGE_STD = 0.5
 PAD_BACKGROUND = (int(IMAGE_MEAN * 255),) * 3  # (127, 127, 127), as LLaVA computes it from the mean
 ANYRES_FILL = (0, 0, 0)  # LLaVA-NeXT pads the resized image with black before tiling
-MODES = ("resize", "pad", "anyres")
+MODES = get_args(ImageMode)  # resize, pad, anyres
 # (width, height) of every grid of 1..3 x 1..3 tiles, up to 1152 x 1152.
 DEFAULT_GRID_PINPOINTS = tuple(
     (cols * TILE_SIZE, rows * TILE_SIZE) for cols in range(1, 4) for rows in range(1, 4)

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from megatron_asvr.config import ConfigError
 from megatron_asvr.data.images import MODES, TILE_SIZE, ImageLoadError, load_rgb, preprocess_image, tile_count
 from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
 from megatron_asvr.tokenizers.visual_format import KINDS, VisualCodesMeta
@@ -363,6 +364,33 @@ def _report(config, references, index, store, missing, undecodable, counts) -> d
 
 class VisualTargets:
     """Read-only view of a targets directory: the codes of an image by its key."""
+
+    @staticmethod
+    def check_made_with(directory: Optional[str], tokenizer_config: Path, tokenizer_checkpoint: Path,
+                        image_mode: str) -> None:
+        """Raise ``ConfigError`` unless the targets in ``directory`` (None: a run without targets) were
+        computed with this tokenizer (its files' SHA-256, as the plan records them) and image mode."""
+        if directory is None:
+            return
+        plan_path = Path(directory) / PLAN_FILE
+        plan = json.loads(plan_path.read_text())
+        recorded = plan.get("tokenizer") or {}
+        if "mode" not in plan or not {"config_sha256", "checkpoint_sha256"} <= recorded.keys():
+            raise ConfigError(f"{plan_path} records no tokenizer or image mode: recompute the targets with "
+                              f"tools/precompute_targets.py")
+        if plan["mode"] != image_mode:
+            raise ConfigError(
+                f"{plan_path} holds codes of {plan['mode']!r} images but data.image_mode={image_mode!r}: set "
+                f"data.image_mode={plan['mode']} or recompute the targets with --mode {image_mode}"
+            )
+        for part, path in (("config", tokenizer_config), ("checkpoint", tokenizer_checkpoint)):
+            digest = file_sha256(Path(path))
+            if digest != recorded[f"{part}_sha256"]:
+                raise ConfigError(
+                    f"{plan_path} was computed with another visual tokenizer ({path} has SHA-256 {digest[:12]}..., "
+                    f"the targets record {part} {recorded[f'{part}_sha256'][:12]}...): point train.visual_tokenizer "
+                    f"at the tokenizer the targets were made with, or recompute them with this one"
+                )
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)

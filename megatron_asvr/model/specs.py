@@ -11,7 +11,7 @@ take the resulting ``ModuleSpec`` and never branch on the backend.
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -28,11 +28,11 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_asvr.config import ConfigError
+from megatron_asvr.config import ConfigError, TransformerImpl
 from megatron_asvr.model.attention import SDPAttention
 from megatron_asvr.model.norms import Norm
 
-BACKENDS = ("auto", "transformer_engine", "local")
+BACKENDS = get_args(TransformerImpl)  # auto, transformer_engine, local
 
 
 def have_transformer_engine() -> bool:

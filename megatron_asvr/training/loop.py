@@ -24,7 +24,7 @@ from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
-from megatron_asvr.tokenizers.visual import load_directory_codebooks
+from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import StepShape, step_flops
 from megatron_asvr.training.metrics import MetricsLogger, Stopwatch
@@ -123,6 +123,9 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
         raise ConfigError("train.eval_interval is set but no evaluator was given: train through tools/train.py "
                           "(megatron_asvr.evaluation.in_training.train) or set train.eval_interval=0")
     codebooks, model_cfg = with_codebooks(config)
+    if codebooks and config.data.targets:
+        VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
+                                      config.data.image_mode)
     info = runtime.initialize(config.parallel, seed=config.train.seed)
     t = config.train
     shards = ShardDataset(config.data.shards)

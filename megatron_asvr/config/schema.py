@@ -1,29 +1,51 @@
-"""Configuration dataclasses, YAML + command-line overrides, and validation.
+"""The run's configuration schema: one section per concern, each field typed and constrained.
 
-Every impossible combination is rejected here, before anything heavy is built,
-with a one-line ``ConfigError`` that says what to change.
+Field-local rules (choices, ranges) are in the types and checked by pydantic on
+construction; rules that span fields or sections (the layout against the model,
+batch arithmetic, files) are the ``validate`` methods, run before anything heavy
+is built. Every failure is a one-line ``ConfigError`` that says what to change.
 """
 
 import dataclasses
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Annotated, Dict, List, Literal, Optional
 
-import yaml
+from pydantic import Field
+
+from megatron_asvr.config.errors import ConfigError, section
+
+Positive = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+TransformerImpl = Literal["auto", "transformer_engine", "local"]
+ImageMode = Literal["resize", "pad", "anyres"]  # stage 1 | stage 2 | high resolution (data/images.py)
+Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
+Recompute = Literal["none", "selective", "full"]  # LLM layers; the head recomputes with full
+NanPolicy = Literal["skip", "stop"]  # skip: up to train.max_consecutive_skips bad steps
+Supervision = Literal["semantic", "appearance", "dual"]  # dual: two heads, both losses
+Component = Literal["vision", "projector", "llm", "visual_head"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one actionable line."""
+def _require_divisible(key: str, value: int, by_key: str, by: int, fix: str = "") -> None:
+    if value % by:
+        raise ConfigError(f"{key}={value} is not divisible by {by_key}={by}{fix}")
 
 
-@dataclass
+def _split_by_tp(section_name: str, tp: int, **sizes: int) -> None:
+    """Each of ``sizes`` splits evenly over the tensor-parallel ranks."""
+    for name, size in sizes.items():
+        _require_divisible(f"{section_name}.{name}", size, "parallel.tensor_parallel", tp,
+                           f": choose a tensor_parallel that divides {size}")
+
+
+@section
 class ParallelConfig:
     """How the model is split. Data parallelism is what remains of the world size."""
 
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    tensor_parallel: Positive = 1
+    pipeline_parallel: Positive = 1
+    virtual_pipeline: Optional[Positive] = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     # Overlap data-parallel communication with compute (megatron DDP buckets): gradient
@@ -37,18 +59,15 @@ class ParallelConfig:
 
     def validate(self, world_size: int) -> None:
         tp, pp, vp = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline
-        for name, size in (("tensor_parallel", tp), ("pipeline_parallel", pp)):
-            if size < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {size}")
         if world_size % (tp * pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
                 f"= {tp} x {pp} = {tp * pp}: launch a multiple of {tp * pp} ranks or change the layout"
             )
-        if vp is not None and (vp < 1 or pp == 1):
+        if vp is not None and pp == 1:
             raise ConfigError(
-                f"parallel.virtual_pipeline={vp} needs pipeline_parallel > 1 and a value >= 1 "
-                f"(pipeline_parallel is {pp}): unset virtual_pipeline or raise pipeline_parallel"
+                f"parallel.virtual_pipeline={vp} needs pipeline_parallel > 1: unset virtual_pipeline "
+                f"or raise pipeline_parallel"
             )
         if self.overlap_param_gather and not (self.distributed_optimizer and self.overlap_grad_reduce):
             raise ConfigError(
@@ -61,57 +80,40 @@ class ParallelConfig:
             )
 
 
-@dataclass
+@section
 class LLMConfig:
     """A LLaMA-architecture decoder (RMSNorm, SwiGLU, RoPE, optional GQA and sliding window)."""
 
-    num_layers: int = 4
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # KV heads; None = multi-head attention
-    ffn_hidden_size: int = 176
-    vocab_size: int = 256
-    max_sequence_length: int = 128
+    num_layers: Positive = 4
+    hidden_size: Positive = 64
+    num_attention_heads: Positive = 4
+    num_query_groups: Optional[Positive] = None  # KV heads; None = multi-head attention
+    ffn_hidden_size: Positive = 176
+    vocab_size: Positive = 256
+    max_sequence_length: Positive = 128
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
-    sliding_window: Optional[int] = None  # Mistral: attend to the previous N positions
+    sliding_window: Optional[Positive] = None  # Mistral: attend to the previous N positions
     untie_embeddings: bool = True
     init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    hidden_dropout: Fraction = 0.0
+    attention_dropout: Fraction = 0.0
     # Decoder layers on the first / last pipeline stage when the split is uneven
     # (the last stage also carries the visual head); None = even split.
-    layers_in_first_stage: Optional[int] = None
-    layers_in_last_stage: Optional[int] = None
+    layers_in_first_stage: Optional[Count] = None
+    layers_in_last_stage: Optional[Count] = None
 
     @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
     def validate(self, parallel: ParallelConfig) -> None:
-        tp, pp, vp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"llm.hidden_size={self.hidden_size} is not divisible by "
-                f"llm.num_attention_heads={self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(
-                f"llm.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"llm.num_query_groups={self.kv_heads}"
-            )
-        for name, count in (("num_attention_heads", self.num_attention_heads), ("num_query_groups", self.kv_heads)):
-            if count % tp:
-                raise ConfigError(
-                    f"llm.{name}={count} is not divisible by parallel.tensor_parallel={tp}: "
-                    f"choose a tensor_parallel that divides {count}"
-                )
-        if self.ffn_hidden_size % tp:
-            raise ConfigError(
-                f"llm.ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
-                f"parallel.tensor_parallel={tp}"
-            )
-        self._validate_layer_split(pp, vp or 1)
+        heads = self.num_attention_heads
+        _require_divisible("llm.hidden_size", self.hidden_size, "llm.num_attention_heads", heads)
+        _require_divisible("llm.num_attention_heads", heads, "llm.num_query_groups", self.kv_heads)
+        _split_by_tp("llm", parallel.tensor_parallel, num_attention_heads=heads, num_query_groups=self.kv_heads,
+                     ffn_hidden_size=self.ffn_hidden_size)
+        self._validate_layer_split(parallel.pipeline_parallel, parallel.virtual_pipeline or 1)
 
     def _validate_layer_split(self, pp: int, vp: int) -> None:
         first, last = self.layers_in_first_stage, self.layers_in_last_stage
@@ -156,18 +158,18 @@ LLM_PRESETS: Dict[str, LLMConfig] = {
 }
 
 
-@dataclass
+@section
 class VisionConfig:
     """A ViT vision encoder (SigLIP or CLIP); features from ``feature_layer`` with no post-norm."""
 
-    kind: str = "siglip"  # "siglip" (no class token, conv bias) | "clip" (class token, pre-norm)
-    num_layers: int = 3
-    hidden_size: int = 32
-    num_attention_heads: int = 4
-    ffn_hidden_size: int = 64
-    patch_size: int = 14
-    image_size: int = 28  # input pixels; a partial last patch is dropped (SigLIP 384 -> 27 x 27)
-    activation: str = "gelu_tanh"  # "gelu_tanh" (SigLIP) | "quick_gelu" (CLIP)
+    kind: Literal["siglip", "clip"] = "siglip"  # siglip: no class token, conv bias; clip: class token, pre-norm
+    num_layers: Positive = 3
+    hidden_size: Positive = 32
+    num_attention_heads: Positive = 4
+    ffn_hidden_size: Positive = 64
+    patch_size: Positive = 14
+    image_size: Positive = 28  # input pixels; a partial last patch is dropped (SigLIP 384 -> 27 x 27)
+    activation: Literal["gelu_tanh", "quick_gelu"] = "gelu_tanh"  # SigLIP | CLIP
     norm_eps: float = 1e-6
     feature_layer: int = -2  # as HF hidden_states[feature_layer]; later layers are not built
     frozen: bool = True
@@ -186,20 +188,12 @@ class VisionConfig:
         return self.feature_layer + (self.num_layers + 1 if self.feature_layer < 0 else 0)
 
     def validate(self, parallel: ParallelConfig) -> None:
-        if self.kind not in ("siglip", "clip"):
-            raise ConfigError(f"vision.kind must be siglip or clip, got {self.kind!r}")
-        if self.activation not in ("gelu_tanh", "quick_gelu"):
-            raise ConfigError(f"vision.activation must be gelu_tanh or quick_gelu, got {self.activation!r}")
         if not 1 <= self.layers_used <= self.num_layers:
             raise ConfigError(
                 f"vision.feature_layer={self.feature_layer} selects no encoder layer of {self.num_layers}"
             )
-        tp = parallel.tensor_parallel
-        for name in ("num_attention_heads", "ffn_hidden_size"):
-            if getattr(self, name) % tp:
-                raise ConfigError(
-                    f"vision.{name}={getattr(self, name)} is not divisible by parallel.tensor_parallel={tp}"
-                )
+        _split_by_tp("vision", parallel.tensor_parallel, num_attention_heads=self.num_attention_heads,
+                     ffn_hidden_size=self.ffn_hidden_size)
 
 
 VISION_PRESETS: Dict[str, VisionConfig] = {
@@ -217,41 +211,38 @@ VISION_PRESETS: Dict[str, VisionConfig] = {
 }
 
 
-@dataclass
+@section
 class CodebookSpec:
     """A frozen residual-quantizer tokenizer's codebooks, as its metadata record gives them."""
 
-    sizes: List[int] = dataclasses.field(default_factory=lambda: [16384] * 8)  # V_d per depth
-    dim: int = 1152  # C, the codebook vector width
+    sizes: List[Positive] = dataclasses.field(default_factory=lambda: [16384] * 8)  # V_d per depth
+    dim: Positive = 1152  # C, the codebook vector width
 
     @property
     def depth(self) -> int:
         return len(self.sizes)
 
 
-@dataclass
+@section
 class HeadConfig:
     """The ASVR visual head (docs/method.md#3-the-visual-head); the reference is E=2048, 3 layers, 16 heads."""
 
-    hidden_size: int = 2048  # E
-    num_layers: int = 3
-    num_attention_heads: int = 16  # of hidden_size / heads = 128
-    mlp_ratio: int = 2  # each depth's MLP is E -> mlp_ratio * E -> E
+    hidden_size: Positive = 2048  # E
+    num_layers: Positive = 3
+    num_attention_heads: Positive = 16  # of hidden_size / heads = 128
+    mlp_ratio: Positive = 2  # each depth's MLP is E -> mlp_ratio * E -> E
     norm_eps: float = 1e-6
 
 
-SUPERVISION = ("semantic", "appearance", "dual")
-
-
-@dataclass
+@section
 class ASVRConfig:
     """The visual loss and its switches (docs/method.md#4-losses, docs/method.md#5-switches)."""
 
     visual_loss: bool = True  # on/off for this training stage
     loss_weight: float = 1.0  # lambda in L = L_text + lambda * L_visual
-    target_shift: int = 0  # 0: position j predicts patch j (released code); 1: patch j + 1
+    target_shift: Literal[0, 1] = 0  # 0: position j predicts patch j (released code); 1: patch j + 1
     supervise_text_only: bool = False  # released code: text-only samples get a zero image
-    supervision: str = "semantic"  # semantic | appearance | dual (two heads, both losses)
+    supervision: Supervision = "semantic"
     discrete_input: bool = False  # LLM sees the tokenizer's codebook vectors, not encoder features
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
     semantic: CodebookSpec = dataclasses.field(default_factory=CodebookSpec)
@@ -265,63 +256,44 @@ class ASVRConfig:
         return ["semantic", "appearance"] if self.supervision == "dual" else [self.supervision]
 
     def validate(self, parallel: ParallelConfig) -> None:
-        if self.supervision not in SUPERVISION:
-            raise ConfigError(f"asvr.supervision must be one of {SUPERVISION}, got {self.supervision!r}")
-        if self.target_shift not in (0, 1):
-            raise ConfigError(f"asvr.target_shift must be 0 or 1, got {self.target_shift}")
-        head, tp = self.head, parallel.tensor_parallel
-        if head.hidden_size % head.num_attention_heads:
-            raise ConfigError(
-                f"asvr.head.hidden_size={head.hidden_size} is not divisible by "
-                f"asvr.head.num_attention_heads={head.num_attention_heads}"
-            )
-        if head.num_attention_heads % tp:
-            raise ConfigError(
-                f"asvr.head.num_attention_heads={head.num_attention_heads} is not divisible by "
-                f"parallel.tensor_parallel={tp}"
-            )
+        head = self.head
+        _require_divisible("asvr.head.hidden_size", head.hidden_size, "asvr.head.num_attention_heads",
+                           head.num_attention_heads)
+        _split_by_tp("asvr.head", parallel.tensor_parallel, num_attention_heads=head.num_attention_heads)
 
 
-@dataclass
+@section
 class ModelConfig:
     """The whole VLM: vision encoder, projector, LLM, and the ASVR visual head(s)."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     asvr: ASVRConfig = dataclasses.field(default_factory=ASVRConfig)
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
-    # What trains: any of vision, projector, llm, visual_head. Stage 1 is the default.
-    trainable: List[str] = dataclasses.field(default_factory=lambda: ["projector", "visual_head"])
+    transformer_impl: TransformerImpl = "auto"
+    # What trains; stage 1 is the default.
+    trainable: List[Component] = dataclasses.field(default_factory=lambda: ["projector", "visual_head"])
 
     def validate(self, parallel: ParallelConfig) -> None:
         self.llm.validate(parallel)
         if not self.asvr.discrete_input:
             self.vision.validate(parallel)
         self.asvr.validate(parallel)
-        unknown = sorted(set(self.trainable) - set(COMPONENTS))
-        if unknown:
-            raise ConfigError(f"model.trainable has unknown component {unknown[0]!r} (known: {', '.join(COMPONENTS)})")
 
 
-COMPONENTS = ("vision", "projector", "llm", "visual_head")
-
-
-@dataclass
+@section
 class DataConfig:
     """Where the training data lives (the outputs of tools/preprocess.py and tools/precompute_targets.py)."""
 
     shards: str = ""  # preprocessed shard directory
     image_root: str = ""
     targets: Optional[str] = None  # precomputed visual targets directory
-    image_mode: str = "resize"  # resize (stage 1) | pad (stage 2) | anyres (high resolution)
-    seq_length: int = 2048
-    num_workers: int = 2
+    image_mode: ImageMode = "resize"  # as the targets were computed (tools/precompute_targets.py --mode)
+    seq_length: Positive = 2048
+    num_workers: Count = 2
     group_by_length: bool = False
     drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error
 
     def validate(self) -> None:
-        if self.image_mode not in ("resize", "pad", "anyres"):
-            raise ConfigError(f"data.image_mode must be resize, pad or anyres, got {self.image_mode!r}")
         for name in ("shards", "image_root"):
             path = getattr(self, name)
             if not path or not Path(path).is_dir():
@@ -330,39 +302,39 @@ class DataConfig:
             raise ConfigError(f"data.targets={self.targets!r} has no targets.json: run tools/precompute_targets.py")
 
 
-@dataclass
+@section
 class TrainConfig:
     """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping."""
 
     seed: int = 1234
-    global_batch: int = 256
-    micro_batch: int = 16
+    global_batch: Positive = 256
+    micro_batch: Positive = 16
     epochs: float = 1.0
-    steps: Optional[int] = None  # overrides epochs
+    steps: Optional[Positive] = None  # overrides epochs
     lr: float = 1e-3
     min_lr: float = 0.0
-    warmup_ratio: float = 0.03
+    warmup_ratio: Fraction = 0.03
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    recompute: str = "none"  # none | selective | full (LLM layers; the head recomputes with full)
+    precision: Precision = "auto"
+    recompute: Recompute = "none"
     visual_tokenizer: Optional[str] = None  # directory with the tokenizer's config.json and checkpoint
     load: Optional[str] = None  # initial weights only: a stage-1 or HF-imported checkpoint
     save_dir: str = "runs/default"
-    save_interval: int = 0  # steps between checkpoints; 0 = only at the end (and on SIGTERM)
-    keep_last: int = 3
-    log_interval: int = 1
+    save_interval: Count = 0  # steps between checkpoints; 0 = only at the end (and on SIGTERM)
+    keep_last: Positive = 3
+    log_interval: Positive = 1
     tensorboard: bool = True
-    nan_policy: str = "skip"  # skip (up to max_consecutive_skips) | stop
-    max_consecutive_skips: int = 5
-    num_gpus_for_mfu: Optional[int] = None  # GPUs whose peak the MFU is relative to (default: world size)
+    nan_policy: NanPolicy = "skip"
+    max_consecutive_skips: Count = 5
+    num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)
     gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
     # In-training evaluation (megatron_asvr.evaluation.in_training): held-out letter and yes/no
     # questions scored by answer likelihood every eval_interval steps (0 = off).
-    eval_interval: int = 0
+    eval_interval: Count = 0
     eval_data: Optional[str] = None  # JSON lines as the demo's eval.jsonl; images under data.image_root
     eval_tokenizer: Optional[str] = None  # the text tokenizer the training shards were made with
 
@@ -373,10 +345,6 @@ class TrainConfig:
                 f"train.global_batch={self.global_batch} is not divisible by data-parallel size x micro_batch "
                 f"= {dp} x {self.micro_batch}: change global_batch or micro_batch"
             )
-        for name, allowed in (("precision", ("auto", "bf16", "fp32")), ("recompute", ("none", "selective", "full")),
-                              ("nan_policy", ("skip", "stop"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.load is not None and not Path(self.load).exists():
             raise ConfigError(f"train.load={self.load!r} does not exist")
         if self.eval_interval:
@@ -386,7 +354,7 @@ class TrainConfig:
                     raise ConfigError(f"train.eval_interval is set but train.{name}={path!r} does not exist")
 
 
-@dataclass
+@section
 class RunConfig:
     """Everything a training run needs; one YAML recipe in configs/."""
 
@@ -423,101 +391,3 @@ class RunConfig:
             )
 
 
-def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """A YAML recipe with ``section.key=value`` overrides; presets named by ``model.*.preset``."""
-    data = load_yaml(path, overrides)
-    model = data.get("model", {})
-    for section, presets in (("vision", VISION_PRESETS), ("llm", LLM_PRESETS)):
-        part = model.get(section) or {}
-        name = part.pop("preset", None) if isinstance(part, dict) else None
-        if name is not None:
-            if name not in presets:
-                raise ConfigError(f"model.{section}.preset={name!r} is unknown (known: {', '.join(presets)})")
-            model[section] = {**dataclasses.asdict(presets[name]), **part}
-    return from_dict(RunConfig, data)
-
-
-# ---------------------------------------------------------------------------
-# Generic nested-dataclass loading: dicts (from YAML) and "a.b=value" overrides.
-
-
-def from_dict(cls, data: Optional[Dict[str, Any]], where: str = ""):
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys by their full name."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        kind = _dataclass_type(hints[name])
-        if kind and isinstance(value, dict):
-            kwargs[name] = from_dict(kind, value, f"{where}{name}.")
-        else:
-            kwargs[name] = _typed(hints[name], value, f"{where}{name}")
-    return cls(**kwargs)
-
-
-def _typed(hint, value, key: str):
-    """``value`` as the field's scalar type; YAML reads ``1e-3`` as a string, so floats parse."""
-    optional = type(None) in typing.get_args(hint)
-    if value is None and optional:
-        return None
-    candidates = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
-    scalar = next((a for a in candidates if a in (bool, int, float, str)), None)
-    if scalar is None:
-        return value
-    if scalar is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    ok = (
-        isinstance(value, bool) if scalar is bool
-        else isinstance(value, int) and not isinstance(value, bool) if scalar is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool) if scalar is float
-        else isinstance(value, str)
-    )
-    if not ok:
-        raise ConfigError(f"config key {key} must be {scalar.__name__}{' or null' if optional else ''}, got {value!r}")
-    return float(value) if scalar is float else value
-
-
-def _dataclass_type(hint):
-    if dataclasses.is_dataclass(hint):
-        return hint
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
-
-
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return data
-
-
-def load_yaml(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Read a YAML recipe into a dict and apply the overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return apply_overrides(data, overrides)
-
-
-def to_dict(config) -> Dict[str, Any]:
-    """The dataclass as plain nested dicts (for logs and checkpoints)."""
-    return dataclasses.asdict(config)

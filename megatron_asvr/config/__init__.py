@@ -1,0 +1,27 @@
+"""The run's configuration: the schema (``schema``), reading it (``loading``), one-line errors (``errors``)."""
+
+from megatron_asvr.config.errors import ConfigError
+from megatron_asvr.config.loading import (
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_run_config,
+    load_yaml,
+    to_dict,
+)
+from megatron_asvr.config.schema import (
+    LLM_PRESETS,
+    VISION_PRESETS,
+    ASVRConfig,
+    CodebookSpec,
+    DataConfig,
+    HeadConfig,
+    ImageMode,
+    LLMConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    TransformerImpl,
+    VisionConfig,
+)
