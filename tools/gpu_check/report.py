@@ -1,7 +1,7 @@
 """The check's results as JSON and as markdown: the stamp, one row per step, then the tables of (c) and (d)."""
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 
 def to_json(report: dict) -> str:
@@ -56,7 +56,20 @@ def _fused_ce_table(step: dict) -> List[str]:
     return lines
 
 
-def _throughput_table(ours: dict, hf: Optional[dict]) -> List[str]:
+def ours_vs_transformers(steps: Dict[str, dict]) -> dict:
+    """Our ASVR step against the transformers step of the same model: time ratio, and its TFLOP/s and MFU
+    from our step's FLOP count; empty unless both ran."""
+    ours, hf = steps.get("d", {}), steps.get("d-hf", {})
+    asvr = next((r for r in ours.get("runs", []) if r["name"] == "asvr"), None)
+    if asvr is None or not hf.get("step_time_s"):
+        return {}
+    tflops = asvr["flops_per_step"] / hf["step_time_s"] / 1e12
+    peak = ours["settings"].get("gpu_peak_tflops")
+    return {"ours_over_transformers_step_time": asvr["step_time_s"] / hf["step_time_s"],
+            "transformers_tflops": tflops, "transformers_mfu": tflops / peak if peak else None}
+
+
+def _throughput_table(ours: dict, hf: dict, versus: dict) -> List[str]:
     settings = ours.get("settings", {})
     lines = [f"(d) throughput: {ours.get('llm_layers')} LLM layers (planner: {ours.get('planned_gib', 0):.1f} GiB "
              f"planned), micro-batch {settings.get('micro_batch')} / global {settings.get('global_batch')} x "
@@ -64,24 +77,19 @@ def _throughput_table(ours: dict, hf: Optional[dict]) -> List[str]:
              f"{settings.get('transformer_impl')} layer specs. Targets: MFU >= 40%; ASVR/LLaVA step <= FLOP ratio "
              f"x 1.03; ours <= 0.7 x the transformers step.", "",
              "| run | step s (median) | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
-    asvr = None
     for r in ours.get("runs", []):
-        asvr = r if r["name"] == "asvr" else asvr
         lines.append(f"| ours: {'ASVR' if r['name'] == 'asvr' else 'LLaVA (no visual head)'} | {r['step_time_s']:.4f} "
                      f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.4g} | {_number(r['mfu'], '.1%')} "
                      f"| {r['peak_memory_gib']:.2f} |")
-    ratio = None
-    if hf and hf.get("step_time_s"):
-        tflops = asvr["flops_per_step"] / hf["step_time_s"] / 1e12 if asvr else None
-        peak = settings.get("gpu_peak_tflops")
+    if hf.get("step_time_s"):
         lines.append(f"| transformers LLaVA + plain head | {hf['step_time_s']:.4f} | {hf['tokens_per_s']:,.0f} "
-                     f"| {_number(tflops, '.4g')} | {_number(tflops / peak if tflops and peak else None, '.1%')} "
+                     f"| {_number(versus.get('transformers_tflops'), '.4g')} "
+                     f"| {_number(versus.get('transformers_mfu'), '.1%')} "
                      f"| {_number(hf.get('peak_memory_gib'), '.2f')} |")
-        ratio = asvr["step_time_s"] / hf["step_time_s"] if asvr else None
     comparison = ours.get("comparison", {})
     lines += ["", f"ASVR / LLaVA step time {_number(comparison.get('asvr_over_baseline_step_time'), '.3f')} "
                   f"(FLOP ratio {_number(comparison.get('flops_ratio'), '.3f')}); our ASVR step / transformers step "
-                  f"{_number(ratio, '.3f')}"]
+                  f"{_number(versus.get('ours_over_transformers_step_time'), '.3f')}"]
     return lines
 
 
@@ -91,5 +99,5 @@ def render_markdown(report: dict) -> str:
     if steps.get("c", {}).get("methods"):
         lines += [""] + _fused_ce_table(steps["c"])
     if steps.get("d", {}).get("runs"):
-        lines += [""] + _throughput_table(steps["d"], steps.get("d-hf"))
+        lines += [""] + _throughput_table(steps["d"], steps.get("d-hf", {}), report.get("ours_vs_transformers", {}))
     return "\n".join(lines) + "\n"

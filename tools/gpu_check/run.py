@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from tools.gpu_check.report import render_markdown, to_json
+from tools.gpu_check.report import ours_vs_transformers, render_markdown, to_json
 from tools.gpu_check.step_io import FAILED, OK, REPO
 
 SITE = "/tmp/site"  # where the carried wheels go on the device
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             print(f"[gpu_check {time.monotonic() - begin:5.0f} s] {step.key} {step.title}: {result['status']} "
                   f"({seconds:.1f} s) {result['summary']}", flush=True)
         stamp = _stamp(args.cpu, work, env)  # after the install: the versions of what was installed
-    report = {"mode": mode, "stamp": stamp, "total_s": round(time.monotonic() - begin, 1), "steps": steps}
+    report = {"mode": mode, "stamp": stamp, "total_s": round(time.monotonic() - begin, 1), "steps": steps,
+              "ours_vs_transformers": ours_vs_transformers({s["key"]: s for s in steps})}
     (args.out / "gpu_check.json").write_text(to_json(report))
     markdown = render_markdown(report)
     (args.out / "gpu_check.md").write_text(markdown)
