@@ -75,14 +75,34 @@ def test_fp8_checks_device_capability_and_rows(monkeypatch):
     check_fp8_runnable(TINY, "transformer_engine")  # 2 x 128 rows on a Hopper: fine
 
 
-def test_the_tool_reports_fp8_on_cpu_as_one_line(capsys):
+def _load_tool():
     spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_the_tool_reports_fp8_on_cpu_as_one_line(capsys):
+    tool = _load_tool()
     with pytest.raises(SystemExit) as exit_info:
         tool.main(["--precision", "fp8"])
     assert exit_info.value.code == ("benchmark: error: FP8 needs an NVIDIA GPU with Transformer Engine and this "
                                     "machine has no GPU: use --precision bf16 on a GPU (fp32 on CPU)")
+
+
+def test_model_overrides_set_any_field_and_name_a_bad_key():
+    model = BenchmarkSettings(preset="vicuna_7b", model_overrides=("model.llm.num_layers=12",
+                                                                  "model.asvr.head.num_layers=2")).model()
+    assert (model.llm.num_layers, model.llm.hidden_size, model.asvr.head.num_layers) == (12, 4096, 2)
+    assert model.trainable == ["projector", "llm", "visual_head"]  # the stage's choice is kept
+    with pytest.raises(ConfigError, match=r"^unknown config key model\.llm\.num_layerz \(known: "):
+        BenchmarkSettings(model_overrides=("model.llm.num_layerz=3",)).model()
+    with pytest.raises(BenchmarkError, match="only the model's fields can be set"):
+        BenchmarkSettings(model_overrides=("train.steps=3",)).model()
+    tool = _load_tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--set", "model.vision.num_layerz=1"])
+    assert str(exit_info.value.code).startswith("benchmark: error: unknown config key model.vision.num_layerz (known")
 
 
 def _modes(settings):

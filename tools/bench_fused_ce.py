@@ -2,15 +2,15 @@
 
 Prints a markdown table: peak memory (measured per case in a fresh process) and
 forward + backward time (median) for N in {729, 1458}, D=8, V=16384, E in {512,
-2048}, plus TP=2 rows at N=1458, E=2048. See megatron_asvr.kernels.benchmark.
+2048}, plus TP=2 rows at N=1458, E=2048. See tools/fused_ce_benchmark.py.
 """
 
 import argparse
 
 import torch
 
+from fused_ce_benchmark import METHODS, Case, default_cases, format_table, run  # tools/, beside this script
 from megatron_asvr.kernels import backend_report
-from megatron_asvr.kernels.benchmark import METHODS, Case, default_cases, format_table, run
 
 
 def main() -> None:

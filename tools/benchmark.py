@@ -5,6 +5,7 @@
         --global-batch 64 --precision bf16 --mode compare-asvr --json runs/bench_7b.json
     torchrun --nproc_per_node 8 tools/benchmark.py --preset vicuna_13b --tp 2 --pp 2 --mode ab \\
         --fp8-recipe tensorwise --fp8-bf16-edge-layers 1
+    python tools/benchmark.py --preset vicuna_7b --set model.llm.num_layers=12 --mode compare-asvr   # one GPU
 
 Prints (on the last rank) one row per run: step time, tokens/s per GPU, samples/s, TFLOP/s per GPU and
 MFU from the whole-model FLOP count (megatron_asvr.training.flops), peak memory and the visual head's
@@ -53,6 +54,8 @@ def parse_args(argv=None):
                    default=H100_BF16_DENSE_TFLOPS if torch.cuda.is_available() else None,
                    help="dense bf16 peak per GPU for MFU (default on GPU: H100 SXM, 989)")
     p.add_argument("--json", type=Path, help="also write the runs and comparisons here")
+    p.add_argument("--set", action="append", default=[], metavar="model.SECTION.KEY=VALUE",
+                   help="override a field of the preset's model config (repeatable), e.g. model.llm.num_layers=8")
     return p.parse_args(argv)
 
 
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
         recompute=args.recompute, precision=args.precision, fp8_recipe=args.fp8_recipe,
         fp8_bf16_edge_layers=args.fp8_bf16_edge_layers, asvr=not args.no_asvr,
         transformer_impl=args.transformer_impl, warmup=args.warmup, steps=args.steps, seed=args.seed,
-        gpu_peak_tflops=args.gpu_peak_tflops,
+        gpu_peak_tflops=args.gpu_peak_tflops, model_overrides=tuple(args.set),
     )
     try:
         from megatron_asvr.benchmark.report import comparisons_of, render, to_json

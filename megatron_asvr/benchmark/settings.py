@@ -2,7 +2,7 @@
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 from megatron_asvr.config import (
     LLM_PRESETS,
@@ -15,6 +15,8 @@ from megatron_asvr.config import (
     ModelConfig,
     ParallelConfig,
     VisionConfig,
+    apply_overrides,
+    from_dict,
 )
 
 PRESETS = ("vicuna_7b", "vicuna_13b", "mistral_7b", "tiny")
@@ -39,6 +41,17 @@ class BenchmarkError(ValueError):
     """A benchmark that cannot run here or as asked; the message is one actionable line."""
 
 
+def override_model(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """``model`` with ``model.<field path>=<YAML value>`` overrides; an unknown key raises a ConfigError naming it."""
+    if not overrides:
+        return model
+    data = apply_overrides({"model": dataclasses.asdict(model)}, overrides)
+    outside = sorted(set(data) - {"model"})
+    if outside:
+        raise BenchmarkError(f"--set {outside[0]}...: only the model's fields can be set (model.<section>.<key>)")
+    return from_dict(ModelConfig, data["model"], "model.")
+
+
 @dataclass(frozen=True)
 class BenchmarkSettings:
     preset: str = "tiny"
@@ -60,6 +73,7 @@ class BenchmarkSettings:
     steps: int = 5
     seed: int = 1234
     gpu_peak_tflops: Optional[float] = None  # dense bf16 peak per GPU for MFU (H100 SXM: 989)
+    model_overrides: Tuple[str, ...] = ()  # "model.llm.num_layers=8" etc., applied after everything else
 
     @property
     def positions(self) -> int:
@@ -72,7 +86,8 @@ class BenchmarkSettings:
         )
 
     def model(self) -> ModelConfig:
-        """The preset's VLM (SigLIP-SO400M/384 and the reference head at full size), this stage trainable."""
+        """The preset's VLM (SigLIP-SO400M/384 and the reference head at full size), this stage trainable,
+        then ``model_overrides``."""
         if self.preset == "tiny":
             model = TINY_MODEL
         else:
@@ -80,10 +95,11 @@ class BenchmarkSettings:
             length = max(llm.max_sequence_length, self.positions)
             model = ModelConfig(vision=VISION_PRESETS["siglip_so400m_384"],
                                 llm=dataclasses.replace(llm, max_sequence_length=length))
-        return dataclasses.replace(
+        model = dataclasses.replace(
             model, asvr=dataclasses.replace(model.asvr, visual_loss=self.asvr),
             trainable=list(STAGE_TRAINABLE[self.stage]), transformer_impl=self.transformer_impl,
         )
+        return override_model(model, self.model_overrides)
 
     def validate(self, world_size: int) -> None:
         """Every check that needs no model; raises BenchmarkError or ConfigError (one line each)."""

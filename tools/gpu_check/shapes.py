@@ -1,0 +1,63 @@
+"""What the check measures, on GPU (real sizes) and with --cpu (tiny sizes, the same code paths).
+
+(c) the visual head's loss at the real shape: N = 16 images x 729 positions, D = 8 depths,
+V = 16,384 codes per depth, E = 2,048, bf16. (d) and (e): Vicuna-7B widths with as many LLM layers
+as the memory planner fits on one 80 GB GPU with the distributed optimizer and >= 15% headroom,
+SigLIP-SO400M/384 (26 layers used, 729 patches), the full visual head, sequence 2048, bf16,
+local layer specs (SDPA attention).
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from megatron_asvr.benchmark.settings import BenchmarkSettings
+
+GPU_MEMORY_GIB = 80.0  # one 80 GB H100
+HEADROOM = 0.15  # of the GPU's memory left free by the planned total
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    rows: int  # N
+    depths: int  # D
+    vocab: int  # V per depth
+    embed: int  # E
+    dtype: str
+
+
+def head_shape(cpu: bool) -> HeadShape:
+    return HeadShape(96, 3, 300, 32, "float32") if cpu else HeadShape(16 * 729, 8, 16384, 2048, "bfloat16")
+
+
+def throughput_settings(cpu: bool, llm_layers: int) -> BenchmarkSettings:
+    """Stage 2 (projector, LLM and head train), one GPU, the distributed optimizer."""
+    if cpu:
+        return BenchmarkSettings(preset="tiny", micro_batch=2, global_batch=4, precision="fp32",
+                                 transformer_impl="local", distributed_optimizer=True, warmup=1, steps=2,
+                                 model_overrides=(f"model.llm.num_layers={llm_layers}",))
+    return BenchmarkSettings(preset="vicuna_7b", micro_batch=2, global_batch=4, seq_length=2048, precision="bf16",
+                             transformer_impl="local", distributed_optimizer=True, warmup=2, steps=5,
+                             gpu_peak_tflops=989.0, model_overrides=(f"model.llm.num_layers={llm_layers}",))
+
+
+def largest_llm_layers(cpu: bool) -> Tuple[int, float]:
+    """(LLM layers, planned GiB): the most layers the memory planner fits in GPU_MEMORY_GIB with HEADROOM
+    left, at throughput_settings' batch (at most 2 layers with --cpu, to stay quick)."""
+    from megatron_asvr.config import DataConfig, RunConfig, TrainConfig
+    from megatron_asvr.planner import Cluster, plan_memory
+
+    cluster = Cluster(nodes=1, gpus_per_node=1, gpu_memory_gib=GPU_MEMORY_GIB,
+                      reserve_gib=HEADROOM * GPU_MEMORY_GIB)
+    full = BenchmarkSettings(preset="tiny" if cpu else "vicuna_7b").model().llm.num_layers
+    for layers in range(2 if cpu else full, 0, -1):
+        settings = throughput_settings(cpu, layers)
+        config = RunConfig(
+            model=settings.model(), parallel=settings.parallel(),
+            data=DataConfig(seq_length=settings.positions, image_mode="pad"),
+            train=TrainConfig(global_batch=settings.global_batch, micro_batch=settings.micro_batch,
+                              precision=settings.precision),
+        )
+        plan = plan_memory(config, cluster)
+        if plan.fits:
+            return layers, max(s.total_bytes for s in plan.stages) / 2**30
+    raise RuntimeError(f"not one LLM layer fits {GPU_MEMORY_GIB:g} GiB with {HEADROOM:.0%} headroom")

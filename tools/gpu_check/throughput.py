@@ -1,0 +1,73 @@
+"""Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py --mode compare-asvr.
+
+The number of LLM layers is the largest the memory planner fits on one 80 GB GPU with >= 15% headroom
+(shapes.largest_llm_layers); tools/benchmark.py times a plain LLaVA step and the ASVR step (the same
+step plus the visual head and its loss) and reports tokens/s, TFLOP/s and MFU from the whole-model
+FLOP count, and the ASVR / LLaVA step-time ratio beside the FLOP ratio.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+from megatron_asvr.benchmark.settings import BenchmarkSettings
+from tools.gpu_check.shapes import largest_llm_layers, throughput_settings
+from tools.gpu_check.step_io import FAILED, OK, REPO, main
+
+GIB = 2**30
+
+
+def benchmark_argv(settings: BenchmarkSettings, mode: str, json_path: Path) -> List[str]:
+    """tools/benchmark.py's command line for ``settings``."""
+    s = settings
+    argv = [sys.executable, "tools/benchmark.py", "--preset", s.preset, "--mode", mode,
+            "--micro-batch", str(s.micro_batch), "--global-batch", str(s.global_batch), "--precision", s.precision,
+            "--fp8-recipe", s.fp8_recipe, "--transformer-impl", s.transformer_impl, "--warmup", str(s.warmup),
+            "--steps", str(s.steps), "--seed", str(s.seed), "--json", str(json_path)]
+    argv += ["--seq-length", str(s.seq_length)] if s.seq_length else []
+    argv += ["--distributed-optimizer"] if s.distributed_optimizer else []
+    argv += ["--gpu-peak-tflops", str(s.gpu_peak_tflops)] if s.gpu_peak_tflops else []
+    for override in s.model_overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def run_benchmark(settings: BenchmarkSettings, mode: str, work: Path) -> dict:
+    """Run tools/benchmark.py (its output goes to this step's log); its JSON, or RuntimeError."""
+    json_path = work / f"benchmark_{mode}.json"
+    argv = benchmark_argv(settings, mode, json_path)
+    print("$ " + " ".join(argv), flush=True)
+    code = subprocess.run(argv, cwd=REPO).returncode
+    if code or not json_path.is_file():
+        raise RuntimeError(f"tools/benchmark.py --mode {mode} exited {code}" + ("" if code else " without its JSON"))
+    return json.loads(json_path.read_text())
+
+
+def run_rows(data: dict) -> List[dict]:
+    """One row per run of a benchmark JSON: the derived rates and the peak memory."""
+    return [{"name": r["name"], "precision": r["settings"]["precision"], **r["derived"],
+             "peak_memory_gib": r["peak_memory_bytes"] / GIB, "flops_per_step": r["flops"]["total"]}
+            for r in data["runs"]]
+
+
+def run(args) -> dict:
+    layers, planned_gib = largest_llm_layers(args.cpu)
+    settings = throughput_settings(args.cpu, layers)
+    print(f"LLM layers: {layers} (planner: {planned_gib:.1f} GiB)", flush=True)
+    data = run_benchmark(settings, "compare-asvr", args.work)
+    rows = run_rows(data)
+    comparison = data["comparisons"]["asvr"]
+    asvr = next(r for r in rows if r["name"] == "asvr")
+    mfu = f", MFU {asvr['mfu']:.1%}" if asvr["mfu"] is not None else ""
+    summary = (f"{layers} LLM layers: ASVR step {asvr['step_time_s']:.3f} s, {asvr['tokens_per_s_per_gpu']:,.0f} "
+               f"tokens/s, {asvr['tflops_per_gpu']:.4g} TFLOP/s{mfu}; ASVR/LLaVA step "
+               f"{comparison['asvr_over_baseline_step_time']:.3f} vs FLOPs {comparison['flops_ratio']:.3f}")
+    ok = all(r["step_time_s"] > 0 for r in rows)
+    return {"status": OK if ok else FAILED, "summary": summary, "llm_layers": layers, "planned_gib": planned_gib,
+            "settings": data["runs"][0]["settings"], "runs": rows, "comparison": comparison}
+
+
+if __name__ == "__main__":
+    main(run, __doc__)
