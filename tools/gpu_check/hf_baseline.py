@@ -67,14 +67,17 @@ def build(model: ModelConfig, seq_length: int, dev: torch.device, dtype: torch.d
 def train_step(llava, head, micro_batches, optimizer, model: ModelConfig) -> float:
     """Forward + backward of every micro-batch (text CE + visual CE, each a mean), then AdamW; the last loss."""
     for batch in micro_batches:
-        ids = batch["tokens"].masked_fill(batch["image_mask"], image_token_id(model))
-        pixels = batch["images"].to(llava.dtype)
+        b, s = batch.tokens.shape
+        image_mask = torch.zeros(b * s, dtype=torch.bool, device=batch.tokens.device)
+        image_mask = image_mask.index_fill_(0, batch.image_index, True).view(b, s)  # [b, s]
+        ids = batch.tokens.masked_fill(image_mask, image_token_id(model))
+        pixels = batch.images.to(llava.dtype)
         hidden = llava.model(input_ids=ids, pixel_values=pixels).last_hidden_state  # [b, s, H]
         logits = llava.lm_head(hidden)  # [b, s, V]
-        mask = batch["loss_mask"].bool()
-        text = F.cross_entropy(logits[mask].float(), batch["labels"][mask])
-        codes = batch["visual_targets"]["semantic"]  # [b * P, D]
-        visual = head(hidden[batch["image_mask"]], codes).sum() / codes.shape[0]
+        mask = batch.loss_mask.bool()
+        text = F.cross_entropy(logits[mask].float(), batch.labels[mask])
+        codes = batch.visual_targets["semantic"]  # [b * P, D]
+        visual = head(hidden[image_mask], codes).sum() / codes.shape[0]
         loss = text + model.asvr.loss_weight * visual
         loss.backward()
     optimizer.step()
@@ -91,8 +94,9 @@ def run(args) -> dict:
     llava, head = build(model, settings.positions, dev, dtype, settings.seed)
     params = [p for m in (llava, head) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=STAGE_LR[settings.stage], weight_decay=0.0, fused=dev.type == "cuda")
-    micro = synthetic_micro_batches(model, settings.micro_batch, settings.global_batch // settings.micro_batch,
-                                    settings.positions, dev, seed=settings.seed)
+    micro = [m.to(dev) for m in synthetic_micro_batches(
+        model, settings.micro_batch, settings.global_batch // settings.micro_batch, settings.positions,
+        seed=settings.seed)]
     clock = DeviceClock()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -44,16 +44,14 @@ class Step:
     module: Optional[str] = None  # tools.gpu_check.<module>, run with --result and --work
 
 
-# (b) runs after the measurements: until the trainer moves its batches to the GPU it fails there, and a
-# hang in it must not take their time.
 STEPS = [
     Step("install", "wheels from .gpu_wheels into /tmp/site", 30, None),
     Step("build", "csrc extensions in place (sm_90)", 150, None),
     Step("a", "fused CE kernels vs reference", 45, 90, "kernels"),
+    Step("b", "tools/train.py: 20 steps, kill + resume", 90, 180, "train_resume"),
     Step("c", "fused CE at the real head shape", 75, 90, "fused_ce"),
     Step("d", "throughput: ours (tools/benchmark.py)", 100, 150, "throughput"),
     Step("d-hf", "throughput: transformers LLaVA + plain head", 70, 120, "hf_baseline"),
-    Step("b", "tools/train.py: 20 steps, kill + resume", 75, 180, "train_resume"),
     Step("e", "FP8 through Transformer Engine", 20, 60, "fp8"),
 ]
 
