@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 RUNTIME_DEPS = [
     "torch==2.14.1",
     "megatron-core==0.16.1",
-    "sentencepiece>=0.2",
+    "sentencepiece>=0.2.3",  # 0.2.2's BPE trainer aborts on the demo corpus (freq > 0 check)
     "pybind11>=2.12",
     "numpy>=1.26",
     "psutil>=5.9",  # dist_checkpointing's writer hangs without it

@@ -19,6 +19,7 @@ PINS=(
     annotated-types==0.8.0
     typing-inspection==0.4.5
     typing-extensions==4.16.0   # pydantic 2.14 needs >= 4.16; the machine's version is not known
+    sentencepiece==0.2.3        # the machine's 0.2.2 aborts training the demo tokenizer (step b's data)
 )
 rm -rf "$DIR"
 mkdir -p "$DIR"

@@ -162,7 +162,9 @@ class Trainer:
         host = torch.tensor([0.0, float(stop_requested), sum(m.dropped for m in micro),
                              sum(m.num_image_positions for m in micro)], dtype=torch.float64)
         facts = host.to(self.info.device, non_blocking=True)
-        checks = [torch.isfinite(g).all() for g in self._grad_buffers]  # one per buffer, not per parameter
+        # A sum per gradient buffer (one pass, nothing the size of the buffer allocated): any inf or
+        # NaN element makes it non-finite.
+        checks = [torch.isfinite(g.sum()) for g in self._grad_buffers]
         if summed is not None:
             checks.append(torch.isfinite(summed.flat).all())
         if checks:

@@ -106,6 +106,18 @@ def measure(fn: Callable, shape: HeadShape, dev: torch.device) -> dict:
     return out
 
 
+def profile_kernels(fn: Callable, shape: HeadShape, dev: torch.device, limit: int = 10) -> List[dict]:
+    """The device kernels of one forward + backward of ``fn`` by total device time: what limits it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weights, targets = _inputs(shape, dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(hidden, weights, targets).sum().backward()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:limit]
+    return [{"kernel": e.key[:100], "ms": round(e.device_time_total / 1e3, 3), "calls": e.count} for e in events]
+
+
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
@@ -144,6 +156,11 @@ def run(args) -> dict:
             tol = LOSS_RTOL[shape.dtype]
             if reference and not (result["loss_rel_err"] <= tol and result["grad_hidden_rel_err"] <= 5 * tol):
                 failures.append(f"{name} disagrees with naive")
+        if name == "ours" and dev.type == "cuda":
+            try:
+                result["profile"] = profile_kernels(fn, shape, dev)
+            except Exception as err:  # the profile explains the time; its absence fails nothing
+                result["profile"] = f"{type(err).__name__}: {err}"[:300]
         rows.append({**row, "status": OK, **result})
         print(f"  {name}: {result}", flush=True)
     naive = next((r for r in rows if r["method"] == "naive" and r["status"] == OK), None)

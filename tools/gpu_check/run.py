@@ -67,7 +67,7 @@ def _argv(step: Step, cpu: bool, result: Path, work: Path) -> List[str]:
 
 
 def _environment(cpu: bool) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     paths = ([] if cpu else [SITE]) + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env

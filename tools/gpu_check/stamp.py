@@ -1,7 +1,8 @@
 """The stamp of a check's results: device, versions, date and the commit it ran.
 
-The commit comes from $GPU_CHECK_COMMIT, else ``git rev-parse``, else .gpu_wheels/COMMIT (written by
-scripts/gpu_wheels.sh: the device machine's copy of the tree has no .git).
+The commit comes from $GPU_CHECK_COMMIT, else on the device .gpu_wheels/COMMIT (written by
+scripts/gpu_wheels.sh: what the device machine has of .git, if anything, is not the tree that
+travelled), else ``git rev-parse``.
 """
 
 import datetime
@@ -16,16 +17,18 @@ VERSIONS = ("torch", "triton", "transformers", "megatron-core", "liger-kernel", 
             "transformer-engine")
 
 
-def commit() -> str:
+def commit(cpu: bool) -> str:
     if os.environ.get("GPU_CHECK_COMMIT"):
         return os.environ["GPU_CHECK_COMMIT"]
+    recorded = REPO / ".gpu_wheels" / "COMMIT"
+    if not cpu and recorded.is_file():  # the device's .git, if any, is not the tree that travelled
+        return recorded.read_text().strip()
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
         return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):  # no git, or no .git: the device machine's copy
-        recorded = REPO / ".gpu_wheels" / "COMMIT"
+    except (OSError, subprocess.CalledProcessError):  # no git, or no .git
         return recorded.read_text().strip() if recorded.is_file() else "unknown"
 
 
@@ -52,7 +55,7 @@ def run(args) -> dict:
         "cpus": os.cpu_count(),
         "versions": {name: _version(name) for name in VERSIONS},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit(),
+        "commit": commit(args.cpu),
     }
 
 
