@@ -48,7 +48,7 @@ STEPS = [
     Step("install", "wheels from .gpu_wheels into /tmp/site", 30, None),
     Step("build", "csrc extensions in place (sm_90)", 150, None),
     Step("a", "fused CE kernels vs reference", 45, 90, "kernels"),
-    Step("b", "tools/train.py: 20 steps, kill + resume", 90, 180, "train_resume"),
+    Step("b", "tools/train.py: 20 steps, kill + resume", 150, 180, "train_resume"),
     Step("c", "fused CE at the real head shape", 75, 90, "fused_ce"),
     Step("d", "throughput: ours (tools/benchmark.py)", 100, 150, "throughput"),
     Step("d-hf", "throughput: transformers LLaVA + plain head", 70, 120, "hf_baseline"),
@@ -134,7 +134,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (CI)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "gpu_check_out"))
+    parser.add_argument("--only", help="comma-separated step keys to run (e.g. install,b for a rerun)")
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
     mode = "cpu" if args.cpu else "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
     env = _environment(args.cpu)
@@ -148,7 +150,9 @@ def main(argv=None) -> int:
             budget = step.cpu_budget_s if args.cpu else step.gpu_budget_s
             left = DEADLINE_S[mode] - (time.monotonic() - begin)
             start = time.monotonic()
-            if budget is None:
+            if only is not None and step.key not in only:
+                result = {"status": SKIPPED, "summary": "not asked for (--only)"}
+            elif budget is None:
                 result = {"status": SKIPPED, "summary": "device only (the CPU environment has it)"}
             elif left < 10:
                 result = {"status": OUT_OF_TIME, "summary": f"not started: the check's {DEADLINE_S[mode]} s deadline"}

@@ -37,10 +37,13 @@ def _free_port() -> int:
 
 
 def _prepare_data(root: Path) -> None:
-    """The tiny corpus, tokenizer, shards and targets, on CPU (the GPU has no part in data preparation)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(_free_port()))
+    """The tiny corpus, tokenizer, shards and targets, on CPU (the GPU has no part in data preparation);
+    gloo on the loopback interface (a machine's own hostname may not resolve)."""
+    start = time.monotonic()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo")
     code = "import sys; from megatron_asvr.testing.tiny_run import make_tiny_run; make_tiny_run(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(root)], env=env, check=True)
+    print(f"data prepared in {time.monotonic() - start:.1f} s", flush=True)
 
 
 def _write_config(work: Path, data: Path, name: str, precision: str) -> Path:
@@ -66,7 +69,11 @@ def _last_line(log: Path) -> str:
 def _kill_after_checkpoint(proc: subprocess.Popen, save_dir: Path, log: Path) -> None:
     """SIGKILL ``proc`` and its children as soon as ``latest`` names the step-10 checkpoint."""
     pointer, wanted = save_dir / LATEST, checkpoint_dir(save_dir, CHECKPOINT_AT).name
+    start = last_report = time.monotonic()
     while proc.poll() is None:
+        if time.monotonic() - last_report > 10:  # progress in the check's log, should a budget run out
+            last_report = time.monotonic()
+            print(f"  [{last_report - start:.0f} s] run B: {_last_line(log)}", flush=True)
         if pointer.is_file() and pointer.read_text().strip() == wanted:
             tree = psutil.Process(proc.pid)
             for process in tree.children(recursive=True) + [tree]:
