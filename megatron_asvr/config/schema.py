@@ -328,6 +328,10 @@ class TrainConfig:
     keep_last: Positive = 3
     log_interval: Positive = 1
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (pip install 'megatron_asvr[wandb]'): off unless a project is set;
+    # offline writes the run under save_dir/wandb for a later `wandb sync`.
+    wandb_project: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = "online"
     nan_policy: NanPolicy = "skip"
     max_consecutive_skips: Count = 5
     num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)

@@ -27,7 +27,7 @@ from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import StepShape, step_flops
-from megatron_asvr.training.metrics import MetricsLogger, Stopwatch
+from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
@@ -66,6 +66,15 @@ def with_codebooks(config: RunConfig):
         return {}, config.model
     books, specs = load_directory_codebooks(config.train.visual_tokenizer, kinds)
     return books, dataclasses.replace(config.model, asvr=dataclasses.replace(asvr, **specs))
+
+
+def metric_sinks(config: RunConfig) -> list:
+    """TensorBoard (train.tensorboard) and W&B (train.wandb_project) sinks of the logging rank."""
+    t = config.train
+    sinks = [TensorBoardSink(str(Path(t.save_dir) / "tensorboard"))] if t.tensorboard else []
+    if t.wandb_project:
+        sinks.append(WandbSink(t.wandb_project, t.wandb_mode, t.save_dir, to_dict(config)))
+    return sinks
 
 
 class _SigtermFlag:
@@ -142,7 +151,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
     log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
     logger = MetricsLogger(
         log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
-        str(save_dir / "tensorboard") if t.tensorboard else None, t.log_interval, torch.cuda.is_available(),
+        metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
     )
     held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
     sigterm = _SigtermFlag()

@@ -1,16 +1,18 @@
 """What a training step reports: losses, per-depth visual CE and accuracy, speed, memory.
 
-One log line per interval, the same numbers as TensorBoard scalars, and a tqdm
+One log line per interval, the same numbers as TensorBoard (and optionally W&B) scalars, and a tqdm
 progress bar with ETA when the output is a terminal. Loss reports come from the
 last pipeline stage's loss function (``model.loss.asvr_loss``), summed over the
 micro-batches and data-parallel ranks of a step.
 """
 
+import hashlib
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,19 +85,52 @@ class Interval:
     grad_norms: List[float] = field(default_factory=list)
 
 
+class TensorBoardSink:
+    """Scalars into TensorBoard event files under ``directory``."""
+
+    def __init__(self, directory: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(directory)
+
+    def add_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Scalars into a Weights & Biases run (wandb is imported only here). The run id follows the
+    save directory, so a resumed training run continues the same W&B run."""
+
+    def __init__(self, project: str, mode: str, save_dir: str, config: dict):
+        import wandb
+
+        run_id = hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:16]
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, mode=mode, dir=save_dir, id=run_id, resume="allow", config=config)
+
+    def add_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Writes the log line, TensorBoard scalars and the progress bar (on the logging rank only)."""
+    """Writes the log line, the scalars to each sink (TensorBoard, W&B) and the progress bar, on the
+    logging rank only."""
 
     def __init__(self, enabled: bool, total_steps: int, start_step: int, num_gpus: int, peak_tflops: float,
-                 tensorboard_dir: Optional[str] = None, log_interval: int = 1, on_gpu: bool = False):
+                 sinks: Sequence = (), log_interval: int = 1, on_gpu: bool = False):
         self.enabled, self.total_steps, self.num_gpus = enabled, total_steps, num_gpus
         self.peak_tflops, self.log_interval, self.on_gpu = peak_tflops, log_interval, on_gpu
         self.interval, self.history = Interval(), []
-        self.writer = self.bar = None
-        if enabled and tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
+        self.sinks = list(sinks) if enabled else []
+        self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -157,17 +192,19 @@ class MetricsLogger:
                 self.bar.write(line)
             else:
                 print(line, flush=True)
-            if self.writer is not None:
-                for name, value in scalars.items():
-                    self.writer.add_scalar(name, value, step)
-                self.writer.flush()
+            self.log_scalars(scalars, step)
         self.interval = Interval()
+
+    def log_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        """``scalars`` to every sink (nothing off the logging rank)."""
+        for sink in self.sinks:
+            sink.add_scalars(scalars, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 class Stopwatch:
