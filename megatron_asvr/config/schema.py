@@ -39,6 +39,28 @@ def _split_by_tp(section_name: str, tp: int, **sizes: int) -> None:
                            f": choose a tensor_parallel that divides {size}")
 
 
+def check_step_shape(parallel: "ParallelConfig", world_size: int, model: "ModelConfig", global_batch: int,
+                     micro_batch: int, seq_length: int, keys: Dict[str, str]) -> None:
+    """Batch arithmetic and sequence length against the layout and the model, for the training run and
+    the throughput benchmark alike; ``keys`` names their ``global_batch``, ``micro_batch`` and
+    ``seq_length`` settings in the messages."""
+    dp = parallel.data_parallel(world_size)
+    if global_batch % (dp * micro_batch):
+        raise ConfigError(
+            f"{keys['global_batch']}={global_batch} is not divisible by data-parallel size x micro_batch "
+            f"= {dp} x {micro_batch}: change {keys['global_batch']} or {keys['micro_batch']}")
+    image_positions = model.vision.num_patches
+    if seq_length < image_positions + 2:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} cannot hold one image ({image_positions} positions) "
+                          f"plus a prompt: raise {keys['seq_length']}")
+    if seq_length > model.llm.max_sequence_length:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} exceeds llm.max_sequence_length="
+                          f"{model.llm.max_sequence_length}")
+    if parallel.sequence_parallel and seq_length % parallel.tensor_parallel:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} must be divisible by tensor_parallel="
+                          f"{parallel.tensor_parallel} with sequence parallelism")
+
+
 @section
 class ParallelConfig:
     """How the model is split. Data parallelism is what remains of the world size."""
@@ -342,13 +364,7 @@ class TrainConfig:
     eval_data: Optional[str] = None  # JSON lines as the demo's eval.jsonl; images under data.image_root
     eval_tokenizer: Optional[str] = None  # the text tokenizer the training shards were made with
 
-    def validate(self, parallel: ParallelConfig, world_size: int) -> None:
-        dp = parallel.data_parallel(world_size)
-        if self.global_batch % (dp * self.micro_batch):
-            raise ConfigError(
-                f"train.global_batch={self.global_batch} is not divisible by data-parallel size x micro_batch "
-                f"= {dp} x {self.micro_batch}: change global_batch or micro_batch"
-            )
+    def validate(self) -> None:
         if self.load is not None and not Path(self.load).exists():
             raise ConfigError(f"train.load={self.load!r} does not exist")
         if self.eval_interval:
@@ -356,6 +372,9 @@ class TrainConfig:
                 path = getattr(self, name)
                 if path is None or not Path(path).exists():
                     raise ConfigError(f"train.eval_interval is set but train.{name}={path!r} does not exist")
+
+
+RUN_KEYS = {"global_batch": "train.global_batch", "micro_batch": "train.micro_batch", "seq_length": "data.seq_length"}
 
 
 @section
@@ -371,27 +390,13 @@ class RunConfig:
         """Every check that needs no model: layout, shapes, batch arithmetic, files."""
         self.parallel.validate(world_size)
         self.model.validate(self.parallel)
-        self.train.validate(self.parallel, world_size)
+        check_step_shape(self.parallel, world_size, self.model, self.train.global_batch, self.train.micro_batch,
+                         self.data.seq_length, RUN_KEYS)
+        self.train.validate()
         self.data.validate()
         if self.model.asvr.branches and self.data.targets is None:
             raise ConfigError("the visual loss is on (model.asvr.visual_loss) but data.targets is not set")
         if self.model.asvr.branches and self.train.visual_tokenizer is None:
             raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
-        image_positions = self.model.vision.num_patches
-        if self.data.seq_length < image_positions + 2:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} cannot hold one image ({image_positions} positions) "
-                f"plus a prompt: raise seq_length"
-            )
-        if self.data.seq_length > self.model.llm.max_sequence_length:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} exceeds llm.max_sequence_length="
-                f"{self.model.llm.max_sequence_length}"
-            )
-        if self.parallel.sequence_parallel and self.data.seq_length % self.parallel.tensor_parallel:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} must be divisible by tensor_parallel="
-                f"{self.parallel.tensor_parallel} with sequence parallelism"
-            )
 
 
