@@ -120,7 +120,7 @@ def cpu_runs():
 def test_compare_asvr_measures_both_steps(cpu_runs):
     (baseline, asvr), _ = cpu_runs
     model = TINY.model()
-    shape = StepShape(samples=4, seq_length=128, image_tiles=4, visual_rows=4 * 64)
+    shape = StepShape.uniform(samples=4, seq_length=128, image_tiles=4, visual_rows=4 * 64)
     for run, visual_loss in ((baseline, False), (asvr, True)):
         expected = step_flops(dataclasses.replace(model, asvr=dataclasses.replace(model.asvr, visual_loss=visual_loss)),
                               shape)

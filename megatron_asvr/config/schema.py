@@ -310,7 +310,10 @@ class DataConfig:
     image_root: str = ""
     targets: Optional[str] = None  # precomputed visual targets directory
     image_mode: ImageMode = "resize"  # as the targets were computed (tools/precompute_targets.py --mode)
-    seq_length: Positive = 2048
+    seq_length: Positive = 2048  # a row's positions (the most a sample may take)
+    # pack: several samples per row (first-fit-decreasing), attention kept within each sample;
+    # pad_longest: each micro-batch padded to its longest sample; pad_full: every sample to seq_length
+    batching: Literal["pack", "pad_longest", "pad_full"] = "pad_longest"
     num_workers: Count = 2
     group_by_length: bool = False
     drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error

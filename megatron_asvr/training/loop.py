@@ -18,7 +18,8 @@ import torch
 
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
-from megatron_asvr.data.loader import GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
+from megatron_asvr.data.loader import BatchingSettings, GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
+from megatron_asvr.data.packing import length_multiple_for
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.model.specs import resolve_backend
@@ -103,7 +104,19 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, model_cf
             print(f"initial weights from {loaded}", flush=True)
 
     return Trainer(builder, ASVRTask(model_cfg.asvr), config.parallel, optimizer_settings(config, steps), info,
-                   init_weights=init_weights if config.train.load else None)
+                   init_weights=init_weights if config.train.load else None, flops_of=flops_counter(model_cfg))
+
+
+def flops_counter(model_cfg):
+    """FLOPs of micro-batches' real work (padding excluded): what MFU counts."""
+    patches = model_cfg.vision.num_patches
+
+    def flops_of(micro) -> float:
+        positions = sum(m.num_image_positions for m in micro)
+        shape = StepShape(tuple(n for m in micro for n in m.sample_lengths), positions // patches, positions)
+        return step_flops(model_cfg, shape)["total"]
+
+    return flops_of
 
 
 def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
@@ -117,8 +130,17 @@ def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDa
     )
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
                              shards.num_positions if config.data.group_by_length else None)
-    return TrainLoader(order, builder, info.dp_rank, info.dp_size, t.micro_batch, model_cfg.asvr, needs,
-                       config.data.num_workers, trainer.consumed_samples)
+    return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model_cfg.asvr,
+                       needs, config.data.num_workers, trainer.consumed_samples)
+
+
+def batching_settings(config: RunConfig) -> BatchingSettings:
+    p = config.parallel
+    return BatchingSettings(
+        config.data.batching, config.train.micro_batch, config.data.seq_length,
+        length_multiple_for(p.tensor_parallel, p.sequence_parallel),
+        micro_multiple=p.pipeline_parallel if p.virtual_pipeline else 1,  # the interleaved schedule's groups
+    )
 
 
 def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
@@ -162,11 +184,9 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             data_time = watch.lap()
             result = trainer.train_step(micro, stop_requested=sigterm.raised)
             step_time = watch.lap() + data_time
-            shape = StepShape(result.samples, config.data.seq_length,
-                              result.image_positions // model_cfg.vision.num_patches, result.image_positions)
             logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
-                          result.samples * config.data.seq_length, result.samples,
-                          step_flops(model_cfg, shape)["total"], step_time, data_time, dropped=result.dropped)
+                          result.real_tokens, result.samples, result.flops, step_time, data_time,
+                          dropped=result.dropped, computed_positions=result.computed_positions)
             if held_out is not None and trainer.step % t.eval_interval == 0:
                 with trainer.synced():
                     held_out.log(trainer.step, logger)

@@ -76,7 +76,8 @@ class Interval:
     steps: int = 0
     skipped: int = 0
     dropped: int = 0
-    tokens: int = 0
+    tokens: int = 0  # real (non-padding) positions
+    computed: int = 0  # positions the model computed, padding included
     samples: int = 0
     flops: float = 0.0
     step_time: float = 0.0
@@ -137,13 +138,16 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
-               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0) -> None:
-        """One step; ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
+               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0,
+               computed_positions: Optional[int] = None) -> None:
+        """One step; ``tokens``: real positions (``computed_positions``, padding included, default the
+        same); ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
         iv = self.interval
         iv.steps += 1
         iv.skipped += int(skipped)
         iv.dropped += dropped
         iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
+        iv.computed += tokens if computed_positions is None else computed_positions
         iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
         for name, value in losses.items():
             iv.losses.setdefault(name, []).append(value)
@@ -169,7 +173,8 @@ class MetricsLogger:
             "grad_norm": sum(iv.grad_norms) / len(iv.grad_norms) if iv.grad_norms else float("nan"),
             "skipped_steps": iv.skipped,
             "dropped_samples": iv.dropped,
-            "tokens_per_s": iv.tokens / elapsed,
+            "tokens_per_s": iv.tokens / elapsed,  # real tokens
+            "fill": iv.tokens / max(iv.computed, 1),  # real of computed positions
             "samples_per_s": iv.samples / elapsed,
             "tflops_per_gpu": tflops,
             "step_time_s": elapsed / iv.steps,
@@ -183,7 +188,7 @@ class MetricsLogger:
             line = (
                 f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
                 f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
-                f"| {scalars['tokens_per_s']:.0f} tok/s {scalars['samples_per_s']:.2f} samples/s "
+                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) {scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "
                 f"| peak mem {scalars['peak_memory_gib']:.2f} GiB"
