@@ -18,17 +18,20 @@ TOL = 1e-5
 STAGE2 = dataclasses.replace(TINY_MODEL, trainable=["projector", "llm", "visual_head"])
 
 
-def test_first_fit_decreasing_plan_and_padding_rows():
+def test_first_fit_decreasing_fills_micro_batches_of_rows():
     lengths = [9, 3, 7, 5, 2]
+    # rows of 10, micro-batches of 1 row: 9 -> bin 0; 7 -> bin 1; 5 -> bin 2; 3 -> bin 1 (fills it); 2 -> bin 2
+    assert plan_step(lengths, "pack", micro_batch=1, seq_length=10) == [
+        MicroPlan((0,), 10, True), MicroPlan((2, 1), 10, True), MicroPlan((3, 4), 10, True)]
+    # micro-batches of 2 rows are one packed sequence of 20: samples cross the row boundary
     plans = plan_step(lengths, "pack", micro_batch=2, seq_length=10)
-    # 9 -> row 0; 7 -> row 1; 5 -> row 2; 3 -> row 1 (fills it); 2 -> row 2; one empty row makes 2 x 2
-    assert plans == [MicroPlan((0, 2, 1), 10, (1, 2)), MicroPlan((3, 4), 10, (2, 0))]
+    assert plans == [MicroPlan((0, 2, 1), 20, True), MicroPlan((3, 4), 20, True)]
     report = packing_report(plans, lengths)
-    assert (report.samples, report.rows, report.real_positions, report.computed_positions) == (5, 4, 26, 40)
-    # interleaved pipelining runs micro-batches in groups of PP: 4 rows -> 2 micro-batches of 1 -> 4 with PP 4
+    assert (report.samples, report.micro_batches, report.real_positions, report.computed_positions) == (5, 2, 26, 40)
+    # interleaved pipelining runs micro-batches in groups of PP: 3 -> 4 with PP 4 (one empty)
     assert len(plan_step(lengths, "pack", 1, 10, micro_multiple=4)) == 4
     with pytest.raises(ValueError, match="a sample of 11 positions cannot fit a row of 10"):
-        plan_step([11], "pack", 1, 10)
+        plan_step([11], "pack", 2, 10)
 
 
 def test_padding_to_the_longest_rounds_up_and_caps():
@@ -41,13 +44,19 @@ def test_packed_layout_keeps_samples_apart():
     a = build_sequence([1, IMAGE_PLACEHOLDER, 7, 8], [0, 0, 0, 1], [2], seq_length=8)  # 1 I I 7 | label 8
     b = build_sequence([1, 5, 6], [0, 1, 1], [], seq_length=8)
     assert (a.length, b.length) == (4, 2)
-    laid = layout_tokens([a, b], MicroPlan((0, 1), 8, (2,)))
+    laid = layout_tokens([a, b], MicroPlan((0, 1), 8, packed=True))
     assert laid["tokens"].tolist() == [[1, 0, 0, 7, 1, 5, 0, 0]]
     assert laid["labels"].tolist() == [[0, 0, 7, 8, 5, 6, 0, 0]]  # each sample's last label is its own
     assert laid["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 0]]
     assert laid["image_mask"].tolist() == [[False, True, True, False, False, False, False, False]]
     assert laid["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1]]  # RoPE restarts per sample
     assert laid["cu_seqlens"].tolist() == [0, 4, 6, 8] and laid["max_seqlen"] == 4
+
+
+def test_the_case_batches_are_packed():
+    packed = VLMCase(model=STAGE2, batching="pack").global_batch_data(0)
+    assert [m.cu_seqlens.tolist() for m in packed] == [[0, 13, 22, 24], [0, 9, 14, 24]]
+    assert [m.tokens.shape for m in packed] == [(1, 24), (1, 24)]
 
 
 def _step_losses_and_params(results, model):

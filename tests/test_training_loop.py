@@ -145,3 +145,22 @@ def test_nan_step_is_skipped_and_never_checkpointed(tiny_root, tmp_path):
     stop = tiny_run_config(tiny_root, tmp_path / "stop", steps=4, nan_policy="stop")
     with pytest.raises(MultiRankError, match="NonFiniteError: step 2: non-finite loss or gradients"):
         run_ranks(_train, 1, stop, poison_step=2)
+
+
+def test_packed_training_equals_full_padding_and_reports_its_fill(tiny_root, tmp_path):
+    """data.batching through the whole loop at PP=2: 3 steps packed and padded to the longest give
+    the losses of every sample padded to the full length (1e-5), and each run reports its fill."""
+    results = {}
+    for batching in ("pad_full", "pack", "pad_longest"):
+        config = tiny_run_config(tiny_root, tmp_path / batching, steps=3)
+        config = dataclasses.replace(config, parallel=ParallelConfig(pipeline_parallel=2),
+                                     data=dataclasses.replace(config.data, batching=batching))
+        results[batching] = _losses(run_ranks(_train, 2, config)[-1]["history"])
+    full = results["pad_full"]
+    assert sorted(full) == [1, 2, 3]
+    for batching in ("pack", "pad_longest"):
+        assert sorted(results[batching]) == sorted(full)
+        assert all(abs(a - b) <= 1e-5 for s in full for a, b in zip(results[batching][s], full[s])), results
+    report = json.loads((tmp_path / "pack/batching_report.json").read_text())
+    assert report["batching"] == "pack" and report["samples"] == 50 * 4  # global batch 4, one rank
+    assert report["real_positions"] <= report["computed_positions"] and 0.5 < report["fill"] <= 1.0

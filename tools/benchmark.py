@@ -18,10 +18,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from megatron_asvr.benchmark.settings import FP8_RECIPES, PRECISIONS, PRESETS, BenchmarkError, BenchmarkSettings
+from megatron_asvr.benchmark.settings import (
+    FP8_RECIPES, MODES, PRECISIONS, PRESETS, BenchmarkError, BenchmarkSettings,
+)
+from megatron_asvr.data.packing import Batching
 from megatron_asvr.config import ConfigError
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -30,7 +34,8 @@ H100_BF16_DENSE_TFLOPS = 989.0
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="tiny")
-    p.add_argument("--mode", choices=("single", "compare-asvr", "ab"), default="single")
+    p.add_argument("--mode", choices=MODES, default="single",
+                   help="compare-packing: the same samples padded to full length, to each micro-batch's longest, packed")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
@@ -46,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--ab", nargs=2, default=("bf16", "fp8"), choices=PRECISIONS, metavar=("A", "B"),
                    help="the two precisions of --mode ab")
     p.add_argument("--no-asvr", action="store_true", help="single mode: a plain LLaVA step")
+    p.add_argument("--batching", choices=get_args(Batching), default="pad_full",
+                   help="how samples become micro-batches (data.batching); packed, --micro-batch counts rows")
+    p.add_argument("--lengths", choices=("full", "stage1", "stage2"), default="full",
+                   help="full-length samples, or lengths drawn like LLaVA-558K (stage1) / the 665K mix (stage2)")
     p.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -68,7 +77,8 @@ def main(argv=None) -> None:
         recompute=args.recompute, precision=args.precision, fp8_recipe=args.fp8_recipe,
         fp8_bf16_edge_layers=args.fp8_bf16_edge_layers, asvr=not args.no_asvr,
         transformer_impl=args.transformer_impl, warmup=args.warmup, steps=args.steps, seed=args.seed,
-        gpu_peak_tflops=args.gpu_peak_tflops, model_overrides=tuple(args.set),
+        gpu_peak_tflops=args.gpu_peak_tflops, model_overrides=tuple(args.set), batching=args.batching,
+        lengths=args.lengths,
     )
     try:
         from megatron_asvr.benchmark.report import comparisons_of, render, to_json

@@ -18,19 +18,19 @@ def format_table(results: List[RunResult], on_gpu: bool) -> str:
     """One markdown row per run; rates use the median step time over the timed steps."""
     memory = "peak mem GiB" if on_gpu else "peak RSS GiB"
     lines = [
-        f"| run | precision | TPxPPxDP | micro/global x seq | step s | min step s | tokens/s/GPU | samples/s "
-        f"| TFLOP/s/GPU | MFU | {memory} | visual head % of step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| run | precision | batching | TPxPPxDP | micro/global x seq | step s | min step s | real tokens/s/GPU "
+        f"| padding % | samples/s | TFLOP/s/GPU | MFU | {memory} | visual head % of step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d = r.settings, r.derived
         precision = s["precision"] + (f" ({s['fp8_recipe']})" if s["precision"] == "fp8" else "")
         mfu = f"{d['mfu']:.1%}" if d["mfu"] is not None else "-"
         lines.append(
-            f"| {r.name} | {precision} | {_layout(r)} "
-            f"| {s['micro_batch']}/{s['global_batch']} x {r.tokens_per_step // r.samples_per_step} "
+            f"| {r.name} | {precision} | {s['batching']} | {_layout(r)} "
+            f"| {s['micro_batch']}/{s['global_batch']} x {s['seq_length'] or '-'} ({s['lengths']}) "
             f"| {d['step_time_s']:.4f} | {d['min_step_time_s']:.4f} | {d['tokens_per_s_per_gpu']:,.0f} "
-            f"| {d['samples_per_s']:.2f} "
+            f"| {d['padding_share']:.1%} | {d['samples_per_s']:.2f} "
             f"| {d['tflops_per_gpu']:.4g} | {mfu} | {r.peak_memory_bytes / GIB:.2f} | {d['visual_head_share']:.1%} |"
         )
     return "\n".join(lines)
@@ -61,7 +61,17 @@ def precision_comparison(first: RunResult, second: RunResult) -> dict:
     }
 
 
+def packing_comparison(results: List[RunResult]) -> Dict[str, Dict[str, float]]:
+    """Per batching mode: its padding share and its real tokens/s over full padding's (the first run)."""
+    full = results[0].derived["tokens_per_s_per_gpu"]
+    return {r.name: {"padding_share": r.derived["padding_share"],
+                     "real_tokens_per_s_over_pad_full": r.derived["tokens_per_s_per_gpu"] / full} for r in results}
+
+
 def format_comparison(kind: str, first: RunResult, second: RunResult, numbers: Dict) -> str:
+    if kind == "packing":
+        return "; ".join(f"{name}: padding {n['padding_share']:.1%} of computed positions, real tokens/s "
+                         f"x{n['real_tokens_per_s_over_pad_full']:.2f} of pad_full's" for name, n in numbers.items())
     if kind == "asvr":
         return (f"ASVR / baseline step time: {numbers['asvr_over_baseline_step_time']:.3f} (median), "
                 f"{numbers['asvr_over_baseline_min_step_time']:.3f} (min); FLOPs ratio {numbers['flops_ratio']:.3f}; "
@@ -85,6 +95,8 @@ def comparisons_of(mode: str, results: List[RunResult]) -> Dict[str, Dict]:
         return {"asvr": asvr_comparison(*results)}
     if mode == "ab":
         return {"ab": precision_comparison(*results)}
+    if mode == "compare-packing":
+        return {"packing": packing_comparison(results)}
     return {}
 
 

@@ -23,13 +23,14 @@ import torch.distributed as dist
 from megatron_asvr import runtime
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable
 from megatron_asvr.benchmark.model import precision_settings, stage_builder
-from megatron_asvr.benchmark.settings import STAGE_LR, BenchmarkError, BenchmarkSettings
+from megatron_asvr.benchmark.settings import MODES, STAGE_LR, BenchmarkError, BenchmarkSettings
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.benchmark.timing import DeviceClock, ModuleTimer
 from megatron_asvr.model.head import VisualHead
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime.device import peak_memory_bytes
-from megatron_asvr.training.flops import StepShape, step_flops
+from megatron_asvr.data.packing import length_multiple_for
+from megatron_asvr.training.flops import micro_batch_shape, step_flops
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
@@ -48,8 +49,9 @@ class RunResult:
     step_times: List[float]  # s, timed steps, slowest rank
     head_times: List[float]  # s, visual head forward + backward per timed step (last stage)
     losses: List[Dict[str, float]]  # every step, warm-up included
-    flops: Dict[str, float]  # per step, by part
-    tokens_per_step: int
+    flops: Dict[str, float]  # per step, by part, of the real work (padding excluded)
+    tokens_per_step: int  # real (non-padding) positions
+    computed_per_step: int  # positions computed, padding included
     samples_per_step: int
     peak_memory_bytes: int  # max over ranks: torch's peak allocation on GPU, peak RSS on CPU
     initial_weights_checksum: float  # sum of all initial parameters over all ranks
@@ -62,7 +64,8 @@ class RunResult:
         self.derived = {
             "step_time_s": step,
             "min_step_time_s": min(self.step_times),  # the least disturbed step, on a shared machine
-            "tokens_per_s_per_gpu": self.tokens_per_step / step / self.world_size,
+            "tokens_per_s_per_gpu": self.tokens_per_step / step / self.world_size,  # real tokens
+            "padding_share": 1 - self.tokens_per_step / self.computed_per_step,
             "samples_per_s": self.samples_per_step / step,
             "tflops_per_gpu": tflops,
             "mfu": tflops / self.gpu_peak_tflops if self.gpu_peak_tflops else None,
@@ -76,10 +79,14 @@ def _max_over_ranks(values: Sequence[float]) -> List[float]:
     return tensor.tolist()  # host sync, outside the timed steps
 
 
-def _sum_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.current_device())
+def _sum_over_ranks_each(values: Sequence[float]) -> List[float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=runtime.current_device())
     dist.all_reduce(tensor)
-    return tensor.item()  # host sync, outside the timed steps
+    return tensor.tolist()  # host sync, outside the timed steps
+
+
+def _sum_over_ranks(value: float) -> float:
+    return _sum_over_ranks_each([value])[0]
 
 
 def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> RunResult:
@@ -94,9 +101,12 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
     trainer = Trainer(stage_builder(settings, backend, dtype, llm_changes), ASVRTask(model_cfg.asvr),
                       settings.parallel(), OptimizerSettings(lr=STAGE_LR[settings.stage]), info)
     checksum = _sum_over_ranks(sum(p.double().sum().item() for c in trainer.chunks for p in c.parameters()))
-    num_micro = settings.global_batch // (info.dp_size * settings.micro_batch)
-    micro = synthetic_micro_batches(model_cfg, settings.micro_batch, num_micro, settings.positions,
-                                    seed=settings.seed + info.dp_rank)
+    parallel = settings.parallel()
+    micro = synthetic_micro_batches(
+        model_cfg, settings.micro_batch, settings.global_batch // info.dp_size, settings.positions,
+        seed=settings.seed + info.dp_rank, batching=settings.batching, lengths=settings.lengths,
+        length_multiple=length_multiple_for(parallel.tensor_parallel, parallel.sequence_parallel),
+    )
     timer = ModuleTimer([m for c in trainer.chunks for m in c.modules() if isinstance(m, VisualHead)], clock)
 
     step_times, head_times, losses = [], [], []
@@ -113,14 +123,16 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
             head_times.append(timer.seconds())
     timer.remove()
     peak = _max_over_ranks([float(peak_memory_bytes())])[0]
-    samples = settings.global_batch
-    patches = model_cfg.vision.num_patches
+    replicas = info.world_size // info.dp_size  # every TP x PP rank of a replica holds its samples
+    parts = step_flops(model_cfg, micro_batch_shape(model_cfg, micro))
+    summed = _sum_over_ranks_each([*parts.values(), sum(sum(m.sample_lengths) for m in micro),
+                                   sum(m.computed_positions for m in micro)])
     result = RunResult(
         name=name, settings=dataclasses.asdict(settings), world_size=info.world_size, data_parallel=info.dp_size,
         step_times=_max_over_ranks(step_times), head_times=_max_over_ranks(head_times), losses=losses,
-        flops=step_flops(model_cfg, StepShape.uniform(samples, settings.positions, samples, samples * patches)),
-        tokens_per_step=samples * settings.positions, samples_per_step=samples, peak_memory_bytes=int(peak),
-        initial_weights_checksum=checksum, gpu_peak_tflops=settings.gpu_peak_tflops,
+        flops={k: v / replicas for k, v in zip(parts, summed)}, tokens_per_step=int(summed[-2]) // replicas,
+        computed_per_step=int(summed[-1]) // replicas, samples_per_step=settings.global_batch,
+        peak_memory_bytes=int(peak), initial_weights_checksum=checksum, gpu_peak_tflops=settings.gpu_peak_tflops,
     )
     del trainer, micro
     gc.collect()
@@ -148,6 +160,11 @@ def run_variants(settings: BenchmarkSettings, variants: Sequence[Tuple[str, dict
         runtime.destroy()
 
 
+def packing_variants() -> List[Tuple[str, dict]]:
+    """The same samples padded to the full length, padded to each micro-batch's longest, and packed."""
+    return [(mode, {"batching": mode}) for mode in ("pad_full", "pad_longest", "pack")]
+
+
 def asvr_variants() -> List[Tuple[str, dict]]:
     """A plain LLaVA step, then the same step with the visual head and its loss."""
     return [("baseline", {"asvr": False}), ("asvr", {"asvr": True})]
@@ -158,15 +175,15 @@ def precision_variants(first: str = "bf16", second: str = "fp8") -> List[Tuple[s
     return [(first, {"precision": first}), (second, {"precision": second})]
 
 
-MODES = ("single", "compare-asvr", "ab")
-
-
 def benchmark_variants(settings: BenchmarkSettings, mode: str, ab: Tuple[str, str] = ("bf16", "fp8")):
-    """The variants a mode runs: ``single`` (as set), ``compare-asvr`` (baseline, asvr), ``ab`` (two precisions)."""
+    """The variants a mode runs: ``single`` (as set), ``compare-asvr`` (baseline, asvr), ``compare-packing``
+    (full padding, padding to the longest, packing), ``ab`` (two precisions)."""
     if mode == "single":
         return [("asvr" if settings.asvr else "baseline", {})]
     if mode == "compare-asvr":
         return asvr_variants()
+    if mode == "compare-packing":
+        return packing_variants()
     if mode == "ab":
         return precision_variants(*ab)
     raise BenchmarkError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -24,12 +24,14 @@ from megatron_asvr.config import (
 )
 from megatron_asvr.benchmark.synthetic import PROMPT_TOKENS
 from megatron_asvr.config.errors import section
+from megatron_asvr.data.packing import Batching
 from megatron_asvr.config.schema import Count, Positive, Recompute, TransformerImpl, check_step_shape
 
 Preset = Literal["vicuna_7b", "vicuna_13b", "mistral_7b", "tiny"]
 BenchPrecision = Literal["fp32", "bf16", "fp8"]  # fp8: the LLM's layers through TE; the rest bf16
 FP8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
 PRESETS, PRECISIONS, FP8_RECIPES = get_args(Preset), get_args(BenchPrecision), get_args(FP8Recipe)
+MODES = ("single", "compare-asvr", "compare-packing", "ab")  # which variants a run times (benchmark.runner)
 BENCH_KEYS = {"global_batch": "--global-batch", "micro_batch": "--micro-batch", "seq_length": "--seq-length"}
 # Trained parts per ASVR stage (docs/method.md#7-the-two-stage-recipe).
 STAGE_TRAINABLE = {1: ["projector", "visual_head"], 2: ["projector", "llm", "visual_head"]}
@@ -78,6 +80,8 @@ class BenchmarkSettings:
     fp8_bf16_edge_layers: Count = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
     asvr: bool = True  # the visual head and its loss; False = a plain LLaVA step
     transformer_impl: TransformerImpl = "auto"
+    batching: Batching = "pad_full"  # data.batching: pad_full | pad_longest | pack (micro_batch counts rows)
+    lengths: Literal["full", "stage1", "stage2"] = "full"  # full-length samples, or LLaVA-1.5-like (benchmark.lengths)
     warmup: Count = 2
     steps: Positive = 5
     seed: int = 1234
@@ -117,7 +121,8 @@ class BenchmarkSettings:
         parallel.validate(world_size)
         model = self.model()
         model.validate(parallel)
-        check_step_shape(parallel, world_size, model, self.global_batch, self.micro_batch, self.positions, BENCH_KEYS)
+        check_step_shape(parallel, world_size, model, self.global_batch, self.micro_batch, self.positions, BENCH_KEYS,
+                         packed=self.batching == "pack")
         if self.positions < model.vision.num_patches + PROMPT_TOKENS + 2:
             raise ConfigError(f"--seq-length={self.positions} cannot hold a synthetic sample: one image "
                               f"({model.vision.num_patches} positions), a {PROMPT_TOKENS}-token prompt and an answer")

@@ -40,12 +40,15 @@ def _split_by_tp(section_name: str, tp: int, **sizes: int) -> None:
 
 
 def check_step_shape(parallel: "ParallelConfig", world_size: int, model: "ModelConfig", global_batch: int,
-                     micro_batch: int, seq_length: int, keys: Dict[str, str]) -> None:
+                     micro_batch: int, seq_length: int, keys: Dict[str, str], packed: bool = False) -> None:
     """Batch arithmetic and sequence length against the layout and the model, for the training run and
     the throughput benchmark alike; ``keys`` names their ``global_batch``, ``micro_batch`` and
-    ``seq_length`` settings in the messages."""
+    ``seq_length`` settings in the messages. Packed, a micro-batch is rows, not samples: the
+    global batch only splits over data-parallel ranks."""
     dp = parallel.data_parallel(world_size)
-    if global_batch % (dp * micro_batch):
+    if packed and global_batch % dp:
+        raise ConfigError(f"{keys['global_batch']}={global_batch} is not divisible by the data-parallel size {dp}")
+    if not packed and global_batch % (dp * micro_batch):
         raise ConfigError(
             f"{keys['global_batch']}={global_batch} is not divisible by data-parallel size x micro_batch "
             f"= {dp} x {micro_batch}: change {keys['global_batch']} or {keys['micro_batch']}")
@@ -394,7 +397,7 @@ class RunConfig:
         self.parallel.validate(world_size)
         self.model.validate(self.parallel)
         check_step_shape(self.parallel, world_size, self.model, self.train.global_batch, self.train.micro_batch,
-                         self.data.seq_length, RUN_KEYS)
+                         self.data.seq_length, RUN_KEYS, packed=self.data.batching == "pack")
         self.train.validate()
         self.data.validate()
         if self.model.asvr.branches and self.data.targets is None:

@@ -14,6 +14,7 @@ codes, with discrete input), the last stage labels, masks and visual targets;
 every stage gets the token-level tensors (they are small).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -22,7 +23,7 @@ import torch
 
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
-from megatron_asvr.data.packing import Batching, MicroPlan, plan_step
+from megatron_asvr.data.packing import Batching, MicroPlan, PackingReport, packing_report, plan_step
 from megatron_asvr.data.images import image_token_count, load_image_batch
 from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
@@ -242,6 +243,18 @@ class TrainLoader:
         micro = next(self._iter)
         self.consumed_samples += self.order.global_batch
         return micro
+
+    def batching_report(self, steps: int) -> PackingReport:
+        """How this rank's next ``steps`` steps fill their micro-batches (planned from lengths alone)."""
+        first = self.consumed_samples // self.order.global_batch - self.steps.first_step
+        plans, lengths = [], []
+        for k in range(first, first + steps):
+            mine = self.steps.samples(k)
+            step_lengths = [self.steps.builder.length(i) for i in mine]
+            plans += [dataclasses.replace(p, samples=tuple(i + len(lengths) for i in p.samples))
+                      for p in self.steps.batching.plan(step_lengths)]
+            lengths += step_lengths
+        return packing_report(plans, lengths)
 
     def state_dict(self) -> Dict[str, int]:
         return {"consumed_samples": self.consumed_samples, "seed": self.order.seed,

@@ -4,8 +4,9 @@ A drop-in for megatron's ``DotProductAttention`` in local layer specs: same
 constructor and forward signature, but no global memory buffer, GQA without
 materialising repeated keys, and PyTorch's flash / memory-efficient kernels on
 GPU (the math kernel on CPU). Packed sequences (THD, ``cu_seqlens``; megatron
-squeezes the batch of one) attend causally within each sample through a
-block-diagonal mask: the CPU twin of Transformer Engine's THD attention.
+squeezes the batch of one) attend within each sample, one SDPA call per sample:
+the CPU twin of Transformer Engine's THD attention, computing the same function
+at the same cost (sum of the samples' squared lengths, not the pack's).
 """
 
 import math
@@ -50,18 +51,13 @@ class SDPAttention(MegatronModule):
         window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
         self.window_size = config.window_size if window else None  # (left, right) positions
 
-    def _mask(self, sq: int, sk: int, mask_type: AttnMaskType, attention_mask, device, cu_seqlens=None):
-        """Boolean mask, True where attending is allowed, or None for no mask; with ``cu_seqlens``
-        (packed) only within each sample."""
+    def _mask(self, sq: int, sk: int, mask_type: AttnMaskType, attention_mask, device):
+        """Boolean mask, True where attending is allowed, or None for no mask."""
         allowed = None
         q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)  # [sq, 1]
         k_pos = torch.arange(sk, device=device)[None, :]  # [1, sk]
-        if cu_seqlens is not None:
-            boundaries = cu_seqlens[1:].long()
-            segment = torch.bucketize(torch.arange(sk, device=device), boundaries, right=True)  # [sk]
-            allowed = segment[:, None] == segment[None, :]  # [sq, sk], sq == sk
         if mask_type == AttnMaskType.causal:
-            allowed = (k_pos <= q_pos) if allowed is None else allowed & (k_pos <= q_pos)
+            allowed = k_pos <= q_pos
         if self.window_size is not None:
             left, right = self.window_size  # -1: unbounded on that side
             if left >= 0:
@@ -82,21 +78,31 @@ class SDPAttention(MegatronModule):
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
-    ) -> torch.Tensor:  # [sq, b, np * hn]; packed: [t, np * hn]
+    ) -> torch.Tensor:  # [sq, b, np * hn]; packed (THD): [t, np * hn]
         if attention_bias is not None:
             raise ValueError("attention bias needs Transformer Engine attention")
-        cu_seqlens = None
-        if packed_seq_params is not None:  # THD: [t, heads, hn], one packed sequence of samples
-            if packed_seq_params.qkv_format != "thd":
-                raise ValueError(f"packed sequences in {packed_seq_params.qkv_format!r} format: only thd is supported")
-            cu_seqlens = packed_seq_params.cu_seqlens_q
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, 1, heads, hn]
-        sq, b = query.shape[:2]
         mask_type = attn_mask_type or self.attn_mask_type
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        mask = self._mask(sq, k.shape[2], mask_type, attention_mask, q.device, cu_seqlens)
-        is_causal = (mask_type == AttnMaskType.causal and self.window_size is None and sq == k.shape[2]
-                     and cu_seqlens is None)
+        if packed_seq_params is None:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+            context = self._attend(q, k, v, self._mask(q.shape[2], k.shape[2], mask_type, attention_mask, q.device),
+                                   mask_type)
+            return context.permute(2, 0, 1, 3).flatten(2)  # [b, np, sq, hn] -> [sq, b, hp]
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed sequences in {packed_seq_params.qkv_format!r} format: only thd is supported")
+        # THD [t, heads, hn]: one sample after another. host sync (CUDA): the samples' lengths, to split;
+        # Transformer Engine's THD attention, the GPU path, needs none.
+        cu_seqlens = packed_seq_params.cu_seqlens_q
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        contexts = []
+        for q, k, v in zip(*(t.permute(1, 0, 2).split(lengths, dim=1) for t in (query, key, value))):
+            length = q.shape[1]  # q [heads, L, hn]
+            mask = self._mask(length, length, mask_type, None, q.device)
+            contexts.append(self._attend(q[None], k[None], v[None], mask, mask_type)[0])  # [heads, L, hn]
+        return torch.cat(contexts, dim=1).permute(1, 0, 2).flatten(1)  # [t, hp]
+
+    def _attend(self, q, k, v, mask, mask_type) -> torch.Tensor:
+        """softmax attention of q [b, heads, sq, hn] over k, v [b, groups, sk, hn] -> [b, heads, sq, hn]."""
+        is_causal = mask_type == AttnMaskType.causal and self.window_size is None and q.shape[2] == k.shape[2]
         dropout_p = self.dropout_p if self.training else 0.0
 
         def attend():
@@ -112,8 +118,5 @@ class SDPAttention(MegatronModule):
         if dropout_p > 0 and not self.config.sequence_parallel:
             # Heads are split over TP ranks: each needs its own dropout stream (as megatron).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
-        context = context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [b, np, sq, hn] -> [sq, b, hp]
-        return context if cu_seqlens is None else context.squeeze(1)  # packed: [t, hp]
+                return attend()
+        return attend()

@@ -117,3 +117,15 @@ def step_flops(model: ModelConfig, shape: StepShape) -> Dict[str, float]:
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def micro_batch_shape(model: ModelConfig, micro_batches) -> StepShape:
+    """The real work in ``micro_batches`` (``data.batch.MicroBatch``; padding excluded)."""
+    positions = sum(m.num_image_positions for m in micro_batches)
+    lengths = tuple(n for m in micro_batches for n in m.sample_lengths)
+    return StepShape(lengths, positions // model.vision.num_patches, positions)
+
+
+def micro_batch_flops(model: ModelConfig, micro_batches) -> float:
+    """FLOPs of the real work in ``micro_batches``: what TFLOP/s and MFU count."""
+    return step_flops(model, micro_batch_shape(model, micro_batches))["total"]

@@ -9,6 +9,8 @@ optimizer, schedule, RNG, data position).
 """
 
 import dataclasses
+import functools
+import json
 import os
 import signal
 from pathlib import Path
@@ -27,7 +29,7 @@ from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training import checkpoint as ckpt
-from megatron_asvr.training.flops import StepShape, step_flops
+from megatron_asvr.training.flops import micro_batch_flops
 from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
@@ -78,6 +80,22 @@ def metric_sinks(config: RunConfig) -> list:
     return sinks
 
 
+REPORT_STEPS = 50  # steps the batching report plans ahead (lengths only: no image is read)
+
+
+def report_batching(loader: TrainLoader, save_dir: Path, info: runtime.RankInfo) -> None:
+    """How the next steps' samples fill their micro-batches on this rank: one line on the first rank,
+    and batching_report.json in the save directory."""
+    report = loader.batching_report(REPORT_STEPS)
+    if info.rank == 0:
+        print(f"batching ({loader.steps.batching.batching}, next {REPORT_STEPS} steps, rank 0): "
+              f"{report.describe()}", flush=True)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "batching_report.json").write_text(json.dumps(
+            {"batching": loader.steps.batching.batching, "steps": REPORT_STEPS, **dataclasses.asdict(report),
+             "fill": report.fill}, indent=1) + "\n")
+
+
 class _SigtermFlag:
     """Set on SIGTERM: the loop checkpoints after the current step and stops."""
 
@@ -104,19 +122,8 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, model_cf
             print(f"initial weights from {loaded}", flush=True)
 
     return Trainer(builder, ASVRTask(model_cfg.asvr), config.parallel, optimizer_settings(config, steps), info,
-                   init_weights=init_weights if config.train.load else None, flops_of=flops_counter(model_cfg))
-
-
-def flops_counter(model_cfg):
-    """FLOPs of micro-batches' real work (padding excluded): what MFU counts."""
-    patches = model_cfg.vision.num_patches
-
-    def flops_of(micro) -> float:
-        positions = sum(m.num_image_positions for m in micro)
-        shape = StepShape(tuple(n for m in micro for n in m.sample_lengths), positions // patches, positions)
-        return step_flops(model_cfg, shape)["total"]
-
-    return flops_of
+                   init_weights=init_weights if config.train.load else None,
+                   flops_of=functools.partial(micro_batch_flops, model_cfg))
 
 
 def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
@@ -170,6 +177,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
             print(f"resumed from {last_saved} at step {trainer.step}{how}", flush=True)
     loader = build_loader(config, model_cfg, trainer, shards)
+    report_batching(loader, save_dir, info)
     log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
     logger = MetricsLogger(
         log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
