@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from megatron_asvr.config import ConfigError, RunConfig
+from megatron_asvr.config.schema import RUN_KEYS, check_step_shape
 from megatron_asvr.data.images import DEFAULT_GRID_PINPOINTS, TILE_SIZE
 from megatron_asvr.planner.activations import MicroBatchShape, stage_activation_bytes
 from megatron_asvr.planner.param_counts import COMPONENT_OF, layers_per_stage, stage_parameters
@@ -106,7 +107,8 @@ def _validate(config: RunConfig, cluster: Cluster) -> None:
         raise ConfigError("the memory planner models the 1F1B schedule without virtual pipeline: "
                           "unset parallel.virtual_pipeline")
     config.model.validate(parallel)
-    dataclasses.replace(config.train, load=None).validate(parallel, cluster.world_size)
+    check_step_shape(parallel, cluster.world_size, config.model, config.train.global_batch, config.train.micro_batch,
+                     config.data.seq_length, RUN_KEYS, packed=config.data.batching == "pack")
 
 
 def plan_memory(config: RunConfig, cluster: Cluster, visual_positions: Optional[int] = None) -> MemoryPlan:
