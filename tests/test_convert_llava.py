@@ -21,10 +21,10 @@ import torch
 from megatron_asvr.config import (
     ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.convert.hf_vocab import appended_vocab
 from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir
 from megatron_asvr.convert.verify import hf_logits, random_inputs
-from megatron_asvr.testing.multirank import run_ranks
 
 HF_TOL = 1e-4  # transformers vs ours, fp32
 RESHARD_TOL = 1e-5  # ours -> HF -> ours at another layout
@@ -159,7 +159,7 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from megatron_asvr.data.demo import DemoConfig, make_demo_data
+    from asvr_dev.demo_data import DemoConfig, make_demo_data
 
     directory = tmp_path_factory.mktemp("demo")
     summary = make_demo_data(directory, DemoConfig.tiny())

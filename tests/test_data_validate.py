@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asvr_dev.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import DataFileError, read_records
 from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
 from megatron_asvr.data.shards import MANIFEST, ShardDataset
 from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
 from megatron_asvr.tokenizers.templates import IMAGE_TOKEN_INDEX, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
-from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
 MODEL = llama2_tokenizer_model()
 ROOT = Path(__file__).resolve().parents[1]

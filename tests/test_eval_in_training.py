@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from asvr_dev.multirank import run_ranks
+from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, TrainConfig
-from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.tiny_run import make_tiny_run, tiny_run_config
 
 TP2 = ParallelConfig(tensor_parallel=2)
 

@@ -16,8 +16,8 @@ from megatron_asvr.data.loader import (
     TrainLoader,
     ZERO_IMAGE,
 )
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER
-from megatron_asvr.testing.multirank import run_ranks
 
 NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH = 57, 8, 2
 TEXT_ONLY = ASVRConfig(visual_loss=False)

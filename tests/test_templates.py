@@ -21,8 +21,8 @@ from megatron_asvr.tokenizers.templates import (
     place_image_tags,
     tokenize_with_images,
 )
+from asvr_dev.fixtures import llama2_tokenizer_model
 from megatron_asvr.tokenizers.text import HFJsonTokenizer, SentencePieceTokenizer, load_text_tokenizer
-from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
 MODEL = llama2_tokenizer_model()
 
