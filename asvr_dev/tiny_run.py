@@ -37,7 +37,7 @@ def make_tiny_run(root: str) -> dict:
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
     from megatron_asvr.data.targets import TargetsConfig, precompute_targets
     from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
-    from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer
+    from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())

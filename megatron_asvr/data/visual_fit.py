@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.data.targets import image_batches
+from megatron_asvr.data.images import image_batches
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.model.specs import resolve_backend
