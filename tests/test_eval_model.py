@@ -68,7 +68,7 @@ def _spec(root, parallel, **changes):
 
 
 def _items(root):
-    from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark
+    from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark
 
     return read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images").items
 
@@ -258,7 +258,7 @@ def _run_tool(name: str, argv) -> None:
 def test_evaluate_tool_writes_table_and_json(root):
     import json
 
-    from megatron_asvr.evaluation.benchmarks.jsonl import score_jsonl
+    from megatron_asvr.evaluation.suites.jsonl import score_jsonl
     from megatron_asvr.tokenizers.text import load_text_tokenizer
 
     out = root / "eval_pp2"
