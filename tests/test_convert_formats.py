@@ -188,7 +188,7 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
 
     from asvr_dev.demo_data import DemoConfig, make_demo_data
     from megatron_asvr.tokenizers import (
-        IMAGE_TOKEN_INDEX,
+        IMAGE_PLACEHOLDER,
         load_text_tokenizer,
         tokenize_with_images,
     )
@@ -204,7 +204,7 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     assert type(hf).__name__ == "TokenizersBackend"
     assert hf.convert_tokens_to_ids(["<image>", "<pad>"]) == [size, size + 1] and hf.pad_token_id == size + 1
     prompt = "A chat. USER: <image>\nWhat color is the star? ASSISTANT:"
-    expected = [size if i == IMAGE_TOKEN_INDEX else i for i in tokenize_with_images(prompt, ours)]
+    expected = [size if i == IMAGE_PLACEHOLDER else i for i in tokenize_with_images(prompt, ours)]
     assert hf(prompt).input_ids == expected and expected.count(size) == 1
     write_tokenizer(tmp_path / "hf", tmp_path / "again", appended_vocab(size), 64)  # already there: unchanged
     for name in written:

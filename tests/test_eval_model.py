@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from asvr_dev.demo_data import DemoConfig, make_demo_data
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig,
     CodebookSpec,
@@ -17,12 +19,11 @@ from megatron_asvr.config import (
     ParallelConfig,
     VisionConfig,
 )
-from asvr_dev.demo_data import DemoConfig, make_demo_data
-from asvr_dev.multirank import run_ranks
 from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, collate
+from megatron_asvr.data.sequence import SequenceTooLong, collate
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=64, image_size=384, feature_layer=-2)  # 6 x 6 patches
