@@ -175,9 +175,9 @@ def import_hf(
         error = f"rank {rank}: {len(unmatched)} parameters have no HF tensor, e.g. {unmatched[:3]}"
     raise_if_any(error)
     checkpoint_io.save_model_checkpoint(chunks, out_dir, plan.model, plan.vocab if plan.keep_vocab else None)
-    tokenizer_files = []
+    copied_tokenizer = []
     if rank == 0 and plan.tokenizer is not None:
-        tokenizer_files = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
+        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
     initialised = sorted(set().union(*gather_objects(sorted(lazy.unmatched))))
     dist.barrier()
     return {
@@ -186,7 +186,7 @@ def import_hf(
         "hf_tensors": len(plan.readers),
         "skipped": plan.skipped,
         "initialised": initialised,
-        "tokenizer": tokenizer_files,
+        "tokenizer": copied_tokenizer,
         "hf_vocab": plan.vocab if plan.keep_vocab else None,
     }
 
