@@ -8,7 +8,7 @@ fetch a second, multi-GB torch to build with).
 from setuptools import find_packages, setup
 
 RUNTIME_DEPS = [
-    "torch==2.14.1",
+    "torch>=2.6,<3",  # what megatron-core 0.16.1 supports; a cluster's own torch (NGC container) is kept
     "megatron-core==0.16.1",
     "sentencepiece>=0.2.3",  # 0.2.2's BPE trainer aborts on the demo corpus (freq > 0 check)
     "pybind11>=2.12",
@@ -28,7 +28,9 @@ EXTRAS = {
     # NVIDIA apex is not on PyPI (the `apex` package there is unrelated); build it
     # from https://github.com/NVIDIA/apex if wanted. Nothing here requires it.
     "gpu": ["transformer-engine[pytorch]>=2.1", "flash-attn>=2.6"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "nvidia-cuda-cuobjdump>=13.2; platform_system == 'Linux'"],
+    "wandb": ["wandb>=0.17"],  # train.wandb_project: Weights & Biases beside TensorBoard
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "wandb>=0.17",
+            "nvidia-cuda-cuobjdump>=13.2; platform_system == 'Linux'"],
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from asvr_dev.harness import Case, merged_reports
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.data.batch import build_micro_batch
+from megatron_asvr.data.packing import length_multiple_for, plan_step
 from megatron_asvr.data.sequence import build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE
 from megatron_asvr.model.specs import resolve_backend
@@ -65,6 +66,7 @@ class VLMCase(Case):
     # layout-dependent +-lr. eps 1e-6 keeps such updates ~0 so params compare at 1e-5.
     adam_eps: float = 1e-6
     config_changes: dict = field(default_factory=dict)  # applied to every TransformerConfig
+    batching: str = "pad_full"  # data.batching: micro_batch counts rows when packed
 
     def chunk_builder(self):
         model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
@@ -100,12 +102,16 @@ class VLMCase(Case):
     def global_batch_data(self, step):
         samples = self._samples(step)
         asvr = self.model.asvr
+        p = self.parallel
+        plans = plan_step([s.length for s, _ in samples], self.batching, self.micro_batch, self.seq_length,
+                          length_multiple_for(p.tensor_parallel, p.sequence_parallel),
+                          p.pipeline_parallel if p.virtual_pipeline else 1)
         micro = []
-        for i in range(0, len(samples), self.micro_batch):
-            group = samples[i:i + self.micro_batch]
+        for plan in plans:
+            group = [samples[i] for i in plan.samples]
             images = [self._image(name) for _, names in group for name in names]
             micro.append(build_micro_batch(
-                [s for s, _ in group],
+                [s for s, _ in group], plan,
                 images=torch.stack([p for p, _ in images]) if images else None,
                 input_codes=torch.stack([c["semantic"] for _, c in images]) if images else None,
                 codes={branch: [c[branch] for _, c in images] for branch in BRANCHES},

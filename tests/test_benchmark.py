@@ -38,10 +38,12 @@ def test_synthetic_batches_have_vicuna_7b_shapes():
 
 
 def test_settings_errors_are_one_line():
-    with pytest.raises(ConfigError, match="global batch 6 is not divisible by data-parallel size x micro-batch = 1 x"):
+    with pytest.raises(ConfigError, match="--global-batch=6 is not divisible by data-parallel size x micro_batch = 1 x 4"):
         dataclasses.replace(TINY, global_batch=6, micro_batch=4).validate(1)
-    with pytest.raises(ConfigError, match="sequence length 64 cannot hold one image \\(64 positions\\)"):
+    with pytest.raises(ConfigError, match="--seq-length=64 cannot hold one image \\(64 positions\\) plus a prompt"):
         dataclasses.replace(TINY, seq_length=64).validate(1)
+    with pytest.raises(ConfigError, match="BenchmarkSettings.precision must be fp32, bf16 or fp8, got 'fp16'"):
+        dataclasses.replace(TINY, precision="fp16")
     with pytest.raises(BenchmarkError, match="only with the tensorwise or mxfp8 recipe, not delayed"):
         dataclasses.replace(TINY, precision="fp8", fp8_bf16_edge_layers=1).validate(1)
 
@@ -118,7 +120,7 @@ def cpu_runs():
 def test_compare_asvr_measures_both_steps(cpu_runs):
     (baseline, asvr), _ = cpu_runs
     model = TINY.model()
-    shape = StepShape(samples=4, seq_length=128, image_tiles=4, visual_rows=4 * 64)
+    shape = StepShape.uniform(samples=4, seq_length=128, image_tiles=4, visual_rows=4 * 64)
     for run, visual_loss in ((baseline, False), (asvr, True)):
         expected = step_flops(dataclasses.replace(model, asvr=dataclasses.replace(model.asvr, visual_loss=visual_loss)),
                               shape)

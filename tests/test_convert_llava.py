@@ -100,7 +100,9 @@ def _import(parallel, sources, out, verify_against=None, llava=True):
                        info.device, progress=False)
     diff = None
     if verify_against is not None:
-        diff = verify_checkpoint(out, verify_against, parallel, torch.float32, info.device, llava=llava)
+        agreement = verify_checkpoint(out, verify_against, parallel, torch.float32, info.device, llava=llava)
+        assert agreement is None or agreement.within, agreement.describe()
+        diff = agreement.max_abs_diff if agreement is not None else None
     runtime.destroy()
     return {"report": report, "diff": diff}
 
@@ -430,12 +432,18 @@ def _cli(*args):
 
 
 def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):
+    """Export takes a training save directory (its newest checkpoint) as tools/evaluate.py does."""
     case = exported["mistral"]
-    done = _cli("export", "--checkpoint", case["checkpoint"], "--out", tmp_path / "hf", "--dtype", "float32",
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    os.symlink(case["checkpoint"], save_dir / "iter_0000007")
+    (save_dir / "latest").write_text("iter_0000007")
+    done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "float32",
                 "--vision-tower-from", case["hf"], "--verify", "--no-progress")
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if l.startswith("verify: max abs logit difference"))
-    assert float(line.rsplit(" ", 1)[1]) <= HF_TOL
+    line = next(l for l in done.stdout.splitlines() if l.startswith("verify against transformers"))
+    diff = float(line.split("max abs logit difference ")[1].split(" ")[0])
+    assert diff <= HF_TOL and " in float32 (logits up to " in line and line.endswith("within what float32 allows")
     assert "vision tower: complete (3 layers, vision_feature_layer=-2)" in done.stdout
     failed = _cli("import", "--llava", hf_llava_dir, "--out", tmp_path / "hf", "--no-progress")
     assert failed.returncode != 0 and "Traceback" not in failed.stderr

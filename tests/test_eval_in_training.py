@@ -65,8 +65,8 @@ def test_held_out_score_is_logged_and_matches_the_evaluator(tiny_root, tmp_path)
 
 def test_eval_interval_needs_its_files(tmp_path):
     with pytest.raises(ConfigError, match=r"train.eval_interval is set but train.eval_data=None does not exist"):
-        TrainConfig(global_batch=4, micro_batch=1, eval_interval=5).validate(ParallelConfig(), 1)
+        TrainConfig(global_batch=4, micro_batch=1, eval_interval=5).validate()
     config = TrainConfig(global_batch=4, micro_batch=1, eval_interval=5, eval_data=str(tmp_path),
                          eval_tokenizer=str(tmp_path / "no_tokenizer"))
     with pytest.raises(ConfigError, match=r"train.eval_tokenizer=.*no_tokenizer' does not exist"):
-        config.validate(ParallelConfig(), 1)
+        config.validate()

@@ -54,7 +54,7 @@ def _model(llm: str, trainable, visual_loss=True) -> ModelConfig:
 
 
 STAGE1, STAGE2 = ["projector", "visual_head"], ["projector", "llm", "visual_head"]
-ONE_SAMPLE = StepShape(samples=1, seq_length=SEQ, image_tiles=1, visual_rows=PATCHES)
+ONE_SAMPLE = StepShape.uniform(samples=1, seq_length=SEQ, image_tiles=1, visual_rows=PATCHES)
 
 
 def test_hand_numbers_are_the_known_magnitudes():
@@ -102,7 +102,7 @@ def test_vicuna_13b_stage1_frozen_llm_passes_gradients_to_the_projector():
 
 
 def test_vicuna_13b_stage2_scales_with_the_batch():
-    batch = StepShape(samples=128, seq_length=SEQ, image_tiles=128, visual_rows=128 * PATCHES)
+    batch = StepShape.uniform(samples=128, seq_length=SEQ, image_tiles=128, visual_rows=128 * PATCHES)
     got = step_flops(_model("vicuna_13b", STAGE2), batch)
     per_sample = ENC_TILE + 3 * PATCHES * (projector_row(5120) + head_row(5120)) + 3 * SEQ * LLM_TOKEN_13B
     assert got["total"] == 128 * per_sample
@@ -126,7 +126,7 @@ def test_sliding_window_attends_fewer_keys():
     # 8192 positions, window 4096: sum_i min(i + 1, w) / s ~= (w^2 / 2 + (s - w) w) / s = 3072
     assert causal_keys_per_query(8192, 4096) == 3072
     mistral = ModelConfig(vision=VISION_PRESETS["siglip_so400m_384"], llm=LLM_PRESETS["mistral_7b"], trainable=STAGE2)
-    short = step_flops(mistral, StepShape(1, 8192, 0, 0))["llm"]
+    short = step_flops(mistral, StepShape.uniform(1, 8192, 0, 0))["llm"]
     full = step_flops(dataclasses.replace(mistral, llm=dataclasses.replace(mistral.llm, sliding_window=None)),
-                      StepShape(1, 8192, 0, 0))["llm"]
+                      StepShape.uniform(1, 8192, 0, 0))["llm"]
     assert full - short == 3 * 8192 * 32 * (2 * 2 * (4096 - 3072) * 4096)

@@ -10,6 +10,7 @@ from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.loader import (
+    BatchingSettings,
     DataLoaderError,
     GlobalBatchOrder,
     SampleBuilder,
@@ -44,26 +45,30 @@ def shards(tmp_path_factory):
     return directory
 
 
-def _sample_ids(shards_dir, dp_rank, dp_size, consumed, steps, group_by_length=False, workers=0):
+def _sample_ids(shards_dir, dp_rank, dp_size, consumed, steps, group_by_length=False, workers=0,
+                batching="pad_full"):
     """Sample ids this rank gets for ``steps`` steps after ``consumed`` samples (its own process)."""
     from megatron_asvr.data.shards import ShardDataset
 
     data = ShardDataset(shards_dir)
     order = GlobalBatchOrder(len(data), GLOBAL_BATCH, seed=5, lengths=data.num_positions if group_by_length else None)
     builder = SampleBuilder(data, Path("."), None, TEXT_ONLY, 64, "resize", NOTHING, patches_per_tile=4)
-    loader = TrainLoader(order, builder, dp_rank, dp_size, MICRO_BATCH, TEXT_ONLY, NOTHING, workers, consumed)
+    settings = BatchingSettings(batching, MICRO_BATCH, seq_length=64)
+    loader = TrainLoader(order, builder, dp_rank, dp_size, settings, TEXT_ONLY, NOTHING, workers, consumed)
     ids = [i for _ in range(steps) for micro in loader.next_step() for i in micro.ids]
     return ids, loader.state_dict()
 
 
-def test_resume_at_dp2_gives_the_next_100_samples_of_an_uninterrupted_run(shards):
+@pytest.mark.parametrize("batching", ["pad_full", "pack"])
+def test_resume_at_dp2_gives_the_next_100_samples_of_an_uninterrupted_run(shards, batching):
     steps_for_100 = 100 // GLOBAL_BATCH + 1
-    straight = [run_ranks(_sample_ids, 1, shards, r, 2, 0, 5 + steps_for_100)[0][0] for r in range(2)]
-    first = [run_ranks(_sample_ids, 1, shards, r, 2, 0, 5)[0] for r in range(2)]
+    straight = [run_ranks(_sample_ids, 1, shards, r, 2, 0, 5 + steps_for_100, batching=batching)[0][0]
+                for r in range(2)]
+    first = [run_ranks(_sample_ids, 1, shards, r, 2, 0, 5, batching=batching)[0] for r in range(2)]
     state = first[0][1]
     assert state["consumed_samples"] == 5 * GLOBAL_BATCH == first[1][1]["consumed_samples"]
-    resumed = [run_ranks(_sample_ids, 1, shards, r, 2, state["consumed_samples"], steps_for_100, False, 2)[0][0]
-               for r in range(2)]
+    resumed = [run_ranks(_sample_ids, 1, shards, r, 2, state["consumed_samples"], steps_for_100, False, 2,
+                         batching=batching)[0][0] for r in range(2)]
     per_rank = 5 * GLOBAL_BATCH // 2
     for r in range(2):
         assert resumed[r] == straight[r][per_rank:]

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             sub.add_argument("--config", type=Path, help="YAML recipe for the ASVR settings (model.asvr, ...)")
             sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
         else:
-            sub.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint directory")
+            sub.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint: a save directory (its newest) or an iter_* directory")
             sub.add_argument("--vision-tower-from", type=Path,
                              help="the original HF vision weights: export the complete tower (else truncated)")
             sub.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
@@ -95,9 +95,9 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _print_diff(diff, hf_dir) -> None:
-    if diff is not None:
-        print(f"verify: max abs logit difference vs transformers ({hf_dir}): {diff:.3e}", flush=True)
+def _print_diff(agreement, hf_dir) -> None:
+    if agreement is not None:
+        print(f"verify against transformers ({hf_dir}): {agreement.describe()}", flush=True)
 
 
 def main(argv=None) -> None:

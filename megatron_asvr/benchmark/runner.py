@@ -118,7 +118,7 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
     result = RunResult(
         name=name, settings=dataclasses.asdict(settings), world_size=info.world_size, data_parallel=info.dp_size,
         step_times=_max_over_ranks(step_times), head_times=_max_over_ranks(head_times), losses=losses,
-        flops=step_flops(model_cfg, StepShape(samples, settings.positions, samples, samples * patches)),
+        flops=step_flops(model_cfg, StepShape.uniform(samples, settings.positions, samples, samples * patches)),
         tokens_per_step=samples * settings.positions, samples_per_step=samples, peak_memory_bytes=int(peak),
         initial_weights_checksum=checksum, gpu_peak_tflops=settings.gpu_peak_tflops,
     )

@@ -1,8 +1,12 @@
-"""What one benchmark run measures: model preset, layout, batch, precision, ASVR on or off."""
+"""What one benchmark run measures: model preset, layout, batch, precision, ASVR on or off.
+
+``BenchmarkSettings`` is a section of the configuration schema (``megatron_asvr.config``): typed
+fields with their choices, checked on construction, and the run's batch and sequence-length
+rules (``check_step_shape``) written once for both.
+"""
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Literal, Optional, Sequence, Tuple, get_args
 
 from megatron_asvr.config import (
     LLM_PRESETS,
@@ -18,10 +22,15 @@ from megatron_asvr.config import (
     apply_overrides,
     from_dict,
 )
+from megatron_asvr.benchmark.synthetic import PROMPT_TOKENS
+from megatron_asvr.config.errors import section
+from megatron_asvr.config.schema import Count, Positive, Recompute, TransformerImpl, check_step_shape
 
-PRESETS = ("vicuna_7b", "vicuna_13b", "mistral_7b", "tiny")
-PRECISIONS = ("fp32", "bf16", "fp8")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
+Preset = Literal["vicuna_7b", "vicuna_13b", "mistral_7b", "tiny"]
+BenchPrecision = Literal["fp32", "bf16", "fp8"]  # fp8: the LLM's layers through TE; the rest bf16
+FP8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
+PRESETS, PRECISIONS, FP8_RECIPES = get_args(Preset), get_args(BenchPrecision), get_args(FP8Recipe)
+BENCH_KEYS = {"global_batch": "--global-batch", "micro_batch": "--micro-batch", "seq_length": "--seq-length"}
 # Trained parts per ASVR stage (docs/method.md#7-the-two-stage-recipe).
 STAGE_TRAINABLE = {1: ["projector", "visual_head"], 2: ["projector", "llm", "visual_head"]}
 STAGE_LR = {1: 1e-3, 2: 2e-5}
@@ -52,25 +61,25 @@ def override_model(model: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
     return from_dict(ModelConfig, data["model"], "model.")
 
 
-@dataclass(frozen=True)
+@section
 class BenchmarkSettings:
-    preset: str = "tiny"
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
+    preset: Preset = "tiny"
+    tensor_parallel: Positive = 1
+    pipeline_parallel: Positive = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    micro_batch: int = 2
-    global_batch: int = 4
-    seq_length: Optional[int] = None  # default: 2048 (128 for tiny)
-    stage: int = 2  # ASVR training stage: what trains
-    recompute: str = "none"  # none | selective | full
-    precision: str = "fp32"  # fp32 (CPU) | bf16 | fp8 (the LLM's layers through TE; the rest bf16)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8
-    fp8_bf16_edge_layers: int = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
+    micro_batch: Positive = 2
+    global_batch: Positive = 4
+    seq_length: Optional[Positive] = None  # default: 2048 (128 for tiny)
+    stage: Literal[1, 2] = 2  # ASVR training stage: what trains
+    recompute: Recompute = "none"
+    precision: BenchPrecision = "fp32"
+    fp8_recipe: FP8Recipe = "delayed"
+    fp8_bf16_edge_layers: Count = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
     asvr: bool = True  # the visual head and its loss; False = a plain LLaVA step
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
-    warmup: int = 2
-    steps: int = 5
+    transformer_impl: TransformerImpl = "auto"
+    warmup: Count = 2
+    steps: Positive = 5
     seed: int = 1234
     gpu_peak_tflops: Optional[float] = None  # dense bf16 peak per GPU for MFU (H100 SXM: 989)
     model_overrides: Tuple[str, ...] = ()  # "model.llm.num_layers=8" etc., applied after everything else
@@ -102,32 +111,16 @@ class BenchmarkSettings:
         return override_model(model, self.model_overrides)
 
     def validate(self, world_size: int) -> None:
-        """Every check that needs no model; raises BenchmarkError or ConfigError (one line each)."""
-        for name, value, allowed in (("preset", self.preset, PRESETS), ("precision", self.precision, PRECISIONS),
-                                     ("fp8_recipe", self.fp8_recipe, FP8_RECIPES), ("stage", self.stage, (1, 2)),
-                                     ("recompute", self.recompute, ("none", "selective", "full"))):
-            if value not in allowed:
-                raise BenchmarkError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-        if self.warmup < 0 or self.steps < 1:
-            raise BenchmarkError(f"need warmup >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
+        """The checks that span fields (choices and ranges are the field types'); raises BenchmarkError
+        or ConfigError (one line each)."""
         parallel = self.parallel()
         parallel.validate(world_size)
         model = self.model()
         model.validate(parallel)
-        dp = parallel.data_parallel(world_size)
-        if self.global_batch % (dp * self.micro_batch):
-            raise ConfigError(
-                f"global batch {self.global_batch} is not divisible by data-parallel size x micro-batch = "
-                f"{dp} x {self.micro_batch}: change --global-batch or --micro-batch"
-            )
-        if self.positions < model.vision.num_patches + 8:
-            raise ConfigError(
-                f"sequence length {self.positions} cannot hold one image ({model.vision.num_patches} positions) "
-                f"plus a prompt: raise --seq-length"
-            )
-        if self.sequence_parallel and self.positions % self.tensor_parallel:
-            raise ConfigError(f"sequence length {self.positions} must be divisible by TP={self.tensor_parallel} "
-                              f"with sequence parallelism")
+        check_step_shape(parallel, world_size, model, self.global_batch, self.micro_batch, self.positions, BENCH_KEYS)
+        if self.positions < model.vision.num_patches + PROMPT_TOKENS + 2:
+            raise ConfigError(f"--seq-length={self.positions} cannot hold a synthetic sample: one image "
+                              f"({model.vision.num_patches} positions), a {PROMPT_TOKENS}-token prompt and an answer")
         if self.fp8_bf16_edge_layers and self.precision != "fp8":
             raise BenchmarkError("--fp8-bf16-edge-layers applies to --precision fp8 only")
         if self.fp8_bf16_edge_layers and self.fp8_recipe == "delayed":

@@ -39,6 +39,28 @@ def _split_by_tp(section_name: str, tp: int, **sizes: int) -> None:
                            f": choose a tensor_parallel that divides {size}")
 
 
+def check_step_shape(parallel: "ParallelConfig", world_size: int, model: "ModelConfig", global_batch: int,
+                     micro_batch: int, seq_length: int, keys: Dict[str, str]) -> None:
+    """Batch arithmetic and sequence length against the layout and the model, for the training run and
+    the throughput benchmark alike; ``keys`` names their ``global_batch``, ``micro_batch`` and
+    ``seq_length`` settings in the messages."""
+    dp = parallel.data_parallel(world_size)
+    if global_batch % (dp * micro_batch):
+        raise ConfigError(
+            f"{keys['global_batch']}={global_batch} is not divisible by data-parallel size x micro_batch "
+            f"= {dp} x {micro_batch}: change {keys['global_batch']} or {keys['micro_batch']}")
+    image_positions = model.vision.num_patches
+    if seq_length < image_positions + 2:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} cannot hold one image ({image_positions} positions) "
+                          f"plus a prompt: raise {keys['seq_length']}")
+    if seq_length > model.llm.max_sequence_length:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} exceeds llm.max_sequence_length="
+                          f"{model.llm.max_sequence_length}")
+    if parallel.sequence_parallel and seq_length % parallel.tensor_parallel:
+        raise ConfigError(f"{keys['seq_length']}={seq_length} must be divisible by tensor_parallel="
+                          f"{parallel.tensor_parallel} with sequence parallelism")
+
+
 @section
 class ParallelConfig:
     """How the model is split. Data parallelism is what remains of the world size."""
@@ -288,7 +310,10 @@ class DataConfig:
     image_root: str = ""
     targets: Optional[str] = None  # precomputed visual targets directory
     image_mode: ImageMode = "resize"  # as the targets were computed (tools/precompute_targets.py --mode)
-    seq_length: Positive = 2048
+    seq_length: Positive = 2048  # a row's positions (the most a sample may take)
+    # pack: several samples per row (first-fit-decreasing), attention kept within each sample;
+    # pad_longest: each micro-batch padded to its longest sample; pad_full: every sample to seq_length
+    batching: Literal["pack", "pad_longest", "pad_full"] = "pad_longest"
     num_workers: Count = 2
     group_by_length: bool = False
     drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error
@@ -328,6 +353,10 @@ class TrainConfig:
     keep_last: Positive = 3
     log_interval: Positive = 1
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (pip install 'megatron_asvr[wandb]'): off unless a project is set;
+    # offline writes the run under save_dir/wandb for a later `wandb sync`.
+    wandb_project: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = "online"
     nan_policy: NanPolicy = "skip"
     max_consecutive_skips: Count = 5
     num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)
@@ -338,13 +367,7 @@ class TrainConfig:
     eval_data: Optional[str] = None  # JSON lines as the demo's eval.jsonl; images under data.image_root
     eval_tokenizer: Optional[str] = None  # the text tokenizer the training shards were made with
 
-    def validate(self, parallel: ParallelConfig, world_size: int) -> None:
-        dp = parallel.data_parallel(world_size)
-        if self.global_batch % (dp * self.micro_batch):
-            raise ConfigError(
-                f"train.global_batch={self.global_batch} is not divisible by data-parallel size x micro_batch "
-                f"= {dp} x {self.micro_batch}: change global_batch or micro_batch"
-            )
+    def validate(self) -> None:
         if self.load is not None and not Path(self.load).exists():
             raise ConfigError(f"train.load={self.load!r} does not exist")
         if self.eval_interval:
@@ -352,6 +375,9 @@ class TrainConfig:
                 path = getattr(self, name)
                 if path is None or not Path(path).exists():
                     raise ConfigError(f"train.eval_interval is set but train.{name}={path!r} does not exist")
+
+
+RUN_KEYS = {"global_batch": "train.global_batch", "micro_batch": "train.micro_batch", "seq_length": "data.seq_length"}
 
 
 @section
@@ -367,27 +393,13 @@ class RunConfig:
         """Every check that needs no model: layout, shapes, batch arithmetic, files."""
         self.parallel.validate(world_size)
         self.model.validate(self.parallel)
-        self.train.validate(self.parallel, world_size)
+        check_step_shape(self.parallel, world_size, self.model, self.train.global_batch, self.train.micro_batch,
+                         self.data.seq_length, RUN_KEYS)
+        self.train.validate()
         self.data.validate()
         if self.model.asvr.branches and self.data.targets is None:
             raise ConfigError("the visual loss is on (model.asvr.visual_loss) but data.targets is not set")
         if self.model.asvr.branches and self.train.visual_tokenizer is None:
             raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
-        image_positions = self.model.vision.num_patches
-        if self.data.seq_length < image_positions + 2:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} cannot hold one image ({image_positions} positions) "
-                f"plus a prompt: raise seq_length"
-            )
-        if self.data.seq_length > self.model.llm.max_sequence_length:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} exceeds llm.max_sequence_length="
-                f"{self.model.llm.max_sequence_length}"
-            )
-        if self.parallel.sequence_parallel and self.data.seq_length % self.parallel.tensor_parallel:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} must be divisible by tensor_parallel="
-                f"{self.parallel.tensor_parallel} with sequence parallelism"
-            )
 
 

@@ -38,6 +38,7 @@ from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
 from megatron_asvr.model.hf_rules import by_ours, hf_names
 from megatron_asvr.model.hf_vision import find_prefix, vision_from_hf
+from megatron_asvr.training.checkpoint import resolve
 
 HEAD_DIR = "visual_head"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,8 +149,9 @@ def _finalize(out: Path, written: List[Dict[str, Tuple[dict, int]]], expected: s
 
 
 def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOptions, device) -> Dict[str, Any]:
-    """Write the HF directory of ``checkpoint`` to ``out_dir`` (collective); return a report."""
-    checkpoint, out = Path(checkpoint), Path(out_dir)
+    """Write the HF directory of ``checkpoint`` (a checkpoint, or a save directory: its newest) to
+    ``out_dir`` (collective); return a report."""
+    checkpoint, out = resolve(Path(checkpoint)), Path(out_dir)
     require_new_directory(out)
     model = checkpoint_io.read_model_config(checkpoint)
     if model.asvr.discrete_input:

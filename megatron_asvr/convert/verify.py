@@ -23,6 +23,7 @@ from megatron_asvr.convert import checkpoint_io
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
 from megatron_asvr.convert.ranks import is_writer, raise_if_any
 from megatron_asvr.data.batch import image_index_of
+from megatron_asvr.training.checkpoint import resolve
 from megatron_asvr.training.schedule import forward_only
 
 BOS = 1
@@ -94,11 +95,37 @@ def hf_logits(directory, inputs: VerifyInputs, dtype: torch.dtype, llava: bool) 
         return model.eval()(input_ids=inputs.hf_input_ids, **kwargs).logits.float()
 
 
+ROUNDING_EPSILONS = 8  # allowed difference: this many of the dtype's epsilon at the logits' scale
+
+
+@dataclass(frozen=True)
+class LogitAgreement:
+    """Our logits against transformers' on the same inputs, and what the dtype's rounding allows."""
+
+    max_abs_diff: float
+    logit_scale: float  # max |logit| of ours
+    dtype: torch.dtype
+
+    @property
+    def limit(self) -> float:
+        return ROUNDING_EPSILONS * torch.finfo(self.dtype).eps * max(1.0, self.logit_scale)
+
+    @property
+    def within(self) -> bool:
+        return self.max_abs_diff <= self.limit
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"max abs logit difference {self.max_abs_diff:.3e} in {dtype} (logits up to {self.logit_scale:.3g}; "
+                f"{dtype} rounding allows {self.limit:.3e}): {'within' if self.within else 'OUTSIDE'} what {dtype} allows")
+
+
 def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch.dtype, device,
-                      llava: bool = True, seed: int = 0) -> Optional[float]:
-    """Max abs logit difference between ``checkpoint`` (loaded at ``parallel``) and the HF model
-    in ``hf_dir`` (a LLaVA, or with ``llava=False`` a causal LM on a text-only prompt), on the
-    last stage's writer rank; None on the other ranks (collective)."""
+                      llava: bool = True, seed: int = 0) -> Optional[LogitAgreement]:
+    """Our logits from ``checkpoint`` (a checkpoint or a save directory: its newest; loaded at
+    ``parallel``) against the HF model in ``hf_dir`` (a LLaVA, or with ``llava=False`` a causal LM
+    on a text-only prompt), on the last stage's writer rank; None on the other ranks (collective)."""
+    checkpoint = resolve(Path(checkpoint))
     model = checkpoint_io.read_model_config(checkpoint)
     vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     inputs = random_inputs(model, vocab, with_image=llava, seed=seed)
@@ -108,12 +135,12 @@ def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch
     del chunks
     gc.collect()
     dist.barrier()
-    diff, error = None, None
+    agreement, error = None, None
     if ours is not None and is_writer():
         try:
             theirs = hf_logits(Path(hf_dir), inputs, dtype, llava)[..., : model.llm.vocab_size]
-            diff = (ours - theirs).abs().max().item()
+            agreement = LogitAgreement((ours - theirs).abs().max().item(), ours.abs().max().item(), dtype)
         except (KeyError, OSError, ValueError) as err:
             error = f"rank {dist.get_rank()}: {err}"
     raise_if_any(error)
-    return diff
+    return agreement

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_asvr.data.sequence import SequenceSample, align_visual_targets, collate
+from megatron_asvr.data.packing import MicroPlan, layout_tokens
+from megatron_asvr.data.sequence import SequenceSample, align_visual_targets
 
 
 @dataclass
@@ -31,16 +32,32 @@ class MicroBatch:
     input_codes: Optional[torch.Tensor] = None  # [n, P, D] semantic codes (first stage, discrete input)
     visual_targets: Dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> [sum P, D] codes
     visual_rows: Optional[torch.Tensor] = None  # [n_sup] int64, supervised rows of visual_targets
+    cu_seqlens: Optional[torch.Tensor] = None  # packed: [segments + 1] int32 sample boundaries in the one row
     # Host facts (never moved): sample ids, samples masked out as too long, counts for metrics.
+    max_seqlen: int = 0  # packed: the longest segment
+    sample_lengths: List[int] = field(default_factory=list)  # real positions of each sample
     ids: List[str] = field(default_factory=list)
     dropped: int = 0
     num_image_positions: int = 0
     # Set by the trainer on the last stage: the global batch's supervised counts, on the device.
     loss_counts: Optional[torch.Tensor] = None  # [2] float64: text tokens, visual rows
 
+    def __post_init__(self):
+        if not self.sample_lengths:  # built by hand: every row one full sample
+            self.sample_lengths = [self.tokens.shape[1]] * self.tokens.shape[0]
+
     @property
     def num_samples(self) -> int:
+        return len(self.sample_lengths)
+
+    @property
+    def rows(self) -> int:
+        """The micro-batch size the schedule sees (1 when packed: the rows are one sequence)."""
         return self.tokens.shape[0]
+
+    @property
+    def computed_positions(self) -> int:
+        return self.tokens.numel()
 
     def _map_tensors(self, fn) -> "MicroBatch":
         changes = {}
@@ -68,6 +85,7 @@ def image_index_of(image_mask: torch.Tensor) -> torch.Tensor:
 
 def build_micro_batch(
     sequences: Sequence[SequenceSample],
+    plan: Optional[MicroPlan] = None,
     images: Optional[torch.Tensor] = None,
     input_codes: Optional[torch.Tensor] = None,
     codes: Optional[Dict[str, List[torch.Tensor]]] = None,
@@ -76,19 +94,24 @@ def build_micro_batch(
     ids: Sequence[str] = (),
     dropped: int = 0,
 ) -> MicroBatch:
-    """Stack ``sequences`` (position ids 0..s-1 each) with their images' pixels / codes.
+    """Lay ``sequences`` out as ``plan`` says (default: one per row, at their built length), with
+    their images' pixels / codes in the same order.
 
     ``codes``: branch -> per image [P_i, D] (the visual targets, last stage), aligned
     to the image positions with ``target_shift`` (``data.sequence.align_visual_targets``).
     """
-    stacked = collate(sequences)  # [b, s] each
-    image_index = image_index_of(stacked["image_mask"])
+    plan = plan or MicroPlan(tuple(range(len(sequences))), sequences[0].tokens.numel())
+    laid = layout_tokens(sequences, plan)  # [b, s] each
+    image_index = image_index_of(laid["image_mask"])
     batch = MicroBatch(
-        tokens=stacked["tokens"],
-        position_ids=stacked["position_ids"],
-        labels=stacked["labels"],
-        loss_mask=stacked["loss_mask"],
+        tokens=laid["tokens"],
+        position_ids=laid["position_ids"],
+        labels=laid["labels"],
+        loss_mask=laid["loss_mask"],
         image_index=image_index,
+        cu_seqlens=laid.get("cu_seqlens"),
+        max_seqlen=laid.get("max_seqlen", 0),
+        sample_lengths=[s.length for s in sequences],
         images=images,
         input_codes=input_codes,
         ids=list(ids),

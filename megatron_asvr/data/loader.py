@@ -22,6 +22,7 @@ import torch
 
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
+from megatron_asvr.data.packing import Batching, MicroPlan, plan_step
 from megatron_asvr.data.images import image_token_count, load_image_batch
 from megatron_asvr.data.sequence import SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
@@ -95,7 +96,12 @@ class SampleBuilder:
                 f"asvr.supervise_text_only needs the codes of the zero image ({ZERO_IMAGE!r}) in {targets.directory}"
             )
 
-    def __call__(self, index: int) -> dict:
+    def length(self, index: int) -> int:
+        """Real positions sample ``index`` takes (what packing and padding plan with; no image is read)."""
+        return self._sequence(index)[1].length
+
+    def _sequence(self, index: int):
+        """(shard sample, SequenceSample, image keys, dropped) of sample ``index``."""
         sample = self.shards[int(index)]
         ids, supervised = list(sample.input_ids), list(sample.loss_mask)
         images, sizes = list(sample.images), list(sample.image_sizes)
@@ -117,6 +123,10 @@ class SampleBuilder:
             # A counted drop: the slot keeps the batch shape but carries no image and no loss.
             sequence = build_sequence(ids[:1], [0], [], self.seq_length, self.pad_id)
             images, dropped = [], True
+        return sample, sequence, images, dropped
+
+    def __call__(self, index: int) -> dict:
+        sample, sequence, images, dropped = self._sequence(index)
         out = {"sequence": sequence, "id": sample.id, "dropped": dropped}
         if self.needs.pixels and images:
             out["pixels"] = self._pixels(images)
@@ -142,8 +152,8 @@ class SampleBuilder:
             raise DataLoaderError(f"visual targets: {err.args[0]}") from err
 
 
-def collate_micro_batch(items: List[dict], asvr: ASVRConfig, needs: StageNeeds) -> MicroBatch:
-    """Items of one micro-batch -> the ``MicroBatch`` the trainer feeds the model."""
+def collate_micro_batch(items: List[dict], plan: MicroPlan, asvr: ASVRConfig, needs: StageNeeds) -> MicroBatch:
+    """Items of one micro-batch, in ``plan``'s order -> the ``MicroBatch`` the trainer feeds the model."""
     def cat(key):
         parts = [item[key] for item in items if key in item]  # [tiles, ...] per image
         return torch.cat(parts) if parts else None
@@ -152,31 +162,52 @@ def collate_micro_batch(items: List[dict], asvr: ASVRConfig, needs: StageNeeds) 
     if needs.targets:
         codes = {b: [c for item in items for c in item["codes"][b]] for b in asvr.branches}  # [P_i, D] per image
     return build_micro_batch(
-        [item["sequence"] for item in items], images=cat("pixels"), input_codes=cat("input_codes"), codes=codes,
+        [item["sequence"] for item in items], plan, images=cat("pixels"), input_codes=cat("input_codes"), codes=codes,
         depths={b: getattr(asvr, b).depth for b in asvr.branches}, target_shift=asvr.target_shift,
         ids=[item["id"] for item in items], dropped=sum(item["dropped"] for item in items),
     )
 
 
-class _MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch j of the run (flattened over steps) for this data-parallel rank."""
+@dataclass(frozen=True)
+class BatchingSettings:
+    """How a step's samples become micro-batches (``data.packing``)."""
+
+    batching: Batching = "pad_full"
+    micro_batch: int = 1  # samples per micro-batch, or packed rows
+    seq_length: int = 2048
+    length_multiple: int = 1  # a padded length divides by this (TP under sequence parallelism)
+    micro_multiple: int = 1  # micro-batches per step divide by this (PP with interleaving)
+
+    def plan(self, lengths: Sequence[int]) -> List[MicroPlan]:
+        return plan_step(lengths, self.batching, self.micro_batch, self.seq_length, self.length_multiple,
+                         self.micro_multiple)
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Step k of the run (from ``first_step``) for this data-parallel rank: its planned micro-batches."""
 
     def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
-                 micro_batch: int, first_step: int, asvr: ASVRConfig, needs: StageNeeds):
-        self.order, self.builder, self.asvr, self.needs = order, builder, asvr, needs
+                 first_step: int, asvr: ASVRConfig, needs: StageNeeds, batching: BatchingSettings):
+        self.order, self.builder, self.asvr, self.needs, self.batching = order, builder, asvr, needs, batching
         self.per_rank = order.global_batch // dp_size
-        self.dp_rank, self.micro_batch, self.first_step = dp_rank, micro_batch, first_step
-        self.micro_per_step = self.per_rank // micro_batch
+        self.dp_rank, self.first_step = dp_rank, first_step
 
     def __len__(self) -> int:
         return 2**62  # endless: the training loop decides when to stop
 
-    def __getitem__(self, j: int) -> dict:
-        step, m = divmod(j, self.micro_per_step)
-        batch = self.order.batch(self.first_step + step)
-        mine = batch[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
-        indices = mine[m * self.micro_batch:(m + 1) * self.micro_batch]
-        return collate_micro_batch([self.builder(i) for i in indices], self.asvr, self.needs)
+    def samples(self, k: int) -> np.ndarray:
+        batch = self.order.batch(self.first_step + k)
+        return batch[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
+
+    def plans(self, mine: np.ndarray) -> List[MicroPlan]:
+        full = self.batching.batching == "pad_full"  # needs no lengths
+        return self.batching.plan([self.batching.seq_length] * len(mine) if full else
+                                  [self.builder.length(i) for i in mine])
+
+    def __getitem__(self, k: int) -> List[MicroBatch]:
+        mine = self.samples(k)
+        return [collate_micro_batch([self.builder(mine[i]) for i in plan.samples], plan, self.asvr, self.needs)
+                for plan in self.plans(mine)]
 
 
 def _identity(items):
@@ -184,21 +215,22 @@ def _identity(items):
 
 
 class TrainLoader:
-    """This rank's micro-batches, a step at a time, with worker processes; resumable."""
+    """This rank's micro-batches, a step at a time (one worker builds a whole step), resumable."""
 
     def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
-                 micro_batch: int, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
+                 batching: BatchingSettings, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
                  consumed_samples: int = 0):
         g = order.global_batch
-        if g % (dp_size * micro_batch):
-            raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size x micro batch = {dp_size} x {micro_batch}")
+        if g % dp_size or (batching.batching != "pack" and g % (dp_size * batching.micro_batch)):
+            raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size"
+                                  + ("" if batching.batching == "pack" else f" x micro batch = {dp_size} x "
+                                     f"{batching.micro_batch}"))
         if consumed_samples % g:
             raise DataLoaderError(f"consumed_samples={consumed_samples} is not a multiple of the global batch {g}")
         self.order, self.consumed_samples = order, consumed_samples
-        self.micro_per_step = g // dp_size // micro_batch
-        dataset = _MicroBatches(order, builder, dp_rank, dp_size, micro_batch, consumed_samples // g, asvr, needs)
+        self.steps = _Steps(order, builder, dp_rank, dp_size, consumed_samples // g, asvr, needs, batching)
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_size=1, collate_fn=_identity, num_workers=num_workers,
+            self.steps, batch_size=1, collate_fn=_identity, num_workers=num_workers,
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),  # MicroBatch.pin_memory, for the non-blocking device copy
         )
@@ -208,7 +240,7 @@ class TrainLoader:
         """The micro-batches of the next step on this rank."""
         if self._iter is None:
             self._iter = iter(self._loader)
-        micro = [next(self._iter) for _ in range(self.micro_per_step)]
+        micro = next(self._iter)
         self.consumed_samples += self.order.global_batch
         return micro
 

@@ -25,6 +25,7 @@ class SequenceSample:
     loss_mask: torch.Tensor  # [S] float; 1 where labels[i] is a supervised text token
     image_mask: torch.Tensor  # [S] bool; positions that take image features
     image_tokens: List[int]  # visual positions of each image, in order
+    length: int  # real positions (the rest is padding): what packing and padding-to-longest keep
 
 
 def build_sequence(
@@ -66,7 +67,7 @@ def build_sequence(
     labels[:n] = torch.tensor(ids[1:n + 1])
     loss_mask[:n] = torch.tensor(sup[1:n + 1], dtype=torch.float)
     image_mask[: len(is_image)] = torch.tensor(is_image[:seq_length])
-    return SequenceSample(tokens, labels, loss_mask, image_mask, list(image_token_counts))
+    return SequenceSample(tokens, labels, loss_mask, image_mask, list(image_token_counts), max(n, last_image + 1))
 
 
 def align_visual_targets(

@@ -83,10 +83,7 @@ class HeldOutScore:
         if logger.enabled:
             print(f"step {step} | held-out ({len(self.items)} questions, likelihood) | "
                   + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-            if logger.writer is not None:
-                for name, value in scores.items():
-                    logger.writer.add_scalar(f"eval/{name}", value, step)
-                logger.writer.flush()
+        logger.log_scalars({f"eval/{name}": value for name, value in scores.items()}, step)
         return scores
 
 

@@ -3,7 +3,9 @@
 A drop-in for megatron's ``DotProductAttention`` in local layer specs: same
 constructor and forward signature, but no global memory buffer, GQA without
 materialising repeated keys, and PyTorch's flash / memory-efficient kernels on
-GPU (the math kernel on CPU).
+GPU (the math kernel on CPU). Packed sequences (THD, ``cu_seqlens``; megatron
+squeezes the batch of one) attend causally within each sample through a
+block-diagonal mask: the CPU twin of Transformer Engine's THD attention.
 """
 
 import math
@@ -48,13 +50,18 @@ class SDPAttention(MegatronModule):
         window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
         self.window_size = config.window_size if window else None  # (left, right) positions
 
-    def _mask(self, sq: int, sk: int, mask_type: AttnMaskType, attention_mask, device):
-        """Boolean mask, True where attending is allowed, or None for no mask."""
+    def _mask(self, sq: int, sk: int, mask_type: AttnMaskType, attention_mask, device, cu_seqlens=None):
+        """Boolean mask, True where attending is allowed, or None for no mask; with ``cu_seqlens``
+        (packed) only within each sample."""
         allowed = None
         q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)  # [sq, 1]
         k_pos = torch.arange(sk, device=device)[None, :]  # [1, sk]
+        if cu_seqlens is not None:
+            boundaries = cu_seqlens[1:].long()
+            segment = torch.bucketize(torch.arange(sk, device=device), boundaries, right=True)  # [sk]
+            allowed = segment[:, None] == segment[None, :]  # [sq, sk], sq == sk
         if mask_type == AttnMaskType.causal:
-            allowed = k_pos <= q_pos
+            allowed = (k_pos <= q_pos) if allowed is None else allowed & (k_pos <= q_pos)
         if self.window_size is not None:
             left, right = self.window_size  # -1: unbounded on that side
             if left >= 0:
@@ -75,14 +82,21 @@ class SDPAttention(MegatronModule):
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
-    ) -> torch.Tensor:  # [sq, b, np * hn]
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("packed sequences and attention bias need Transformer Engine attention")
+    ) -> torch.Tensor:  # [sq, b, np * hn]; packed: [t, np * hn]
+        if attention_bias is not None:
+            raise ValueError("attention bias needs Transformer Engine attention")
+        cu_seqlens = None
+        if packed_seq_params is not None:  # THD: [t, heads, hn], one packed sequence of samples
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed sequences in {packed_seq_params.qkv_format!r} format: only thd is supported")
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, 1, heads, hn]
         sq, b = query.shape[:2]
         mask_type = attn_mask_type or self.attn_mask_type
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        mask = self._mask(sq, k.shape[2], mask_type, attention_mask, q.device)
-        is_causal = mask_type == AttnMaskType.causal and self.window_size is None and sq == k.shape[2]
+        mask = self._mask(sq, k.shape[2], mask_type, attention_mask, q.device, cu_seqlens)
+        is_causal = (mask_type == AttnMaskType.causal and self.window_size is None and sq == k.shape[2]
+                     and cu_seqlens is None)
         dropout_p = self.dropout_p if self.training else 0.0
 
         def attend():
@@ -101,4 +115,5 @@ class SDPAttention(MegatronModule):
                 context = attend()
         else:
             context = attend()
-        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [b, np, sq, hn] -> [sq, b, hp]
+        context = context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [b, np, sq, hn] -> [sq, b, hp]
+        return context if cu_seqlens is None else context.squeeze(1)  # packed: [t, hp]

@@ -20,6 +20,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -178,12 +179,14 @@ class ASVRModel(MegatronModule):
         labels: Optional[torch.Tensor] = None,  # [b, s] (last stage)
         visual_targets: Optional[Dict[str, torch.Tensor]] = None,  # branch -> [sum P, D] codes
         visual_rows: Optional[torch.Tensor] = None,  # [n_sup] supervised rows of visual_targets
+        packed_seq_params: Optional[PackedSeqParams] = None,  # packed samples in one row [1, t] (THD)
     ):
         decoder_input = None
         if self.pre_process:
             decoder_input = self._decoder_input(tokens, position_ids, image_index, images, input_codes)
         output = self.language_model(
-            tokens, position_ids, None, decoder_input=decoder_input, labels=labels if self.post_process else None
+            tokens, position_ids, None, decoder_input=decoder_input, labels=labels if self.post_process else None,
+            packed_seq_params=packed_seq_params,
         )
         if not self.post_process:
             return output  # [s, b, h] to the next stage

@@ -19,8 +19,9 @@ encoder, the projector and the visual head are real work too. Conventions:
   tokens; the head is causal over its D depth slots.
 """
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 from megatron_asvr.config import ModelConfig
 from megatron_asvr.model.llm import padded_vocab_size
@@ -28,12 +29,16 @@ from megatron_asvr.model.llm import padded_vocab_size
 
 @dataclass(frozen=True)
 class StepShape:
-    """What one global batch contains."""
+    """What one global batch contains: real positions only (padding is not useful work)."""
 
-    samples: int
-    seq_length: int  # positions per sample (padding included: it is computed)
+    lengths: Tuple[int, ...]  # real positions of each sample (each attends within itself)
     image_tiles: int  # encoder inputs (384 x 384 tiles)
     visual_rows: int  # image positions: the projector's rows and the visual head's rows
+
+    @classmethod
+    def uniform(cls, samples: int, seq_length: int, image_tiles: int, visual_rows: int) -> "StepShape":
+        """``samples`` samples of ``seq_length`` real positions each."""
+        return cls((seq_length,) * samples, image_tiles, visual_rows)
 
 
 def causal_keys_per_query(seq_length: int, window: int = 0) -> float:
@@ -105,7 +110,8 @@ def step_flops(model: ModelConfig, shape: StepShape) -> Dict[str, float]:
     parts = {
         "vision": encoder_forward_flops_per_tile(model) * shape.image_tiles * factor["vision"],
         "projector": projector_forward_flops_per_position(model) * shape.visual_rows * factor["projector"],
-        "llm": llm_forward_flops_per_token(model, shape.seq_length) * shape.samples * shape.seq_length * factor["llm"],
+        "llm": sum(llm_forward_flops_per_token(model, length) * length * count
+                   for length, count in Counter(shape.lengths).items()) * factor["llm"],
         "visual_head": sum(head_forward_flops_per_row(model, b) for b in model.asvr.branches)
         * shape.visual_rows * factor["visual_head"],
     }

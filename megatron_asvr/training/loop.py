@@ -18,7 +18,8 @@ import torch
 
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
-from megatron_asvr.data.loader import GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
+from megatron_asvr.data.loader import BatchingSettings, GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
+from megatron_asvr.data.packing import length_multiple_for
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.model.specs import resolve_backend
@@ -27,7 +28,7 @@ from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import StepShape, step_flops
-from megatron_asvr.training.metrics import MetricsLogger, Stopwatch
+from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
@@ -68,6 +69,15 @@ def with_codebooks(config: RunConfig):
     return books, dataclasses.replace(config.model, asvr=dataclasses.replace(asvr, **specs))
 
 
+def metric_sinks(config: RunConfig) -> list:
+    """TensorBoard (train.tensorboard) and W&B (train.wandb_project) sinks of the logging rank."""
+    t = config.train
+    sinks = [TensorBoardSink(str(Path(t.save_dir) / "tensorboard"))] if t.tensorboard else []
+    if t.wandb_project:
+        sinks.append(WandbSink(t.wandb_project, t.wandb_mode, t.save_dir, to_dict(config)))
+    return sinks
+
+
 class _SigtermFlag:
     """Set on SIGTERM: the loop checkpoints after the current step and stops."""
 
@@ -94,7 +104,19 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, model_cf
             print(f"initial weights from {loaded}", flush=True)
 
     return Trainer(builder, ASVRTask(model_cfg.asvr), config.parallel, optimizer_settings(config, steps), info,
-                   init_weights=init_weights if config.train.load else None)
+                   init_weights=init_weights if config.train.load else None, flops_of=flops_counter(model_cfg))
+
+
+def flops_counter(model_cfg):
+    """FLOPs of micro-batches' real work (padding excluded): what MFU counts."""
+    patches = model_cfg.vision.num_patches
+
+    def flops_of(micro) -> float:
+        positions = sum(m.num_image_positions for m in micro)
+        shape = StepShape(tuple(n for m in micro for n in m.sample_lengths), positions // patches, positions)
+        return step_flops(model_cfg, shape)["total"]
+
+    return flops_of
 
 
 def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
@@ -108,8 +130,17 @@ def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDa
     )
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
                              shards.num_positions if config.data.group_by_length else None)
-    return TrainLoader(order, builder, info.dp_rank, info.dp_size, t.micro_batch, model_cfg.asvr, needs,
-                       config.data.num_workers, trainer.consumed_samples)
+    return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model_cfg.asvr,
+                       needs, config.data.num_workers, trainer.consumed_samples)
+
+
+def batching_settings(config: RunConfig) -> BatchingSettings:
+    p = config.parallel
+    return BatchingSettings(
+        config.data.batching, config.train.micro_batch, config.data.seq_length,
+        length_multiple_for(p.tensor_parallel, p.sequence_parallel),
+        micro_multiple=p.pipeline_parallel if p.virtual_pipeline else 1,  # the interleaved schedule's groups
+    )
 
 
 def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
@@ -142,7 +173,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
     log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
     logger = MetricsLogger(
         log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
-        str(save_dir / "tensorboard") if t.tensorboard else None, t.log_interval, torch.cuda.is_available(),
+        metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
     )
     held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
     sigterm = _SigtermFlag()
@@ -153,11 +184,9 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             data_time = watch.lap()
             result = trainer.train_step(micro, stop_requested=sigterm.raised)
             step_time = watch.lap() + data_time
-            shape = StepShape(result.samples, config.data.seq_length,
-                              result.image_positions // model_cfg.vision.num_patches, result.image_positions)
             logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
-                          result.samples * config.data.seq_length, result.samples,
-                          step_flops(model_cfg, shape)["total"], step_time, data_time, dropped=result.dropped)
+                          result.real_tokens, result.samples, result.flops, step_time, data_time,
+                          dropped=result.dropped, computed_positions=result.computed_positions)
             if held_out is not None and trainer.step % t.eval_interval == 0:
                 with trainer.synced():
                     held_out.log(trainer.step, logger)

@@ -1,16 +1,18 @@
 """What a training step reports: losses, per-depth visual CE and accuracy, speed, memory.
 
-One log line per interval, the same numbers as TensorBoard scalars, and a tqdm
+One log line per interval, the same numbers as TensorBoard (and optionally W&B) scalars, and a tqdm
 progress bar with ETA when the output is a terminal. Loss reports come from the
 last pipeline stage's loss function (``model.loss.asvr_loss``), summed over the
 micro-batches and data-parallel ranks of a step.
 """
 
+import hashlib
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,7 +76,8 @@ class Interval:
     steps: int = 0
     skipped: int = 0
     dropped: int = 0
-    tokens: int = 0
+    tokens: int = 0  # real (non-padding) positions
+    computed: int = 0  # positions the model computed, padding included
     samples: int = 0
     flops: float = 0.0
     step_time: float = 0.0
@@ -83,32 +86,68 @@ class Interval:
     grad_norms: List[float] = field(default_factory=list)
 
 
+class TensorBoardSink:
+    """Scalars into TensorBoard event files under ``directory``."""
+
+    def __init__(self, directory: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(directory)
+
+    def add_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Scalars into a Weights & Biases run (wandb is imported only here). The run id follows the
+    save directory, so a resumed training run continues the same W&B run."""
+
+    def __init__(self, project: str, mode: str, save_dir: str, config: dict):
+        import wandb
+
+        run_id = hashlib.sha1(str(Path(save_dir).resolve()).encode()).hexdigest()[:16]
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, mode=mode, dir=save_dir, id=run_id, resume="allow", config=config)
+
+    def add_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Writes the log line, TensorBoard scalars and the progress bar (on the logging rank only)."""
+    """Writes the log line, the scalars to each sink (TensorBoard, W&B) and the progress bar, on the
+    logging rank only."""
 
     def __init__(self, enabled: bool, total_steps: int, start_step: int, num_gpus: int, peak_tflops: float,
-                 tensorboard_dir: Optional[str] = None, log_interval: int = 1, on_gpu: bool = False):
+                 sinks: Sequence = (), log_interval: int = 1, on_gpu: bool = False):
         self.enabled, self.total_steps, self.num_gpus = enabled, total_steps, num_gpus
         self.peak_tflops, self.log_interval, self.on_gpu = peak_tflops, log_interval, on_gpu
         self.interval, self.history = Interval(), []
-        self.writer = self.bar = None
-        if enabled and tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
+        self.sinks = list(sinks) if enabled else []
+        self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
-               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0) -> None:
-        """One step; ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
+               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0,
+               computed_positions: Optional[int] = None) -> None:
+        """One step; ``tokens``: real positions (``computed_positions``, padding included, default the
+        same); ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
         iv = self.interval
         iv.steps += 1
         iv.skipped += int(skipped)
         iv.dropped += dropped
         iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
+        iv.computed += tokens if computed_positions is None else computed_positions
         iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
         for name, value in losses.items():
             iv.losses.setdefault(name, []).append(value)
@@ -134,7 +173,8 @@ class MetricsLogger:
             "grad_norm": sum(iv.grad_norms) / len(iv.grad_norms) if iv.grad_norms else float("nan"),
             "skipped_steps": iv.skipped,
             "dropped_samples": iv.dropped,
-            "tokens_per_s": iv.tokens / elapsed,
+            "tokens_per_s": iv.tokens / elapsed,  # real tokens
+            "fill": iv.tokens / max(iv.computed, 1),  # real of computed positions
             "samples_per_s": iv.samples / elapsed,
             "tflops_per_gpu": tflops,
             "step_time_s": elapsed / iv.steps,
@@ -148,7 +188,7 @@ class MetricsLogger:
             line = (
                 f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
                 f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
-                f"| {scalars['tokens_per_s']:.0f} tok/s {scalars['samples_per_s']:.2f} samples/s "
+                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) {scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "
                 f"| peak mem {scalars['peak_memory_gib']:.2f} GiB"
@@ -157,17 +197,19 @@ class MetricsLogger:
                 self.bar.write(line)
             else:
                 print(line, flush=True)
-            if self.writer is not None:
-                for name, value in scalars.items():
-                    self.writer.add_scalar(name, value, step)
-                self.writer.flush()
+            self.log_scalars(scalars, step)
         self.interval = Interval()
+
+    def log_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        """``scalars`` to every sink (nothing off the logging rank)."""
+        for sink in self.sinks:
+            sink.add_scalars(scalars, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 class Stopwatch:

@@ -1,15 +1,24 @@
 """What the trainer runs for the ASVR model: megatron's forward-step function and the loss counts."""
 
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.loss import asvr_loss
+
+
+def packed_seq_params(batch: MicroBatch) -> Optional[PackedSeqParams]:
+    """THD parameters of a packed micro-batch (attention and RoPE restart at each sample), else None."""
+    if batch.cu_seqlens is None:
+        return None
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                           max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
 
 
 class ASVRTask:
@@ -46,6 +55,7 @@ class ASVRTask:
             labels=batch.labels,
             visual_targets=batch.visual_targets,
             visual_rows=batch.visual_rows,
+            packed_seq_params=packed_seq_params(batch),
         )
         # The loss function only runs on the last stage.
         return output, partial(asvr_loss, loss_mask=batch.loss_mask, counts=batch.loss_counts, asvr=self.asvr)

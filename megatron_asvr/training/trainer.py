@@ -84,6 +84,9 @@ class StepResult:
     image_positions: int  # over the global batch
     dropped: int  # samples masked out as too long, over the global batch
     stop: bool  # some rank asked the run to stop after this step
+    real_tokens: int  # non-padding positions over the global batch
+    computed_positions: int  # positions the model computed (padding included)
+    flops: float  # of the real work, over the global batch (0 without ``flops_of``)
     reports: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch (last stage)
 
 
@@ -92,9 +95,11 @@ class Trainer:
 
     def __init__(self, build_chunk: ChunkBuilder, task: StepTask, parallel: ParallelConfig,
                  optim: OptimizerSettings, info: RankInfo,
-                 init_weights: Optional[Callable[[list], None]] = None, bucket_size: Optional[int] = None):
-        """``init_weights(chunks)`` may load weights before the chunks are wrapped for DDP."""
-        self.task, self.optim, self.info = task, optim, info
+                 init_weights: Optional[Callable[[list], None]] = None, bucket_size: Optional[int] = None,
+                 flops_of: Optional[Callable[[List[MicroBatch]], float]] = None):
+        """``init_weights(chunks)`` may load weights before the chunks are wrapped for DDP;
+        ``flops_of(micro_batches)``: the FLOPs of this rank's micro-batches (for the step's count)."""
+        self.task, self.optim, self.info, self.flops_of = task, optim, info, flops_of
         self.chunks = build_model_chunks(build_chunk, info.device)
         if init_weights is not None:
             init_weights(self.chunks)
@@ -132,12 +137,12 @@ class Trainer:
         """Forward, backward and (when everything is finite) the optimizer step on this rank's
         micro-batches of the next global batch. ``stop_requested`` (e.g. SIGTERM seen here) is
         shared with every rank through the step's own all-reduce: ``StepResult.stop``."""
+        facts = self._host_facts(micro, stop_requested)
         micro = self._to_device(micro)
-        seq_length, micro_batch = micro[0].tokens.shape[1], micro[0].num_samples
         reports = forward_backward(self.task.forward_step, self._iterators(micro), self.model, self.optimizer,
-                                   len(micro), seq_length, micro_batch)
+                                   len(micro), *self._schedule_shape(micro))
         summed = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
-        bad, stop, dropped, positions = self._step_facts(summed, micro, stop_requested)
+        bad, stop, dropped, positions, real, computed, flops = self._step_facts(summed, facts)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = None
         if bad:
@@ -151,16 +156,29 @@ class Trainer:
             _, grad_norm, _ = self.optimizer.step()  # host sync inside megatron: the clipping norm
             self.scheduler.step(increment=1)
         self.step += 1
-        samples = sum(m.num_samples for m in micro) * self.info.dp_size
+        samples = sum(m.num_samples for m in micro) * self.info.dp_size  # the global batch
         self.consumed_samples += samples
         return StepResult(self.step, step_losses(summed), grad_norm, bad, lr, samples, positions, dropped, stop,
-                          reports)
+                          real, computed, flops, reports)
 
-    def _step_facts(self, summed, micro: List[MicroBatch], stop_requested: bool) -> Tuple[bool, bool, int, int]:
-        """(any rank non-finite, any rank asked to stop, dropped samples, image positions) over the
-        job: one all-reduce."""
-        host = torch.tensor([0.0, float(stop_requested), sum(m.dropped for m in micro),
-                             sum(m.num_image_positions for m in micro)], dtype=torch.float64)
+    def _schedule_shape(self, micro: List[MicroBatch]) -> Tuple[int, int]:
+        """(sequence length, micro-batch size) for megatron's schedule. Micro-batches padded to their
+        longest sample differ in length: the pipeline then sends each one's shape first."""
+        lengths = {m.tokens.shape[1] for m in micro}
+        self.model[0].config.variable_seq_lengths = len(lengths) > 1
+        return max(lengths), micro[0].rows
+
+    def _host_facts(self, micro: List[MicroBatch], stop_requested: bool) -> torch.Tensor:
+        """This rank's step facts, known on the host before anything runs (see ``_step_facts``)."""
+        return torch.tensor([
+            0.0, float(stop_requested), sum(m.dropped for m in micro), sum(m.num_image_positions for m in micro),
+            sum(sum(m.sample_lengths) for m in micro), sum(m.computed_positions for m in micro),
+            self.flops_of(micro) if self.flops_of else 0.0,
+        ], dtype=torch.float64)
+
+    def _step_facts(self, summed, host: torch.Tensor) -> Tuple[bool, bool, int, int, int, int, float]:
+        """(any rank non-finite, any rank asked to stop, dropped samples, image positions, real tokens,
+        computed positions, FLOPs) over the job: one all-reduce."""
         facts = host.to(self.info.device, non_blocking=True)
         # A sum per gradient buffer (one pass, nothing the size of the buffer allocated): any inf or
         # NaN element makes it non-finite.
@@ -171,9 +189,10 @@ class Trainer:
             facts[0] = (~torch.stack(checks)).sum()
         dist.all_reduce(facts)
         # host sync: skipping the update must be decided on the host, by every rank alike.
-        bad, stop, dropped, positions = facts.tolist()
+        bad, stop, *counts = facts.tolist()
         replicas = self.info.world_size // self.info.dp_size  # every TP x PP rank of a replica counted it
-        return bad > 0, stop > 0, int(dropped) // replicas, int(positions) // replicas
+        dropped, positions, real, computed = (int(c) // replicas for c in counts[:4])
+        return bad > 0, stop > 0, dropped, positions, real, computed, counts[4] / replicas
 
     @torch.no_grad()
     def evaluate(self, micro: List[MicroBatch]) -> List[Dict[str, torch.Tensor]]:
@@ -181,7 +200,7 @@ class Trainer:
         micro = self._to_device(micro)
         with self.synced():
             return forward_only(self.task.forward_step, self._iterators(micro), self.model, len(micro),
-                                micro[0].tokens.shape[1], micro[0].num_samples)
+                                *self._schedule_shape(micro))
 
     @contextmanager
     def synced(self):
