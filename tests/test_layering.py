@@ -1,5 +1,5 @@
-"""Layers (docs: /work/shared/design/ARCHITECTURE.md, "Layers"): a library module imports only from
-its own subpackage or from layers below it, and never test or tool code.
+"""Layers (README.md, "Layout"): a library module imports only from its own subpackage or from
+layers below it, and never test or tool code.
 
 Every module under megatron_asvr/ is parsed (not imported); every import counts, including the ones
 inside functions and ``importlib.import_module`` / ``__import__`` with a literal name. A failure
