@@ -88,7 +88,7 @@ setup(
     name="megatron_asvr",
     version="0.1.0",
     description="Megatron-core 3D-parallel trainer for LLaVA-style VLMs with ASVR",
-    packages=find_packages(include=["megatron_asvr", "megatron_asvr.*"]),
+    packages=find_packages(include=["megatron_asvr", "megatron_asvr.*", "asvr_dev"]),  # asvr_dev: tests and tools only
     python_requires=">=3.11",
     install_requires=RUNTIME_DEPS,
     extras_require=EXTRAS,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable, fp8_llm_changes
 from megatron_asvr.benchmark.model import stage_configs
 from megatron_asvr.benchmark.report import comparisons_of, render, to_json
@@ -16,7 +17,6 @@ from megatron_asvr.benchmark.runner import benchmark_variants, run_variants
 from megatron_asvr.benchmark.settings import BenchmarkError, BenchmarkSettings
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.config import ConfigError
-from megatron_asvr.testing.multirank import run_ranks
 from megatron_asvr.training.flops import StepShape, step_flops
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"

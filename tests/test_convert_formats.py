@@ -14,9 +14,9 @@ from megatron_asvr.convert.hf_llava import HUB, detect_prefixes, llava_rules, vi
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import write_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, rows_to_hf
-from megatron_asvr.convert.rules import LazyCanonical, check_hf_keys
 from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import head_rules
+from megatron_asvr.model.hf_rules import LazyCanonical, check_hf_keys
 
 GQA = LLMConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96,
                 vocab_size=300)
@@ -186,9 +186,9 @@ def test_pickle_checkpoints_and_broken_indexes_are_refused(tmp_path):
 def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_asvr.data.demo import DemoConfig, make_demo_data
+    from asvr_dev.demo_data import DemoConfig, make_demo_data
     from megatron_asvr.tokenizers import (
-        IMAGE_TOKEN_INDEX,
+        IMAGE_PLACEHOLDER,
         load_text_tokenizer,
         tokenize_with_images,
     )
@@ -204,7 +204,7 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     assert type(hf).__name__ == "TokenizersBackend"
     assert hf.convert_tokens_to_ids(["<image>", "<pad>"]) == [size, size + 1] and hf.pad_token_id == size + 1
     prompt = "A chat. USER: <image>\nWhat color is the star? ASSISTANT:"
-    expected = [size if i == IMAGE_TOKEN_INDEX else i for i in tokenize_with_images(prompt, ours)]
+    expected = [size if i == IMAGE_PLACEHOLDER else i for i in tokenize_with_images(prompt, ours)]
     assert hf(prompt).input_ids == expected and expected.count(size) == 1
     write_tokenizer(tmp_path / "hf", tmp_path / "again", appended_vocab(size), 64)  # already there: unchanged
     for name in written:
@@ -215,7 +215,7 @@ def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
 
 def test_clip_tower_rules_round_trip():
     """LLaVA-1.5's CLIP: class token [h] <-> ours [1, 1, h], pre-norm, fused QKV with biases."""
-    from megatron_asvr.convert.hf_vision import vision_rules
+    from megatron_asvr.model.hf_vision import vision_rules
 
     clip = dataclasses.replace(VISION, kind="clip", activation="quick_gelu")
     rules = vision_rules(clip, "vision_tower.vision_model.", "vision_encoder.")

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
 from megatron_asvr.convert.hf_vocab import appended_vocab
 from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir
 from megatron_asvr.convert.verify import hf_logits, random_inputs
-from megatron_asvr.testing.multirank import run_ranks
 
 HF_TOL = 1e-4  # transformers vs ours, fp32
 RESHARD_TOL = 1e-5  # ours -> HF -> ours at another layout
@@ -161,7 +161,7 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from megatron_asvr.data.demo import DemoConfig, make_demo_data
+    from asvr_dev.demo_data import DemoConfig, make_demo_data
 
     directory = tmp_path_factory.mktemp("demo")
     summary = make_demo_data(directory, DemoConfig.tiny())
@@ -298,7 +298,7 @@ def test_greedy_generate_matches_our_arg_max(exported, reimported, demo):
     import transformers
 
     from megatron_asvr.tokenizers import (
-        IMAGE_TOKEN_INDEX,
+        IMAGE_PLACEHOLDER,
         load_text_tokenizer,
         tokenize_with_images,
     )
@@ -306,7 +306,7 @@ def test_greedy_generate_matches_our_arg_max(exported, reimported, demo):
     case, hf_inputs = exported["llama"], reimported["hf_inputs"]
     # the exported tokenizer and processor tokenize exactly as ours, the image expanded to its 4 patches
     ours = tokenize_with_images(PROMPT, load_text_tokenizer(demo))
-    expanded = [t for i in ours for t in ([512] * VISION.num_patches if i == IMAGE_TOKEN_INDEX else [i])]
+    expanded = [t for i in ours for t in ([512] * VISION.num_patches if i == IMAGE_PLACEHOLDER else [i])]
     assert hf_inputs.input_ids[0].tolist() == expanded
     model = transformers.LlavaForConditionalGeneration.from_pretrained(str(case["hf"]), dtype=torch.float32)
     generated = model.generate(**hf_inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,

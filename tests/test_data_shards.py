@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asvr_dev.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
 from megatron_asvr.data.shards import MANIFEST, ShardDataset, ShardWriter
 from megatron_asvr.data.validate import ValidationConfig
-from megatron_asvr.testing.fixtures import llama2_tokenizer_model
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 MODEL = llama2_tokenizer_model()
 
@@ -22,7 +23,7 @@ def make_sample(i: int) -> TokenizedSample:
     n = 3 + i % 7
     ids = rng.integers(3, 32000, n).astype(np.int32)
     images = tuple(f"coco/{i}_{k}.jpg" for k in range(i % 3))
-    ids[: len(images)] = -200
+    ids[: len(images)] = IMAGE_PLACEHOLDER
     return TokenizedSample(
         id=f"sample-{i}-é",
         source=("coco", "text", "vg")[i % 3],

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asvr_dev.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import DataFileError, read_records
 from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
 from megatron_asvr.data.shards import MANIFEST, ShardDataset
 from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
-from megatron_asvr.tokenizers.templates import IMAGE_TOKEN_INDEX, Turn, get_template, place_image_tags
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
-from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
 MODEL = llama2_tokenizer_model()
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_written_samples_hold_tokens_images_and_sizes(fixture_set):
     )
     pair = samples["two_images"]
     assert pair.images == ("coco/good.jpg", "coco/good2.jpg")
-    assert pair.input_ids.tolist().count(IMAGE_TOKEN_INDEX) == 2
+    assert pair.input_ids.tolist().count(IMAGE_PLACEHOLDER) == 2
     assert (samples["text_only"].source, samples["text_only"].images) == ("text", ())
     # the leading gpt turn is gone: the text is the plain Hi/Hello round
     hello = get_template("vicuna_v1").render((Turn("human", "Hi"), Turn("gpt", "Hello.")))
@@ -280,7 +280,7 @@ def test_plain_template_needs_one_image(fixture_set):
     assert [r["id"] for r in report["by_reason"]["unsupported_by_template"]["records"]] == ["chat"]
     sample = ShardDataset(fixture_set / "out")[0]
     # BOS, image, "▁A ▁red ▁square . <0x0A>"
-    assert sample.input_ids.tolist() == [1, IMAGE_TOKEN_INDEX, 319, 2654, 6862, 29889, 13]
+    assert sample.input_ids.tolist() == [1, IMAGE_PLACEHOLDER, 319, 2654, 6862, 29889, 13]
     assert sample.loss_mask.tolist() == [0, 0, 1, 1, 1, 1, 1]
 
 

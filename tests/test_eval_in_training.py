@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from asvr_dev.multirank import run_ranks
+from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, TrainConfig
-from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.tiny_run import make_tiny_run, tiny_run_config
 
 TP2 = ParallelConfig(tensor_parallel=2)
 
@@ -28,9 +28,9 @@ def _train(config):
 
 def _likelihood_scores(checkpoint: str, root: str) -> dict:
     """The held-out letter / yes-no questions scored by the evaluation library at TP=1."""
-    from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark, score_jsonl
     from megatron_asvr.evaluation.in_training import true_choice_prob
     from megatron_asvr.evaluation.loading import ModelSpec, open_model
+    from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark, score_jsonl
 
     data = read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images")
     items = [i for i in data.items if i.choices]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from asvr_dev.demo_data import DemoConfig, make_demo_data
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig,
     CodebookSpec,
@@ -17,12 +19,11 @@ from megatron_asvr.config import (
     ParallelConfig,
     VisionConfig,
 )
-from megatron_asvr.data.demo import DemoConfig, make_demo_data
 from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, collate
+from megatron_asvr.data.sequence import SequenceTooLong, collate
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
-from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=64, image_size=384, feature_layer=-2)  # 6 x 6 patches
@@ -68,7 +69,7 @@ def _spec(root, parallel, **changes):
 
 
 def _items(root):
-    from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark
+    from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark
 
     return read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images").items
 
@@ -258,7 +259,7 @@ def _run_tool(name: str, argv) -> None:
 def test_evaluate_tool_writes_table_and_json(root):
     import json
 
-    from megatron_asvr.evaluation.benchmarks.jsonl import score_jsonl
+    from megatron_asvr.evaluation.suites.jsonl import score_jsonl
     from megatron_asvr.tokenizers.text import load_text_tokenizer
 
     out = root / "eval_pp2"
@@ -312,7 +313,7 @@ def test_attention_map_tool_writes_overlay_png(root):
 
 
 def test_attention_map_tool_names_missing_layers(root):
-    from megatron_asvr.testing.multirank import MultiRankError
+    from asvr_dev.multirank import MultiRankError
 
     item = _items(root)[0]
     message = r"attention_map: error: layers \[9\] do not exist \(the model has layers 1..4\)"

@@ -9,11 +9,11 @@ import json
 import pytest
 from PIL import Image
 
-from megatron_asvr.evaluation.benchmarks import BENCHMARKS, get_benchmark
-from megatron_asvr.evaluation.benchmarks.choice import option_letter
-from megatron_asvr.evaluation.benchmarks.short_answer import normalize_gqa, normalize_vqa, vqa_accuracy
-from megatron_asvr.evaluation.benchmarks.yes_no import mme_label, pope_label
 from megatron_asvr.evaluation.items import CHOICE_PROMPT, SHORT_ANSWER_PROMPT, BenchmarkError
+from megatron_asvr.evaluation.suites import BENCHMARKS, get_benchmark
+from megatron_asvr.evaluation.suites.choice import option_letter
+from megatron_asvr.evaluation.suites.short_answer import normalize_gqa, normalize_vqa, vqa_accuracy
+from megatron_asvr.evaluation.suites.yes_no import mme_label, pope_label
 
 APPROX = pytest.approx
 

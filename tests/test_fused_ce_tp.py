@@ -8,9 +8,9 @@ weight/bias gradients of the two halves must put together the naive gradients.
 import pytest
 import torch
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.kernels import multi_depth_cross_entropy
 from megatron_asvr.kernels.reference import naive_multi_depth_cross_entropy
-from megatron_asvr.testing.multirank import run_ranks
 
 VOCAB = [37, 50, 29]
 PADDED = [40, 56, 30]  # divisible by TP=2; rank 1 holds the padding ids >= V_d

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.loader import (
@@ -17,8 +18,7 @@ from megatron_asvr.data.loader import (
     TrainLoader,
     ZERO_IMAGE,
 )
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER
-from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 NUM_SAMPLES, GLOBAL_BATCH, MICRO_BATCH = 57, 8, 2
 TEXT_ONLY = ASVRConfig(visual_loss=False)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig, ParallelConfig, load_run_config
 from megatron_asvr.planner import Cluster, format_plan, plan_memory
 from megatron_asvr.planner.param_counts import stage_parameters
 from megatron_asvr.planner.plan import sweep_layouts
-from megatron_asvr.testing.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -6,13 +6,14 @@ import dataclasses
 import pytest
 import torch
 
+from asvr_dev.harness import train
+from asvr_dev.multirank import run_ranks
+from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.packing import MicroPlan, layout_tokens, packing_report, plan_step
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, build_sequence
+from megatron_asvr.data.sequence import build_sequence
 from megatron_asvr.model.canonical import merge_ranks
-from megatron_asvr.testing.harness import train
-from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.tiny_vlm import TINY_MODEL, VLMCase, losses
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 TOL = 1e-5
 STAGE2 = dataclasses.replace(TINY_MODEL, trainable=["projector", "llm", "visual_head"])

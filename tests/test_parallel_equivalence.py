@@ -9,11 +9,11 @@ equal the TP=PP=DP=1 run.
 import pytest
 import torch
 
+from asvr_dev.harness import train
+from asvr_dev.multirank import run_ranks
+from asvr_dev.tiny_gpt import GPTCase, mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
-from megatron_asvr.testing.harness import train
-from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.tiny_gpt import GPTCase, mean_losses
 
 LOSS_TOL = 1e-5  # per-micro-batch mean loss, absolute
 PARAM_TOL = 1e-5  # every parameter element after every step, absolute

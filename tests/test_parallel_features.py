@@ -4,12 +4,12 @@ import dataclasses
 
 import torch
 
+from asvr_dev.harness import evaluate_checkpoint, train
+from asvr_dev.multirank import run_ranks
+from asvr_dev.tiny_gpt import TINY_LLAMA, GPTCase
+from asvr_dev.tiny_gpt import mean_losses as _mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
-from megatron_asvr.testing.harness import evaluate_checkpoint, train
-from megatron_asvr.testing.multirank import run_ranks
-from megatron_asvr.testing.tiny_gpt import TINY_LLAMA, GPTCase
-from megatron_asvr.testing.tiny_gpt import mean_losses as _mean_losses
 
 
 def test_bf16_params_with_fp32_main_params_distributed_optimizer():

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from asvr_dev.tiny_run import tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, load_run_config
-from megatron_asvr.testing.tiny_run import tiny_run_config
 
 
 @pytest.fixture

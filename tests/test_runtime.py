@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import megatron_asvr
-from megatron_asvr.testing.multirank import MultiRankError, run_ranks
+from asvr_dev.multirank import MultiRankError, run_ranks
 
 
 def _emulation_with_fake_cuda():

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from megatron_asvr.data.sequence import (
-    IMAGE_PLACEHOLDER as IMG,
     SequenceTooLong,
     align_visual_targets,
     build_sequence,
     collate,
 )
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER as IMG
 
 
 def test_expansion_labels_and_masks_by_hand():

@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
+from asvr_dev.fixtures import llama2_tokenizer_model
 from megatron_asvr.tokenizers.templates import (
     GPT,
     HUMAN,
-    IMAGE_TOKEN_INDEX,
+    IMAGE_PLACEHOLDER,
     TokenizationMismatch,
     Turn,
     get_template,
@@ -22,11 +23,10 @@ from megatron_asvr.tokenizers.templates import (
     tokenize_with_images,
 )
 from megatron_asvr.tokenizers.text import HFJsonTokenizer, SentencePieceTokenizer, load_text_tokenizer
-from megatron_asvr.testing.fixtures import llama2_tokenizer_model
 
 MODEL = llama2_tokenizer_model()
 
-BOS, EOS, IMG = 1, 2, IMAGE_TOKEN_INDEX
+BOS, EOS, IMG = 1, 2, IMAGE_PLACEHOLDER
 SPACE = 29871  # "▁": a trailing space, or the dummy prefix before "\n"
 NEWLINE = 13  # "<0x0A>"
 # "▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁artificial ▁intelligence ▁assistant . ▁The

@@ -9,9 +9,9 @@ import signal
 import pytest
 import torch
 
+from asvr_dev.multirank import MultiRankError, run_ranks
+from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.testing.multirank import MultiRankError, run_ranks
-from megatron_asvr.testing.tiny_run import make_tiny_run, tiny_run_config
 
 
 @pytest.fixture(scope="module")

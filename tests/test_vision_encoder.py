@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import ConfigError, ParallelConfig, VisionConfig
-from megatron_asvr.convert.hf_vision import hf_vision_to_canonical
-from megatron_asvr.convert.qkv import fuse_qkv, split_qkv
-from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.model.hf_vision import hf_vision_to_canonical
+from megatron_asvr.model.qkv import fuse_qkv, split_qkv
 
 TOL = 1e-5  # fp32, max abs difference of features
 

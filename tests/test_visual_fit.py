@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_asvr.testing.multirank import run_ranks
+from asvr_dev.multirank import run_ranks
+from megatron_asvr.data.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 from megatron_asvr.tokenizers.visual_format import read_config
-from megatron_asvr.tokenizers.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 
 K, DEPTH = 16, 4
 
@@ -63,8 +63,8 @@ def _fit_and_reload(argv, images_dir, mode):
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
     from megatron_asvr.data.images import load_rgb, preprocess_image
+    from megatron_asvr.data.visual_fit import list_images
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
-    from megatron_asvr.tokenizers.visual_fit import list_images
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 
     spec = importlib.util.spec_from_file_location("fit_tool", Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py")
@@ -93,7 +93,7 @@ def _fit_and_reload(argv, images_dir, mode):
 def test_fit_on_the_demo_corpus(tmp_path):
     import transformers
 
-    from megatron_asvr.data.demo import DemoConfig, make_demo_data
+    from asvr_dev.demo_data import DemoConfig, make_demo_data
 
     make_demo_data(tmp_path / "demo", DemoConfig.tiny())  # 12 training images
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
-from megatron_asvr.convert.qkv import fuse_qkv
-from megatron_asvr.testing.multirank import run_ranks
+from megatron_asvr.model.qkv import fuse_qkv
 
 H, E, HEADS, LAYERS, C = 24, 32, 4, 2, 12
 SIZES = [20, 24, 17]  # different codebook sizes per depth; 17 is odd (padded under TP)

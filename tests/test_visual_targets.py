@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from asvr_dev.multirank import run_ranks
 from megatron_asvr.config import VisionConfig
 from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, TargetsConfig, VisualTargets, codes_file
-from megatron_asvr.testing.multirank import run_ranks
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken
 
 SIZES = (16, 12, 8)
@@ -24,7 +24,7 @@ IMAGES = {  # name -> (width, height); anyres grids of 1 x 1, 2 x 1, 2 x 3, 1 x 
 }
 
 
-def _tokenizer_files(directory: Path):
+def _write_random_tokenizer(directory: Path):
     """A random tiny tokenizer written in the DualToken format."""
     import transformers
 
@@ -64,7 +64,7 @@ def corpus(tmp_path_factory):
         {"id": "nothing"},
     ]
     (root / "data.json").write_text(json.dumps(records))
-    config_path, checkpoint_path = _tokenizer_files(root / "tokenizer")
+    config_path, checkpoint_path = _write_random_tokenizer(root / "tokenizer")
     return TargetsConfig(data=(root / "data.json",), image_root=root / "images", output_dir=root / "unused",
                          tokenizer_config=config_path, tokenizer_checkpoint=checkpoint_path, mode="pad",
                          kinds=("semantic", "appearance"), precision="fp32", batch_images=2, workers=0,

@@ -2,12 +2,12 @@
 
     python tools/bench_convert.py --sizes small medium --layouts 1x1 2x1 1x2
 
-See megatron_asvr.convert.benchmark for what is measured.
+See asvr_dev.bench_convert for what is measured.
 """
 
 import argparse
 
-from megatron_asvr.convert.benchmark import SIZES, format_table, run
+from asvr_dev.bench_convert import SIZES, format_table, run
 
 
 def _layout(text: str) -> tuple:

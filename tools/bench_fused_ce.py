@@ -2,14 +2,14 @@
 
 Prints a markdown table: peak memory (measured per case in a fresh process) and
 forward + backward time (median) for N in {729, 1458}, D=8, V=16384, E in {512,
-2048}, plus TP=2 rows at N=1458, E=2048. See tools/fused_ce_benchmark.py.
+2048}, plus TP=2 rows at N=1458, E=2048. See asvr_dev/bench_fused_ce.py.
 """
 
 import argparse
 
 import torch
 
-from fused_ce_benchmark import METHODS, Case, default_cases, format_table, run  # tools/, beside this script
+from asvr_dev.bench_fused_ce import METHODS, Case, default_cases, format_table, run
 from megatron_asvr.kernels import backend_report
 
 

@@ -20,8 +20,8 @@ import numpy as np
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.loader import SampleBuilder, StageNeeds, collate_micro_batch
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER
 from megatron_asvr.data.shards import ShardDataset, ShardWriter
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 
 class MemmapTargets:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_asvr.data.demo import DemoConfig, make_demo_data
+from asvr_dev.demo_data import DemoConfig, make_demo_data
 from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
 from megatron_asvr.data.validate import ValidationConfig
 

@@ -8,7 +8,7 @@ Example (SigLIP-SO400M, semantic codes of block 26 of 27 as DualToken, appearanc
 
 The output loads wherever the released DualToken does (tools/precompute_targets.py
 --tokenizer-config OUT/config.json --tokenizer-checkpoint OUT/tokenizer.ckpt). The
-method is described in megatron_asvr/tokenizers/visual_fit.py; the relative
+method is described in megatron_asvr/data/visual_fit.py; the relative
 reconstruction error and code-usage perplexity per depth are printed and kept in
 OUT/fit_report.json.
 """
@@ -21,7 +21,7 @@ from typing import get_args
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, ParallelConfig, TransformerImpl
 from megatron_asvr.data.images import MODES
-from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer, report_table
+from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer, report_table
 from megatron_asvr.tokenizers.visual_format import TokenizerFileError
 
 

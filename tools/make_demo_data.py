@@ -1,6 +1,6 @@
 """Write the synthetic demo corpus (images, LLaVA JSON, eval questions, tokenizer).
 
-The output layout is described in megatron_asvr/data/demo.py. Example:
+The output layout is described in asvr_dev/demo_data.py. Example:
 
     python tools/make_demo_data.py --out data/demo            # default size, seconds
     python tools/make_demo_data.py --out /tmp/demo --preset tiny
@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 
-from megatron_asvr.data.demo import DemoConfig, make_demo_data
+from asvr_dev.demo_data import DemoConfig, make_demo_data
 
 OVERRIDES = {  # command-line flag -> DemoConfig field
     "--seed": "seed",

@@ -6,8 +6,8 @@
 import argparse
 from pathlib import Path
 
+from asvr_dev.demo_encoder import write_random_siglip
 from megatron_asvr.config import load_run_config
-from megatron_asvr.data.demo_encoder import write_random_siglip
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""HF config.json files (LLaMA / Mistral, SigLIP / CLIP vision, LLaVA) <-> our ModelConfig.
+"""HF config.json files (LLaMA / Mistral, LLaVA) <-> our ModelConfig; the vision part is
+``model.hf_vision`` (SigLIP / CLIP).
 
 Reading accepts what transformers 4.x and 5.x write (``rope_theta`` or
 ``rope_parameters``); anything our model cannot compute exactly (biases, other
@@ -14,11 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_vocab import HFVocab
+from megatron_asvr.model.hf_vision import check_field, required_field, vision_from_hf, vision_to_hf
 
 TEXT_TYPES = ("llama", "mistral")
-VISION_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip", "siglip": "siglip", "clip": "clip"}
-VISION_ACT = {"siglip": "gelu_pytorch_tanh", "clip": "quick_gelu"}
-OUR_VISION_ACT = {"siglip": "gelu_tanh", "clip": "quick_gelu"}
 # LLaVA's feature selection per encoder: SigLIP has no class token, CLIP's is dropped.
 SELECT_STRATEGY = {"siglip": "full", "clip": "default"}
 
@@ -29,18 +28,6 @@ def read_config(directory) -> Dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the HF config: {err}") from err
-
-
-def _need(config: dict, key: str, where: str):
-    if key not in config:
-        raise ConfigError(f"{where}: no {key!r}")
-    return config[key]
-
-
-def _expect(config: dict, key: str, allowed, default, where: str) -> None:
-    value = config.get(key, default)
-    if value not in allowed:
-        raise ConfigError(f"{where}: {key}={value!r} is not supported (supported: {list(allowed)})")
 
 
 def _rope_theta(text: dict, where: str) -> float:
@@ -54,24 +41,24 @@ def _rope_theta(text: dict, where: str) -> float:
 
 def llm_from_hf(text: dict, where: str, base: Optional[LLMConfig] = None) -> LLMConfig:
     """LLMConfig of an HF LlamaConfig / MistralConfig dict; other fields from ``base`` (or the defaults)."""
-    _expect(text, "model_type", TEXT_TYPES, None, where)
-    _expect(text, "hidden_act", ("silu",), "silu", where)
+    check_field(text, "model_type", TEXT_TYPES, None, where)
+    check_field(text, "hidden_act", ("silu",), "silu", where)
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        _expect(text, flag, (False,), False, where)
-    hidden, heads = _need(text, "hidden_size", where), _need(text, "num_attention_heads", where)
+        check_field(text, flag, (False,), False, where)
+    hidden, heads = required_field(text, "hidden_size", where), required_field(text, "num_attention_heads", where)
     if text.get("head_dim") not in (None, hidden // heads):
         raise ConfigError(f"{where}: head_dim={text['head_dim']} is not hidden_size / num_attention_heads")
     kv_heads = text.get("num_key_value_heads") or heads
     window = text.get("sliding_window") if text["model_type"] == "mistral" else None
     return dataclasses.replace(
         base or LLMConfig(),
-        num_layers=_need(text, "num_hidden_layers", where),
+        num_layers=required_field(text, "num_hidden_layers", where),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=None if kv_heads == heads else kv_heads,
-        ffn_hidden_size=_need(text, "intermediate_size", where),
-        vocab_size=_need(text, "vocab_size", where),
-        max_sequence_length=_need(text, "max_position_embeddings", where),
+        ffn_hidden_size=required_field(text, "intermediate_size", where),
+        vocab_size=required_field(text, "vocab_size", where),
+        max_sequence_length=required_field(text, "max_position_embeddings", where),
         rotary_base=_rope_theta(text, where),
         norm_eps=text.get("rms_norm_eps", 1e-6),
         sliding_window=window,
@@ -112,66 +99,19 @@ def llm_to_hf(llm: LLMConfig, vocab: HFVocab, dtype: str) -> Dict[str, Any]:
     return config
 
 
-def vision_from_hf(vision: dict, feature_layer: int, where: str, base: Optional[VisionConfig] = None) -> VisionConfig:
-    """VisionConfig of an HF SiglipVisionConfig / CLIPVisionConfig dict (or a SigLIP / CLIP
-    config that nests one as ``vision_config``)."""
-    model_type = vision.get("model_type")
-    if model_type in ("siglip", "clip") and "vision_config" in vision:
-        vision = {"model_type": f"{model_type}_vision_model", **vision["vision_config"]}
-        where = f"{where}.vision_config"
-        model_type = vision["model_type"]
-    if model_type not in VISION_TYPES:
-        raise ConfigError(f"{where}: model_type={model_type!r} is not a SigLIP or CLIP vision config")
-    kind = VISION_TYPES[model_type]
-    _expect(vision, "hidden_act", (VISION_ACT[kind],), VISION_ACT[kind], where)
-    return dataclasses.replace(
-        base or VisionConfig(),
-        kind=kind,
-        num_layers=_need(vision, "num_hidden_layers", where),
-        hidden_size=_need(vision, "hidden_size", where),
-        num_attention_heads=_need(vision, "num_attention_heads", where),
-        ffn_hidden_size=_need(vision, "intermediate_size", where),
-        patch_size=_need(vision, "patch_size", where),
-        image_size=_need(vision, "image_size", where),
-        activation=OUR_VISION_ACT[kind],
-        norm_eps=vision.get("layer_norm_eps", 1e-6 if kind == "siglip" else 1e-5),
-        feature_layer=feature_layer,
-    )
-
-
-def vision_to_hf(vision: VisionConfig, num_layers: int, dtype: str) -> Dict[str, Any]:
-    """An HF vision config with ``num_layers`` encoder layers (SigLIP without its pooling head)."""
-    config = {
-        "model_type": f"{vision.kind}_vision_model",
-        "hidden_size": vision.hidden_size,
-        "intermediate_size": vision.ffn_hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": vision.num_attention_heads,
-        "num_channels": 3,
-        "image_size": vision.image_size,
-        "patch_size": vision.patch_size,
-        "hidden_act": VISION_ACT[vision.kind],
-        "layer_norm_eps": vision.norm_eps,
-        "attention_dropout": 0.0,
-        "torch_dtype": dtype,
-    }
-    if vision.kind == "siglip":
-        config["vision_use_head"] = False
-    return config
-
-
 def llava_from_hf(config: dict, where: str, base: Optional[ModelConfig] = None) -> Tuple[ModelConfig, HFVocab]:
     """(ModelConfig, vocabulary mapping) of an HF LlavaConfig dict; ASVR settings from ``base``."""
     base = base or ModelConfig()
-    _expect(config, "model_type", ("llava",), None, where)
-    _expect(config, "projector_hidden_act", ("gelu",), "gelu", where)
-    _expect(config, "multimodal_projector_bias", (True,), True, where)
+    check_field(config, "model_type", ("llava",), None, where)
+    check_field(config, "projector_hidden_act", ("gelu",), "gelu", where)
+    check_field(config, "multimodal_projector_bias", (True,), True, where)
     feature_layer = config.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int):
         raise ConfigError(f"{where}: vision_feature_layer={feature_layer!r}: only one feature layer is supported")
-    vision = vision_from_hf(_need(config, "vision_config", where), feature_layer, f"{where}.vision_config", base.vision)
-    _expect(config, "vision_feature_select_strategy", (SELECT_STRATEGY[vision.kind],), "default", where)
-    text = _need(config, "text_config", where)
+    vision_config = required_field(config, "vision_config", where)
+    vision = vision_from_hf(vision_config, feature_layer, f"{where}.vision_config", base.vision)
+    check_field(config, "vision_feature_select_strategy", (SELECT_STRATEGY[vision.kind],), "default", where)
+    text = required_field(config, "text_config", where)
     llm = llm_from_hf(text, f"{where}.text_config", base.llm)
     image_token = config.get("image_token_index", config.get("image_token_id", 32000))
     pad = text.get("pad_token_id", config.get("pad_token_id"))

@@ -27,17 +27,17 @@ from tqdm import tqdm
 
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, read_config, vision_from_hf
+from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, read_config
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_tokenizer import write_processor, write_tokenizer
-from megatron_asvr.convert.hf_vision import find_prefix
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
 from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
-from megatron_asvr.convert.rules import by_ours, hf_names
 from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
 from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
+from megatron_asvr.model.hf_rules import by_ours, hf_names
+from megatron_asvr.model.hf_vision import find_prefix, vision_from_hf
 from megatron_asvr.training.checkpoint import resolve
 
 HEAD_DIR = "visual_head"

@@ -22,17 +22,17 @@ from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
 from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config, vision_from_hf
+from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
 from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer
-from megatron_asvr.convert.hf_vision import find_prefix, is_dropped, vision_rules
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
 from megatron_asvr.convert.ranks import gather_objects, raise_if_any, require_new_directory
-from megatron_asvr.convert.rules import LazyCanonical, TensorRule, check_hf_keys, hf_names
 from megatron_asvr.convert.safetensors_io import SafetensorsDir
 from megatron_asvr.convert.visual_head_io import head_rules, read_head_config
 from megatron_asvr.model.canonical import load_full_state
+from megatron_asvr.model.hf_rules import LazyCanonical, TensorRule, check_hf_keys, hf_names
+from megatron_asvr.model.hf_vision import find_prefix, is_dropped, vision_from_hf, vision_rules
 
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # derived from rope_theta; some exports still carry it
 
@@ -175,9 +175,9 @@ def import_hf(
         error = f"rank {rank}: {len(unmatched)} parameters have no HF tensor, e.g. {unmatched[:3]}"
     raise_if_any(error)
     checkpoint_io.save_model_checkpoint(chunks, out_dir, plan.model, plan.vocab if plan.keep_vocab else None)
-    tokenizer_files = []
+    copied_tokenizer = []
     if rank == 0 and plan.tokenizer is not None:
-        tokenizer_files = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
+        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
     initialised = sorted(set().union(*gather_objects(sorted(lazy.unmatched))))
     dist.barrier()
     return {
@@ -186,7 +186,7 @@ def import_hf(
         "hf_tensors": len(plan.readers),
         "skipped": plan.skipped,
         "initialised": initialised,
-        "tokenizer": tokenizer_files,
+        "tokenizer": copied_tokenizer,
         "hf_vocab": plan.vocab if plan.keep_vocab else None,
     }
 

@@ -24,9 +24,9 @@ from typing import Iterable, List
 
 from megatron_asvr.config import ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_llm import llm_rules
-from megatron_asvr.convert.hf_vision import find_prefix, vision_rules
 from megatron_asvr.convert.hf_vocab import HFVocab
-from megatron_asvr.convert.rules import TensorRule, hf_names, same
+from megatron_asvr.model.hf_rules import TensorRule, hf_names, same
+from megatron_asvr.model.hf_vision import find_prefix, vision_rules
 
 PROJECTOR_MAP = {
     "projector.encoder.linear_fc1": "linear_1",

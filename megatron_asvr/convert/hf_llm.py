@@ -1,7 +1,7 @@
 """HF LLaMA / Vicuna / Mistral (GQA) decoder weights <-> our language model's canonical names.
 
 Per layer: q / k / v fuse into megatron's per-group QKV rows (GQA-aware,
-``convert.qkv``), gate / up stack into the gated MLP's [gate; up] FC1, the
+``model.qkv``), gate / up stack into the gated MLP's [gate; up] FC1, the
 norms and projections keep their values. No q / k permutation: HF LLaMA and
 megatron both apply RoPE with ``rotate_half`` over the two halves of each head
 (HF's own conversion from Meta's interleaved layout already permuted q / k
@@ -13,7 +13,7 @@ from typing import List
 
 from megatron_asvr.config import LLMConfig
 from megatron_asvr.convert.hf_vocab import HFVocab, rows_to_hf, rows_to_ours
-from megatron_asvr.convert.rules import TensorRule, fused_qkv, same, stacked_rows
+from megatron_asvr.model.hf_rules import TensorRule, fused_qkv, same, stacked_rows
 from megatron_asvr.model.llm import padded_vocab_size
 
 # our layer-local name -> HF layer-local name

@@ -22,19 +22,19 @@ from megatron_asvr.convert.hf_config import SELECT_STRATEGY
 from megatron_asvr.convert.hf_vocab import IMAGE_TOKEN, PAD_TOKEN, HFVocab
 from megatron_asvr.tokenizers import load_text_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TEXT_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json")
 BICUBIC = 3  # PIL.Image.BICUBIC
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def tokenizer_files(source) -> List[Path]:
-    """The tokenizer files of directory ``source`` (a tokenizer.model / .json file: just it)."""
+def text_tokenizer_files(source) -> List[Path]:
+    """The text-tokenizer files of directory ``source`` (a tokenizer.model / .json file: just it)."""
     source = Path(source)
     if source.is_file():
         return [source]
-    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    files = [source / name for name in TEXT_TOKENIZER_FILES if (source / name).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
         raise FileNotFoundError(f"{source}: no tokenizer.model or tokenizer.json")
     return files
@@ -44,7 +44,7 @@ def copy_tokenizer(source, destination) -> List[str]:
     """Copy the tokenizer files of ``source`` into ``destination``; return their names."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    files = tokenizer_files(source)
+    files = text_tokenizer_files(source)
     for file in files:
         shutil.copyfile(file, destination / file.name)
     return [f.name for f in files]

@@ -56,9 +56,6 @@ class SafetensorsDir:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def file_of(self, name: str) -> Path:
-        return self.directory / self._file_of[name]
-
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, copied out of its shard now. The shard is mapped only while it is
         read, so the file's pages do not stay in this process's resident memory."""

@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 import torch
 
 from megatron_asvr.config import ASVRConfig, CodebookSpec, ConfigError, HeadConfig, from_dict
-from megatron_asvr.convert.rules import TensorRule, fused_qkv, same
+from megatron_asvr.model.hf_rules import TensorRule, fused_qkv, same
 from megatron_asvr.model.llm import padded_vocab_size
 
 FORMAT = "megatron_asvr.visual_head"

@@ -10,13 +10,17 @@ Modes (one image -> [T, 3, 384, 384]):
   background, then as ``resize``; T = 1.
 - ``anyres`` (high resolution, LLaVA-NeXT): the image resized to 384 x 384 first,
   then the tiles of the best grid resolution (up to 1152 x 1152); T = 1 + tiles.
+
+Offline passes over image files (targets, tokenizer fitting) read them with
+``image_batches``: batches decoded ahead by DataLoader worker processes.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 import math
 import os
-from typing import get_args
+from pathlib import Path
+from typing import Optional, get_args
 
 import numpy as np
 from PIL import Image
@@ -192,3 +196,35 @@ def load_image_batch(
     if not per_image:
         return ImageBatch(torch.empty(0, 3, TILE_SIZE, TILE_SIZE), ())
     return ImageBatch(torch.cat(per_image), tuple(len(tiles) for tiles in per_image))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(position, tiles [T, 3, 384, 384] or None, error or None) per image file, decoded by loader workers;
+    a path of None stands for a blank tile (all zeros: mid-gray once normalised; targets' ZERO_IMAGE)."""
+
+    def __init__(self, paths: Sequence[Optional[Path]], mode: str):
+        self.paths, self.mode = list(paths), mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        if self.paths[position] is None:
+            return position, torch.zeros(1, 3, TILE_SIZE, TILE_SIZE), None
+        try:
+            return position, preprocess_image(load_rgb(self.paths[position]), self.mode), None
+        except ImageLoadError as err:
+            return position, None, str(err)
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def image_batches(paths: Sequence[Optional[Path]], mode: str, batch_images: int, workers: int) -> Iterator[list]:
+    """Lists of ``ImageFiles`` items, in order, decoded ahead by ``workers`` processes."""
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, mode), batch_size=batch_images, num_workers=workers, collate_fn=_as_list,
+        prefetch_factor=2 if workers else None,
+    )
+    yield from loader

@@ -83,7 +83,7 @@ class TokenizedSample:
 
     id: str
     source: str
-    input_ids: np.ndarray  # [n] int32, IMAGE_TOKEN_INDEX (-200) where an image goes
+    input_ids: np.ndarray  # [n] int32, IMAGE_PLACEHOLDER (-200) where an image goes
     loss_mask: np.ndarray  # [n] uint8, 1 = supervised
     images: tuple[str, ...]  # paths relative to the image root
     image_sizes: tuple[tuple[int, int], ...]  # (width, height) per image

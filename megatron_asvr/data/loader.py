@@ -25,8 +25,9 @@ from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.packing import Batching, MicroPlan, PackingReport, packing_report, plan_step
 from megatron_asvr.data.images import image_token_count, load_image_batch
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceTooLong, build_sequence
+from megatron_asvr.data.sequence import SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 GROUP_WINDOW = 8  # global batches per length-sorting window
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-IMAGE_PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 
 class SequenceTooLong(ValueError):

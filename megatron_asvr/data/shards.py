@@ -4,7 +4,7 @@ A shard directory holds ``manifest.json`` (written last: a directory without it 
 not a dataset) and, per shard ``shard_NNNNN``, three megatron-core indexed
 datasets (``.bin`` + ``.idx``, one sequence per sample) and one table:
 
-- ``shard_NNNNN.tokens``: int32 token ids, ``IMAGE_TOKEN_INDEX`` (-200) per image;
+- ``shard_NNNNN.tokens``: int32 token ids, ``IMAGE_PLACEHOLDER`` (-200) per image;
 - ``shard_NNNNN.loss_mask``: uint8, 1 = supervised;
 - ``shard_NNNNN.meta``: UTF-8 JSON per sample: id, image paths, image sizes;
 - ``shard_NNNNN.table.npy``: per sample ``num_positions`` (length with images
@@ -19,7 +19,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_asvr.data.llava import TokenizedSample
-from megatron_asvr.tokenizers.templates import IMAGE_TOKEN_INDEX
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_asvr.llava_shards"
@@ -99,7 +99,7 @@ class ShardWriter:
             "format": FORMAT,
             "version": VERSION,
             "num_samples": sum(self.shard_sizes),
-            "image_token_index": IMAGE_TOKEN_INDEX,
+            "image_token_index": IMAGE_PLACEHOLDER,
             "sources": list(self.sources),
             "shards": [{"prefix": _shard_prefix(i), "num_samples": n} for i, n in enumerate(self.shard_sizes)],
             "metadata": metadata,

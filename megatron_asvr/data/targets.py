@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from megatron_asvr.config import ConfigError
-from megatron_asvr.data.images import MODES, TILE_SIZE, ImageLoadError, load_rgb, preprocess_image, tile_count
+from megatron_asvr.data.images import MODES, ImageLoadError, image_batches, tile_count
 from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
 from megatron_asvr.tokenizers.visual_format import KINDS, VisualCodesMeta
 from megatron_asvr.runtime import current_device
@@ -139,38 +139,6 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(position, tiles [T, 3, 384, 384] or None, error or None) per image file, decoded by loader workers;
-    a path of None stands for ZERO_IMAGE."""
-
-    def __init__(self, paths: Sequence[Optional[Path]], mode: str):
-        self.paths, self.mode = list(paths), mode
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int):
-        if self.paths[position] is None:
-            return position, torch.zeros(1, 3, TILE_SIZE, TILE_SIZE), None
-        try:
-            return position, preprocess_image(load_rgb(self.paths[position]), self.mode), None
-        except ImageLoadError as err:
-            return position, None, str(err)
-
-
-def _as_list(items: list) -> list:
-    return items
-
-
-def image_batches(paths: Sequence[Optional[Path]], mode: str, batch_images: int, workers: int) -> Iterator[list]:
-    """Lists of ``ImageFiles`` items, in order, decoded ahead by ``workers`` processes."""
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, mode), batch_size=batch_images, num_workers=workers, collate_fn=_as_list,
-        prefetch_factor=2 if workers else None,
-    )
-    yield from loader
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -33,8 +33,8 @@ from megatron_asvr.data.llava import (
 from megatron_asvr.tokenizers.templates import (
     GPT,
     HUMAN,
+    IMAGE_PLACEHOLDER,
     IMAGE_TAG,
-    IMAGE_TOKEN_INDEX,
     ConversationTemplate,
     TokenizationMismatch,
     Turn,
@@ -286,7 +286,7 @@ class RecordValidator:
     def _fit_length(self, input_ids, loss_mask, sizes, fixes):
         """The sample within ``max_seq_length`` visual-expanded positions, by the too_long policy."""
         widths = np.ones(len(input_ids), dtype=np.int64)  # [n] positions each token becomes
-        image_at = np.flatnonzero(input_ids == IMAGE_TOKEN_INDEX)
+        image_at = np.flatnonzero(input_ids == IMAGE_PLACEHOLDER)
         widths[image_at] = [self.config.image_token_count(w, h) for w, h in sizes]
         ends = np.cumsum(widths)  # [n]
         limit = self.config.max_seq_length

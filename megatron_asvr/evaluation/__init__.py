@@ -2,9 +2,9 @@
 answer-likelihood scoring at any TP / PP (or on an HF export), the in-training held-out score, and
 last-token attention maps.
 
-    benchmark file -> EvalItems (benchmarks/) -> Answerer (answerer.py: queries.py, prompts.py)
+    benchmark file -> EvalItems (suites/) -> Answerer (answerer.py: queries.py, prompts.py)
                    -> runner (runners.py: our checkpoint through megatron's schedule; hf_runner.py)
-                   -> predictions -> scorer (benchmarks/) -> table + JSON (report.py)
+                   -> predictions -> scorer (suites/) -> table + JSON (report.py)
 
 Entry points: ``run.run_evaluation`` (tools/evaluate.py), ``attention_tool.write_attention_png``
 (tools/attention_map.py), ``in_training.HeldOutScore`` (training loop, ``train.eval_interval``),

@@ -16,10 +16,10 @@ from typing import Dict, List
 from megatron_asvr.config import ConfigError, ModelConfig, RunConfig
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.evaluation.answerer import Answer, Answerer
-from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark, score_jsonl
 from megatron_asvr.evaluation.items import EvalItem
 from megatron_asvr.evaluation.queries import QueryEncoder
 from megatron_asvr.evaluation.runners import MegatronRunner
+from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark, score_jsonl
 from megatron_asvr.tokenizers.text import load_text_tokenizer
 from megatron_asvr.training.loop import run
 

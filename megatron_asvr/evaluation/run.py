@@ -7,10 +7,10 @@ from typing import Dict, List, Optional
 
 from megatron_asvr.config import ConfigError
 from megatron_asvr.evaluation.answerer import METHODS
-from megatron_asvr.evaluation.benchmarks import get_benchmark
 from megatron_asvr.evaluation.items import ReadResult
 from megatron_asvr.evaluation.loading import LoadedModel, ModelSpec, open_model
 from megatron_asvr.evaluation.report import BenchmarkResult, format_table, write_results
+from megatron_asvr.evaluation.suites import get_benchmark
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Text tokenizers and LLaVA's conversation templates."""
 
 from megatron_asvr.tokenizers.templates import (
+    IMAGE_PLACEHOLDER,
     IMAGE_TAG,
-    IMAGE_TOKEN_INDEX,
     ConversationTemplate,
     TemplatedTokens,
     TokenizationMismatch,
@@ -19,8 +19,8 @@ from megatron_asvr.tokenizers.text import (
 )
 
 __all__ = [
+    "IMAGE_PLACEHOLDER",
     "IMAGE_TAG",
-    "IMAGE_TOKEN_INDEX",
     "ConversationTemplate",
     "HFJsonTokenizer",
     "SentencePieceTokenizer",

@@ -15,7 +15,9 @@ import numpy as np
 from megatron_asvr.tokenizers.text import TextTokenizer
 
 IMAGE_TAG = "<image>"
-IMAGE_TOKEN_INDEX = -200  # LLaVA's in-memory placeholder id for one image
+# LLaVA's IMAGE_TOKEN_INDEX: the in-memory id that stands for one image until the model expands it
+# (not a vocabulary id: an HF export's <image> token is HFVocab.image_token_index).
+IMAGE_PLACEHOLDER = -200
 HUMAN, GPT = "human", "gpt"
 
 
@@ -31,7 +33,7 @@ class Turn:
 class TemplatedTokens:
     """A templated, tokenized conversation."""
 
-    input_ids: np.ndarray  # [n] int32, IMAGE_TOKEN_INDEX where an image goes
+    input_ids: np.ndarray  # [n] int32, IMAGE_PLACEHOLDER where an image goes
     loss_mask: np.ndarray  # [n] uint8, 1 = supervised (answer tokens)
 
 
@@ -71,7 +73,7 @@ def tokenize_with_images(prompt: str, tokenizer: TextTokenizer) -> list[int]:
     offset = len(ids)
     for i, chunk in enumerate(chunks):
         if i:
-            ids.append(IMAGE_TOKEN_INDEX)
+            ids.append(IMAGE_PLACEHOLDER)
         ids.extend(chunk[offset:])
     return ids
 

@@ -34,8 +34,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from megatron_asvr.config import VISION_PRESETS, ConfigError, VisionConfig
-from megatron_asvr.convert.hf_config import vision_from_hf
-from megatron_asvr.convert.hf_vision import hf_vision_to_canonical
+from megatron_asvr.model.hf_vision import hf_vision_to_canonical, vision_from_hf
 
 VISION_PREFIX = "siglip_model.vision_model."
 SEMANTIC_QUANTIZER = "quantizer_semantic"

@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from megatron_asvr.evaluation.benchmarks.files import field, image_file, read_jsonl
 from megatron_asvr.evaluation.items import YES_NO_CHOICES, BenchmarkError, EvalItem, ReadResult, short_prompt
+from megatron_asvr.evaluation.suites.files import field, image_file, read_jsonl
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")

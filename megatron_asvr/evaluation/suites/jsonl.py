@@ -20,10 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from megatron_asvr.evaluation.benchmarks.choice import answer_letter, choice_item, is_correct_choice
-from megatron_asvr.evaluation.benchmarks.files import field, image_file, read_jsonl
-from megatron_asvr.evaluation.benchmarks.short_answer import normalize_vqa
-from megatron_asvr.evaluation.benchmarks.yes_no import pope_label
+from megatron_asvr.evaluation.suites.choice import answer_letter, choice_item, is_correct_choice
+from megatron_asvr.evaluation.suites.files import field, image_file, read_jsonl
+from megatron_asvr.evaluation.suites.short_answer import normalize_vqa
+from megatron_asvr.evaluation.suites.yes_no import pope_label
 from megatron_asvr.evaluation.items import (
     YES_NO_CHOICES,
     BenchmarkError,

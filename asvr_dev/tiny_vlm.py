@@ -11,14 +11,15 @@ from typing import Dict, List
 
 import torch
 
+from asvr_dev.harness import Case, merged_reports
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.data.batch import build_micro_batch
 from megatron_asvr.data.packing import length_multiple_for, plan_step
-from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, build_sequence
+from megatron_asvr.data.sequence import build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
-from megatron_asvr.testing.harness import Case, merged_reports
+from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 from megatron_asvr.training.task import ASVRTask
 
 TINY_MODEL = ModelConfig(

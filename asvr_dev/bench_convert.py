@@ -95,7 +95,7 @@ def write_hf_model(model: ModelConfig, directory: Path) -> int:
 def run(sizes: List[str], layouts: List[tuple], shard_mib: int = 64) -> List[Row]:
     """Import then export each size at each (tp, pp) layout; one row per conversion. The export
     writes safetensors shards of ``shard_mib`` MiB (its buffer is part of the peak)."""
-    from megatron_asvr.testing.multirank import run_ranks
+    from asvr_dev.multirank import run_ranks
 
     rows = []
     for size in sizes:

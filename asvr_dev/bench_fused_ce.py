@@ -1,6 +1,6 @@
 """Benchmark of the multi-depth cross-entropy: naive vs chunked plain torch vs fused kernels.
 
-The machinery of tools/bench_fused_ce.py (kept out of the library: timing lives in tools).
+The machinery of tools/bench_fused_ce.py (kept out of the library, in the dev package).
 
 Each case runs in a fresh spawned process (one per rank for TP > 1) so that its
 memory is its own. Peak memory is measured, not computed: on CPU it is the peak

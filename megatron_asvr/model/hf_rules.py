@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 import torch
 
-from megatron_asvr.convert.qkv import fuse_qkv, split_qkv
+from megatron_asvr.model.qkv import fuse_qkv, split_qkv
 
 
 @dataclass(frozen=True)

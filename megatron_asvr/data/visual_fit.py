@@ -35,9 +35,9 @@ import torch
 from tqdm import tqdm
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.convert.hf_vision import find_prefix, hf_vision_to_canonical
-from megatron_asvr.data.targets import image_batches
+from megatron_asvr.data.images import image_batches
 from megatron_asvr.model.canonical import load_full_state
+from megatron_asvr.model.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual import AppearanceProjection, TappedVisionEncoder

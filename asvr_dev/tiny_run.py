@@ -31,13 +31,13 @@ SEQ_LENGTH = 256
 
 def make_tiny_run(root: str) -> dict:
     """Write the corpus, tokenizer, shards and targets under ``root``; return their paths."""
+    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from asvr_dev.demo_encoder import write_random_siglip
     from megatron_asvr import runtime
-    from megatron_asvr.data.demo import DemoConfig, make_demo_data
-    from megatron_asvr.data.demo_encoder import write_random_siglip
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
     from megatron_asvr.data.targets import TargetsConfig, precompute_targets
     from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
-    from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer
+    from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())

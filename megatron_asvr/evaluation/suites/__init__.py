@@ -1,14 +1,14 @@
-"""The benchmarks by name: how each file format is read and how its predictions are scored."""
+"""The evaluation suites by name: how each benchmark file format is read and its predictions scored."""
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from megatron_asvr.evaluation.benchmarks.choice import read_mmbench, read_mmvp, read_seed, score_choice, score_mmvp
-from megatron_asvr.evaluation.benchmarks.jsonl import read_jsonl_benchmark, score_jsonl
-from megatron_asvr.evaluation.benchmarks.short_answer import read_gqa, read_textvqa, score_gqa, score_textvqa
-from megatron_asvr.evaluation.benchmarks.yes_no import read_mme, read_pope, score_mme, score_pope
 from megatron_asvr.evaluation.items import BenchmarkError, EvalItem, ReadResult
+from megatron_asvr.evaluation.suites.choice import read_mmbench, read_mmvp, read_seed, score_choice, score_mmvp
+from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark, score_jsonl
+from megatron_asvr.evaluation.suites.short_answer import read_gqa, read_textvqa, score_gqa, score_textvqa
+from megatron_asvr.evaluation.suites.yes_no import read_mme, read_pope, score_mme, score_pope
 
 
 @dataclass(frozen=True)

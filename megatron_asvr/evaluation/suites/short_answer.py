@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from megatron_asvr.evaluation.benchmarks.files import field, image_file, read_json
 from megatron_asvr.evaluation.items import BenchmarkError, EvalItem, ReadResult, short_prompt
+from megatron_asvr.evaluation.suites.files import field, image_file, read_json
 
 # The VQA evaluation's normalisation tables (VQA-v2 vqaEval.py / EvalAI's answer processor).
 CONTRACTIONS = {

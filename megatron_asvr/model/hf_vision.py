@@ -1,6 +1,10 @@
-"""HF SiglipVisionModel / CLIPVisionModel weights -> our VisionEncoder's canonical names.
+"""HF SiglipVisionModel / CLIPVisionModel <-> our VisionEncoder: config fields and weights.
 
-Used by the LLaVA encoder and by the visual tokenizer's encoder. Strict: a
+The state-dict adapter of the vision tower, beside the model it adapts: used by the
+LLaVA converters (convert/) and by the visual tokenizer's encoder (tokenizers/).
+``vision_from_hf`` / ``vision_to_hf`` map HF vision config dicts to our VisionConfig
+and back (unsupported fields are a ``ConfigError`` naming the file and key).
+Weights -> canonical names (``hf_vision_to_canonical``) are strict: a
 missing weight is an error naming it; keys that are not part of the model are
 an error too, except the ones a feature-layer encoder deliberately drops
 (later layers, the post-norm, SigLIP's pooling head), which are returned as
@@ -8,13 +12,14 @@ an error too, except the ones a feature-layer encoder deliberately drops
 streaming LLaVA converters (both directions).
 """
 
+import dataclasses
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_asvr.config import VisionConfig
-from megatron_asvr.convert.rules import TensorRule, fused_qkv, hf_names, reshaped, same
+from megatron_asvr.config import ConfigError, VisionConfig
+from megatron_asvr.model.hf_rules import TensorRule, fused_qkv, hf_names, reshaped, same
 
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 _LAYER_MAP = {
@@ -24,6 +29,9 @@ _LAYER_MAP = {
     "mlp.fc1": "mlp.linear_fc1",
     "mlp.fc2": "mlp.linear_fc2",
 }
+VISION_TYPES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip", "siglip": "siglip", "clip": "clip"}
+VISION_ACT = {"siglip": "gelu_pytorch_tanh", "clip": "quick_gelu"}
+OUR_VISION_ACT = {"siglip": "gelu_tanh", "clip": "quick_gelu"}
 
 
 _ANCHOR = "embeddings.patch_embedding.weight"
@@ -92,3 +100,65 @@ def hf_vision_to_canonical(
             raise KeyError(f"unexpected HF vision weight {key}")
         skipped.append(key)
     return out, skipped
+
+
+def required_field(config: dict, key: str, where: str):
+    """``config[key]``; a ConfigError naming ``where`` and the key when it is missing."""
+    if key not in config:
+        raise ConfigError(f"{where}: no {key!r}")
+    return config[key]
+
+
+def check_field(config: dict, key: str, allowed, default, where: str) -> None:
+    """A ConfigError naming ``where`` unless ``config.get(key, default)`` is one of ``allowed``."""
+    value = config.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key}={value!r} is not supported (supported: {list(allowed)})")
+
+
+def vision_from_hf(vision: dict, feature_layer: int, where: str, base: Optional[VisionConfig] = None) -> VisionConfig:
+    """VisionConfig of an HF SiglipVisionConfig / CLIPVisionConfig dict (or a SigLIP / CLIP
+    config that nests one as ``vision_config``)."""
+    model_type = vision.get("model_type")
+    if model_type in ("siglip", "clip") and "vision_config" in vision:
+        vision = {"model_type": f"{model_type}_vision_model", **vision["vision_config"]}
+        where = f"{where}.vision_config"
+        model_type = vision["model_type"]
+    if model_type not in VISION_TYPES:
+        raise ConfigError(f"{where}: model_type={model_type!r} is not a SigLIP or CLIP vision config")
+    kind = VISION_TYPES[model_type]
+    check_field(vision, "hidden_act", (VISION_ACT[kind],), VISION_ACT[kind], where)
+    return dataclasses.replace(
+        base or VisionConfig(),
+        kind=kind,
+        num_layers=required_field(vision, "num_hidden_layers", where),
+        hidden_size=required_field(vision, "hidden_size", where),
+        num_attention_heads=required_field(vision, "num_attention_heads", where),
+        ffn_hidden_size=required_field(vision, "intermediate_size", where),
+        patch_size=required_field(vision, "patch_size", where),
+        image_size=required_field(vision, "image_size", where),
+        activation=OUR_VISION_ACT[kind],
+        norm_eps=vision.get("layer_norm_eps", 1e-6 if kind == "siglip" else 1e-5),
+        feature_layer=feature_layer,
+    )
+
+
+def vision_to_hf(vision: VisionConfig, num_layers: int, dtype: str) -> Dict[str, Any]:
+    """An HF vision config with ``num_layers`` encoder layers (SigLIP without its pooling head)."""
+    config = {
+        "model_type": f"{vision.kind}_vision_model",
+        "hidden_size": vision.hidden_size,
+        "intermediate_size": vision.ffn_hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": vision.num_attention_heads,
+        "num_channels": 3,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "hidden_act": VISION_ACT[vision.kind],
+        "layer_norm_eps": vision.norm_eps,
+        "attention_dropout": 0.0,
+        "torch_dtype": dtype,
+    }
+    if vision.kind == "siglip":
+        config["vision_use_head"] = False
+    return config

@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from megatron_asvr.evaluation.benchmarks.files import field, image_file, read_json
 from megatron_asvr.evaluation.items import OPTION_LETTERS, BenchmarkError, EvalItem, ReadResult, choice_prompt
+from megatron_asvr.evaluation.suites.files import field, image_file, read_json
 
 _LEADING_LETTER = re.compile(r"\(?([A-J])(?:[.):,]|\s*$)")
 _MMVP_OPTION = re.compile(r"\(([a-z])\)\s*(.*?)\s*(?=\([a-z]\)|$)")

@@ -1,1 +1,0 @@
-"""Test support: multi-rank launches on CPU and parameter comparison helpers."""
