@@ -21,16 +21,18 @@ STAGE2 = dataclasses.replace(TINY_MODEL, trainable=["projector", "llm", "visual_
 
 def test_first_fit_decreasing_fills_micro_batches_of_rows():
     lengths = [9, 3, 7, 5, 2]
-    # rows of 10, micro-batches of 1 row: 9 -> bin 0; 7 -> bin 1; 5 -> bin 2; 3 -> bin 1 (fills it); 2 -> bin 2
+    # rows of 10, micro-batches of 1 row: 9 -> bin 0; 7 -> bin 1; 5 -> bin 2; 3 -> bin 1 (fills it); 2 -> bin 2;
+    # each cut to its content
     assert plan_step(lengths, "pack", micro_batch=1, seq_length=10) == [
-        MicroPlan((0,), 10, True), MicroPlan((2, 1), 10, True), MicroPlan((3, 4), 10, True)]
-    # micro-batches of 2 rows are one packed sequence of 20: samples cross the row boundary
-    plans = plan_step(lengths, "pack", micro_batch=2, seq_length=10)
-    assert plans == [MicroPlan((0, 2, 1), 20, True), MicroPlan((3, 4), 20, True)]
+        MicroPlan((0,), 9, True), MicroPlan((2, 1), 10, True), MicroPlan((3, 4), 7, True)]
+    # micro-batches of 2 rows are one packed sequence of up to 20: samples cross the row boundary;
+    # rounded up to a multiple of 4 (e.g. the tensor-parallel size under sequence parallelism)
+    plans = plan_step(lengths, "pack", micro_batch=2, seq_length=10, length_multiple=4)
+    assert plans == [MicroPlan((0, 2, 1), 20, True), MicroPlan((3, 4), 8, True)]
     report = packing_report(plans, lengths)
-    assert (report.samples, report.micro_batches, report.real_positions, report.computed_positions) == (5, 2, 26, 40)
-    # interleaved pipelining runs micro-batches in groups of PP: 3 -> 4 with PP 4 (one empty)
-    assert len(plan_step(lengths, "pack", 1, 10, micro_multiple=4)) == 4
+    assert (report.samples, report.micro_batches, report.real_positions, report.computed_positions) == (5, 2, 26, 28)
+    # interleaved pipelining runs micro-batches in groups of PP: 3 -> 4 with PP 4 (one empty, of 1 position)
+    assert [p.length for p in plan_step(lengths, "pack", 1, 10, micro_multiple=4)] == [9, 10, 7, 1]
     with pytest.raises(ValueError, match="a sample of 11 positions cannot fit a row of 10"):
         plan_step([11], "pack", 2, 10)
 
@@ -56,8 +58,8 @@ def test_packed_layout_keeps_samples_apart():
 
 def test_the_case_batches_are_packed():
     packed = VLMCase(model=STAGE2, batching="pack").global_batch_data(0)
-    assert [m.cu_seqlens.tolist() for m in packed] == [[0, 13, 22, 24], [0, 9, 14, 24]]
-    assert [m.tokens.shape for m in packed] == [(1, 24), (1, 24)]
+    assert [m.cu_seqlens.tolist() for m in packed] == [[0, 13, 22, 24], [0, 9, 14, 16]]  # 22 -> 24, 14 -> 16 (8)
+    assert [m.tokens.shape for m in packed] == [(1, 24), (1, 16)]
 
 
 def _step_losses_and_params(results, model):

@@ -9,10 +9,12 @@ each micro-batch padded to its longest sample, rounded up to ``length_multiple``
 tensor-parallel size under sequence parallelism). ``pack``: a micro-batch is ``micro_batch`` rows
 of ``data.seq_length`` laid end to end as ONE packed sequence [1, micro_batch x seq_length];
 first-fit-decreasing fills these micro-batches with whole samples (a sample may cross from one
-row into the next: rows are only the unit of size), the tail is padding, and ``cu_seqlens``
-mark each sample, so that attention stays within a sample (THD / cu_seqlens attention, or its CPU
-twin, ``model.attention``) and RoPE positions restart at each. The count of micro-batches is
-padded with empty ones to what the schedule needs (``micro_multiple``: interleaved pipelining runs
+row into the next: rows are only the unit of size), and ``cu_seqlens`` mark each sample, so
+that attention stays within a sample (THD / cu_seqlens attention, or its CPU twin,
+``model.attention``) and RoPE positions restart at each. A micro-batch is cut to its content,
+rounded up to ``length_multiple``: the last one of a step is often far from full (megatron's
+pipeline then sends each micro-batch's shape first). The count of micro-batches is padded with
+empty ones to what the schedule needs (``micro_multiple``: interleaved pipelining runs
 micro-batches in groups of the pipeline size). The larger ``micro_batch x seq_length``, the less
 padding: samples of 760 positions fill a 2048-position row only to 74%, but 16 such rows to 97%.
 """
@@ -78,9 +80,11 @@ def plan_step(lengths: Sequence[int], batching: Batching, micro_batch: int, seq_
         return plans
     if max(lengths, default=0) > seq_length:
         raise ValueError(f"a sample of {max(lengths)} positions cannot fit a row of {seq_length}")
-    bins = first_fit_decreasing(lengths, micro_batch * seq_length)
+    capacity = micro_batch * seq_length
+    bins = first_fit_decreasing(lengths, capacity)
     bins += [[] for _ in range(_round_up(len(bins), micro_multiple) - len(bins))]
-    return [MicroPlan(tuple(b), micro_batch * seq_length, packed=True) for b in bins]
+    return [MicroPlan(tuple(b), min(capacity, _round_up(max(sum(lengths[i] for i in b), 1), length_multiple)),
+                      packed=True) for b in bins]
 
 
 def layout_tokens(sequences: Sequence[SequenceSample], plan: MicroPlan) -> Dict[str, torch.Tensor]:
