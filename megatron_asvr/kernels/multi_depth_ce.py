@@ -21,7 +21,7 @@ gradient.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from megatron_asvr.kernels.backends import Kernels, select_kernels
 
 # Logits buffer of one chunk when chunk_rows is not given.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+COLUMN_ALIGN = 64  # backward tiles are cut at multiples of this many columns
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -86,10 +87,16 @@ def _depth_blocks(buffer: torch.Tensor, rows: int, width: Sequence[int]):
         offset += rows * w
 
 
-def _column_blocks(width: Sequence[int], count: int):
-    """``count`` blocks of every depth's columns: per block, (begin[d], end[d]) lists."""
-    step = [math.ceil(w / count) for w in width]
-    for k in range(count):
+def _column_steps(width: Sequence[int], count: int) -> List[int]:
+    """Columns per block of each depth for about ``count`` blocks, a multiple of COLUMN_ALIGN: a
+    block's [rows, step] logits then have 16-byte aligned rows, which GEMM kernels need to run
+    at full speed (unaligned blocks fell back to slow kernels on an H100)."""
+    return [max(COLUMN_ALIGN, -(-math.ceil(w / count) // COLUMN_ALIGN) * COLUMN_ALIGN) for w in width]
+
+
+def _column_blocks(width: Sequence[int], step: Sequence[int]):
+    """Blocks of every depth's columns, ``step[d]`` wide: per block, (begin[d], end[d]) lists."""
+    for k in range(max(math.ceil(w / s) for w, s in zip(width, step))):
         yield [min(k * s, w) for s, w in zip(step, width)], [min((k + 1) * s, w) for s, w in zip(step, width)]
 
 
@@ -173,9 +180,10 @@ class _MultiDepthCrossEntropy(torch.autograd.Function):
         grad_rows = rows.new_zeros(rows.shape, dtype=torch.float32) if need_hidden else None
         grad_weights = [torch.empty_like(w) if need else None for w, need in zip(weights, need_weight)]
         grad_biases = [torch.empty(b.shape, dtype=torch.float32, device=b.device) for b in biases or ()]
-        blocks = max(1, math.ceil(num_rows / plan.chunk_rows))  # as many tiles as forward chunks
-        buffer = rows.new_empty(num_rows * sum(math.ceil(w / blocks) for w in plan.shard.width))
-        for begin, end in _column_blocks(plan.shard.width, blocks):
+        # about as many tiles as forward chunks: a buffer about the forward one's size
+        step = _column_steps(plan.shard.width, max(1, math.ceil(num_rows / plan.chunk_rows)))
+        buffer = rows.new_empty(num_rows * sum(step))
+        for begin, end in _column_blocks(plan.shard.width, step):
             width = [e - b for b, e in zip(begin, end)]
             valid = [max(0, min(w, v - b)) for w, v, b in zip(width, plan.shard.valid, begin)]
             block_targets = local_targets - _device_ints(tuple(begin), rows.device)
