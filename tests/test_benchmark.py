@@ -25,7 +25,7 @@ TINY = BenchmarkSettings(warmup=1, steps=2, micro_batch=2, global_batch=4)
 
 def test_synthetic_batches_have_vicuna_7b_shapes():
     model = BenchmarkSettings(preset="vicuna_7b").model()
-    (batch,) = synthetic_micro_batches(model, micro_batch=2, num_micro=1, seq_length=2048)
+    (batch,) = synthetic_micro_batches(model, micro_batch=2, samples=2, seq_length=2048)
     assert batch.tokens.shape == (2, 2048) and batch.images.shape == (2, 3, 384, 384)
     # BOS, then the image, in each sample of the flattened [2 * 2048] batch
     assert batch.image_index.tolist() == list(range(1, 730)) + list(range(2049, 2778))
@@ -148,7 +148,7 @@ def test_the_table_and_json_carry_the_ratio(cpu_runs):
     text = render(runs, comparisons, on_gpu=False)
     fastest = min(runs[1].step_times) / min(runs[0].step_times)
     assert f"ASVR / baseline step time: {ratio:.3f} (median), {fastest:.3f} (min)" in text
-    assert f"| asvr | fp32 | 1x1x1 | 2/4 x 128 | {runs[1].derived['step_time_s']:.4f} |" in text
+    assert f"| asvr | fp32 | pad_full | 1x1x1 | 2/4 x 128 (full) | {runs[1].derived['step_time_s']:.4f} |" in text
     assert "| baseline | fp32 |" in text
     data = json.loads(to_json(runs, comparisons))
     assert data["runs"][1]["derived"]["visual_head_share"] == runs[1].derived["visual_head_share"]
@@ -173,3 +173,18 @@ def test_pipeline_parallel_times_the_head_on_the_last_stage():
     assert first.step_times == last.step_times and first.head_times == last.head_times  # slowest rank's
     assert 0 < last.derived["visual_head_share"] < 1
     assert last.data_parallel == 1 and last.world_size == 2
+
+
+def test_llava_like_lengths_pack_with_little_padding():
+    """Stage-2-like samples at Vicuna-7B shapes, 16 per rank: packed into micro-batches of 4 rows of 2048
+    they carry far less padding than full padding (lengths only: no model runs)."""
+    model = BenchmarkSettings(preset="vicuna_7b").model()
+    shares = {}
+    for batching in ("pad_full", "pack"):
+        micro = synthetic_micro_batches(model, micro_batch=4, samples=16, seq_length=2048, seed=3,
+                                        batching=batching, lengths="stage2")
+        real = sum(sum(m.sample_lengths) for m in micro)
+        shares[batching] = 1 - real / sum(m.computed_positions for m in micro)
+        assert sum(m.num_samples for m in micro) == 16
+        assert all(m.num_image_positions % 729 == 0 for m in micro)
+    assert shares["pad_full"] > 0.3 and shares["pack"] < 0.1, shares

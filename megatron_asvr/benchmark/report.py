@@ -28,7 +28,7 @@ def format_table(results: List[RunResult], on_gpu: bool) -> str:
         mfu = f"{d['mfu']:.1%}" if d["mfu"] is not None else "-"
         lines.append(
             f"| {r.name} | {precision} | {s['batching']} | {_layout(r)} "
-            f"| {s['micro_batch']}/{s['global_batch']} x {s['seq_length'] or '-'} ({s['lengths']}) "
+            f"| {s['micro_batch']}/{s['global_batch']} x {s['seq_length']} ({s['lengths']}) "
             f"| {d['step_time_s']:.4f} | {d['min_step_time_s']:.4f} | {d['tokens_per_s_per_gpu']:,.0f} "
             f"| {d['padding_share']:.1%} | {d['samples_per_s']:.2f} "
             f"| {d['tflops_per_gpu']:.4g} | {mfu} | {r.peak_memory_bytes / GIB:.2f} | {d['visual_head_share']:.1%} |"

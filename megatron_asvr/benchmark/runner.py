@@ -128,7 +128,8 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
     summed = _sum_over_ranks_each([*parts.values(), sum(sum(m.sample_lengths) for m in micro),
                                    sum(m.computed_positions for m in micro)])
     result = RunResult(
-        name=name, settings=dataclasses.asdict(settings), world_size=info.world_size, data_parallel=info.dp_size,
+        name=name, settings=dataclasses.asdict(dataclasses.replace(settings, seq_length=settings.positions)),
+        world_size=info.world_size, data_parallel=info.dp_size,
         step_times=_max_over_ranks(step_times), head_times=_max_over_ranks(head_times), losses=losses,
         flops={k: v / replicas for k, v in zip(parts, summed)}, tokens_per_step=int(summed[-2]) // replicas,
         computed_per_step=int(summed[-1]) // replicas, samples_per_step=settings.global_batch,
