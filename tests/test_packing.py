@@ -95,3 +95,20 @@ def test_packed_and_unpadded_steps_equal_full_padding(reference, name):
         assert abs(got[key] - value) <= TOL, (name, key, got[key], value)
     for key, value in ref_params.items():
         assert (params[key] - value).abs().max().item() <= TOL, (name, key)
+
+
+def test_packed_anyres_tiles_keep_their_targets_in_order():
+    """An anyres image of 3 tiles and a one-tile image packed into one micro-batch: the image
+    positions, pixels and visual targets stay aligned, sample by sample."""
+    from megatron_asvr.data.batch import build_micro_batch
+
+    patches = 4
+    first = build_sequence([1, IMAGE_PLACEHOLDER, 7, 8], [0, 0, 0, 1], [3 * patches], seq_length=20)
+    second = build_sequence([1, IMAGE_PLACEHOLDER, 9], [0, 0, 1], [patches], seq_length=20)
+    codes = [torch.arange(3 * patches * 2).view(3 * patches, 2) % 5, torch.full((patches, 2), 4)]
+    batch = build_micro_batch([first, second], plan_step([first.length, second.length], "pack", 1, 20)[0],
+                              images=torch.zeros(4, 3, 8, 8), codes={"semantic": codes}, depths={"semantic": 2})
+    assert batch.cu_seqlens.tolist() == [0, 14, 19]  # BOS + 12 + one text position, then BOS + 4
+    assert batch.image_index.tolist() == list(range(1, 13)) + list(range(15, 19))
+    assert torch.equal(batch.visual_targets["semantic"], torch.cat(codes))
+    assert batch.visual_rows.tolist() == list(range(16)) and batch.num_image_positions == 16
