@@ -2,8 +2,8 @@
 
 (c) the visual head's loss at the real shape: N = 16 images x 729 positions, D = 8 depths,
 V = 16,384 codes per depth, E = 2,048, bf16. (d) and (e): Vicuna-7B widths with as many LLM layers
-as the memory planner fits on one 80 GB GPU with the distributed optimizer and 45% headroom (the
-planner underestimates, see HEADROOM), SigLIP-SO400M/384 (26 layers used, 729 patches), the full visual head, sequence 2048, bf16,
+as the memory planner fits on one 80 GB GPU with the distributed optimizer and 45% headroom (see
+HEADROOM), SigLIP-SO400M/384 (26 layers used, 729 patches), the full visual head, sequence 2048, bf16,
 local layer specs (SDPA attention).
 """
 
@@ -13,8 +13,9 @@ from typing import Tuple
 from megatron_asvr.benchmark.settings import BenchmarkSettings
 
 GPU_MEMORY_GIB = 80.0  # one 80 GB H100
-HEADROOM = 0.45  # of the GPU's memory left free by the planned total: the first H100 run (12 layers at 0.15)
-# ran out of memory; the planner misses ~30 GiB there (optimizer states, allocator), see docs/gpu_results/
+HEADROOM = 0.45  # of the GPU's memory left free by the planned total: 6 layers (planned 43.5 GiB, measured
+# 47.4 GiB on an H100); the first run's 12 layers ran out of memory in a since-fixed allocation
+# (docs/gpu_results/NOTES_2026-11-26.md): lower this once a run shows more layers fit
 
 
 @dataclass(frozen=True)

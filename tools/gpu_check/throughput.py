@@ -1,7 +1,7 @@
 """Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py --mode compare-asvr.
 
 The number of LLM layers is the largest the memory planner fits on one 80 GB GPU with 45% headroom
-(shapes.largest_llm_layers); tools/benchmark.py times a plain LLaVA step and the ASVR step (the same
+(shapes.HEADROOM, shapes.largest_llm_layers); tools/benchmark.py times a plain LLaVA step and the ASVR step (the same
 step plus the visual head and its loss) and reports tokens/s, TFLOP/s and MFU from the whole-model
 FLOP count, and the ASVR / LLaVA step-time ratio beside the FLOP ratio.
 """
