@@ -15,6 +15,8 @@ STEP = dict(grad_norm=1.0, skipped=False, lr=1e-3, tokens=256, samples=2, flops=
 def test_wandb_offline_run_gets_the_logged_scalars(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR", "TMPDIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))  # nothing of W&B's outside the test's directory
     config = {"train": {"lr": 1e-3}}
     sink = WandbSink("asvr-test", "offline", str(tmp_path), config)
     logger = MetricsLogger(True, total_steps=3, start_step=0, num_gpus=1, peak_tflops=989.0, sinks=[sink])
