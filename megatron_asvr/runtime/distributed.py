@@ -91,7 +91,7 @@ def _replica_host_group(world_size: int) -> Optional[dist.ProcessGroup]:
     if len(mine) == 1:
         return None
     every = [None] * world_size
-    dist.all_gather_object(every, mine)
+    dist.all_gather_object(every, mine)  # host sync, once at start-up
     groups = {tuple(ranks): dist.new_group(list(ranks), backend="gloo") for ranks in sorted(set(map(tuple, every)))}
     return groups[tuple(mine)]
 

@@ -164,7 +164,7 @@ def _describe(err: BaseException) -> str:
 def _agree(name: str, part: str, error: Optional[BaseException]) -> None:
     """Every rank learns whether any rank's ``part`` of saving ``name`` failed (collective)."""
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else _describe(error))
+    dist.all_gather_object(errors, None if error is None else _describe(error))  # host sync, 3 per save
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if failed:
         rank, reason = failed[0]

@@ -164,7 +164,7 @@ def resume_newest(trainer: Trainer, save_dir: Path, info: runtime.RankInfo) -> O
         for name in ckpt.remove_incomplete(save_dir):
             print(f"removed {save_dir / name}, left by a save that did not finish", flush=True)
         chosen = [ckpt.find_latest(save_dir)]
-    dist.broadcast_object_list(chosen, src=0)
+    dist.broadcast_object_list(chosen, src=0)  # host sync, once at start-up
     if chosen[0] is not None:
         with waiting_for("every rank", f"loading {chosen[0].name}"):
             same_layout = trainer.resume(chosen[0])
