@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
+recipe="configs/vicuna13b_stage2.yaml"
+"true" '''\'
 # ASVR stage 2 of Vicuna-13B + SigLIP (LLaVA-1.5 mix 665K) from the stage-1 checkpoint: LLM, projector
 # and visual head train.
 #   srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 launch/finetune_13b.sh   # Slurm
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 launch/finetune_13b.sh   # on host0; NODE_RANK=1 on host1
+#   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr host0 launch/finetune_13b.sh   # also
 # Arguments are recipe overrides (--set train.save_dir=...). Resumes from the newest checkpoint.
 #
 # Layout (configs/vicuna13b_stage2.yaml), sized for 2 nodes of 8 x H100-80GB: TP=2 (sequence parallel)
@@ -17,4 +20,9 @@
 #   75.1 (no fit); TP=2 x PP=1 fits (62.6) but reduce-scatters twice the gradients per GPU over InfiniBand
 #   (DP=8); TP=4 x PP=1 fits (36.5) with twice the tensor-parallel traffic. On one node (DP=2): 51.93 GiB.
 source "$(dirname "$0")/multinode.sh"
-run_recipe "${RECIPE:-configs/vicuna13b_stage2.yaml}" "$@"
+run_recipe "${RECIPE:-$recipe}" "$@"
+: <<'#'
+'''
+import os, runpy  # noqa: E401  torchrun runs this file with Python: a worker of the recipe (launch/worker.py)
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py"), {"recipe": recipe}, "__main__")
+#

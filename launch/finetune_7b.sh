@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
+recipe="configs/vicuna7b_stage2.yaml"
+"true" '''\'
 # ASVR stage 2 of Vicuna-7B + SigLIP (LLaVA-1.5 mix 665K) from the stage-1 checkpoint: LLM, projector
 # and visual head train.
 #   launch/finetune_7b.sh                                  # one node of 8 GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 launch/finetune_7b.sh   # on host0; NODE_RANK=1 on the other
 #   srun --nodes 1 --ntasks-per-node 1 --gpus-per-node 8 launch/finetune_7b.sh   # Slurm
+#   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr host0 launch/finetune_7b.sh   # also
 # Arguments are recipe overrides; RECIPE=... picks another 7B stage-2 recipe (configs/mistral7b_stage2.yaml,
 # configs/highres1152_stage2.yaml: their layouts are in their headers).
 #
@@ -17,4 +20,9 @@
 #   stage 0 total = 62.29 GiB of 72 usable (80 minus 8 reserved)
 # Micro-batch 2 needs 71.48 GiB (no margin); TP=2 with sequence parallelism and micro-batch 4 needs 50.83.
 source "$(dirname "$0")/multinode.sh"
-run_recipe "${RECIPE:-configs/vicuna7b_stage2.yaml}" "$@"
+run_recipe "${RECIPE:-$recipe}" "$@"
+: <<'#'
+'''
+import os, runpy  # noqa: E401  torchrun runs this file with Python: a worker of the recipe (launch/worker.py)
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py"), {"recipe": recipe}, "__main__")
+#

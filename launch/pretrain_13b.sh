@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
+recipe="configs/vicuna13b_stage1.yaml"
+"true" '''\'
 # ASVR stage 1 of Vicuna-13B + SigLIP (LLaVA-Pretrain 558K): projector + visual head train.
 #   srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 launch/pretrain_13b.sh   # Slurm
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 launch/pretrain_13b.sh   # on host0; NODE_RANK=1 on host1
+#   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr host0 launch/pretrain_13b.sh   # also
 # Arguments are recipe overrides (--set train.save_dir=...). Resumes from the newest checkpoint.
 #
 # Layout (configs/vicuna13b_stage1.yaml), the same as stage 2 so that nothing reshards between the
@@ -15,4 +18,9 @@
 #            optimizer 371M x 12 B / DP 4 = 1.04, activations 1 x 14.91 -> stage 1 total = 23.78 GiB
 #   of 72 usable (80 minus 8 reserved). TP=1 x PP=1 at micro-batch 2 would also fit (57.3 GiB).
 source "$(dirname "$0")/multinode.sh"
-run_recipe "${RECIPE:-configs/vicuna13b_stage1.yaml}" "$@"
+run_recipe "${RECIPE:-$recipe}" "$@"
+: <<'#'
+'''
+import os, runpy  # noqa: E401  torchrun runs this file with Python: a worker of the recipe (launch/worker.py)
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py"), {"recipe": recipe}, "__main__")
+#

@@ -197,7 +197,8 @@ def test_launchers_run_their_recipe_with_the_planners_numbers(name):
     script = ROOT / "launch" / f"{name}.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    (recipe,) = re.findall(r'run_recipe "\$\{RECIPE:-(configs/\w+\.yaml)\}" "\$@"', text)
+    (recipe,) = re.findall(r'^recipe="(configs/\w+\.yaml)"$', text, re.MULTILINE)  # bash and Python read it
+    assert 'run_recipe "${RECIPE:-$recipe}" "$@"' in text
     (nodes,) = re.findall(r"tools/plan_memory.py --nodes (\d+)", text)
     plan = plan_memory(load_run_config(ROOT / recipe), Cluster(nodes=int(nodes)))
     totals = {int(s): float(v) for s, v in re.findall(r"stage (\d) total = ([\d.]+) GiB", text)}

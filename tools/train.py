@@ -4,7 +4,10 @@
         --set train.save_dir=runs/7b-stage1 --set data.num_workers=8
 
 Every rank runs this. A run finds the newest complete checkpoint in
-train.save_dir and resumes from it; SIGTERM checkpoints and stops.
+train.save_dir and resumes from it; SIGTERM checkpoints and stops. A rank that
+cannot go on (a bad config, a lost peer, a checkpoint that cannot be written)
+exits 1 with one line saying why; under torchrun --max-restarts N the job then
+restarts and resumes.
 """
 
 import argparse
@@ -12,7 +15,6 @@ import sys
 from pathlib import Path
 
 from megatron_asvr.config import ConfigError, load_run_config
-from megatron_asvr.data.loader import DataLoaderError
 
 
 def main() -> None:
@@ -22,10 +24,17 @@ def main() -> None:
     args = parser.parse_args()
     try:
         config = load_run_config(args.config, args.set)
-        from megatron_asvr.evaluation.in_training import train  # heavy imports after the config is known good
+    except ConfigError as err:
+        sys.exit(f"train: error: {err}")
+    # heavy imports after the config is known good
+    from megatron_asvr.data.loader import DataLoaderError
+    from megatron_asvr.evaluation.in_training import train
+    from megatron_asvr.runtime.waits import PeerLost
+    from megatron_asvr.training.checkpoint import CheckpointWriteError
 
+    try:
         train(config)
-    except (ConfigError, DataLoaderError) as err:
+    except (ConfigError, DataLoaderError, PeerLost, CheckpointWriteError) as err:
         sys.exit(f"train: error: {err}")
 
 

@@ -17,12 +17,20 @@ from megatron_asvr.config.errors import ConfigError, section
 Positive = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 TransformerImpl = Literal["auto", "transformer_engine", "local"]
 ImageMode = Literal["resize", "pad", "anyres"]  # stage 1 | stage 2 | high resolution (data/images.py)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
 Recompute = Literal["none", "selective", "full"]  # LLM layers; the head recomputes with full
 NanPolicy = Literal["skip", "stop"]  # skip: up to train.max_consecutive_skips bad steps
+# A checkpoint that fails to write (a full disk, no permission, a writer process gone) is retried once; then
+# stop: end the run (exit 1; `latest` keeps the previous checkpoint, which a restart resumes from) |
+# continue: train on and save again at the next interval
+SaveFailurePolicy = Literal["stop", "continue"]
+# An image missing or unreadable at training time (preprocessing had read it): substitute: a zero image, its
+# sample's loss masked, counted ("unreadable" in the step line) | stop: end the run naming the record
+UnreadableImagePolicy = Literal["substitute", "stop"]
 Supervision = Literal["semantic", "appearance", "dual"]  # dual: two heads, both losses
 Component = Literal["vision", "projector", "llm", "visual_head"]
 
@@ -320,6 +328,7 @@ class DataConfig:
     num_workers: Count = 2
     group_by_length: bool = False
     drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error
+    unreadable_image: UnreadableImagePolicy = "substitute"
 
     def validate(self) -> None:
         for name in ("shards", "image_root"):
@@ -362,6 +371,11 @@ class TrainConfig:
     wandb_mode: Literal["online", "offline"] = "online"
     nan_policy: NanPolicy = "skip"
     max_consecutive_skips: Count = 5
+    save_failure: SaveFailurePolicy = "stop"
+    # A wait on other ranks (start-up, collectives, pipeline sends, checkpoint barriers) that lasts this long
+    # ends the rank with a line naming it (runtime/waits.py); Megatron-LM's default. Seconds in tests (0.2).
+    distributed_timeout_minutes: PositiveFloat = 10.0
+    slow_step_factor: Annotated[float, Field(ge=0.0)] = 5.0  # report a step past this x the median (0: never)
     num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)
     gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
     # In-training evaluation (megatron_asvr.evaluation.in_training): held-out letter and yes/no

@@ -1,9 +1,11 @@
 """LLaVA JSON records: reading the files, parsing one record, the tokenized sample.
 
 A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``
-where ``image`` is a path relative to the image root or a list of them. Files are a
-JSON list or JSON Lines. Invalid UTF-8 bytes do not stop the reading: they reach
-the record as lone surrogates, and that record alone is refused (``non_utf8_text``).
+where ``image`` is a path relative to the image root. Files are a JSON list or JSON
+Lines. Invalid UTF-8 bytes do not stop the reading: they reach the record as lone
+surrogates, and that record alone is refused (``non_utf8_text``). Deviations that
+still have one reading (a numeric id, a list of images, fields LLaVA does not have)
+are read so, and each is named (``LlavaRecord.assumptions``).
 """
 
 import json
@@ -42,6 +44,13 @@ class Reason(str, Enum):
     IMAGE_TOO_LARGE = "image_too_large"
     TOKENIZATION_MISMATCH = "tokenization_mismatch"
     TOO_LONG = "too_long"
+    # Deviations from the LLaVA format that are read one way, and named (outcome "assumed").
+    NUMERIC_ID = "numeric_id"
+    IMAGE_LIST = "image_list"
+    EMPTY_IMAGE_FIELD = "empty_image_field"
+    UNKNOWN_FIELDS = "unknown_fields"
+    IMAGE_PATH_NORMALIZED = "image_path_normalized"
+    IMAGE_TAG_MOVED = "image_tag_moved"
 
 
 class RecordError(ValueError):
@@ -75,6 +84,11 @@ class LlavaRecord:
     id: str | None  # None when the record has none
     images: tuple[str, ...]  # as written in the record
     turns: tuple[Turn, ...]
+    assumptions: tuple[tuple[Reason, str], ...] = ()  # how it deviates from the format, read as said
+
+
+RECORD_FIELDS = ("id", "image", "conversations")
+MESSAGE_FIELDS = ("from", "value")
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,29 @@ def parse_record(value: object) -> LlavaRecord:
             role = message.get("from")
             raise RecordError(Reason.MALFORMED_RECORD, f"conversations[{i}]: 'from' must be human or gpt, got {role!r}")
         turns.append(Turn(message["from"], message["value"]))
-    return LlavaRecord(record_id(value), images, tuple(turns))
+    return LlavaRecord(record_id(value), images, tuple(turns), _assumptions(value))
+
+
+def _assumptions(record: dict) -> tuple[tuple[Reason, str], ...]:
+    """How a record that parses deviates from the LLaVA format, and how it was read."""
+    found = []
+    rid = record.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        found.append((Reason.NUMERIC_ID, f"id {rid} is a number: read as the string {str(rid)!r}"))
+    image = record.get("image")
+    if "image" in record and not image:
+        found.append((Reason.EMPTY_IMAGE_FIELD, f"'image' is {json.dumps(image)}: read as a text-only record"))
+    elif isinstance(image, list):
+        found.append((Reason.IMAGE_LIST, f"'image' is a list of {len(image)} path(s): read as the record's "
+                                         f"images, in order"))
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:
+        found.append((Reason.UNKNOWN_FIELDS, f"fields {unknown} ignored"))
+    for i, message in enumerate(record["conversations"]):
+        extra = sorted(set(message) - set(MESSAGE_FIELDS))
+        if extra:
+            found.append((Reason.UNKNOWN_FIELDS, f"conversations[{i}]: fields {extra} ignored"))
+    return tuple(found)
 
 
 def normalize_image_path(path: str) -> str:

@@ -11,12 +11,13 @@ shuffled: similar lengths share a batch, still deterministically.
 
 Each pipeline stage gets what it needs: the first stage tokens and pixels (or
 codes, with discrete input), the last stage labels, masks and visual targets;
-every stage gets the token-level tensors (they are small).
+every stage gets the token-level tensors (they are small). An image that cannot
+be read at training time is handled by ``unreadable_images`` (``data.unreadable_image``).
 """
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ import torch
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.packing import Batching, MicroPlan, PackingReport, packing_report, plan_step
-from megatron_asvr.data.images import image_token_count, load_image_batch
+from megatron_asvr.data import unreadable_images
+from megatron_asvr.data.images import TILE_SIZE, ImageLoadError, image_token_count, load_image_batch, tile_count
 from megatron_asvr.data.sequence import SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
@@ -102,7 +104,7 @@ class SampleBuilder:
         return self._sequence(index)[1].length
 
     def _sequence(self, index: int):
-        """(shard sample, SequenceSample, image keys, dropped) of sample ``index``."""
+        """(shard sample, SequenceSample, image keys, their (width, height), dropped) of sample ``index``."""
         sample = self.shards[int(index)]
         ids, supervised = list(sample.input_ids), list(sample.loss_mask)
         images, sizes = list(sample.images), list(sample.image_sizes)
@@ -110,11 +112,8 @@ class SampleBuilder:
             ids.insert(1, IMAGE_PLACEHOLDER)  # right after BOS, as the released code feeds it
             supervised.insert(1, 0)
             images, sizes = [ZERO_IMAGE], [(384, 384)]
-        counts = [
-            image_token_count(w, h, "resize" if key == ZERO_IMAGE else self.image_mode,
-                              patches_per_tile=self.patches_per_tile)
-            for key, (w, h) in zip(images, sizes)
-        ]
+        counts = [image_token_count(w, h, self._mode(key), patches_per_tile=self.patches_per_tile)
+                  for key, (w, h) in zip(images, sizes)]
         try:
             sequence = build_sequence(ids, supervised, counts, self.seq_length, self.pad_id)
             dropped = False
@@ -123,14 +122,14 @@ class SampleBuilder:
                 raise DataLoaderError(f"sample {sample.id!r} ({sample.source}): {err}") from err
             # A counted drop: the slot keeps the batch shape but carries no image and no loss.
             sequence = build_sequence(ids[:1], [0], [], self.seq_length, self.pad_id)
-            images, dropped = [], True
-        return sample, sequence, images, dropped
+            images, sizes, dropped = [], [], True
+        return sample, sequence, images, sizes, dropped
 
     def __call__(self, index: int) -> dict:
-        sample, sequence, images, dropped = self._sequence(index)
-        out = {"sequence": sequence, "id": sample.id, "dropped": dropped}
+        sample, sequence, images, sizes, dropped = self._sequence(index)
+        out = {"sequence": sequence, "id": sample.id, "dropped": dropped, "unreadable": None}
         if self.needs.pixels and images:
-            out["pixels"] = self._pixels(images)
+            out["pixels"], out["unreadable"] = self._pixels(images, sizes)
         if self.needs.input_codes and images:
             patches = self.targets.meta["semantic"].num_patches
             out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, self.asvr.semantic.depth) for k in images])
@@ -138,13 +137,22 @@ class SampleBuilder:
             out["codes"] = {b: [self._codes(key, b) for key in images] for b in self.branches}
         return out
 
-    def _pixels(self, images: Sequence[str]) -> torch.Tensor:
+    def _mode(self, key: str) -> str:
+        return "resize" if key == ZERO_IMAGE else self.image_mode
+
+    def _pixels(self, images: Sequence[str], sizes) -> Tuple[torch.Tensor, Optional[str]]:
+        """The tiles of a sample's images [sum T, 3, 384, 384], and why they could not be read
+        (None when they could): then all blank, as many as the images would have made."""
         real = [self.image_root / key for key in images if key != ZERO_IMAGE]
-        batch = load_image_batch(real, self.image_mode) if real else None
+        try:
+            batch = load_image_batch(real, self.image_mode) if real else None
+        except ImageLoadError as err:
+            count = sum(tile_count(w, h, self._mode(key)) for key, (w, h) in zip(images, sizes))
+            return torch.zeros(count, 3, TILE_SIZE, TILE_SIZE), str(err)
         tiles, it = [], iter(torch.split(batch.pixels, list(batch.tiles_per_image)) if batch else [])
         for key in images:
-            tiles.append(torch.zeros(1, 3, 384, 384) if key == ZERO_IMAGE else next(it))
-        return torch.cat(tiles)  # [sum T, 3, 384, 384]
+            tiles.append(torch.zeros(1, 3, TILE_SIZE, TILE_SIZE) if key == ZERO_IMAGE else next(it))
+        return torch.cat(tiles), None
 
     def _codes(self, key: str, branch: str) -> torch.Tensor:
         try:
@@ -205,10 +213,14 @@ class _Steps(torch.utils.data.Dataset):
         return self.batching.plan([self.batching.seq_length] * len(mine) if full else
                                   [self.builder.length(i) for i in mine])
 
-    def __getitem__(self, k: int) -> List[MicroBatch]:
-        mine = self.samples(k)
-        return [collate_micro_batch([self.builder(mine[i]) for i in plan.samples], plan, self.asvr, self.needs)
-                for plan in self.plans(mine)]
+    def __getitem__(self, k: int) -> Tuple[List[MicroBatch], List[List[Optional[str]]]]:
+        """The micro-batches, and per micro-batch, per sample why its images could not be read (or None)."""
+        mine, micro, unreadable = self.samples(k), [], []
+        for plan in self.plans(mine):
+            items = [self.builder(mine[i]) for i in plan.samples]
+            micro.append(collate_micro_batch(items, plan, self.asvr, self.needs))
+            unreadable.append([item["unreadable"] for item in items])
+        return micro, unreadable
 
 
 def _identity(items):
@@ -216,11 +228,15 @@ def _identity(items):
 
 
 class TrainLoader:
-    """This rank's micro-batches, a step at a time (one worker builds a whole step), resumable."""
+    """This rank's micro-batches, a step at a time (one worker builds a whole step), resumable.
+
+    ``replica_group``: the other ranks of this rank's model replica (gloo; None when alone), with
+    which the step's unreadable samples are agreed; ``unreadable_image``: what they cause
+    (``data.unreadable_image``: substitute, counted in ``unreadable_samples``, or stop)."""
 
     def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
                  batching: BatchingSettings, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
-                 consumed_samples: int = 0):
+                 consumed_samples: int = 0, replica_group=None, unreadable_image: str = "substitute"):
         g = order.global_batch
         if g % dp_size or (batching.batching != "pack" and g % (dp_size * batching.micro_batch)):
             raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size"
@@ -234,16 +250,28 @@ class TrainLoader:
             self.steps, batch_size=1, collate_fn=_identity, num_workers=num_workers,
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),  # MicroBatch.pin_memory, for the non-blocking device copy
+            # Its workers' seeds are drawn when iteration starts: from a generator of its own, not the
+            # global RNG that checkpoints restore (a resumed run would be one draw apart).
+            generator=torch.Generator(),
         )
         self._iter: Optional[Iterator] = None
+        self.replica_group, self.unreadable_image = replica_group, unreadable_image
+        self.unreadable_samples = 0  # in the last step, this rank's share of it
 
     def next_step(self) -> List[MicroBatch]:
         """The micro-batches of the next step on this rank."""
         if self._iter is None:
             self._iter = iter(self._loader)
-        micro = next(self._iter)
+        micro, reasons = next(self._iter)
+        lost = unreadable_images.agree(reasons, self.replica_group)
+        self.unreadable_samples = sum(map(sum, lost))
+        if self.unreadable_samples and self.unreadable_image == "stop":
+            sample, reason = next((m.ids[i], reasons[j][i]) for j, m in enumerate(micro)
+                                  for i in range(m.num_samples) if lost[j][i])
+            raise DataLoaderError(f"sample {sample!r}: {reason or 'its image could not be read on another rank'} "
+                                  f"(data.unreadable_image=stop)")
         self.consumed_samples += self.order.global_batch
-        return micro
+        return [unreadable_images.without_loss(m, flags) for m, flags in zip(micro, lost)]
 
     def batching_report(self, steps: int) -> PackingReport:
         """How this rank's next ``steps`` steps fill their micro-batches (planned from lengths alone)."""

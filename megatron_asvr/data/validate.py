@@ -2,7 +2,9 @@
 
 Each problem gets a :class:`~megatron_asvr.data.llava.Reason` and an
 :class:`Outcome`; :class:`ValidationReport` counts them per source and per reason
-and lists the records concerned (capped). ``fixed`` problems leave the record in
+and lists the records concerned (capped). ``assumed`` names a deviation from the
+LLaVA format that was read one way (a numeric id, extra fields, a path written
+otherwise, a tag placed as LLaVA places it); ``fixed`` problems leave the record in
 (the loader decodes images by content and converts them to RGB); ``skipped``
 records are left out and counted; ``error`` records fail the run after the pass
 (``strict`` turns every skip into an error).
@@ -46,6 +48,7 @@ from megatron_asvr.tokenizers.text import TextTokenizer
 class Outcome(str, Enum):
     """What happened to a record because of a problem."""
 
+    ASSUMED = "assumed"
     FIXED = "fixed"
     SKIPPED = "skipped"
     ERROR = "error"
@@ -218,6 +221,7 @@ class RecordValidator:
             if duplicate.problem and duplicate.problem.outcome is Outcome.SKIPPED:
                 raise RecordError(duplicate.problem.reason, duplicate.problem.detail)
             record = parse_record(raw.value)
+            fixes.extend(Problem(reason, Outcome.ASSUMED, detail) for reason, detail in record.assumptions)
             if record.id is None:
                 fixes.append(Problem(Reason.MISSING_ID, Outcome.FIXED, f"no id; named {rid}"))
             sample = self._sample(record.turns, record.images, rid, source, fixes)
@@ -234,11 +238,17 @@ class RecordValidator:
         for i, turn in enumerate(turns):
             if not turn.text.strip():
                 raise RecordError(Reason.EMPTY_TURN, f"turn {i} ({turn.role}) is empty")
+        for i, (turn, placed) in enumerate(zip(turns, place_image_tags(turns))):
+            if turn.text != placed.text:
+                fixes.append(Problem(Reason.IMAGE_TAG_MOVED, Outcome.ASSUMED,
+                                     f"turn {i}: {IMAGE_TAG} put at the turn's start, the rest stripped, as LLaVA-1.5 does"))
         turns = self._tagged_turns(turns, len(images), fixes)
         unsupported = self.template.unsupported(turns, len(images))
         if unsupported:
             raise RecordError(Reason.UNSUPPORTED_BY_TEMPLATE, unsupported)
         paths = tuple(normalize_image_path(p) for p in images)
+        fixes.extend(Problem(Reason.IMAGE_PATH_NORMALIZED, Outcome.ASSUMED, f"image path {p!r} read as {n!r}")
+                     for p, n in zip(images, paths) if p != n)
         sizes = []
         for path in paths:
             size, image_fixes = inspect_image(self.config.image_root / path, path, self.config)
@@ -333,8 +343,9 @@ class ValidationReport:
         counts = self.by_source[result.source]
         counts["records"] += 1
         counts[status] += 1
-        if result.sample is not None and result.problems:
-            counts["fixed"] += 1
+        if result.sample is not None:
+            for outcome in {Outcome.FIXED, Outcome.ASSUMED} & outcomes:
+                counts[outcome.value] += 1
         details = defaultdict(list)
         for problem in result.problems:
             details[(problem.reason, problem.outcome)].append(problem.detail)
@@ -370,10 +381,11 @@ class ValidationReport:
             "skipped": self.skipped,
             "errors": self.errors,
             "written_with_fixes": sum(c["fixed"] for c in self.by_source.values()),
+            "written_with_assumptions": sum(c["assumed"] for c in self.by_source.values()),
             "skip_fraction": self.skipped / self.total if self.total else 0.0,
             "records_listed_per_reason": f"at most {self.id_list_cap}",
             "by_source": {
-                source: {key: counts[key] for key in ("records", "written", "fixed", "skipped", "error")}
+                source: {key: counts[key] for key in ("records", "written", "fixed", "assumed", "skipped", "error")}
                 for source, counts in sorted(self.by_source.items())
             },
             "by_reason": by_reason,

@@ -1,4 +1,5 @@
-"""Distributed start-up, device choice, seeding, and the CPU emulation of megatron's CUDA calls."""
+"""Distributed start-up, device choice, seeding, named waits on other ranks (their watchdog), helper
+processes that end with their rank, and the CPU emulation of megatron's CUDA calls."""
 
 from megatron_asvr.runtime.distributed import RankInfo, current_device, destroy, initialize, set_seed
 

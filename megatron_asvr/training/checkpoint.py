@@ -6,6 +6,7 @@ Layout of a save directory::
     iter_0000100/
         model_config.json  the model's ModelConfig (what the HF converter reads)
         run_config.json    the whole RunConfig of the run that wrote it
+        manifest.json      every file's size (and small files' hashes) as written
         dist/              dist checkpoint: "model" (or "model0", ... per virtual stage),
                            "optimizer", "rng" (per TP x PP rank), and common state:
                            step, consumed samples, scheduler, layout
@@ -15,29 +16,40 @@ each rank's shard offsets; the distributed optimizer in its fully reshardable
 form), so a checkpoint written at one TP / PP / DP layout loads at any other.
 A save is atomic: it goes to ``iter_X.tmp``, which rank 0 renames only after
 every rank has written, and ``latest`` moves after that; a run killed mid-save
-leaves the previous checkpoint as the newest complete one.
+leaves the previous checkpoint as the newest complete one, and so does a save that fails on
+any rank (a full disk, a writer process that died): every rank raises ``CheckpointWriteError``.
+A checkpoint whose files changed after it was written (``checkpoint_integrity``) is passed over
+for the previous one, with a warning naming it.
 """
 
 import json
 import os
+import queue
 import random
 import shutil
+import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_asvr.checkpoint_format import DIST, MODEL_CONFIG, load_model, model_keys, sharded_model_state, unwrap_ddp
+from megatron_asvr.training.checkpoint_integrity import damage, write_manifest
 
 LATEST = "latest"
 RUN_CONFIG = "run_config.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+WRITE_ERRORS = (OSError, EOFError, CheckpointException)  # a full disk, no permission, a writer helper gone
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save failed on some rank; the message is one line (which checkpoint, which rank, why)."""
 
 def _layout() -> Dict[str, int]:
     return {
@@ -96,18 +108,33 @@ def is_complete(directory: Path) -> bool:
 
 
 def find_latest(save_dir: Path) -> Optional[Path]:
-    """``latest`` if it names a complete checkpoint, else the newest complete ``iter_*``."""
+    """``latest`` if it names a complete, undamaged checkpoint, else the newest such ``iter_*``;
+    each damaged one passed over is named in a warning."""
     save_dir = Path(save_dir)
     pointer = save_dir / LATEST
-    if pointer.is_file():
-        named = save_dir / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-    candidates = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix != ".tmp")
-    for directory in reversed(candidates):
-        if is_complete(directory):
+    named = save_dir / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = sorted((p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix != ".tmp"), reverse=True)
+    for directory in ([named] if named else []) + [p for p in candidates if p != named]:
+        if not is_complete(directory):
+            continue
+        problem = damage(directory)
+        if problem is None:
             return directory
+        print(f"warning: checkpoint {directory} is damaged ({problem}): passed over",
+              file=sys.stderr, flush=True)
     return None
+
+
+def remove_incomplete(save_dir: Path) -> List[str]:
+    """Delete what saves that never finished left in ``save_dir`` (``iter_*.tmp``, ``latest.tmp``);
+    return their names. Only while no rank is saving (at start-up, on one rank)."""
+    leftovers = sorted(Path(save_dir).glob("iter_*.tmp")) + sorted(Path(save_dir).glob(LATEST + ".tmp"))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [p.name for p in leftovers]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -115,6 +142,45 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _in_process_writer_results() -> None:
+    """Megatron's dist-checkpoint writers report through a queue which, for its asynchronous
+    saves, a spawned manager process serves. Our saves are synchronous: the writing is driven from
+    this process, which also reads the results, so an in-process queue serves, and no helper is
+    left to outlive a killed rank or to die under a save (a BrokenPipeError deep in a save)."""
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _describe(err: BaseException) -> str:
+    """One line: the failure itself, not dist checkpointing's wrapping of it."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(err.failures.items()))
+        return f"rank {rank}: {_describe(inner.__cause__ or inner)}"
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _agree(name: str, part: str, error: Optional[BaseException]) -> None:
+    """Every rank learns whether any rank's ``part`` of saving ``name`` failed (collective)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else _describe(error))  # host sync, 3 per save
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, reason = failed[0]
+        where = "" if reason.startswith("rank ") else f"rank {rank}: "
+        raise CheckpointWriteError(f"checkpoint {name} was not written ({part}: {where}{reason})")
+
+
+def _attempt(part: str, name: str, action, on_rank_0_only: bool = False) -> None:
+    """Run this rank's share of ``part`` of the save, then agree with every rank on its outcome."""
+    error = None
+    if not on_rank_0_only or dist.get_rank() == 0:
+        try:
+            action()
+        except WRITE_ERRORS as err:
+            error = err
+    _agree(name, part, error)
 
 
 def save_checkpoint(
@@ -128,27 +194,44 @@ def save_checkpoint(
     run_config: dict,
     keep_last: int = 3,
 ) -> Path:
-    """Save everything needed to resume exactly (collective); return the checkpoint directory."""
+    """Save everything needed to resume exactly (collective); return the checkpoint directory.
+
+    A write that fails on any rank raises ``CheckpointWriteError`` on every rank, with the
+    temporary directory removed and ``latest`` unchanged.
+    """
     final = checkpoint_dir(save_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt killed mid-write
         (tmp / DIST).mkdir(parents=True)
-    dist.barrier()
-    state = _training_state(model, optimizer, scheduler, step, consumed_samples, for_loading=False)
-    state["rng"] = _sharded_rng(_rng_state())
-    dist_checkpointing.save(state, str(tmp / DIST))
-    if rank == 0:
-        _write_json(tmp / MODEL_CONFIG, model_config)
-        _write_json(tmp / RUN_CONFIG, run_config)
-    dist.barrier()
-    if rank == 0:
+
+    def write():
+        _in_process_writer_results()
+        state = _training_state(model, optimizer, scheduler, step, consumed_samples, for_loading=False)
+        state["rng"] = _sharded_rng(_rng_state())
+        dist_checkpointing.save(state, str(tmp / DIST))
+        if dist.get_rank() == 0:  # every rank's files are written: dist checkpointing's last barrier
+            _write_json(tmp / MODEL_CONFIG, model_config)
+            _write_json(tmp / RUN_CONFIG, run_config)
+            write_manifest(tmp)
+
+    def publish():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer_tmp = Path(save_dir) / (LATEST + ".tmp")
         pointer_tmp.write_text(final.name)
         os.replace(pointer_tmp, Path(save_dir) / LATEST)
+
+    _attempt("creating its directory", final.name, prepare, on_rank_0_only=True)
+    try:
+        _attempt("writing", final.name, write)
+    except CheckpointWriteError:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _attempt("publishing it as latest", final.name, publish, on_rank_0_only=True)
+    if dist.get_rank() == 0:
         _prune(Path(save_dir), keep_last)
     dist.barrier()
     return final

@@ -5,7 +5,10 @@
 
 Checkpoints every ``save_interval`` steps, on SIGTERM, and at the end; a run
 that finds a checkpoint in ``save_dir`` resumes from it exactly (weights,
-optimizer, schedule, RNG, data position).
+optimizer, schedule, RNG, data position): after a SIGKILL, and under
+``torchrun --max-restarts N`` within the job. A failed save is retried once, then
+``train.save_failure`` decides; every wait on other ranks is named and watched
+(``runtime.waits``: ``train.distributed_timeout_minutes``).
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
@@ -27,6 +31,7 @@ from megatron_asvr.data.targets import VisualTargets
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
+from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import micro_batch_flops
@@ -138,7 +143,8 @@ def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDa
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
                              shards.num_positions if config.data.group_by_length else None)
     return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model_cfg.asvr,
-                       needs, config.data.num_workers, trainer.consumed_samples)
+                       needs, config.data.num_workers, trainer.consumed_samples, info.replica_group,
+                       config.data.unreadable_image)
 
 
 def batching_settings(config: RunConfig) -> BatchingSettings:
@@ -148,6 +154,46 @@ def batching_settings(config: RunConfig) -> BatchingSettings:
         length_multiple_for(p.tensor_parallel, p.sequence_parallel),
         micro_multiple=p.pipeline_parallel if p.virtual_pipeline else 1,  # the interleaved schedule's groups
     )
+
+
+def resume_newest(trainer: Trainer, save_dir: Path, info: runtime.RankInfo) -> Optional[Path]:
+    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any: rank 0 first
+    clears what unfinished saves left, then chooses it for every rank."""
+    chosen = [None]
+    if info.rank == 0:
+        for name in ckpt.remove_incomplete(save_dir):
+            print(f"removed {save_dir / name}, left by a save that did not finish", flush=True)
+        chosen = [ckpt.find_latest(save_dir)]
+    dist.broadcast_object_list(chosen, src=0)  # host sync, once at start-up
+    if chosen[0] is not None:
+        with waiting_for("every rank", f"loading {chosen[0].name}"):
+            same_layout = trainer.resume(chosen[0])
+        if info.rank == 0:
+            how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
+            print(f"resumed from {chosen[0]} at step {trainer.step}{how}", flush=True)
+    return chosen[0]
+
+
+def save_by_policy(trainer: Trainer, config: RunConfig, model_cfg, info: runtime.RankInfo) -> Optional[Path]:
+    """``trainer.save``, retried once if it fails; then, per ``train.save_failure``, stop
+    (``CheckpointWriteError``) or train on (None). ``latest`` keeps the last checkpoint written."""
+    t, save_dir = config.train, Path(config.train.save_dir)
+    name = ckpt.checkpoint_dir(save_dir, trainer.step).name
+    for retry in (False, True):
+        try:
+            with waiting_for("every rank and this rank's checkpoint writers", f"the save of {name}"):
+                return trainer.save(save_dir, to_dict(model_cfg), to_dict(config), t.keep_last)
+        except ckpt.CheckpointWriteError as err:
+            failure = err
+            if info.rank == 0 and not retry:
+                print(f"{err}; retrying once", flush=True)
+    pointer = save_dir / ckpt.LATEST
+    kept = f"latest is still {pointer.read_text()}" if pointer.is_file() else "no checkpoint was written yet"
+    if t.save_failure == "stop":
+        raise ckpt.CheckpointWriteError(f"{failure}, twice; stopped (train.save_failure=stop); {kept}") from failure
+    if info.rank == 0:
+        print(f"{failure}, twice; training on (train.save_failure=continue); {kept}", flush=True)
+    return None
 
 
 def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
@@ -164,46 +210,53 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
     if codebooks and config.data.targets:
         VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
                                       config.data.image_mode)
-    info = runtime.initialize(config.parallel, seed=config.train.seed)
     t = config.train
-    shards = ShardDataset(config.data.shards)
-    steps = total_steps(config, len(shards))
-    trainer = build_trainer(config, info, codebooks, model_cfg, steps)
-    save_dir = Path(t.save_dir)
-    last_saved = ckpt.find_latest(save_dir)
-    if last_saved is not None:
-        same_layout = trainer.resume(last_saved)
-        if info.rank == 0:
-            how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
-            print(f"resumed from {last_saved} at step {trainer.step}{how}", flush=True)
-    loader = build_loader(config, model_cfg, trainer, shards)
-    report_batching(loader, save_dir, info)
-    log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
-    logger = MetricsLogger(
-        log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
-        metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
-    )
-    held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
-    sigterm = _SigtermFlag()
+    watchdog = Watchdog(int(os.environ.get("RANK", "0")), t.distributed_timeout_minutes * 60, t.slow_step_factor)
+    watchdog.start()
     try:
-        while trainer.step < steps:
-            watch = Stopwatch()
-            micro = loader.next_step()
-            data_time = watch.lap()
-            result = trainer.train_step(micro, stop_requested=sigterm.raised)
-            step_time = watch.lap() + data_time
-            logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
-                          result.real_tokens, result.samples, result.flops, step_time, data_time,
-                          dropped=result.dropped, computed_positions=result.computed_positions)
-            if held_out is not None and trainer.step % t.eval_interval == 0:
-                with trainer.synced():
-                    held_out.log(trainer.step, logger)
-            if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
-                last_saved = trainer.save(save_dir, to_dict(model_cfg), to_dict(config), t.keep_last)
-            if result.stop:
-                break
+        with waiting_for("the other ranks", "start-up"):
+            info = runtime.initialize(config.parallel, seed=t.seed, timeout_minutes=t.distributed_timeout_minutes)
+            shards = ShardDataset(config.data.shards)
+            steps = total_steps(config, len(shards))
+            trainer = build_trainer(config, info, codebooks, model_cfg, steps)
+            save_dir = Path(t.save_dir)
+            last_saved = resume_newest(trainer, save_dir, info)
+            loader = build_loader(config, model_cfg, trainer, shards)
+        report_batching(loader, save_dir, info)
+        log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
+        logger = MetricsLogger(
+            log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
+            metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
+        )
+        held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
+        sigterm = _SigtermFlag()
+        try:
+            while trainer.step < steps:
+                number = trainer.step + 1
+                with watchdog.step(number):
+                    watch = Stopwatch()
+                    with waiting_for("the data loader", f"step {number}'s batches"):
+                        micro = loader.next_step()
+                    data_time = watch.lap()
+                    result = trainer.train_step(micro, stop_requested=sigterm.raised,
+                                                unreadable=loader.unreadable_samples)
+                    step_time = watch.lap() + data_time
+                logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
+                              result.real_tokens, result.samples, result.flops, step_time, data_time,
+                              dropped=result.dropped, computed_positions=result.computed_positions,
+                              unreadable=result.unreadable)
+                if held_out is not None and trainer.step % t.eval_interval == 0:
+                    with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
+                        held_out.log(trainer.step, logger)
+                if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
+                    last_saved = save_by_policy(trainer, config, model_cfg, info) or last_saved
+                if result.stop:
+                    break
+        finally:
+            sigterm.restore()
+            logger.close()
     finally:
-        sigterm.restore()
-        logger.close()
-        runtime.destroy()
+        with waiting_for("every rank", "the shutdown of the process groups"):
+            runtime.destroy()
+        watchdog.stop()
     return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}

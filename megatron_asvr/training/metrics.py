@@ -76,6 +76,7 @@ class Interval:
     steps: int = 0
     skipped: int = 0
     dropped: int = 0
+    unreadable: int = 0
     tokens: int = 0  # real (non-padding) positions
     computed: int = 0  # positions the model computed, padding included
     samples: int = 0
@@ -139,13 +140,15 @@ class MetricsLogger:
 
     def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
                tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0,
-               computed_positions: Optional[int] = None) -> None:
+               computed_positions: Optional[int] = None, unreadable: int = 0) -> None:
         """One step; ``tokens``: real positions (``computed_positions``, padding included, default the
-        same); ``dropped``: samples that could not fit and were masked out (counted, not silent)."""
+        same); ``dropped``: samples that could not fit and were masked out, ``unreadable``: samples
+        whose images could not be read and were masked out (counted, not silent)."""
         iv = self.interval
         iv.steps += 1
         iv.skipped += int(skipped)
         iv.dropped += dropped
+        iv.unreadable += unreadable
         iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
         iv.computed += tokens if computed_positions is None else computed_positions
         iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
@@ -153,7 +156,8 @@ class MetricsLogger:
             iv.losses.setdefault(name, []).append(value)
         if grad_norm is not None and math.isfinite(grad_norm):
             iv.grad_norms.append(grad_norm)
-        entry = {"step": step, "lr": lr, "skipped": skipped, "dropped_samples": dropped, **losses}
+        entry = {"step": step, "lr": lr, "skipped": skipped, "dropped_samples": dropped,
+                 "unreadable_samples": unreadable, **losses}
         if grad_norm is not None:
             entry["grad_norm"] = grad_norm
         self.history.append(entry)
@@ -173,6 +177,7 @@ class MetricsLogger:
             "grad_norm": sum(iv.grad_norms) / len(iv.grad_norms) if iv.grad_norms else float("nan"),
             "skipped_steps": iv.skipped,
             "dropped_samples": iv.dropped,
+            "unreadable_samples": iv.unreadable,
             "tokens_per_s": iv.tokens / elapsed,  # real tokens
             "fill": iv.tokens / max(iv.computed, 1),  # real of computed positions
             "samples_per_s": iv.samples / elapsed,
@@ -188,6 +193,7 @@ class MetricsLogger:
             line = (
                 f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
                 f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
+                f"unreadable {iv.unreadable} "
                 f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) {scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "

@@ -11,7 +11,8 @@ schedule runs forward and backward, the last stage's loss reports are reduced
 over data-parallel ranks, then one collective decides for every rank whether
 the loss and gradients are finite. A finite step runs the optimizer and the
 learning-rate schedule; a non-finite one is skipped (``nan_policy``). The host
-waits for the device at two points per step, each marked ``host sync``.
+waits for the device at two points per step, each marked ``host sync``; each wait
+on other ranks is named (``runtime.waits``), for the watchdog's line.
 """
 
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.runtime import RankInfo
+from megatron_asvr.runtime.waits import waiting_for
 from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.metrics import reduce_reports, step_losses
 from megatron_asvr.training.parallel_model import (
@@ -38,6 +40,17 @@ from megatron_asvr.training.parallel_model import (
     wrap_data_parallel,
 )
 from megatron_asvr.training.schedule import forward_backward, forward_only
+
+
+def _model_groups(parallel: ParallelConfig, dp_size: int) -> str:
+    """The groups a step's forward and backward wait on: "the tensor- and data-parallel groups"."""
+    kinds = [kind for kind, size in (("tensor", parallel.tensor_parallel), ("pipeline", parallel.pipeline_parallel),
+                                     ("data", dp_size)) if size > 1]
+    if not kinds:
+        return "no other rank"
+    if len(kinds) == 1:
+        return f"the {kinds[0]}-parallel group"
+    return f"the {', '.join(k + '-' for k in kinds[:-1])} and {kinds[-1]}-parallel groups"
 
 
 class NonFiniteError(RuntimeError):
@@ -83,6 +96,7 @@ class StepResult:
     samples: int  # global batch
     image_positions: int  # over the global batch
     dropped: int  # samples masked out as too long, over the global batch
+    unreadable: int  # samples masked out as their images could not be read, over the global batch
     stop: bool  # some rank asked the run to stop after this step
     real_tokens: int  # non-padding positions over the global batch
     computed_positions: int  # positions the model computed (padding included)
@@ -121,6 +135,7 @@ class Trainer:
         self.first_stage = any(get_attr_wrapped_model(c, "pre_process") for c in self.model)
         self.last_stage = any(get_attr_wrapped_model(c, "post_process") for c in self.model)
         self.step, self.consumed_samples, self.consecutive_skips = 0, 0, 0
+        self.peers = _model_groups(parallel, info.dp_size)
         self._grad_buffers = [b.grad_data for m in self.model for b in m.buffers + m.expert_parallel_buffers]
 
     # -- the step -------------------------------------------------------------------------------
@@ -133,33 +148,38 @@ class Trainer:
     def _iterators(self, micro: List[MicroBatch]):
         return [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
 
-    def train_step(self, micro: List[MicroBatch], stop_requested: bool = False) -> StepResult:
+    def train_step(self, micro: List[MicroBatch], stop_requested: bool = False, unreadable: int = 0) -> StepResult:
         """Forward, backward and (when everything is finite) the optimizer step on this rank's
         micro-batches of the next global batch. ``stop_requested`` (e.g. SIGTERM seen here) is
-        shared with every rank through the step's own all-reduce: ``StepResult.stop``."""
-        facts = self._host_facts(micro, stop_requested)
-        micro = self._to_device(micro)
-        reports = forward_backward(self.task.forward_step, self._iterators(micro), self.model, self.optimizer,
-                                   len(micro), *self._schedule_shape(micro))
-        summed = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
-        bad, stop, dropped, positions, real, computed, flops = self._step_facts(summed, facts)
+        shared with every rank through the step's own all-reduce: ``StepResult.stop``;
+        ``unreadable``: this rank's samples masked for unreadable images (counted there too)."""
+        number = self.step + 1
+        facts = self._host_facts(micro, stop_requested, unreadable)
+        with waiting_for(self.peers, f"step {number}'s forward and backward"):
+            micro = self._to_device(micro)
+            reports = forward_backward(self.task.forward_step, self._iterators(micro), self.model, self.optimizer,
+                                       len(micro), *self._schedule_shape(micro))
+            summed = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
+        with waiting_for("every rank", f"step {number}'s all-reduce"):
+            bad, stop, dropped, lost, positions, real, computed, flops = self._step_facts(summed, facts)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = None
         if bad:
             self.consecutive_skips += 1
             if self.optim.nan_policy == "stop" or self.consecutive_skips > self.optim.max_consecutive_skips:
                 raise NonFiniteError(
-                    f"step {self.step + 1}: non-finite loss or gradients ({self.consecutive_skips} consecutive); "
+                    f"step {number}: non-finite loss or gradients ({self.consecutive_skips} consecutive); "
                     f"stopped without applying them (train.nan_policy={self.optim.nan_policy})")
         else:
             self.consecutive_skips = 0
-            _, grad_norm, _ = self.optimizer.step()  # host sync inside megatron: the clipping norm
+            with waiting_for(self.peers, f"step {number}'s optimizer step"):
+                _, grad_norm, _ = self.optimizer.step()  # host sync inside megatron: the clipping norm
             self.scheduler.step(increment=1)
         self.step += 1
         samples = sum(m.num_samples for m in micro) * self.info.dp_size  # the global batch
         self.consumed_samples += samples
-        return StepResult(self.step, step_losses(summed), grad_norm, bad, lr, samples, positions, dropped, stop,
-                          real, computed, flops, reports)
+        return StepResult(self.step, step_losses(summed), grad_norm, bad, lr, samples, positions, dropped, lost,
+                          stop, real, computed, flops, reports)
 
     def _schedule_shape(self, micro: List[MicroBatch]) -> Tuple[int, int]:
         """(sequence length, micro-batch size) for megatron's schedule. Micro-batches padded to their
@@ -168,17 +188,18 @@ class Trainer:
         self.model[0].config.variable_seq_lengths = len(lengths) > 1
         return max(lengths), micro[0].rows
 
-    def _host_facts(self, micro: List[MicroBatch], stop_requested: bool) -> torch.Tensor:
+    def _host_facts(self, micro: List[MicroBatch], stop_requested: bool, unreadable: int) -> torch.Tensor:
         """This rank's step facts, known on the host before anything runs (see ``_step_facts``)."""
         return torch.tensor([
-            0.0, float(stop_requested), sum(m.dropped for m in micro), sum(m.num_image_positions for m in micro),
+            0.0, float(stop_requested), sum(m.dropped for m in micro), unreadable,
+            sum(m.num_image_positions for m in micro),
             sum(sum(m.sample_lengths) for m in micro), sum(m.computed_positions for m in micro),
             self.flops_of(micro) if self.flops_of else 0.0,
         ], dtype=torch.float64)
 
-    def _step_facts(self, summed, host: torch.Tensor) -> Tuple[bool, bool, int, int, int, int, float]:
-        """(any rank non-finite, any rank asked to stop, dropped samples, image positions, real tokens,
-        computed positions, FLOPs) over the job: one all-reduce."""
+    def _step_facts(self, summed, host: torch.Tensor) -> Tuple[bool, bool, int, int, int, int, int, float]:
+        """(any rank non-finite, any rank asked to stop, dropped samples, unreadable samples, image
+        positions, real tokens, computed positions, FLOPs) over the job: one all-reduce."""
         facts = host.to(self.info.device, non_blocking=True)
         # A sum per gradient buffer (one pass, nothing the size of the buffer allocated): any inf or
         # NaN element makes it non-finite.
@@ -191,8 +212,8 @@ class Trainer:
         # host sync: skipping the update must be decided on the host, by every rank alike.
         bad, stop, *counts = facts.tolist()
         replicas = self.info.world_size // self.info.dp_size  # every TP x PP rank of a replica counted it
-        dropped, positions, real, computed = (int(c) // replicas for c in counts[:4])
-        return bad > 0, stop > 0, dropped, positions, real, computed, counts[4] / replicas
+        dropped, lost, positions, real, computed = (int(c) // replicas for c in counts[:5])
+        return bad > 0, stop > 0, dropped, lost, positions, real, computed, counts[5] / replicas
 
     @torch.no_grad()
     def evaluate(self, micro: List[MicroBatch]) -> List[Dict[str, torch.Tensor]]:

@@ -1,0 +1,97 @@
+"""tools/train.py with faults injected, for the fault-tolerance tests under torchrun.
+
+    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 asvr_dev/faults.py --config run.yaml
+
+Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
+restarted workers run clean. ASVR_FAULTS holds comma-separated faults (a kind may repeat):
+
+    kill_in_step:STEP:RANK      SIGKILL after STEP's forward and backward, before its all-reduce
+    kill_in_save:STEP:RANK      SIGKILL once the rank's shards of checkpoint STEP are written, before it is published
+    stall:STEP:RANK             SIGSTOP when STEP's batches are asked for
+    enospc:STEP:RANK:TIMES      the checkpoint writer fails with ENOSPC in the first TIMES saves of STEP
+    kill_writer:STEP:RANK       a checkpoint writer process of STEP's save is SIGKILLed while it writes
+"""
+
+import errno
+import functools
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _faults() -> list:
+    """[(kind, (step, rank, *more))] from ASVR_FAULTS; none after a restart."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return []
+    faults = []
+    for spec in filter(None, os.environ.get("ASVR_FAULTS", "").split(",")):
+        kind, *numbers = spec.split(":")
+        faults.append((kind, tuple(int(n) for n in numbers)))
+    return faults
+
+
+def _fault(faults: list, kind: str, step: int):
+    """The fault of ``kind`` for ``step`` on this rank, or None."""
+    rank = int(os.environ["RANK"])
+    return next((numbers for k, numbers in faults if k == kind and numbers[:2] == (step, rank)), None)
+
+
+def _die(sig: int) -> None:
+    print(f"[faults] rank {os.environ['RANK']}: {signal.Signals(sig).name}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), sig)
+
+
+def install(faults: list) -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_asvr.data.loader import TrainLoader
+    from megatron_asvr.training import checkpoint
+    from megatron_asvr.training.trainer import Trainer
+
+    step_facts, next_step, dist_save, write_item = (Trainer._step_facts, TrainLoader.next_step,
+                                                    checkpoint.dist_checkpointing.save, filesystem_async._write_item)
+    saves = {}  # step -> saves of it so far
+    failing = {"writes": False, "writer": False}
+
+    def faulty_step_facts(self, *args):
+        if _fault(faults, "kill_in_step", self.step + 1):
+            _die(signal.SIGKILL)
+        return step_facts(self, *args)
+
+    def faulty_next_step(self):
+        if _fault(faults, "stall", self.consumed_samples // self.order.global_batch + 1):
+            _die(signal.SIGSTOP)
+        return next_step(self)
+
+    def faulty_save(state, directory, *args, **kwargs):
+        step = int(Path(directory).parent.name.split("_")[1].split(".")[0])
+        saves[step] = saves.get(step, 0) + 1
+        enospc = _fault(faults, "enospc", step)
+        failing["writes"] = enospc is not None and saves[step] <= enospc[2]
+        failing["writer"] = _fault(faults, "kill_writer", step) is not None
+        result = dist_save(state, directory, *args, **kwargs)
+        if _fault(faults, "kill_in_save", step):
+            _die(signal.SIGKILL)
+        return result
+
+    @functools.wraps(write_item)  # megatron inspects its signature
+    def faulty_write_item(*args, **kwargs):  # in the writer processes, forked after faulty_save set the flag
+        if failing["writes"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if failing["writer"]:
+            _die(signal.SIGKILL)
+        return write_item(*args, **kwargs)
+
+    Trainer._step_facts, TrainLoader.next_step = faulty_step_facts, faulty_next_step
+    checkpoint.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    install(_faults())
+    sys.argv[0] = str(ROOT / "tools/train.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
