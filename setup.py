@@ -22,6 +22,7 @@ RUNTIME_DEPS = [
     "tokenizers>=0.20",  # HF tokenizer.json text tokenizers
     "tensorboard>=2.16",
     "protobuf>=4",  # sentencepiece model proto edits: Llama tokenization with legacy=False
+    "matplotlib>=3.8",  # experiment and attention-map figures
 ]
 
 EXTRAS = {

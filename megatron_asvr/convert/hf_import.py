@@ -2,8 +2,9 @@
 
 Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral
 causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
-is initialised here); the visual head is initialised here too unless an
-exported one (``convert.visual_head_io``) is given. Everything is decided from
+is initialised here), or a vision model alone (an LLM trained from scratch, as
+the demo's: the LLM of the recipe is initialised here too); the visual head is
+initialised here unless an exported one (``convert.visual_head_io``) is given. Everything is decided from
 config files and key names first (missing or unexpected keys are errors that
 name the key); then each rank builds its own stage and reads only the tensors
 it holds, one at a time, and every rank writes its part of the dist checkpoint.
@@ -47,9 +48,9 @@ class ImportSources:
 
     def validate(self) -> None:
         if (self.llava is None) == (self.llm is None and self.vision is None):
-            raise ConfigError("give either a llava directory or both an llm and a vision directory")
-        if self.llava is None and (self.llm is None or self.vision is None):
-            raise ConfigError("an import from separate models needs both the llm and the vision directory")
+            raise ConfigError("give either a llava directory or a vision directory (and an llm directory)")
+        if self.llava is None and self.vision is None:
+            raise ConfigError("an import of an llm needs the vision directory too")
 
 
 @dataclass
@@ -94,17 +95,13 @@ def _plan_llava(directory: Path, base: ModelConfig, tp: int) -> ImportPlan:
     return plan
 
 
-def _plan_separate(llm_dir: Path, vision_dir: Path, base: ModelConfig, tp: int) -> ImportPlan:
-    llm = llm_from_hf(read_config(llm_dir), str(llm_dir / "config.json"), base.llm)
+def _plan_separate(llm_dir: Optional[Path], vision_dir: Path, base: ModelConfig, tp: int) -> ImportPlan:
+    """A vision model plus an LLM, or without one: then the recipe's LLM is initialised here."""
+    llm = base.llm if llm_dir is None else llm_from_hf(read_config(llm_dir), str(llm_dir / "config.json"), base.llm)
     vision = vision_from_hf(read_config(vision_dir), base.vision.feature_layer, str(vision_dir / "config.json"),
                             base.vision)
     model = dataclasses.replace(base, llm=llm, vision=vision)
     vocab = appended_vocab(llm.vocab_size)  # what an export will write; not stored
-
-    llm_reader = SafetensorsDir(llm_dir)
-    prefix = unique_prefix(llm_reader.keys(), "embed_tokens.weight", "the token embedding", str(llm_dir))
-    rules_llm = llm_rules(llm, vocab, tp, prefix, "lm_head.weight")
-    skipped = check_hf_keys(rules_llm, llm_reader.keys(), str(llm_dir), lambda key: key.endswith(ROTARY_BUFFER))
 
     vision_reader = SafetensorsDir(vision_dir)
     vprefix = find_prefix(vision_reader.keys())
@@ -113,11 +110,19 @@ def _plan_separate(llm_dir: Path, vision_dir: Path, base: ModelConfig, tp: int) 
     def ignored(key: str) -> bool:  # a SiglipModel / CLIPModel also holds a text tower
         return not key.startswith(vprefix) or is_dropped(key[len(vprefix):], vision)
 
-    skipped += check_hf_keys(rules_vision, vision_reader.keys(), str(vision_dir), ignored)
-    plan = ImportPlan(model, vocab, False, rules_vision + rules_llm, skipped, ("projector.", "visual_heads."),
-                      _default_tokenizer(llm_dir))
-    plan.add_source(llm_reader, rules_llm)
+    skipped = check_hf_keys(rules_vision, vision_reader.keys(), str(vision_dir), ignored)
+    fresh = ("projector.", "visual_heads.") + (("language_model.",) if llm_dir is None else ())
+    plan = ImportPlan(model, vocab, False, rules_vision, skipped, fresh, None)
     plan.add_source(vision_reader, rules_vision)
+    if llm_dir is not None:
+        llm_reader = SafetensorsDir(llm_dir)
+        prefix = unique_prefix(llm_reader.keys(), "embed_tokens.weight", "the token embedding", str(llm_dir))
+        rules_llm = llm_rules(llm, vocab, tp, prefix, "lm_head.weight")
+        plan.skipped += check_hf_keys(rules_llm, llm_reader.keys(), str(llm_dir),
+                                      lambda key: key.endswith(ROTARY_BUFFER))
+        plan.rules = plan.rules + rules_llm
+        plan.tokenizer = _default_tokenizer(llm_dir)
+        plan.add_source(llm_reader, rules_llm)
     return plan
 
 
@@ -129,7 +134,8 @@ def plan_import(sources: ImportSources, base: ModelConfig, tensor_parallel: int)
     if sources.llava is not None:
         plan = _plan_llava(Path(sources.llava), base, tensor_parallel)
     else:
-        plan = _plan_separate(Path(sources.llm), Path(sources.vision), base, tensor_parallel)
+        llm = None if sources.llm is None else Path(sources.llm)
+        plan = _plan_separate(llm, Path(sources.vision), base, tensor_parallel)
     if sources.visual_head is not None:
         head_dir = Path(sources.visual_head)
         asvr = read_head_config(head_dir, plan.model.asvr, plan.model.llm.hidden_size)
