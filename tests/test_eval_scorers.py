@@ -237,8 +237,37 @@ def test_generic_jsonl(tmp_path):
     assert items["q4"].prompt == f"Look\nWhich animal?\nA. cat\nB. dog\n{CHOICE_PROMPT}"
     assert items["q4"].answer["letter"] == "A" and items["q5"].image is None
     assert [items[q].kind for q in ("q1", "q2", "q3", "q4", "q5")] == ["choice", "yes_no", "short", "choice", "short"]
-    assert scores == APPROX({"accuracy": 0.8, "choice/accuracy": 1.0, "yes/no/accuracy": 0.0,
-                             "count/accuracy": 1.0, "color/accuracy": 1.0})
+    accuracy = {"accuracy": 0.8, "choice/accuracy": 1.0, "yes/no/accuracy": 0.0, "count/accuracy": 1.0,
+                "color/accuracy": 1.0}
+    assert {k: v for k, v in scores.items() if k.endswith("accuracy")} == APPROX(accuracy)
+    assert scores["choice/chance"] == 0.5 and scores["yes/no/chance"] == 1.0  # one gold answer: "yes"
+
+
+def test_jsonl_chance_and_majority():
+    from megatron_asvr.evaluation.items import YES_NO_CHOICES, EvalItem
+    from megatron_asvr.evaluation.suites.choice import choice_item
+    from megatron_asvr.evaluation.suites.jsonl import score_jsonl
+
+    def short(qid, answer, category):
+        return EvalItem(qid, "?", None, answer, "short", category)
+
+    items = [short("c1", "2", "count"), short("c2", "2", "count"), short("c3", "3", "count"),
+             short("c4", "two", "count"),  # normalised to "2": gold answers 2, 2, 3, 2
+             *[EvalItem(f"y{i}", "?", None, a, "yes_no", "yes/no", YES_NO_CHOICES)
+               for i, a in enumerate(("yes", "no", "yes"))],
+             choice_item("k1", "?", None, "C", "wxyz", "choice"), choice_item("k2", "?", None, "C", "xyz", "choice"),
+             choice_item("k3", "?", None, "A", "wxyz", "choice"),
+             short("r1", "Red", "color"), short("r2", "red", "color"), short("r3", "Blue", "color")]
+    said = dict(c1="2", c2="3", c3="3", c4="2", y0="Yes", y1="Yes", y2="No", k1="C", k2="A", k3="A", r1="red",
+                r2="blue", r3="blue")
+    scores = score_jsonl(items, {item.question_id: said[item.question_id] for item in items})
+    assert scores == APPROX({
+        "count/accuracy": 3 / 4, "count/chance": 1 / 2, "count/majority": 3 / 4,  # always "2"
+        "yes/no/accuracy": 1 / 3, "yes/no/chance": 1 / 2, "yes/no/majority": 2 / 3,
+        "choice/accuracy": 2 / 3, "choice/chance": (1 / 4 + 1 / 3 + 1 / 4) / 3, "choice/majority": 2 / 3,  # "C"
+        "color/accuracy": 2 / 3, "color/chance": 1 / 2, "color/majority": 2 / 3,
+        "accuracy": 8 / 13, "chance": (4 / 2 + 3 / 2 + 5 / 6 + 3 / 2) / 13, "majority": 9 / 13,
+    })
 
 
 def test_bad_records_name_file_and_line(tmp_path):

@@ -36,10 +36,11 @@ class BenchmarkResult:
 
 
 def format_table(results: Sequence[BenchmarkResult], title: str) -> str:
-    """One block per benchmark: its headline metric first, then the others."""
+    """One block per benchmark: its headline metric first, the other totals, then the per-category ones."""
     rows = [("benchmark", "questions", "metric", "value")]
     for result in results:
-        names = [result.headline] + sorted(k for k in result.metrics if k != result.headline)
+        others = sorted((k for k in result.metrics if k != result.headline), key=lambda k: ("/" in k, k))
+        names = [result.headline] + others
         for i, name in enumerate(names):
             first = i == 0
             rows.append((result.name if first else "", str(len(result.items)) if first else "", name,

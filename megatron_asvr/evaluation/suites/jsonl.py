@@ -14,9 +14,15 @@ With "question", the prompt is built with the paper's prompts: the options and t
 letter prompt, or the short-answer prompt. A record with options is a letter
 question; one whose answer is yes or no a yes/no question (POPE's rule reads the
 response); any other a short answer (VQA-normalised exact match).
+
+Beside the accuracy, two baselines per category (and over all questions): ``chance``,
+the mean over its questions of 1 / options for a letter question and 1 / the
+category's distinct gold answers otherwise; ``majority``, the accuracy of always
+giving the category's most frequent gold answer.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from statistics import fmean
 from pathlib import Path
 from typing import Dict, List
 
@@ -72,12 +78,34 @@ def is_correct(item: EvalItem, response: str) -> bool:
     return normalize_vqa(response) == normalize_vqa(item.answer)
 
 
+def gold_answer(item: EvalItem) -> str:
+    """The gold answer as ``is_correct`` compares it: an option letter, yes / no, or a normalised word."""
+    if item.kind == "choice":
+        return item.answer["letter"]
+    return item.answer if item.kind == "yes_no" else normalize_vqa(item.answer)
+
+
+def _category_scores(items: List[EvalItem], predictions: Dict[str, str]) -> Dict[str, List[float]]:
+    """One category's questions -> per-question ``accuracy``, ``chance`` and ``majority`` (0 / 1 or 1 / n)."""
+    golds = [gold_answer(item) for item in items]
+    open_answers = {gold for item, gold in zip(items, golds) if item.kind != "choice"}
+    top = Counter(golds).most_common(1)[0][0]
+    return {
+        "accuracy": [float(is_correct(item, predictions[item.question_id])) for item in items],
+        "chance": [1 / len(item.choices) if item.kind == "choice" else 1 / len(open_answers) for item in items],
+        "majority": [float(gold == top) for gold in golds],
+    }
+
+
 def score_jsonl(items: List[EvalItem], predictions: Dict[str, str]) -> Dict[str, float]:
-    """``accuracy`` over all questions and ``<category>/accuracy``."""
+    """``accuracy``, ``chance`` and ``majority`` over all questions and as ``<category>/<name>``."""
     by_category = defaultdict(list)
     for item in items:
-        by_category[item.category].append(is_correct(item, predictions[item.question_id]))
-    rights = [r for rs in by_category.values() for r in rs]
-    scores = {"accuracy": sum(rights) / len(rights)}
-    scores.update({f"{c}/accuracy": sum(rs) / len(rs) for c, rs in sorted(by_category.items()) if c})
-    return scores
+        by_category[item.category].append(item)
+    overall, scores = defaultdict(list), {}
+    for category, group in sorted(by_category.items()):
+        for name, values in _category_scores(group, predictions).items():
+            overall[name] += values
+            if category:
+                scores[f"{category}/{name}"] = fmean(values)
+    return {**{name: fmean(values) for name, values in overall.items()}, **scores}
