@@ -1,26 +1,32 @@
-"""ASVR versus LLaVA on the demo data: both arms trained with the same recipes, seed and steps
-(stage 1 then stage 2; LLaVA with the visual loss off in both stages), the held-out questions
-scored on both (greedy answers and answer likelihood), a table and a loss-curve plot.
+"""ASVR versus LLaVA on the demo data: both arms trained with the same recipes, steps and
+overrides for each seed (stage 1 from the demo's text-only stage 0, then stage 2; LLaVA with
+the visual loss off in both stages), the held-out questions answered greedily, and a report
+over seeds (experiment_report).
 
-    out/<arm>/stage1, out/<arm>/stage2     training runs (TensorBoard logs inside)
-    out/<arm>/eval_<method>/results.json   evaluation tool output
-    out/logs/*.log                         every subprocess's output
-    out/experiment.md, experiment.json, curves.png
+    out/<arm>/seed<k>/stage1, stage2    training runs (TensorBoard logs inside)
+    out/<arm>/seed<k>/eval/results.json evaluation tool output (greedy answers)
+    out/logs/<arm>_seed<k>_*.log        every subprocess's output
+    out/timings.json                    wall time of every run, kept across calls
+    out/experiment.md, experiment.json, curves.png, accuracy.png
 
-Every step runs the project's tools as subprocesses (torchrun for training and
-evaluation); a finished training run is not repeated, so the command resumes.
+Every step runs the project's tools as torchrun subprocesses. It resumes: a finished
+training stage is not repeated, nor an evaluation whose results.json exists (unless its
+model was trained again in this call).
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from megatron_asvr.evaluation.answerer import METHODS
-from megatron_asvr.evaluation.plot import Panel, save_chart
+from megatron_asvr.config import load_run_config
+from megatron_asvr.evaluation.experiment_report import Results, accuracy_png, curves_png, format_report, seed_record
+from megatron_asvr.evaluation.plot import save_figure
+from megatron_asvr.evaluation.report import RESULTS_JSON
 from megatron_asvr.training.checkpoint import checkpoint_dir, find_latest
 
 ARMS = {  # name -> (label, overrides for both stages)
@@ -28,30 +34,49 @@ ARMS = {  # name -> (label, overrides for both stages)
     "asvr": ("ASVR", []),
 }
 DEMO_INPUTS = ("data/eval.jsonl", "data/images", "tokenizer", "shards/pretrain", "shards/instruct",
-               "targets/pretrain", "targets/instruct")
-FINAL_WINDOW = 10  # final losses are the mean of the last logged steps
+               "targets/pretrain", "targets/instruct", "stage0")
+STAGE_DATA = {1: "pretrain", 2: "instruct"}  # shards/ and targets/ of each stage
+IN_TRAINING_SCORES = 4  # default: stage 2 scores the held-out questions this many times
+MAX_NEW_TOKENS = 6  # greedy answers are a word or two (as launch/demo.sh evaluates)
 
 
 class ExperimentError(RuntimeError):
     """A step of the experiment failed; the message names it and its log."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentConfig:
-    demo_dir: Path  # launch/demo.sh's output: data, tokenizer, shards, targets
+    demo_dir: Path  # launch/demo.sh's output: data, tokenizer, shards, targets, stage0
     out_dir: Path
     stage1_config: Path = Path("configs/demo_stage1.yaml")
     stage2_config: Path = Path("configs/demo_stage2.yaml")
-    stage1_steps: int = 40
-    stage2_steps: int = 150
-    eval_interval: int = 25  # stage-2 steps between in-training held-out scores
-    seed: int = 1234
+    stage1_steps: Optional[int] = None  # None: the recipe's train.steps
+    stage2_steps: Optional[int] = None
+    eval_interval: Optional[int] = None  # stage-2 steps between in-training scores; None: steps / IN_TRAINING_SCORES
+    seeds: Tuple[int, ...] = (1, 2, 3)  # train.seed of each run; every arm trains every seed
     nproc: int = 2
     master_port: int = 29620
-    # Recipe overrides for both arms. The demo's stage-2 rate (2e-4) leaves the from-scratch
-    # tiny LLM at text loss ~3.2 after 150 steps; 1e-3 reaches ~1.2.
-    stage1_overrides: Tuple[str, ...] = ()
-    stage2_overrides: Tuple[str, ...] = ("train.lr=1.0e-3",)
+    stage1_overrides: Tuple[str, ...] = ()  # recipe overrides, the same for both arms
+    stage2_overrides: Tuple[str, ...] = ()
+
+    def recipe(self, stage: int) -> Path:
+        return self.stage1_config if stage == 1 else self.stage2_config
+
+    def steps(self, stage: int) -> int:
+        return self.stage1_steps if stage == 1 else self.stage2_steps
+
+    def resolved(self) -> "ExperimentConfig":
+        """Step counts read from the recipes (with the overrides) where not given, and the eval interval."""
+        steps = {stage: self.steps(stage) or load_run_config(self.recipe(stage), self.overrides(stage)).train.steps
+                 for stage in (1, 2)}
+        interval = self.eval_interval or max(1, steps[2] // IN_TRAINING_SCORES)
+        return dataclasses.replace(self, stage1_steps=steps[1], stage2_steps=steps[2], eval_interval=interval)
+
+    def overrides(self, stage: int) -> Tuple[str, ...]:
+        return self.stage1_overrides if stage == 1 else self.stage2_overrides
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out_dir / arm / f"seed{seed}"
 
     def validate(self) -> None:
         missing = [p for p in DEMO_INPUTS if not (self.demo_dir / p).exists()]
@@ -61,6 +86,15 @@ class ExperimentConfig:
         for path in (self.stage1_config, self.stage2_config):
             if not path.is_file():
                 raise ExperimentError(f"recipe {path} does not exist")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ExperimentError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+
+    def describe(self) -> str:
+        overrides = ", ".join([*self.stage1_overrides, *self.stage2_overrides]) or "none"
+        return (f"ASVR vs LLaVA on the demo data ({self.demo_dir}): seeds {', '.join(map(str, self.seeds))} per arm; "
+                f"stage 1 from stage 0, {self.stage1_steps} steps ({self.stage1_config}); stage 2 {self.stage2_steps} "
+                f"steps ({self.stage2_config}), held-out scores every {self.eval_interval}; {self.nproc} processes; "
+                f"recipe overrides for both arms: {overrides}")
 
 
 def _run(command: List[str], log: Path) -> float:
@@ -80,34 +114,34 @@ def _torchrun(config: ExperimentConfig, tool: str, args: List[str]) -> List[str]
             "--master_port", str(config.master_port), tool, *args]
 
 
-def train_command(config: ExperimentConfig, arm: str, stage: int) -> List[str]:
-    """torchrun tools/train.py for ``arm``'s stage 1 or 2."""
-    demo, out = config.demo_dir, config.out_dir / arm
-    name = "pretrain" if stage == 1 else "instruct"
+def train_command(config: ExperimentConfig, arm: str, seed: int, stage: int) -> List[str]:
+    """torchrun tools/train.py for ``arm``'s stage 1 (from the demo's stage 0) or 2 (from its stage 1)."""
+    demo, run_dir = config.demo_dir, config.run_dir(arm, seed)
+    data = STAGE_DATA[stage]
     sets = [
-        f"data.image_root={demo / 'data/images'}", f"data.shards={demo / 'shards' / name}",
-        f"data.targets={demo / 'targets' / name}", f"train.visual_tokenizer={demo / 'tokenizer'}",
-        f"train.save_dir={out / f'stage{stage}'}", f"train.seed={config.seed}", "train.log_interval=1",
-        f"train.steps={config.stage1_steps if stage == 1 else config.stage2_steps}", "train.save_interval=0",
-        *(config.stage1_overrides if stage == 1 else config.stage2_overrides), *ARMS[arm][1],
+        f"data.image_root={demo / 'data/images'}", f"data.shards={demo / 'shards' / data}",
+        f"data.targets={demo / 'targets' / data}", f"train.visual_tokenizer={demo / 'tokenizer'}",
+        f"train.save_dir={run_dir / f'stage{stage}'}", f"train.seed={seed}", "train.log_interval=1",
+        f"train.steps={config.steps(stage)}", "train.save_interval=0", *config.overrides(stage), *ARMS[arm][1],
     ]
-    if stage == 2:
-        sets += [f"train.load={out / 'stage1'}", f"train.eval_interval={config.eval_interval}",
+    if stage == 1:
+        sets.append(f"train.load={demo / 'stage0'}")
+    else:
+        sets += [f"train.load={run_dir / 'stage1'}", f"train.eval_interval={config.eval_interval}",
                  f"train.eval_data={demo / 'data/eval.jsonl'}", f"train.eval_tokenizer={demo / 'data'}"]
-    recipe = config.stage1_config if stage == 1 else config.stage2_config
-    args = ["--config", str(recipe)]
+    args = ["--config", str(config.recipe(stage))]
     for item in sets:
         args += ["--set", item]
     return _torchrun(config, "tools/train.py", args)
 
 
-def evaluate_command(config: ExperimentConfig, arm: str, method: str) -> List[str]:
-    """torchrun tools/evaluate.py on ``arm``'s stage-2 checkpoint; questions split over the ranks."""
-    demo = config.demo_dir
+def evaluate_command(config: ExperimentConfig, arm: str, seed: int) -> List[str]:
+    """torchrun tools/evaluate.py (greedy answers) on the run's stage-2 checkpoint; questions split over the ranks."""
+    demo, run_dir = config.demo_dir, config.run_dir(arm, seed)
     return _torchrun(config, "tools/evaluate.py", [
-        "--checkpoint", str(config.out_dir / arm / "stage2"), "--tokenizer", str(demo / "data"),
+        "--checkpoint", str(run_dir / "stage2"), "--tokenizer", str(demo / "data"),
         "--benchmark", f"jsonl={demo / 'data/eval.jsonl'}", "--image-root", f"jsonl={demo / 'data/images'}",
-        "--method", method, "--out", str(config.out_dir / arm / f"eval_{method}"),
+        "--method", "generate", "--max-new-tokens", str(MAX_NEW_TOKENS), "--out", str(run_dir / "eval"),
     ])
 
 
@@ -126,112 +160,64 @@ def read_scalars(log_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
             for tag in accumulator.Tags()["scalars"]}
 
 
-def _final(points: List[Tuple[int, float]]) -> Optional[float]:
-    tail = [v for _, v in points[-FINAL_WINDOW:]]
-    return sum(tail) / len(tail) if tail else None
+class Timings(dict):
+    """Wall seconds per run name (``<arm>/seed<k>/<stage1|stage2|eval>``), kept in a JSON file across calls."""
+
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.is_file() else {})
+        self.path = path
+
+    def run(self, name: str, command: List[str], logs: Path) -> None:
+        print(f"[experiment] {name}", flush=True)
+        self[name] = _run(command, logs / f"{name.replace('/', '_')}.log")
+        self.path.write_text(json.dumps(self, indent=1) + "\n")
 
 
-def _shifted(points, offset: int):
-    return [(step + offset, value) for step, value in points]
+def train_and_evaluate(config: ExperimentConfig, arm: str, seed: int, timings: Timings) -> None:
+    """The run's stages and its evaluation, each unless already done."""
+    name, run_dir, logs = f"{arm}/seed{seed}", config.run_dir(arm, seed), config.out_dir / "logs"
+    trained = False
+    for stage in (1, 2):
+        if not _finished(run_dir / f"stage{stage}", config.steps(stage)):
+            timings.run(f"{name}/stage{stage}", train_command(config, arm, seed, stage), logs)
+            trained = True
+    if trained or not (run_dir / "eval" / RESULTS_JSON).is_file():
+        timings.run(f"{name}/eval", evaluate_command(config, arm, seed), logs)
 
 
-def summarize(config: ExperimentConfig, curves: Dict[str, Dict[int, dict]], evaluations: Dict[str, dict],
-              timings: Dict[str, float]) -> dict:
-    """Per arm: final losses, held-out scores of both methods, in-training scores, wall times."""
-    summary = {}
+def collect(config: ExperimentConfig, timings: Timings) -> Results:
+    """Every run's scalars, greedy scores and wall times."""
+    curves, records = {arm: {} for arm in ARMS}, {arm: {} for arm in ARMS}
     for arm in ARMS:
-        stage1, stage2 = curves[arm][1], curves[arm][2]
-        generate = evaluations[arm]["generate"]["benchmarks"]["jsonl"]
-        likelihood = evaluations[arm]["likelihood"]["benchmarks"]["jsonl"]
-        letters = [k for k in ("choice/accuracy", "yes/no/accuracy") if k in likelihood["metrics"]]
-        summary[arm] = {
-            "label": ARMS[arm][0],
-            "stage1_text_loss": _final(stage1.get("loss/text", [])),
-            "stage2_text_loss": _final(stage2.get("loss/text", [])),
-            "stage2_visual_loss": _final(stage2.get("loss/visual_semantic", [])),
-            "generate": generate["metrics"],
-            "generate_questions": generate["questions"],
-            "likelihood": {k: likelihood["metrics"][k] for k in letters},
-            "in_training": {tag.split("/", 1)[1]: stage2[tag][-1][1] for tag in
-                            ("eval/accuracy", "eval/true_choice_prob") if stage2.get(tag)},
-            "train_seconds": timings.get(f"{arm}_stage1", 0.0) + timings.get(f"{arm}_stage2", 0.0),
-        }
-    return summary
-
-
-def format_summary(config: ExperimentConfig, summary: dict) -> str:
-    """The experiment's table (markdown)."""
-    arms = list(ARMS)
-
-    def row(name: str, values, form: str = "{:.4f}") -> str:
-        return f"| {name} | " + " | ".join("-" if v is None else form.format(v) for v in values) + " |"
-
-    categories = sorted(k for k in summary[arms[0]]["generate"] if k != "accuracy")
-    overrides = ", ".join([*config.stage1_overrides, *config.stage2_overrides]) or "none"
-    lines = [
-        f"ASVR vs LLaVA on the demo data: seed {config.seed}, stage 1 {config.stage1_steps} steps, "
-        f"stage 2 {config.stage2_steps} steps, {config.nproc} processes; recipe overrides: {overrides}",
-        "",
-        "| | " + " | ".join(summary[a]["label"] for a in arms) + " |",
-        "|---|" + "---|" * len(arms),
-        row(f"stage-1 text loss (mean of last {FINAL_WINDOW} steps)", [summary[a]["stage1_text_loss"] for a in arms]),
-        row(f"stage-2 text loss (mean of last {FINAL_WINDOW} steps)", [summary[a]["stage2_text_loss"] for a in arms]),
-        row("stage-2 visual loss", [summary[a]["stage2_visual_loss"] for a in arms]),
-        row(f"held-out accuracy, greedy ({summary[arms[0]]['generate_questions']} questions)",
-            [summary[a]["generate"]["accuracy"] for a in arms]),
-        *[row(f"  {c}", [summary[a]["generate"].get(c) for a in arms]) for c in categories],
-        *[row(f"held-out {k}, likelihood", [summary[a]["likelihood"].get(k) for a in arms])
-          for k in sorted(summary[arms[0]]["likelihood"])],
-        row("in-training held-out true-choice probability (last)",
-            [summary[a]["in_training"].get("true_choice_prob") for a in arms]),
-        row("training wall time (s)", [summary[a]["train_seconds"] for a in arms], "{:.1f}"),
-    ]
-    return "\n".join(lines)
-
-
-def curve_panels(config: ExperimentConfig, curves: Dict[str, Dict[int, dict]]) -> List[Panel]:
-    boundary = [(config.stage1_steps + 0.5, "stage 2")]
-
-    def joined(arm: str, tag: str):
-        return curves[arm][1].get(tag, []) + _shifted(curves[arm][2].get(tag, []), config.stage1_steps)
-
-    return [
-        Panel("text loss", "step (stage 1, then stage 2)", "loss", {ARMS[a][0]: joined(a, "loss/text") for a in ARMS},
-              boundary),
-        Panel("visual loss (ASVR, mean over depths)", "step", "loss",
-              {ARMS[a][0]: joined(a, "loss/visual_semantic") for a in ARMS if joined(a, "loss/visual_semantic")},
-              boundary),
-        Panel("held-out letter + yes/no accuracy (likelihood)", "stage-2 step", "accuracy",
-              {ARMS[a][0]: curves[a][2].get("eval/accuracy", []) for a in ARMS}),
-    ]
+        for seed in config.seeds:
+            run_dir, name = config.run_dir(arm, seed), f"{arm}/seed{seed}"
+            curves[arm][seed] = {s: read_scalars(run_dir / f"stage{s}/tensorboard") for s in (1, 2)}
+            evaluation = json.loads((run_dir / "eval" / RESULTS_JSON).read_text())["benchmarks"]["jsonl"]
+            seconds = {part: timings.get(f"{name}/{part}", 0.0) for part in ("stage1", "stage2", "eval")}
+            records[arm][seed] = seed_record(curves[arm][seed], evaluation, seconds)
+    return Results({arm: label for arm, (label, _) in ARMS.items()}, curves, records)
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
-    """Train both arms, evaluate them, write the table, the plot and the JSON; return the summary."""
+    """Train and evaluate every (arm, seed), seed by seed; write the report, the figures and the JSON."""
     config.validate()
-    logs, timings_path = config.out_dir / "logs", config.out_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}  # runs of earlier calls
-    for arm in ARMS:
-        for stage, steps in ((1, config.stage1_steps), (2, config.stage2_steps)):
-            if not _finished(config.out_dir / arm / f"stage{stage}", steps):
-                print(f"[experiment] training {arm} stage {stage} ({steps} steps)", flush=True)
-                name = f"{arm}_stage{stage}"
-                timings[name] = _run(train_command(config, arm, stage), logs / f"{name}.log")
-                timings_path.write_text(json.dumps(timings, indent=1) + "\n")
-    evaluations = {arm: {} for arm in ARMS}
-    for arm in ARMS:
-        for method in METHODS:
-            print(f"[experiment] evaluating {arm} ({method})", flush=True)
-            name = f"{arm}_eval_{method}"
-            timings[name] = _run(evaluate_command(config, arm, method), logs / f"{name}.log")
-            evaluations[arm][method] = json.loads((config.out_dir / arm / f"eval_{method}/results.json").read_text())
-    curves = {arm: {s: read_scalars(config.out_dir / arm / f"stage{s}/tensorboard") for s in (1, 2)} for arm in ARMS}
-    summary = summarize(config, curves, evaluations, timings)
-    table = format_summary(config, summary)
-    (config.out_dir / "experiment.md").write_text(table + "\n", encoding="utf-8")
-    plot = save_chart(curve_panels(config, curves), config.out_dir / "curves.png")
-    record = {"config": {k: str(v) for k, v in asdict(config).items()}, "arms": summary, "timings_s": timings}
-    (config.out_dir / "experiment.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(table, flush=True)
-    print(f"wrote {config.out_dir / 'experiment.md'}, {config.out_dir / 'experiment.json'} and {plot}", flush=True)
+    config = config.resolved()
+    timings = Timings(config.out_dir / "timings.json")
+    runs, start = [(arm, seed) for seed in config.seeds for arm in ARMS], time.perf_counter()
+    for done, (arm, seed) in enumerate(runs, 1):
+        train_and_evaluate(config, arm, seed, timings)
+        elapsed = time.perf_counter() - start
+        print(f"[experiment] {done}/{len(runs)} runs ready after {elapsed / 60:.1f} min; "
+              f"about {elapsed / done * (len(runs) - done) / 60:.1f} min to go", flush=True)
+    results = collect(config, timings)
+    out = config.out_dir
+    report = format_report(results, config.describe())
+    (out / "experiment.md").write_text(report + "\n", encoding="utf-8")
+    save_figure(curves_png(results, config.stage1_steps), out / "curves.png")
+    save_figure(accuracy_png(results), out / "accuracy.png")
+    record = {"config": dataclasses.asdict(config), "seeds": results.records, "summary": results.summary(),
+              "timings_s": dict(timings)}
+    (out / "experiment.json").write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    print(report, flush=True)
+    print(f"wrote {out / 'experiment.md'}, experiment.json, curves.png and accuracy.png", flush=True)
     return record

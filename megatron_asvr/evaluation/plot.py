@@ -1,18 +1,48 @@
-"""Line charts drawn with PIL (no plotting dependency): panels side by side, each with axes,
-ticks, a legend and optional vertical markers, saved as PNG."""
+"""Figures over seeds, drawn with matplotlib on an Agg canvas (no pyplot state): curves as the
+seeds' mean with a shaded mean ± std band, and grouped bars with std error bars and each
+group's chance and majority levels. Builders return the Figure; ``save_figure`` writes a PNG."""
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-PANEL_SIZE = (520, 370)
-PLOT_BOX = (64, 36, 500, 300)  # left, top, right, bottom of the axes inside a panel
-COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
-FONT_SIZE = 13
-TICKS = 5
+DPI = 100
+PANEL_INCHES = (5.0, 3.8)  # one curve panel; a PNG is panels x this x DPI pixels
+BAR_INCHES = (8.0, 4.2)
+BAND_ALPHA = 0.25
+DDOF = 1  # standard deviations over seeds are sample std (divisor n - 1)
+
+
+def std(values: np.ndarray) -> np.ndarray:
+    """Standard deviation over seeds (axis 0, ddof=DDOF): values [seeds, ...] -> [...]; NaN for one seed."""
+    if len(values) <= DDOF:
+        return np.full(np.shape(values)[1:], np.nan)
+    return np.std(values, axis=0, ddof=DDOF)
+
+
+@dataclass
+class Band:
+    """One arm's curve over seeds at x [n]: mean [n] and std [n] of the seeds' values."""
+
+    label: str
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    seeds: int
+
+
+def seed_band(label: str, runs: Sequence[Sequence[Tuple[float, float]]]) -> Band:
+    """Mean and std over the runs that logged anything (one list of (x, y) per seed; at least one),
+    at the x that all of them logged."""
+    points = [dict(run) for run in runs if run]
+    x = sorted(set.intersection(*map(set, points)))
+    values = np.array([[p[v] for v in x] for p in points])  # [seeds, n]
+    return Band(label, np.array(x), values.mean(0), std(values), len(points))
 
 
 @dataclass
@@ -20,98 +50,72 @@ class Panel:
     title: str
     x_label: str
     y_label: str
-    series: Dict[str, List[Tuple[float, float]]]  # label -> (x, y) points, drawn in x order
-    markers: List[Tuple[float, str]] = field(default_factory=list)  # vertical lines at x, labelled
+    bands: List[Band]
+    markers: List[Tuple[float, str]] = field(default_factory=list)  # vertical dotted lines: x, label
+    levels: List[Tuple[float, str, str]] = field(default_factory=list)  # horizontal lines: y, label, line style
 
 
-def nice_ticks(low: float, high: float, count: int = TICKS) -> List[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = min((m * power for m in (1, 2, 5, 10) if m * power >= raw))
-    first = math.floor(low / step) * step
-    intervals = math.ceil((high - first) / step - 1e-9)  # not one more for a rounding error
-    return [first + i * step for i in range(intervals + 1)]
+def new_figure(inches: Tuple[float, float]) -> Figure:
+    """An empty figure of ``inches`` on its own Agg canvas, laid out to fit its labels."""
+    figure = Figure(figsize=inches, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _label(value: float) -> str:
-    return f"{value:.3g}"
+def _colors(labels: Sequence[str]) -> Dict[str, str]:
+    """One colour of matplotlib's default cycle per label, the same in every panel."""
+    return {label: f"C{i}" for i, label in enumerate(dict.fromkeys(labels))}
 
 
-def _legend(draw: ImageDraw.ImageDraw, panel: Panel, font, colors) -> None:
-    """Series names with their colour, in one row below the x-axis label."""
-    x, y = PLOT_BOX[0], PANEL_SIZE[1] - FONT_SIZE - 6
-    for name in panel.series:
-        draw.line([(x, y + FONT_SIZE / 2), (x + 20, y + FONT_SIZE / 2)], fill=colors[name], width=3)
-        draw.text((x + 24, y), name, fill=(0, 0, 0), font=font)
-        x += 24 + draw.textlength(name, font=font) + 18
+def curves_figure(panels: Sequence[Panel], title: str) -> Figure:
+    """``panels`` side by side; each band a mean line and a shaded mean ± std region."""
+    figure = new_figure((PANEL_INCHES[0] * len(panels), PANEL_INCHES[1]))
+    colors = _colors([band.label for panel in panels for band in panel.bands])
+    for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for band in panel.bands:
+            color = colors[band.label]
+            axes.plot(band.x, band.mean, color=color, label=f"{band.label} ({band.seeds} seeds)")
+            axes.fill_between(band.x, band.mean - band.std, band.mean + band.std, color=color, alpha=BAND_ALPHA,
+                              linewidth=0)
+        for x, text in panel.markers:
+            axes.axvline(x, color="0.4", linestyle=":", linewidth=1, label=text)
+        for y, text, style in panel.levels:
+            axes.axhline(y, color="k", linestyle=style, linewidth=1, label=text)
+        axes.set(title=panel.title, xlabel=panel.x_label, ylabel=panel.y_label)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+        axes.grid(alpha=0.3)
+        if panel.bands:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "no data", transform=axes.transAxes, ha="center", color="0.5")
+    figure.suptitle(title)
+    return figure
 
 
-def _vertical_text(text: str, font) -> Image.Image:
-    """``text`` rotated to read bottom to top."""
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label = Image.new("RGB", (int(measure.textlength(text, font=font)) + 2, FONT_SIZE + 4), (255, 255, 255))
-    ImageDraw.Draw(label).text((0, 0), text, fill=(0, 0, 0), font=font)
-    return label.rotate(90, expand=True)
+def bars_figure(groups: Sequence[str], bars: Dict[str, Tuple[Sequence[float], Sequence[float]]],
+                chance: Sequence[float], majority: Sequence[float], title: str, y_label: str) -> Figure:
+    """Grouped bars: per group one bar a label (bars: label -> (heights [g], errors [g])) with
+    error bars, and short dashed (chance) and dotted (majority) lines across each group."""
+    figure = new_figure(BAR_INCHES)
+    axes = figure.subplots()
+    width = 0.8 / max(len(bars), 1)
+    centers = np.arange(len(groups))  # [g]
+    for i, (label, (heights, errors)) in enumerate(bars.items()):
+        axes.bar(centers + (i - (len(bars) - 1) / 2) * width, heights, width, yerr=errors, capsize=3, label=label,
+                 color=f"C{i}")
+    left, right = centers - 0.45, centers + 0.45
+    axes.hlines(chance, left, right, colors="k", linestyles="--", linewidth=1.2, label="chance")
+    axes.hlines(majority, left, right, colors="0.35", linestyles=":", linewidth=1.5, label="majority answer")
+    axes.set_xticks(centers, groups)
+    axes.set(title=title, ylabel=y_label, ylim=(0, 1.05))
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", ncols=2)
+    return figure
 
 
-def _draw_panel(panel: Panel, font, colors: Dict[str, Tuple[int, int, int]]) -> Image.Image:
-    image = Image.new("RGB", PANEL_SIZE, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    points = [p for s in panel.series.values() for p in s]
-    left, top, right, bottom = PLOT_BOX
-    draw.text((left, 8), panel.title, fill=(0, 0, 0), font=font)
-    draw.rectangle(PLOT_BOX, outline=(0, 0, 0))
-    if not points:
-        draw.text((left + 10, top + 10), "no data", fill=(120, 120, 120), font=font)
-        return image
-    xs = nice_ticks(min(p[0] for p in points), max(p[0] for p in points))
-    ys = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
-
-    def at(x: float, y: float) -> Tuple[float, float]:
-        return (left + (x - xs[0]) / (xs[-1] - xs[0]) * (right - left),
-                bottom - (y - ys[0]) / (ys[-1] - ys[0]) * (bottom - top))
-
-    for x in xs:
-        px = at(x, ys[0])[0]
-        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        draw.text((px - draw.textlength(_label(x), font=font) / 2, bottom + 4), _label(x), fill=(0, 0, 0), font=font)
-    for y in ys:
-        py = at(xs[0], y)[1]
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        text_x = left - 6 - draw.textlength(_label(y), font=font)
-        draw.text((text_x, py - FONT_SIZE / 2), _label(y), fill=(0, 0, 0), font=font)
-    for x, text in panel.markers:
-        px = at(x, ys[0])[0]
-        draw.line([(px, top), (px, bottom)], fill=(120, 120, 120), width=1)
-        draw.text((px + 3, top + 3), text, fill=(90, 90, 90), font=font)
-    draw.rectangle(PLOT_BOX, outline=(0, 0, 0))
-    for name, series in panel.series.items():
-        line = [at(x, y) for x, y in sorted(series)]
-        if len(line) > 1:
-            draw.line(line, fill=colors[name], width=2)
-        for px, py in line if len(line) <= 40 else []:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colors[name])
-    _legend(draw, panel, font, colors)
-    draw.text(((left + right - draw.textlength(panel.x_label, font=font)) / 2, bottom + 22), panel.x_label,
-              fill=(0, 0, 0), font=font)
-    label = _vertical_text(panel.y_label, font)
-    image.paste(label, (6, int((top + bottom - label.height) / 2)))
-    return image
-
-
-def save_chart(panels: Sequence[Panel], path: Path) -> Path:
-    """Draw ``panels`` left to right into one PNG at ``path``; a label has one colour in all panels."""
-    font = ImageFont.load_default(size=FONT_SIZE)
-    labels = list(dict.fromkeys(name for panel in panels for name in panel.series))
-    colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(labels)}
-    width, height = PANEL_SIZE
-    canvas = Image.new("RGB", (width * len(panels), height), (255, 255, 255))
-    for i, panel in enumerate(panels):
-        canvas.paste(_draw_panel(panel, font, colors), (i * width, 0))
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG at its own size (inches x DPI)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    figure.savefig(path, dpi=DPI)
     return path
