@@ -5,8 +5,9 @@
         --question "What color is the shape in the center?" --out runs/demo/attention.png
 
 The map averages the selected decoder layers (--layers, 1-based) and heads (--heads,
-0-based); all of them by default. The caption holds the question and the model's
-greedy answer. Template, image mode and tokenizer default to the training run's.
+0-based); all of them by default. The PNG shows the image with the attention overlaid, a
+colour bar, and the question and the model's greedy answer as the title. Template, image
+mode and tokenizer default to the training run's.
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """The attention-map tool's work: one image and question -> the last token's attention over the
-image, drawn over it as a PNG with the question and the model's answer."""
+image, drawn over it as a PNG (matplotlib) with the question and the model's answer."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +10,7 @@ from megatron_asvr.evaluation.attention_map import AttentionMap, attention_map
 from megatron_asvr.evaluation.heatmap import render
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
 from megatron_asvr.evaluation.loading import ModelSpec, open_model
+from megatron_asvr.evaluation.plot import save_figure
 
 
 @dataclass
@@ -31,8 +32,7 @@ def write_attention_png(request: AttentionRequest) -> AttentionMap:
     with open_model(request.model) as loaded:
         result = attention_map(loaded.answerer, item, request.layers, request.heads)
         if loaded.writer:
-            request.out.parent.mkdir(parents=True, exist_ok=True)
-            render(image, result, loaded.answerer.encoder.image_mode, loaded.patch_size).save(request.out)
+            save_figure(render(image, result, loaded.answerer.encoder.image_mode, loaded.patch_size), request.out)
             print(f"answer: {result.answer!r}; {result.image_share:.1%} of the last token's attention on the image; "
                   f"wrote {request.out}", flush=True)
     return result
