@@ -189,6 +189,9 @@ def test_last_row_attention_matches_sdpa_with_window():
     got = torch.einsum("bns,sbnd->bnd", probs, v.repeat_interleave(2, dim=2))
     assert (got - expected).abs().max().item() < 1e-6
     assert probs[..., :4].abs().max().item() == 0.0 and torch.allclose(probs.sum(-1), torch.ones(2, 4))
+    # A padded forward (sequence parallelism rounds the length up): the row of the prompt's last position.
+    padded = [torch.cat([t, torch.randn(3, *t.shape[1:], generator=g)]) for t in (q, k)]
+    assert torch.equal(last_row_attention(*padded, 0.3, window_left=4, row=8), probs)
 
 
 def _flat(logprobs) -> torch.Tensor:

@@ -27,26 +27,30 @@ class AttentionMapError(ValueError):
 
 
 def last_row_attention(query: torch.Tensor, key: torch.Tensor, scale: float,
-                       window_left: Optional[int]) -> torch.Tensor:
-    """Softmax attention of the last query position over all keys.
+                       window_left: Optional[int], row: Optional[int] = None) -> torch.Tensor:
+    """Softmax attention of query position ``row`` (default the last) over the keys up to it.
 
-    query [sq, b, np, d], key [sk, b, ng, d] (np a multiple of ng) -> [b, np, sk] fp32.
+    query [sq, b, np, d], key [sk, b, ng, d] (np a multiple of ng) -> [b, np, row + 1] fp32.
     ``window_left``: keys more than this many positions back are masked (sliding window).
     """
-    q = query[-1].float()  # [b, np, d]
-    k = key.float().repeat_interleave(query.shape[2] // key.shape[2], dim=2)  # [sk, b, np, d]
-    scores = torch.einsum("bnd,sbnd->bns", q, k) * scale  # [b, np, sk]
+    row = query.shape[0] - 1 if row is None else row
+    q = query[row].float()  # [b, np, d]
+    k = key[:row + 1].float().repeat_interleave(query.shape[2] // key.shape[2], dim=2)  # [row + 1, b, np, d]
+    scores = torch.einsum("bnd,sbnd->bns", q, k) * scale  # [b, np, row + 1]
     if window_left is not None and window_left >= 0:
-        distance = key.shape[0] - 1 - torch.arange(key.shape[0], device=key.device)  # [sk]
+        distance = row - torch.arange(row + 1, device=key.device)  # [row + 1]
         scores = scores.masked_fill(distance > window_left, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
 class LastTokenAttention:
-    """Records the last position's attention of every decoder layer on this rank while enabled."""
+    """Records position ``row``'s attention (default the last position's) of every decoder layer
+    on this rank while enabled. Give the prompt's last position where the forward pads the
+    sequence (sequence parallelism rounds it up to a multiple of the TP size)."""
 
-    def __init__(self, chunks: List[torch.nn.Module]):
-        self.maps: Dict[int, torch.Tensor] = {}  # global layer number -> [b, np_local, s]
+    def __init__(self, chunks: List[torch.nn.Module], row: Optional[int] = None):
+        self.row = row
+        self.maps: Dict[int, torch.Tensor] = {}  # global layer number -> [b, np_local, row + 1]
         self._handles = []
         for chunk in chunks:
             decoder = get_attr_wrapped_model(chunk, "language_model").decoder
@@ -61,7 +65,7 @@ class LastTokenAttention:
 
         def record(module, args):
             query, key = args[0], args[1]
-            self.maps[layer_number] = last_row_attention(query, key, scale, window[0] if window else None)
+            self.maps[layer_number] = last_row_attention(query, key, scale, window[0] if window else None, self.row)
 
         return record
 
@@ -107,7 +111,7 @@ def attention_map(answerer: Answerer, item: EvalItem, layers: Optional[Sequence[
     if item.image is None:
         raise AttentionMapError(f"question {item.question_id} has no image to attend to")
     query = answerer.encoder.prompt(item)
-    recorder = LastTokenAttention(answerer.runner.chunks)
+    recorder = LastTokenAttention(answerer.runner.chunks, query.length - 1)
     try:
         answerer.runner.next_tokens([query])
     finally:
