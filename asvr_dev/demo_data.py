@@ -12,10 +12,15 @@ Output directory written by ``make_demo_data(out_dir, config)``::
     out_dir/
       images/train/000000.jpg ...  rendered scenes of the training split (both stages)
       images/eval/000000.jpg ...   held-out scenes, referenced only by eval.jsonl
+      language.json     stage 0, text only: a scene described in words, then questions about it
+                        (reading comprehension with the stage-2 questions; teaches the tiny
+                        LLM the language first, as real runs start from a pretrained LLM)
       pretrain.json     stage 1, LLaVA-Pretrain layout: one caption record per train image,
                         {"id", "image", "conversations": [{"from": "human", "value":
                         "<image>\\n<describe prompt>"}, {"from": "gpt", "value": caption}]}
-                        (a few records put "<image>" after the prompt, as the real 558K does)
+                        (a few records put "<image>" after the prompt, as the real 558K does);
+                        unless ``caption_colors``, captions leave the colours out: a detail
+                        the stage-2 questions ask about, for visual supervision to add
       instruct.json     stage 2, LLaVA-665K layout: one multi-turn record per train image
                         (colour, count, position, yes/no and multiple-choice questions, some
                         descriptions) plus ``text_only_fraction`` records with no "image"
@@ -84,14 +89,12 @@ DESCRIBE_PROMPTS = (
     "Render a clear and concise summary of the photo.",
     "Write a terse but informative summary of the picture.",
 )
-STAGE_TEMPLATES = {"pretrain": "plain", "instruct": "vicuna_v1"}  # the tokenizer learns their text
-MAX_TURNS = 4
+STAGE_TEMPLATES = {"language": "vicuna_v1", "pretrain": "plain", "instruct": "vicuna_v1"}  # the tokenizer learns their text
+MAX_TURNS = 8
 TAG_AFTER_PROMPT_FRACTION = 0.1  # stage-1 records with "<image>" after the prompt
 TRAIN_CATEGORY_WEIGHTS = {"color": 3, "count": 3, "position": 2, "yes/no": 2, "choice": 2, "describe": 1}
 EVAL_CATEGORIES = ("color", "count", "position", "yes/no", "choice")
 MIN_VOCAB_SIZE = 384
-_CATEGORIES = tuple(TRAIN_CATEGORY_WEIGHTS)
-_CATEGORY_P = np.array(list(TRAIN_CATEGORY_WEIGHTS.values()), dtype=np.float64) / sum(TRAIN_CATEGORY_WEIGHTS.values())
 # SentencePiece settings of Llama's tokenizer (BPE, byte fallback, no normalisation, digits split).
 LLAMA_SPM_OPTIONS = dict(
     model_type="bpe",
@@ -111,7 +114,7 @@ LLAMA_SPM_OPTIONS = dict(
     allow_whitespace_only_pieces=True,
     required_chars=string.digits + string.ascii_letters + string.punctuation,  # no byte pieces for ASCII
 )
-SPLIT_STREAMS = {"train": 0, "eval": 1, "text": 2}  # second word of each random stream's seed
+SPLIT_STREAMS = {"train": 0, "eval": 1, "text": 2, "language": 3}  # second word of each random stream's seed
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class DemoConfig:
     seed: int = 0
     train_images: int = 2000
     eval_images: int = 200
+    language_records: int = 2000  # stage 0; their scenes are drawn, never rendered
+    caption_colors: bool = False  # stage-1 captions name the colours
+    categories: tuple[str, ...] = tuple(TRAIN_CATEGORY_WEIGHTS)  # the questions asked (stages 0 and 2, eval)
     eval_questions_per_image: int = 3
     image_sizes: tuple[tuple[int, int], ...] = ((384, 384), (448, 336), (336, 448))  # (width, height)
     max_objects: int = 5
@@ -132,15 +138,20 @@ class DemoConfig:
     @classmethod
     def tiny(cls, seed: int = 0) -> "DemoConfig":
         """A corpus small enough for unit tests (well under a second to render)."""
-        return cls(seed=seed, train_images=12, eval_images=4, vocab_size=512)
+        return cls(seed=seed, train_images=12, eval_images=4, language_records=6, vocab_size=512)
 
     def __post_init__(self):
         problems = []
-        if self.train_images < 1 or self.eval_images < 1:
-            problems.append("train_images and eval_images must be >= 1")
-        if not 1 <= self.eval_questions_per_image < len(EVAL_CATEGORIES):
-            # A scene may have no shape of a unique colour and kind to ask the position of.
-            problems.append(f"eval_questions_per_image must be in 1..{len(EVAL_CATEGORIES) - 1}")
+        if min(self.train_images, self.eval_images, self.language_records) < 1:
+            problems.append("train_images, eval_images and language_records must be >= 1")
+        unknown = sorted(set(self.categories) - set(TRAIN_CATEGORY_WEIGHTS))
+        if unknown or not self.eval_categories:
+            problems.append(f"categories must name some of {EVAL_CATEGORIES} and may add 'describe'; got "
+                            f"{self.categories}")
+        # A scene may have no shape of a unique colour and kind to ask the position of.
+        most = len(self.eval_categories) - ("position" in self.eval_categories)
+        if not 1 <= self.eval_questions_per_image <= most:
+            problems.append(f"eval_questions_per_image must be in 1..{most}")
         if not self.image_sizes or any(min(size) < 96 for size in self.image_sizes):
             problems.append("image_sizes must be (width, height) pairs of at least 96 pixels")
         if not 1 <= self.max_objects <= len(POSITIONS):
@@ -153,6 +164,10 @@ class DemoConfig:
             problems.append(f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes, 3 specials, 95 characters, merges)")
         if problems:
             raise ValueError(f"invalid DemoConfig: {'; '.join(problems)}")
+
+    @property
+    def eval_categories(self) -> tuple[str, ...]:
+        return tuple(c for c in EVAL_CATEGORIES if c in self.categories)
 
     @property
     def text_only_records(self) -> int:
@@ -232,6 +247,7 @@ class DemoSummary:
     out_dir: str
     train_images: int
     eval_images: int
+    language_records: int
     pretrain_records: int
     instruct_records: int
     text_only_records: int
@@ -309,21 +325,29 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return canvas
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One sentence naming every shape: each with its position, or grouped with counts."""
+def describe(scene: Scene, grouped: bool, colors: bool = True) -> str:
+    """One sentence naming every shape: each with its position, or grouped with counts;
+    with or without the shapes' colours."""
     background = f"{'noisy' if scene.noisy else 'plain'} {scene.background} background"
-    if rng.random() < 0.5:
-        parts = [f"{_article(o.color)} {o.color} {o.kind} {o.phrase}" for o in scene.objects]
+    if not grouped:
+        parts = [f"{_article(o.color)} {o.color} {o.kind} {o.phrase}" if colors else
+                 f"{_article(o.kind)} {o.kind} {o.phrase}" for o in scene.objects]
         text = f"{_join(parts)}, on a {background}."
     else:
-        groups = dict.fromkeys((o.color, o.kind) for o in scene.objects)
+        groups = dict.fromkeys((o.color if colors else None, o.kind) for o in scene.objects)
         parts = []
         for color, kind in groups:
             count = scene.count(kind, color)
-            amount = _article(color) if count == 1 else NUMBER_WORDS[count]
-            parts.append(f"{amount} {color} {_plural(kind, count)}")
+            noun = f"{color} {_plural(kind, count)}" if colors else _plural(kind, count)
+            amount = _article(noun) if count == 1 else NUMBER_WORDS[count]
+            parts.append(f"{amount} {noun}")
         text = f"{_join(parts)} on a {background}."
     return text[0].upper() + text[1:]
+
+
+def caption(scene: Scene, rng: np.random.Generator, colors: bool = True) -> str:
+    """``describe`` in a form drawn from ``rng``."""
+    return describe(scene, bool(rng.random() >= 0.5), colors)
 
 
 def _ask_color(scene: Scene, rng: np.random.Generator) -> Question:
@@ -390,10 +414,11 @@ ASKERS: dict[str, Callable[[Scene, np.random.Generator], Question | None]] = {
 }
 
 
-def _sample_question(scene: Scene, rng: np.random.Generator) -> Question:
-    """A question of a category drawn by TRAIN_CATEGORY_WEIGHTS (redrawn if it does not apply)."""
+def _sample_question(scene: Scene, rng: np.random.Generator, categories: tuple[str, ...]) -> Question:
+    """A question of one of ``categories``, drawn by TRAIN_CATEGORY_WEIGHTS (redrawn if it does not apply)."""
+    weights = np.array([TRAIN_CATEGORY_WEIGHTS[c] for c in categories], dtype=np.float64)
     while True:
-        question = ASKERS[_CATEGORIES[rng.choice(len(_CATEGORIES), p=_CATEGORY_P)]](scene, rng)
+        question = ASKERS[categories[rng.choice(len(categories), p=weights / weights.sum())]](scene, rng)
         if question is not None:
             return question
 
@@ -435,16 +460,28 @@ def _stream(config: DemoConfig, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, SPLIT_STREAMS[split], index])
 
 
-def pretrain_record(record_id: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+def pretrain_record(record_id: str, image: str, scene: Scene, rng: np.random.Generator, colors: bool) -> dict:
     prompt = _pick(rng, DESCRIBE_PROMPTS)
     value = f"{prompt}\n<image>" if rng.random() < TAG_AFTER_PROMPT_FRACTION else f"<image>\n{prompt}"
-    turns = [{"from": "human", "value": value}, {"from": "gpt", "value": caption(scene, rng)}]
+    turns = [{"from": "human", "value": value}, {"from": "gpt", "value": caption(scene, rng, colors)}]
     return {"id": record_id, "image": image, "conversations": turns}
 
 
-def instruct_record(record_id: str, image: str, scene: Scene, rng: np.random.Generator) -> dict:
+def language_record(record_id: str, scene: Scene, rng: np.random.Generator, categories: tuple[str, ...]) -> dict:
+    """Stage 0: the scene in words (every shape with its colour and position), then questions."""
+    conversation = _conversation(_questions(scene, rng, categories), image=False)
+    conversation[0]["value"] = f"{describe(scene, grouped=False)}\n{conversation[0]['value']}"
+    return {"id": record_id, "conversations": conversation}
+
+
+def _questions(scene: Scene, rng: np.random.Generator, categories: tuple[str, ...]) -> list[Question]:
     turns = int(rng.integers(1, MAX_TURNS + 1))
-    questions = _distinct(_sample_question(scene, rng) for _ in range(turns))
+    return _distinct(_sample_question(scene, rng, categories) for _ in range(turns))
+
+
+def instruct_record(record_id: str, image: str, scene: Scene, rng: np.random.Generator,
+                    categories: tuple[str, ...]) -> dict:
+    questions = _questions(scene, rng, categories)
     return {"id": record_id, "image": image, "conversations": _conversation(questions, image=True)}
 
 
@@ -453,10 +490,11 @@ def text_only_record(record_id: str, rng: np.random.Generator) -> dict:
     return {"id": record_id, "conversations": _conversation(questions, image=False)}
 
 
-def eval_questions(question_id: str, image: str, scene: Scene, count: int, rng: np.random.Generator) -> list[dict]:
-    """``count`` questions of distinct EVAL_CATEGORIES about one held-out image."""
+def eval_questions(question_id: str, image: str, scene: Scene, count: int, rng: np.random.Generator,
+                   categories: tuple[str, ...] = EVAL_CATEGORIES) -> list[dict]:
+    """``count`` questions of distinct ``categories`` about one held-out image."""
     rows = []
-    for category in rng.permutation(EVAL_CATEGORIES):
+    for category in rng.permutation(categories):
         if len(rows) == count:
             break
         question = ASKERS[str(category)](scene, rng)
@@ -501,6 +539,7 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
 
 OUTPUT_NAMES = (
     "images",
+    "language.json",
     "pretrain.json",
     "instruct.json",
     "eval.jsonl",
@@ -545,19 +584,26 @@ def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> De
             scenes[image] = scene.to_json()
             record_id = f"{split}-{index:06d}"
             if split == "train":
-                pretrain.append(pretrain_record(record_id, image, scene, rng))
-                instruct.append(instruct_record(record_id, image, scene, rng))
+                pretrain.append(pretrain_record(record_id, image, scene, rng, config.caption_colors))
+                instruct.append(instruct_record(record_id, image, scene, rng, config.categories))
             else:
-                evaluation += eval_questions(record_id, image, scene, config.eval_questions_per_image, rng)
+                evaluation += eval_questions(record_id, image, scene, config.eval_questions_per_image, rng,
+                                             config.eval_categories)
     instruct += [
         text_only_record(f"text-{index:06d}", _stream(config, "text", index))
         for index in range(config.text_only_records)
     ]
+    language = []
+    for index in range(config.language_records):
+        rng = _stream(config, "language", index)
+        language.append(language_record(f"language-{index:06d}", sample_scene(config, rng), rng, config.categories))
+    _write_json(out / "language.json", language)
     _write_json(out / "pretrain.json", pretrain)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / "scenes.json", scenes)
     (out / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evaluation), encoding="utf-8")
-    text = template_text(pretrain, STAGE_TEMPLATES["pretrain"]) + template_text(instruct, STAGE_TEMPLATES["instruct"])
+    text = [line for name, records in (("language", language), ("pretrain", pretrain), ("instruct", instruct))
+            for line in template_text(records, STAGE_TEMPLATES[name])]
     model = train_tokenizer(text, config.vocab_size)
     (out / "tokenizer.model").write_bytes(model)
     _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
@@ -565,6 +611,7 @@ def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> De
         out_dir=str(out),
         train_images=config.train_images,
         eval_images=config.eval_images,
+        language_records=len(language),
         pretrain_records=len(pretrain),
         instruct_records=len(instruct),
         text_only_records=config.text_only_records,

@@ -78,7 +78,7 @@ def _load(corpus: Path):
 def test_same_seed_is_byte_identical_and_larger_corpus_extends_it(corpus, tmp_path):
     demo.make_demo_data(tmp_path / "again", TINY)
     first = _files(corpus)
-    assert len(first) == 12 + 4 + 6 and _files(tmp_path / "again") == first
+    assert len(first) == 12 + 4 + 7 and _files(tmp_path / "again") == first  # images + OUTPUT_NAMES files
 
     demo.make_demo_data(tmp_path / "seed1", dataclasses.replace(TINY, seed=1))
     assert _files(tmp_path / "seed1")["images/train/000000.jpg"] != first["images/train/000000.jpg"]
@@ -141,17 +141,21 @@ def _count(scene: dict, shape: str | None = None, color: str | None = None) -> i
     return sum(shape in (None, o["shape"]) and color in (None, o["color"]) for o in scene["objects"])
 
 
-def _check_caption(caption: str, scene: dict) -> None:
+def _check_caption(caption: str, scene: dict, colors: bool = True) -> None:
+    """Every shape named (with its colour unless ``colors`` is false), counts and positions true."""
     background = f"{'noisy' if scene['noisy'] else 'plain'} {scene['background']} background."
     assert caption.endswith(f"on a {background}")
-    mentions = re.findall(r"\b(an?|two|three|four|five|six|seven|eight|nine) (\w+) (circle|square|triangle|star)s?"
+    color_word = r"(\w+) " if colors else r"()"
+    mentions = re.findall(rf"\b(an?|two|three|four|five|six|seven|eight|nine) {color_word}(circle|square|triangle|star)s?"
                           r"( (?:in|at|on) the [a-z ]+?)?(?=,| and| on a)", caption.lower())
     found = Counter()
     for amount, color, shape, phrase in mentions:
         found[color, shape] += NUMBERS[amount]
         if phrase:
-            assert _at(scene, phrase.strip())["color"] == color and _at(scene, phrase.strip())["shape"] == shape
-    assert found == Counter((o["color"], o["shape"]) for o in scene["objects"])
+            obj = _at(scene, phrase.strip())
+            assert obj["shape"] == shape and (not colors or obj["color"] == color)
+    assert found == Counter((o["color"] if colors else "", o["shape"]) for o in scene["objects"])
+    assert colors or not any(color in caption.lower() for color in demo.COLORS)
 
 
 def _unique(scene: dict, shape: str, color: str | None = None) -> dict:
@@ -213,8 +217,8 @@ def _split_prompt(value: str) -> tuple[str, list[str], str | None]:
 
 def test_answers_match_the_drawn_scene(corpus):
     pretrain, instruct, evaluation, scenes = _load(corpus)
-    for record in pretrain:
-        _check_caption(record["conversations"][1]["value"], scenes[record["image"]])
+    for record in pretrain:  # stage-1 captions leave the colours to the stage-2 questions
+        _check_caption(record["conversations"][1]["value"], scenes[record["image"]], colors=False)
     asked = Counter()
     for record in instruct:
         scene = scenes.get(record.get("image"))
@@ -320,7 +324,7 @@ def test_bad_config_and_existing_output_are_refused(corpus):
         demo.DemoConfig(max_objects=10)
     with pytest.raises(ValueError, match="vocab_size must be >= 384"):
         demo.DemoConfig(vocab_size=100)
-    with pytest.raises(FileExistsError, match="already holds images, pretrain.json"):
+    with pytest.raises(FileExistsError, match="already holds images, language.json, pretrain.json"):
         demo.make_demo_data(corpus, TINY)
 
 
@@ -334,3 +338,38 @@ def test_tool_writes_the_same_corpus_and_reports_errors(corpus, tmp_path):
 
     again = subprocess.run([*tool, "--out", str(tmp_path / "cli")], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already holds" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_language_records_describe_a_scene_then_ask_about_it(corpus):
+    """Stage 0: text only; the first turn is a full caption (colours and positions), and every
+    colour-at-a-position question is answered as the caption says."""
+    language = json.loads((corpus / "language.json").read_text())
+    assert len(language) == TINY.language_records and all("image" not in r for r in language)
+    checked = 0
+    for record in language:
+        context, first = record["conversations"][0]["value"].split("\n", 1)
+        assert context.endswith("background.") and not first.startswith(context)
+        said = {phrase: color for color, phrase in re.findall(
+            r"\b(\w+) (?:circle|square|triangle|star) ((?:in|at|on) the [a-z ]+?)(?=,| and| on a)", context.lower())}
+        assert said and all(color in demo.COLORS for color in said.values())
+        turns = record["conversations"]
+        turns = [{"value": first}] + turns[1:]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            if match := re.match(r"What color is the shape (.+)\?", human["value"]):
+                assert gpt["value"] == said[match[1]].capitalize()
+                checked += 1
+    assert checked > 0
+
+
+def test_categories_restrict_the_questions(tmp_path):
+    config = dataclasses.replace(TINY, categories=("color",), eval_questions_per_image=1, max_objects=1)
+    demo.make_demo_data(tmp_path, config)
+    instruct = json.loads((tmp_path / "instruct.json").read_text())
+    evaluation = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    questions = [t["value"] for r in instruct if "image" in r for t in r["conversations"][::2]]
+    assert questions and all("What color is the" in q for q in questions)
+    assert len(evaluation) == TINY.eval_images and {row["category"] for row in evaluation} == {"color"}
+    with pytest.raises(ValueError, match="categories must name some of"):
+        demo.DemoConfig(categories=("describe",))
+    with pytest.raises(ValueError, match=r"eval_questions_per_image must be in 1..1"):
+        demo.DemoConfig(categories=("color", "position"), eval_questions_per_image=2)

@@ -16,6 +16,7 @@ OVERRIDES = {  # command-line flag -> DemoConfig field
     "--seed": "seed",
     "--train-images": "train_images",
     "--eval-images": "eval_images",
+    "--language-records": "language_records",
     "--eval-questions-per-image": "eval_questions_per_image",
     "--max-objects": "max_objects",
     "--noisy-fraction": "noisy_fraction",
@@ -33,10 +34,13 @@ def main() -> None:
     for flag, name in OVERRIDES.items():
         default = getattr(defaults, name)
         parser.add_argument(flag, dest=name, type=type(default), help=f"override the preset (default: {default})")
+    parser.add_argument("--caption-colors", dest="caption_colors", action=argparse.BooleanOptionalAction,
+                        help=f"stage-1 captions name the colours (default: {defaults.caption_colors})")
     args = parser.parse_args()
 
     config = DemoConfig.tiny() if args.preset == "tiny" else DemoConfig()
-    overrides = {name: getattr(args, name) for name in OVERRIDES.values() if getattr(args, name) is not None}
+    names = [*OVERRIDES.values(), "caption_colors"]
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:
         summary = make_demo_data(args.out, dataclasses.replace(config, **overrides))
     except (FileExistsError, ValueError) as err:
