@@ -1,7 +1,7 @@
 """A complete tiny training set-up on disk: the demo pipeline at test size.
 
 ``make_tiny_run(root)`` writes (in one process, via the library APIs the tools
-wrap): the tiny synthetic corpus, a random SigLIP, a fitted visual tokenizer,
+wrap): the tiny synthetic corpus, the demo's SigLIP, a fitted visual tokenizer,
 stage-1 shards and targets. ``tiny_run_config(root, ...)`` returns a RunConfig
 that trains a tiny model on them. Must run in a process where
 ``megatron_asvr.runtime`` may be initialised (the tokenizer is a megatron
@@ -32,7 +32,7 @@ SEQ_LENGTH = 256
 def make_tiny_run(root: str) -> dict:
     """Write the corpus, tokenizer, shards and targets under ``root``; return their paths."""
     from asvr_dev.demo_data import DemoConfig, make_demo_data
-    from asvr_dev.demo_encoder import write_random_siglip
+    from asvr_dev.demo_encoder import write_demo_siglip
     from megatron_asvr import runtime
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
     from megatron_asvr.data.targets import TargetsConfig, precompute_targets
@@ -41,7 +41,7 @@ def make_tiny_run(root: str) -> dict:
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())
-    write_random_siglip(root / "encoder", VISION)
+    write_demo_siglip(root / "encoder", VISION, blocks=2)
     runtime.initialize(ParallelConfig())
     fit_visual_tokenizer(FitConfig(
         images=root / "data/images/train", encoder=root / "encoder", output_dir=root / "tokenizer",

@@ -1,4 +1,4 @@
-"""Write a random SigLIP vision model in HF format for the demo's visual tokenizer.
+"""Write the demo's SigLIP vision model in HF format (asvr_dev/demo_encoder.py says how it is built).
 
     python tools/make_demo_encoder.py --out runs/demo/encoder --config configs/demo_stage1.yaml
 """
@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from asvr_dev.demo_encoder import write_random_siglip
+from asvr_dev.demo_encoder import write_demo_siglip
 from megatron_asvr.config import load_run_config
 
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     vision = load_run_config(args.config).model.vision
-    print(f"wrote {write_random_siglip(args.out, vision, args.seed)}")
+    print(f"wrote {write_demo_siglip(args.out, vision, args.seed)}")
 
 
 if __name__ == "__main__":
