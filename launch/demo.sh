@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU demo: synthetic data -> visual tokenizer -> shards + targets -> stage 1 (TP=2) -> stage 2 (PP=2).
+# The CPU demo: synthetic data -> demo encoder + visual tokenizer -> shards + targets -> import ->
+# stage 0 (text only, DP=2) -> stage 1 (TP=2) -> stage 2 (PP=2) -> held-out questions scored.
 # Sets up its own environment (scripts/env.sh). Every step is skipped when its output exists,
 # so an interrupted demo resumes; DEMO_DIR (default runs/demo) holds everything it writes.
 set -euo pipefail
@@ -17,10 +18,10 @@ say() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$OUT/data/pretrain.json" ]; then
     say "synthetic corpus"
-    python tools/make_demo_data.py --out "$OUT/data" --train-images 400 --eval-images 40 >/dev/null
+    python tools/make_demo_data.py --out "$OUT/data" --train-images 1000 --eval-images 100 --language-records 3000 >/dev/null
 fi
 if [ ! -f "$OUT/encoder/config.json" ]; then
-    say "random SigLIP encoder for the visual tokenizer"
+    say "the demo's SigLIP encoder (features built in: block colours, grid position)"
     python tools/make_demo_encoder.py --out "$OUT/encoder" --config configs/demo_stage1.yaml
 fi
 if [ ! -f "$OUT/tokenizer/config.json" ]; then
@@ -29,15 +30,15 @@ if [ ! -f "$OUT/tokenizer/config.json" ]; then
         --output "$OUT/tokenizer" --depth 4 --codebook-size 64 --appearance-layer 1 --mode resize \
         --head-width 64 --max-images 200 --workers 1 --no-progress
 fi
-for stage in pretrain:plain:224:resize instruct:vicuna_v1:352:pad; do
+for stage in language:vicuna_v1:384:- pretrain:plain:128:resize instruct:vicuna_v1:384:resize; do
     IFS=: read -r name template length mode <<< "$stage"
     if [ ! -f "$OUT/shards/$name/manifest.json" ]; then
         say "preprocessing $name ($template)"
         python tools/preprocess.py --data "$name=$OUT/data/$name.json" --image-root "$OUT/data/images" \
             --tokenizer "$OUT/data" --template "$template" --output "$OUT/shards/$name" \
-            --max-seq-length "$length" --image-tokens 144 --max-skip-fraction 0.05 --workers "$NPROC" --no-progress
+            --max-seq-length "$length" --image-tokens 9 --max-skip-fraction 0.05 --workers "$NPROC" --no-progress
     fi
-    if [ ! -f "$OUT/targets/$name/coverage.json" ]; then
+    if [ "$mode" != - ] && [ ! -f "$OUT/targets/$name/coverage.json" ]; then
         say "visual targets for $name ($mode)"
         python tools/precompute_targets.py --data "$OUT/data/$name.json" --image-root "$OUT/data/images" \
             --tokenizer-config "$OUT/tokenizer/config.json" --tokenizer-checkpoint "$OUT/tokenizer/tokenizer.ckpt" \
@@ -45,14 +46,27 @@ for stage in pretrain:plain:224:resize instruct:vicuna_v1:352:pad; do
     fi
 done
 
+if [ ! -f "$OUT/init/metadata.json" ] && [ ! -d "$OUT/init/model" ]; then
+    say "import: the demo encoder as the vision tower, the LLM initialised (tools/convert.py)"
+    python tools/convert.py import --vision "$OUT/encoder" --config configs/demo_stage0.yaml --out "$OUT/init" \
+        --dtype float32 --no-progress >/dev/null
+fi
+
+run=(torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
 paths=(--set "data.image_root=$OUT/data/images" --set "train.visual_tokenizer=$OUT/tokenizer")
-say "stage 1: projector + visual head, TP=2"
-torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" tools/train.py --config configs/demo_stage1.yaml "${paths[@]}" \
-    --set "data.shards=$OUT/shards/pretrain" --set "data.targets=$OUT/targets/pretrain" --set "train.save_dir=$OUT/stage1"
+train() {  # stage, then overrides; a finished stage (its `latest` written) is not repeated
+    [ -f "$OUT/stage$1/latest" ] && return
+    "${run[@]}" tools/train.py --config "configs/demo_stage$1.yaml" "${paths[@]}" --set "train.save_dir=$OUT/stage$1" "${@:2}"
+}
+say "stage 0: the LLM learns the language from text, DP=2"
+train 0 --set "data.shards=$OUT/shards/language" --set "train.load=$OUT/init"
+say "stage 1: projector + visual head, TP=2, from stage 0"
+train 1 --set "data.shards=$OUT/shards/pretrain" --set "data.targets=$OUT/targets/pretrain" --set "train.load=$OUT/stage0"
 say "stage 2: + LLM, PP=2, from the stage-1 checkpoint"
-torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" tools/train.py --config configs/demo_stage2.yaml "${paths[@]}" \
-    --set "data.shards=$OUT/shards/instruct" --set "data.targets=$OUT/targets/instruct" \
-    --set "train.save_dir=$OUT/stage2" --set "train.load=$OUT/stage1"
+train 2 --set "data.shards=$OUT/shards/instruct" --set "data.targets=$OUT/targets/instruct" --set "train.load=$OUT/stage1"
+say "held-out questions, greedy answers (DP=2)"
+"${run[@]}" tools/evaluate.py --checkpoint "$OUT/stage2" --tokenizer "$OUT/data" --benchmark "jsonl=$OUT/data/eval.jsonl" \
+    --image-root "jsonl=$OUT/data/images" --max-new-tokens 6 --out "$OUT/eval"
 say "done"
-echo "checkpoints: $OUT/stage1/$(cat "$OUT/stage1/latest") and $OUT/stage2/$(cat "$OUT/stage2/latest")"
-echo "logs (TensorBoard): $OUT/stage1/tensorboard $OUT/stage2/tensorboard"
+echo "checkpoints: $OUT/stage{0,1,2}/; held-out results: $OUT/eval/results.json"
+echo "logs (TensorBoard): $OUT/stage{0,1,2}/tensorboard"
