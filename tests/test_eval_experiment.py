@@ -55,7 +55,7 @@ def test_every_run_has_the_same_budget_and_its_own_seed(tmp_path):
             assert _value(sets, "train.seed") == str(seed)
             assert _value(sets, "train.steps") == str(7 if stage == 1 else 9)
             assert own in _value(sets, "train.save_dir")
-            loads = tmp_path / "demo/stage0" if stage == 1 else config.run_dir(arm, seed) / "stage1"
+            loads = tmp_path / "demo/init" if stage == 1 else config.run_dir(arm, seed) / "stage1"
             assert _value(sets, "train.load") == str(loads)
             assert ("train.lr=1.0e-3" in sets) == (stage == 2)
             # the same budget as ASVR at seed 1: only the seed, the directories and LLaVA's visual loss differ
@@ -83,7 +83,7 @@ def test_steps_come_from_the_recipes_unless_given(tmp_path):
 def test_missing_demo_inputs_are_named(tmp_path):
     (tmp_path / "demo/data").mkdir(parents=True)
     (tmp_path / "demo/data/eval.jsonl").write_text("")
-    with pytest.raises(ExperimentError, match=r"lacks data/images, tokenizer, shards/pretrain.*, stage0: run launch"):
+    with pytest.raises(ExperimentError, match=r"lacks data/images, tokenizer, shards/pretrain.*, init: run launch"):
         _config(tmp_path).validate()
 
 

@@ -1,10 +1,10 @@
 """ASVR versus LLaVA (visual loss off) on the demo data, over seeds: for every seed both arms
-train stage 1 (from the demo's text-only stage 0) and stage 2 with the same recipes, steps and
+train stage 1 (from the demo's import of its encoder) and stage 2 with the same recipes, steps and
 overrides, then answer the held-out questions greedily. Writes experiment.md (accuracy per
 category with chance and majority, mean ± std over seeds; final losses; per-seed numbers; wall
 times), experiment.json, curves.png and accuracy.png.
 
-    launch/experiment.sh                     # the demo's data and stage 0 first, then this tool
+    launch/experiment.sh                     # the demo first (its data and import), then this tool
     python tools/experiment_asvr_vs_llava.py --demo-dir runs/demo --out runs/experiment --seeds 1 2 3
 
 Training and evaluation run as torchrun subprocesses on --nproc processes with the

@@ -1,5 +1,5 @@
 """ASVR versus LLaVA on the demo data: both arms trained with the same recipes, steps and
-overrides for each seed (stage 1 from the demo's text-only stage 0, then stage 2; LLaVA with
+overrides for each seed (stage 1 from the demo's import, then stage 2; LLaVA with
 the visual loss off in both stages), the held-out questions answered greedily, and a report
 over seeds (experiment_report).
 
@@ -34,7 +34,7 @@ ARMS = {  # name -> (label, overrides for both stages)
     "asvr": ("ASVR", []),
 }
 DEMO_INPUTS = ("data/eval.jsonl", "data/images", "tokenizer", "shards/pretrain", "shards/instruct",
-               "targets/pretrain", "targets/instruct", "stage0")
+               "targets/pretrain", "targets/instruct", "init")
 STAGE_DATA = {1: "pretrain", 2: "instruct"}  # shards/ and targets/ of each stage
 IN_TRAINING_SCORES = 4  # default: stage 2 scores the held-out questions this many times
 MAX_NEW_TOKENS = 6  # greedy answers are a word or two (as launch/demo.sh evaluates)
@@ -46,7 +46,7 @@ class ExperimentError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    demo_dir: Path  # launch/demo.sh's output: data, tokenizer, shards, targets, stage0
+    demo_dir: Path  # launch/demo.sh's output: data, tokenizer, shards, targets, init (the import)
     out_dir: Path
     stage1_config: Path = Path("configs/demo_stage1.yaml")
     stage2_config: Path = Path("configs/demo_stage2.yaml")
@@ -92,7 +92,7 @@ class ExperimentConfig:
     def describe(self) -> str:
         overrides = ", ".join([*self.stage1_overrides, *self.stage2_overrides]) or "none"
         return (f"ASVR vs LLaVA on the demo data ({self.demo_dir}): seeds {', '.join(map(str, self.seeds))} per arm; "
-                f"stage 1 from stage 0, {self.stage1_steps} steps ({self.stage1_config}); stage 2 {self.stage2_steps} "
+                f"stage 1 from the import, {self.stage1_steps} steps ({self.stage1_config}); stage 2 {self.stage2_steps} "
                 f"steps ({self.stage2_config}), held-out scores every {self.eval_interval}; {self.nproc} processes; "
                 f"recipe overrides for both arms: {overrides}")
 
@@ -115,7 +115,7 @@ def _torchrun(config: ExperimentConfig, tool: str, args: List[str]) -> List[str]
 
 
 def train_command(config: ExperimentConfig, arm: str, seed: int, stage: int) -> List[str]:
-    """torchrun tools/train.py for ``arm``'s stage 1 (from the demo's stage 0) or 2 (from its stage 1)."""
+    """torchrun tools/train.py for ``arm``'s stage 1 (from the demo's import) or 2 (from its stage 1)."""
     demo, run_dir = config.demo_dir, config.run_dir(arm, seed)
     data = STAGE_DATA[stage]
     sets = [
@@ -125,7 +125,7 @@ def train_command(config: ExperimentConfig, arm: str, seed: int, stage: int) -> 
         f"train.steps={config.steps(stage)}", "train.save_interval=0", *config.overrides(stage), *ARMS[arm][1],
     ]
     if stage == 1:
-        sets.append(f"train.load={demo / 'stage0'}")
+        sets.append(f"train.load={demo / 'init'}")
     else:
         sets += [f"train.load={run_dir / 'stage1'}", f"train.eval_interval={config.eval_interval}",
                  f"train.eval_data={demo / 'data/eval.jsonl'}", f"train.eval_tokenizer={demo / 'data'}"]
