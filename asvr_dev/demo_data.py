@@ -19,7 +19,7 @@ Output directory written by ``make_demo_data(out_dir, config)``::
                         {"id", "image", "conversations": [{"from": "human", "value":
                         "<image>\\n<describe prompt>"}, {"from": "gpt", "value": caption}]}
                         (a few records put "<image>" after the prompt, as the real 558K does);
-                        unless ``caption_colors``, captions leave the colours out: a detail
+                        without ``caption_colors`` captions leave the colours out: a detail
                         the stage-2 questions ask about, for visual supervision to add
       instruct.json     stage 2, LLaVA-665K layout: one multi-turn record per train image
                         (colour, count, position, yes/no and multiple-choice questions, some
@@ -125,7 +125,7 @@ class DemoConfig:
     train_images: int = 2000
     eval_images: int = 200
     language_records: int = 2000  # stage 0; their scenes are drawn, never rendered
-    caption_colors: bool = False  # stage-1 captions name the colours
+    caption_colors: bool = True  # stage-1 captions name the colours (the experiment leaves them out)
     categories: tuple[str, ...] = tuple(TRAIN_CATEGORY_WEIGHTS)  # the questions asked (stages 0 and 2, eval)
     eval_questions_per_image: int = 3
     image_sizes: tuple[tuple[int, int], ...] = ((384, 384), (448, 336), (336, 448))  # (width, height)

@@ -217,8 +217,8 @@ def _split_prompt(value: str) -> tuple[str, list[str], str | None]:
 
 def test_answers_match_the_drawn_scene(corpus):
     pretrain, instruct, evaluation, scenes = _load(corpus)
-    for record in pretrain:  # stage-1 captions leave the colours to the stage-2 questions
-        _check_caption(record["conversations"][1]["value"], scenes[record["image"]], colors=False)
+    for record in pretrain:
+        _check_caption(record["conversations"][1]["value"], scenes[record["image"]])
     asked = Counter()
     for record in instruct:
         scene = scenes.get(record.get("image"))
@@ -373,3 +373,11 @@ def test_categories_restrict_the_questions(tmp_path):
         demo.DemoConfig(categories=("describe",))
     with pytest.raises(ValueError, match=r"eval_questions_per_image must be in 1..1"):
         demo.DemoConfig(categories=("color", "position"), eval_questions_per_image=2)
+
+
+def test_captions_can_leave_the_colours_out(tmp_path):
+    """The experiment's stage-1 captions: shapes, counts and positions, no colour."""
+    demo.make_demo_data(tmp_path, dataclasses.replace(TINY, caption_colors=False))
+    pretrain, _, _, scenes = _load(tmp_path)
+    for record in pretrain:
+        _check_caption(record["conversations"][1]["value"], scenes[record["image"]], colors=False)
