@@ -1,4 +1,4 @@
-"""The demo's image path learns: a tiny VLM trained for a few dozen steps on one question kind
+"""The demo's image path learns: a tiny VLM trained for 250 steps on one question kind
 (the colour of the only shape in the image) answers held-out images far above chance.
 
 The pipeline is the demo's at test size: the demo corpus, the demo encoder imported as the
@@ -29,7 +29,7 @@ from megatron_asvr.config import (
 VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=256,
                       patch_size=128, image_size=384, feature_layer=-2)  # 9 patches, as the demo's
 SEQ_LENGTH = 320
-STEPS = 150
+STEPS = 250
 COLOURS = 6  # chance: 1/6
 
 
@@ -80,7 +80,7 @@ def _train(root: str, save_dir: str) -> dict:
         model=_model(), parallel=ParallelConfig(),
         data=DataConfig(shards=str(root / "shards"), image_root=str(root / "data/images"), image_mode="resize",
                         seq_length=SEQ_LENGTH, num_workers=0),
-        train=TrainConfig(global_batch=16, micro_batch=8, steps=STEPS, lr=4e-3, min_lr=2e-3, warmup_ratio=0.05,
+        train=TrainConfig(global_batch=16, micro_batch=8, steps=STEPS, lr=4e-3, min_lr=2e-3, warmup_ratio=0.05, adam_eps=1e-6,
                           load=str(root / "init"), save_dir=save_dir, save_interval=0, log_interval=10,
                           tensorboard=False, precision="fp32"),
     )
