@@ -89,7 +89,8 @@ DESCRIBE_PROMPTS = (
     "Render a clear and concise summary of the photo.",
     "Write a terse but informative summary of the picture.",
 )
-STAGE_TEMPLATES = {"language": "vicuna_v1", "pretrain": "plain", "instruct": "vicuna_v1"}  # the tokenizer learns their text
+# the tokenizer learns the text of each stage as its template renders it
+STAGE_TEMPLATES = {"language": "vicuna_v1", "pretrain": "plain", "instruct": "vicuna_v1"}
 MAX_TURNS = 8
 TAG_AFTER_PROMPT_FRACTION = 0.1  # stage-1 records with "<image>" after the prompt
 TRAIN_CATEGORY_WEIGHTS = {"color": 3, "count": 3, "position": 2, "yes/no": 2, "choice": 2, "describe": 1}

@@ -5,9 +5,10 @@ module builds an encoder whose features are informative by construction: the
 patch embedding takes the mean brightness and colour (two opponent-colour
 channels) of each of the patch's ``blocks x blocks`` sub-blocks, and the position
 embedding adds sinusoids of the patch's row and column. The demo's recipes use
-128-pixel patches: one per cell of the scenes' 3 x 3 grid, whose shapes never leave
-their cell, so each visual token holds one object, as a pretrained encoder's do. Its transformer layers are random with their residual
-branches scaled by ``BRANCH_SCALE``, so the features stay close to that layout, as a
+128-pixel patches: one per cell of the scenes' 3 x 3 grid, whose shapes never
+leave their cell, so each visual token holds one object, as a pretrained
+encoder's do. Its transformer layers are random with their residual branches
+scaled by ``BRANCH_SCALE``, so the features stay close to that layout, as a
 trained encoder's early layers stay close to their input. Both the demo's model
 (imported with tools/convert.py) and its visual tokenizer
 (tools/fit_visual_tokenizer.py --encoder) use it. Written with plain safetensors:

@@ -80,8 +80,8 @@ def _train(root: str, save_dir: str) -> dict:
         model=_model(), parallel=ParallelConfig(),
         data=DataConfig(shards=str(root / "shards"), image_root=str(root / "data/images"), image_mode="resize",
                         seq_length=SEQ_LENGTH, num_workers=0),
-        train=TrainConfig(global_batch=16, micro_batch=8, steps=STEPS, lr=4e-3, min_lr=2e-3, warmup_ratio=0.05, adam_eps=1e-6,
-                          load=str(root / "init"), save_dir=save_dir, save_interval=0, log_interval=10,
+        train=TrainConfig(global_batch=16, micro_batch=8, steps=STEPS, lr=4e-3, min_lr=2e-3, warmup_ratio=0.05,
+                          adam_eps=1e-6, load=str(root / "init"), save_dir=save_dir, save_interval=0, log_interval=10,
                           tensorboard=False, precision="fp32"),
     )
     return run(config)

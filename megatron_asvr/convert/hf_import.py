@@ -4,9 +4,9 @@ Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral
 causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
 is initialised here), or a vision model alone (an LLM trained from scratch, as
 the demo's: the LLM of the recipe is initialised here too); the visual head is
-initialised here unless an exported one (``convert.visual_head_io``) is given. Everything is decided from
-config files and key names first (missing or unexpected keys are errors that
-name the key); then each rank builds its own stage and reads only the tensors
+initialised here unless an exported one (``convert.visual_head_io``) is given.
+Everything is decided from config files and key names first (missing or
+unexpected keys are errors that name the key); then each rank builds its own stage and reads only the tensors
 it holds, one at a time, and every rank writes its part of the dist checkpoint.
 """
 
