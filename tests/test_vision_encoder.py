@@ -103,3 +103,19 @@ def test_vision_config_validation():
         SIGLIP.validate(ParallelConfig(tensor_parallel=8))
     with pytest.raises(ConfigError, match="feature_layer=-5 selects no encoder layer"):
         VisionConfig(num_layers=3, feature_layer=-5).validate(ParallelConfig())
+
+
+@pytest.mark.parametrize("height, width, patch, bias", [(384, 384, 128, True), (34, 30, 14, True), (28, 28, 14, False)])
+def test_patch_embedding_matmul_equals_the_strided_convolution(height, width, patch, bias):
+    """PatchEmbedding (megatron's conv1, computed as one matmul) against torch's convolution,
+    remainders that do not fill a patch included."""
+    from megatron_asvr.model.vision import PatchEmbedding
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, patch, stride=patch, bias=bias)
+    images = torch.randn(2, 3, height, width)
+    expected = conv(images)  # [b, h, rows, cols]
+    conv.__class__ = PatchEmbedding
+    got = conv(images)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
