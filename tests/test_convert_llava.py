@@ -107,12 +107,13 @@ def _import(parallel, sources, out, verify_against=None, llava=True):
     return {"report": report, "diff": diff}
 
 
-def _export(parallel, checkpoint, out, tail):
+def _export(parallel, checkpoint, out, tail, llm_only=False):
     from megatron_asvr import runtime
     from megatron_asvr.convert.hf_export import ExportOptions, export_hf
 
     info = runtime.initialize(parallel)
-    report = export_hf(checkpoint, out, parallel, ExportOptions(tail, dtype="float32", progress=False), info.device)
+    options = ExportOptions(tail, dtype="float32", progress=False, llm_only=llm_only)
+    report = export_hf(checkpoint, out, parallel, options, info.device)
     runtime.destroy()
     return report
 
@@ -381,7 +382,8 @@ def test_hf_to_ours_to_hf_is_bit_identical(hf_llava_dir, tmp_path):
 
 
 def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
-    """Stage 1's start: a LLaMA causal LM and a SigLIP tower; the projector and head are new."""
+    """Stage 1's start: a LLaMA causal LM and a SigLIP tower; the projector and head are new. The
+    LLM-only export (TP=2) gives the LLaMA back bit for bit, with its config."""
     import transformers
 
     from megatron_asvr.convert.hf_import import ImportSources
@@ -406,6 +408,16 @@ def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
     fresh = {n.split(".")[0] for n in report["initialised"]}
     assert fresh == {"projector", "visual_heads"}
     assert "encoder.layers.2.mlp.fc1.weight" in " ".join(report["skipped"])
+
+    run_ranks(_export, 2, ParallelConfig(tensor_parallel=2), str(tmp_path / "ours"), str(tmp_path / "back"), None,
+              True)
+    original, back = SafetensorsDir(tmp_path / "llm"), SafetensorsDir(tmp_path / "back")
+    assert set(back.keys()) == set(original.keys()) - {k for k in original.keys() if "rotary" in k}
+    for key in back.keys():
+        assert torch.equal(back.get(key), original.get(key)), key
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert exported["architectures"] == ["LlamaForCausalLM"] and exported["vocab_size"] == 300
+    assert exported["num_key_value_heads"] == 2 and not (tmp_path / "back" / "visual_head").exists()
 
 
 def test_import_names_a_missing_tensor(hf_llava_dir, tmp_path):

@@ -11,6 +11,9 @@ Export one of our checkpoints (a training iter_* directory works) to llava-hf:
     torchrun --nproc_per_node 4 tools/convert.py export --checkpoint runs/7b/iter_0005000 --out hf/asvr-7b \\
         --tp 2 --pp 2 --vision-tower-from siglip-so400m-patch14-384 --tokenizer vicuna-7b-v1.5 --verify
 
+--llm-only exports the language model alone as an HF LlamaForCausalLM, with the text tokenizer
+(after a text-only stage, as launch/demo_llm.sh builds the demo's LLM); import it with --llm.
+
 --verify runs both sides on the same random image and prompt and prints the max
 absolute logit difference (it needs transformers; the HF model is loaded on one
 rank after ours is freed).
@@ -49,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             sub.add_argument("--vision-tower-from", type=Path,
                              help="the original HF vision weights: export the complete tower (else truncated)")
             sub.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
+            sub.add_argument("--llm-only", action="store_true",
+                             help="the language model alone, as an HF LlamaForCausalLM (import it with --llm)")
     return parser.parse_args(argv)
 
 
@@ -80,8 +85,10 @@ def _export(args, parallel, info) -> None:
     )
     from megatron_asvr.convert.verify import verify_checkpoint
 
+    if args.llm_only and args.verify:
+        raise ConfigError("--verify compares a LLaVA export; import an --llm-only export with --llm to check it")
     options = ExportOptions(args.vision_tower_from, args.tokenizer, args.dtype,
-                            int(args.max_shard_size * 1024**3), not args.no_progress)
+                            int(args.max_shard_size * 1024**3), not args.no_progress, args.llm_only)
     report = export_hf(args.checkpoint, args.out, parallel, options, info.device)
     if info.rank == 0:
         print_export_report(report)

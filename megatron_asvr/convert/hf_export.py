@@ -1,4 +1,6 @@
-"""Our checkpoint (saved at any TP / PP) -> an HF LlavaForConditionalGeneration directory.
+"""Our checkpoint (saved at any TP / PP) -> an HF LlavaForConditionalGeneration directory, or
+with ``llm_only`` its language model alone as an HF LlamaForCausalLM / MistralForCausalLM
+(config.json, generation_config.json, safetensors, the tokenizer copied as it is).
 
 Runs on every rank of a TP x PP layout after ``runtime.initialize``. Output::
 
@@ -27,10 +29,11 @@ from tqdm import tqdm
 
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, read_config
+from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, llm_to_hf, read_config
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
-from megatron_asvr.convert.hf_tokenizer import write_processor, write_tokenizer
-from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
+from megatron_asvr.convert.hf_llm import llm_rules
+from megatron_asvr.convert.hf_tokenizer import copy_tokenizer, write_processor, write_tokenizer
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab
 from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
 from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
@@ -41,6 +44,7 @@ from megatron_asvr.model.hf_vision import find_prefix, vision_from_hf
 from megatron_asvr.training.checkpoint import resolve
 
 HEAD_DIR = "visual_head"
+LLM_PREFIX = "language_model."  # our names of the language model's parameters
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,6 +55,7 @@ class ExportOptions:
     dtype: str = "bfloat16"  # of the model while exporting and of the written tensors
     max_shard_bytes: int = 2 * 1024**3
     progress: bool = True
+    llm_only: bool = False  # the language model alone, as an HF LlamaForCausalLM / MistralForCausalLM
 
 
 class _OneParameter:
@@ -107,8 +112,17 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _write_llm_configs(out: Path, model: ModelConfig, vocab: HFVocab, options: ExportOptions,
+                       tokenizer: Optional[Path]) -> List[str]:
+    _write_json(out / "config.json", llm_to_hf(model.llm, vocab, options.dtype))
+    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True})
+    return ["config.json", "generation_config.json"] + (copy_tokenizer(tokenizer, out) if tokenizer else [])
+
+
 def _write_configs(out: Path, model: ModelConfig, vocab: HFVocab, complete_tower: bool, options: ExportOptions,
                    tokenizer: Optional[Path]) -> List[str]:
+    if options.llm_only:
+        return _write_llm_configs(out, model, vocab, options, tokenizer)
     vision_layers = model.vision.num_layers if complete_tower else model.vision.layers_used
     feature_layer = model.vision.feature_layer if complete_tower else -1
     _write_json(out / "config.json", llava_to_hf(model, vocab, vision_layers, feature_layer, options.dtype))
@@ -125,7 +139,9 @@ def _write_configs(out: Path, model: ModelConfig, vocab: HFVocab, complete_tower
     return written
 
 
-def _expected_names(rules, tail: Optional[VisionTail]) -> set:
+def _expected_names(rules, tail: Optional[VisionTail], llm_only: bool) -> set:
+    if llm_only:
+        return set(hf_names(rules))
     names = set(hf_names(rules)) | {f"{HUB.vision}post_layernorm.weight", f"{HUB.vision}post_layernorm.bias"}
     return names | {target for _, target in (tail.names if tail else [])}
 
@@ -157,14 +173,21 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     if model.asvr.discrete_input:
         raise ConfigError(f"{checkpoint}: a discrete-input model has no vision tower; LLaVA needs one")
     model.validate(parallel)
-    vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+    llm_only = options.llm_only
+    if llm_only:
+        vocab = bare_vocab(model.llm.vocab_size)
+    else:
+        vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     vocab.validate(model.llm.vocab_size, str(checkpoint))
     tail = VisionTail.find(Path(options.vision_tower_from), model) if options.vision_tower_from else None
+    if llm_only and tail is not None:
+        raise ConfigError("an LLM-only export has no vision tower: drop --vision-tower-from")
     tokenizer = Path(options.tokenizer) if options.tokenizer else checkpoint / checkpoint_io.TOKENIZER_DIR
     tokenizer = tokenizer if tokenizer.exists() else None
     dtype = DTYPES[options.dtype]
     tp = parallel.tensor_parallel
-    hf_rules, head = by_ours(llava_rules(model, vocab, tp, HUB)), by_ours(head_rules(model.asvr, tp))
+    rules = llm_rules(model.llm, vocab, tp) if llm_only else llava_rules(model, vocab, tp, HUB)
+    hf_rules, head = by_ours(rules), by_ours(head_rules(model.asvr, tp))
 
     rank = dist.get_rank()
     if rank == 0:
@@ -181,7 +204,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     with torch.no_grad(), tqdm(total=total, desc="export", unit="tensor", disable=not options.progress or rank) as bar:
         for name, tensor in iter_full_tensors(chunks):
             bar.update()
-            if not writer:
+            if not writer or (llm_only and not name.startswith(LLM_PREFIX)):
                 continue
             part = "head" if name.startswith(HEAD_PREFIX) else "model"
             rule = (head if part == "head" else hf_rules).get(name)
@@ -190,7 +213,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
                 continue
             for hf_name, value in zip(rule.hf, rule.to_hf(tensor), strict=True):
                 writers[part].add(hf_name, value.to(dtype))
-        if writer and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        if writer and not llm_only and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             if tail is not None:
                 tail.write(writers["model"], dtype)
             else:
@@ -201,7 +224,8 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     files, error = [], None
     if rank == 0:
         try:
-            _finalize(out, written, _expected_names(hf_rules.values(), tail), model.asvr.branches)
+            _finalize(out, written, _expected_names(hf_rules.values(), tail, llm_only),
+                      model.asvr.branches and not llm_only)
             files = _write_configs(out, model, vocab, tail is not None, options, tokenizer)
         except (KeyError, ConfigError, OSError) as err:
             error = f"rank 0: {err}"
@@ -211,7 +235,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
         "out": str(out),
         "tensors": sum(len(w["model"][0]) for w in written),
         "head_tensors": sum(len(w["head"][0]) for w in written),
-        "vision_tower": (
+        "vision_tower": "none (LLM only)" if llm_only else (
             f"complete ({model.vision.num_layers} layers, vision_feature_layer={model.vision.feature_layer})"
             if tail is not None else
             f"truncated to the {model.vision.layers_used} layers we keep (vision_feature_layer=-1; "
@@ -227,5 +251,8 @@ def print_export_report(report: Dict[str, Any]) -> None:
     vocab: HFVocab = report["vocab"]
     print(f"export: wrote {report['out']}: {report['tensors']} tensors, visual head {report['head_tensors']} tensors")
     print(f"  vision tower: {report['vision_tower']}")
-    print(f"  vocabulary: {vocab.rows} rows, <image> = {vocab.image_token_index}, <pad> = {vocab.pad_token_id}")
+    if vocab.image_token_index is None:
+        print(f"  vocabulary: {vocab.rows} rows (the LM's own)")
+    else:
+        print(f"  vocabulary: {vocab.rows} rows, <image> = {vocab.image_token_index}, <pad> = {vocab.pad_token_id}")
     print(f"  tokenizer: {report['tokenizer'] or 'none written (pass --tokenizer)'}", flush=True)

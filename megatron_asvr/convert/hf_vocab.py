@@ -44,7 +44,7 @@ PAD_TOKEN = "<pad>"
 class HFVocab:
     """The HF side of the mapping: its special token ids and its number of embedding rows."""
 
-    image_token_index: int
+    image_token_index: Optional[int]  # None: a bare LM's own rows (an LLM-only export)
     pad_token_id: Optional[int]
     rows: int
 
@@ -71,6 +71,11 @@ def appended_vocab(llm_vocab: int) -> HFVocab:
     """llava-hf's tokens after an LM's ``llm_vocab`` tokens: <image>, <pad>, rows to a multiple of 64."""
     rows = -(-(llm_vocab + 2) // ROW_MULTIPLE) * ROW_MULTIPLE
     return HFVocab(image_token_index=llm_vocab, pad_token_id=llm_vocab + 1, rows=rows)
+
+
+def bare_vocab(llm_vocab: int) -> HFVocab:
+    """A bare LLaMA's vocabulary: its ``llm_vocab`` rows, no ``<image>``, no ``<pad>``."""
+    return HFVocab(image_token_index=None, pad_token_id=None, rows=llm_vocab)
 
 
 def rows_to_hf(weight: torch.Tensor, llm_vocab: int, vocab: HFVocab) -> torch.Tensor:
