@@ -93,7 +93,7 @@ DESCRIBE_PROMPTS = (
 STAGE_TEMPLATES = {"language": "vicuna_v1", "pretrain": "plain", "instruct": "vicuna_v1"}
 MAX_TURNS = 8
 TAG_AFTER_PROMPT_FRACTION = 0.1  # stage-1 records with "<image>" after the prompt
-TRAIN_CATEGORY_WEIGHTS = {"color": 3, "count": 3, "position": 2, "yes/no": 2, "choice": 2, "describe": 1}
+TRAIN_CATEGORY_WEIGHTS = {"color": 3, "count": 2, "position": 2, "yes/no": 2, "choice": 3, "describe": 1}
 EVAL_CATEGORIES = ("color", "count", "position", "yes/no", "choice")
 MIN_VOCAB_SIZE = 384
 # SentencePiece settings of Llama's tokenizer (BPE, byte fallback, no normalisation, digits split).
@@ -131,6 +131,7 @@ class DemoConfig:
     eval_questions_per_image: int = 3
     image_sizes: tuple[tuple[int, int], ...] = ((384, 384), (448, 336), (336, 448))  # (width, height)
     max_objects: int = 5
+    centered: bool = False  # every shape at its cell's centre and full size (the demo: shapes easier to tell apart)
     noisy_fraction: float = 0.5
     text_only_fraction: float = 0.03
     vocab_size: int = 1000
@@ -282,8 +283,8 @@ def sample_scene(config: DemoConfig, rng: np.random.Generator) -> Scene:
     objects = []
     for index in chosen:
         column, row = cells[index]
-        radius = int(max_radius * rng.uniform(0.55, 1.0))
-        slack_x, slack_y = cell_w / 2 - radius, cell_h / 2 - radius
+        radius = int(max_radius * (1.0 if config.centered else rng.uniform(0.55, 1.0)))
+        slack_x, slack_y = (0.0, 0.0) if config.centered else (cell_w / 2 - radius, cell_h / 2 - radius)
         center = (
             int((column + 0.5) * cell_w + rng.uniform(-slack_x, slack_x)),
             int((row + 0.5) * cell_h + rng.uniform(-slack_y, slack_y)),
@@ -565,15 +566,30 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
-def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> DemoSummary:
+def _read_tokenizer(source: Path) -> bytes:
+    """The SentencePiece model ``source`` names (a file, or a directory holding tokenizer.model)."""
+    path = source / "tokenizer.model" if source.is_dir() else source
+    try:
+        model = path.read_bytes()
+        spm.SentencePieceProcessor(model_proto=model)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable SentencePiece model ({err})") from err
+    return model
+
+
+def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig(),
+                   tokenizer: str | Path | None = None) -> DemoSummary:
     """Render the images and write the JSON files and tokenizer described in the module docstring.
 
-    Refuses to write over an earlier corpus (any of OUTPUT_NAMES present in ``out_dir``).
+    ``tokenizer``: a SentencePiece model (file, or a directory holding ``tokenizer.model``) to copy,
+    a pretrained LLM's, instead of fitting one to the corpus. Refuses to write over an earlier
+    corpus (any of OUTPUT_NAMES present in ``out_dir``).
     """
     out = Path(out_dir)
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if existing:
         raise FileExistsError(f"{out}: already holds {', '.join(existing)}; choose a new directory or remove them")
+    model = None if tokenizer is None else _read_tokenizer(Path(tokenizer))
     scenes, pretrain, instruct, evaluation = {}, [], [], []
     for split, count in (("train", config.train_images), ("eval", config.eval_images)):
         (out / "images" / split).mkdir(parents=True)
@@ -603,9 +619,10 @@ def make_demo_data(out_dir: str | Path, config: DemoConfig = DemoConfig()) -> De
     _write_json(out / "instruct.json", instruct)
     _write_json(out / "scenes.json", scenes)
     (out / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evaluation), encoding="utf-8")
-    text = [line for name, records in (("language", language), ("pretrain", pretrain), ("instruct", instruct))
-            for line in template_text(records, STAGE_TEMPLATES[name])]
-    model = train_tokenizer(text, config.vocab_size)
+    if model is None:
+        text = [line for name, records in (("language", language), ("pretrain", pretrain), ("instruct", instruct))
+                for line in template_text(records, STAGE_TEMPLATES[name])]
+        model = train_tokenizer(text, config.vocab_size)
     (out / "tokenizer.model").write_bytes(model)
     _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     return DemoSummary(

@@ -3,11 +3,11 @@
 Real runs start from a pretrained SigLIP; the demo cannot download one, so this
 module builds an encoder whose features are informative by construction: the
 patch embedding takes the mean brightness and colour (two opponent-colour
-channels) of each of the patch's ``blocks x blocks`` sub-blocks, and the position
-embedding adds sinusoids of the patch's row and column. The demo's recipes use
-128-pixel patches: one per cell of the scenes' 3 x 3 grid, whose shapes never
-leave their cell, so each visual token holds one object, as a pretrained
-encoder's do. Its transformer layers are random with their residual branches
+channels) of each of the patch's ``blocks x blocks`` sub-blocks and of the whole
+patch, and the position embedding adds sinusoids of the patch's row and column.
+The demo's recipes use 128-pixel patches: one per cell of the scenes' 3 x 3 grid,
+whose shapes never leave their cell, so each visual token holds one object, as a
+pretrained encoder's do. Its transformer layers are random with their residual branches
 scaled by ``BRANCH_SCALE``, so the features stay close to that layout, as a
 trained encoder's early layers stay close to their input. Both the demo's model
 (imported with tools/convert.py) and its visual tokenizer
@@ -27,18 +27,22 @@ from megatron_asvr.config import VisionConfig
 BLOCKS = 8  # sub-blocks per patch side whose mean colours are features (default)
 FREQUENCIES = 4  # sinusoids per axis (sin and cos each) in the position embedding
 CHROMA_GAIN = 4.0  # opponent-colour features over brightness
+PATCH_GAIN = 8.0  # whole-patch means over the sub-block ones: a shape covers a fraction of its patch
 BRANCH_SCALE = 0.05  # residual-branch output weights, relative to the usual initialisation
 
 
-def _block_colours(width: int, patch: int, blocks: int) -> torch.Tensor:
+def _block_colours(width: int, patch: int, blocks: int, whole: int) -> torch.Tensor:
     """Patch-embedding weights whose first 3 * blocks**2 outputs are, per sub-block, the mean
     brightness and two opponent-colour (chroma) means scaled by CHROMA_GAIN: grey, white and
-    black backgrounds have no chroma, the shapes' saturated colours a large one."""
+    black backgrounds have no chroma, the shapes' saturated colours a large one. Outputs
+    ``whole`` .. ``whole + 2`` are the same three means over the whole patch, scaled by PATCH_GAIN:
+    a shape's colour wherever it sits in its patch, as a pretrained encoder's features are."""
     mixes = torch.tensor([[1 / 3, 1 / 3, 1 / 3],  # brightness
                           [2 ** -0.5, -(2 ** -0.5), 0.0],  # red - green
                           [6 ** -0.5, 6 ** -0.5, -2 * 6 ** -0.5]])  # yellow - blue
     mixes[1:] *= CHROMA_GAIN
     weight = torch.zeros(width, 3, patch, patch)  # [w, c, p, p]
+    weight[whole:whole + 3] = PATCH_GAIN * mixes.view(3, 3, 1, 1) / patch**2
     side = patch // blocks
     for feature in range(3):
         for row in range(blocks):
@@ -66,9 +70,10 @@ def demo_siglip_weights(vision: VisionConfig, seed: int = 0, blocks: int = BLOCK
     """HF ``SiglipVisionModel`` weights (without prefix), built as the module docstring says."""
     w, f, p = vision.hidden_size, vision.ffn_hidden_size, vision.patch_size
     colour_dims, position_dims = 3 * blocks**2, 4 * FREQUENCIES
-    if p % blocks or w < colour_dims + position_dims:
+    needed = colour_dims + position_dims + 3  # + the whole-patch means
+    if p % blocks or w < needed:
         raise ValueError(f"the demo encoder with {blocks} x {blocks} blocks needs patch_size divisible by {blocks} "
-                         f"and hidden_size >= {colour_dims + position_dims}; got {p} and {w}")
+                         f"and hidden_size >= {needed}; got {p} and {w}")
     g = torch.Generator().manual_seed(seed)
 
     def normal(*shape, std):
@@ -76,7 +81,7 @@ def demo_siglip_weights(vision: VisionConfig, seed: int = 0, blocks: int = BLOCK
 
     grid = vision.image_size // p
     state = {
-        "embeddings.patch_embedding.weight": _block_colours(w, p, blocks),
+        "embeddings.patch_embedding.weight": _block_colours(w, p, blocks, colour_dims + position_dims),
         "embeddings.patch_embedding.bias": torch.zeros(w),
         "embeddings.position_embedding.weight": _grid_sinusoids(w, grid, colour_dims),
         "post_layernorm.weight": torch.ones(w),

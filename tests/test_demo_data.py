@@ -339,6 +339,19 @@ def test_tool_writes_the_same_corpus_and_reports_errors(corpus, tmp_path):
     again = subprocess.run([*tool, "--out", str(tmp_path / "cli")], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already holds" in again.stderr and "Traceback" not in again.stderr
 
+    # The demo copies its pretrained LLM's tokenizer instead of fitting one; nothing else changes.
+    llm = REPO / "assets/demo_llm"
+    copied = subprocess.run([*tool, "--out", str(tmp_path / "llm"), "--tokenizer", str(llm)], env=env,
+                            capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "llm/tokenizer.model").read_bytes() == (llm / "tokenizer.model").read_bytes()
+    changed = {name for name, digest in _files(tmp_path / "llm").items() if _files(corpus).get(name) != digest}
+    assert changed == {"tokenizer.model"}
+    missing = subprocess.run([*tool, "--out", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "no_llm")],
+                             env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no_llm: not a readable SentencePiece model" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "none").exists()
+
 
 def test_language_records_describe_a_scene_then_ask_about_it(corpus):
     """Stage 0: text only; the first turn is a full caption (colours and positions), and every

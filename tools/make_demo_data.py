@@ -36,13 +36,17 @@ def main() -> None:
         parser.add_argument(flag, dest=name, type=type(default), help=f"override the preset (default: {default})")
     parser.add_argument("--caption-colors", dest="caption_colors", action=argparse.BooleanOptionalAction,
                         help=f"stage-1 captions name the colours (default: {defaults.caption_colors})")
+    parser.add_argument("--centered", dest="centered", action=argparse.BooleanOptionalAction,
+                        help=f"shapes at their cells' centres, full size (default: {defaults.centered})")
+    parser.add_argument("--tokenizer", help="copy this SentencePiece model (file or directory), a pretrained "
+                                            "LLM's, instead of fitting one")
     args = parser.parse_args()
 
     config = DemoConfig.tiny() if args.preset == "tiny" else DemoConfig()
-    names = [*OVERRIDES.values(), "caption_colors"]
+    names = [*OVERRIDES.values(), "caption_colors", "centered"]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     try:
-        summary = make_demo_data(args.out, dataclasses.replace(config, **overrides))
+        summary = make_demo_data(args.out, dataclasses.replace(config, **overrides), args.tokenizer)
     except (FileExistsError, ValueError) as err:
         parser.error(str(err))
     print(json.dumps(dataclasses.asdict(summary), indent=2))
