@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The CPU demo: synthetic data -> demo encoder + visual tokenizer -> shards + targets -> import ->
-# stage 1 (TP=2) -> stage 2 (PP=2) -> held-out questions scored. DEMO_STAGE0=1 first trains the LLM on
-# text only (stage 0, DP=2) and starts stage 1 from it; measured here, that leaves the stage-2 model
-# blind to the image (README, "The demo"), so it is off by default.
+# The CPU demo: synthetic data -> demo encoder + visual tokenizer -> shards + targets -> import of
+# the demo's pretrained LLM (assets/demo_llm, built by launch/demo_llm.sh; DEMO_LLM names another)
+# with the encoder -> stage 1 (TP=2) -> stage 2 (PP=2) -> held-out questions scored.
 # Sets up its own environment (scripts/env.sh). Every step is skipped when its output exists,
 # so an interrupted demo resumes; DEMO_DIR (default runs/demo) holds everything it writes.
 set -euo pipefail
@@ -10,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 OUT=${DEMO_DIR:-runs/demo}
 NPROC=${NPROC:-2}
-STAGE0=${DEMO_STAGE0:-0}
+LLM=${DEMO_LLM:-assets/demo_llm}  # an HF LlamaForCausalLM with its tokenizer, as Vicuna in real runs
 CAPTIONS=${DEMO_CAPTION_COLORS:-1}  # 0: stage-1 captions leave the colours out (the experiment's corpus)
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -22,8 +21,8 @@ say() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$OUT/data/pretrain.json" ]; then
     say "synthetic corpus"
-    python tools/make_demo_data.py --out "$OUT/data" --train-images 1000 --eval-images 100 --max-objects 1 \
-        "$([ "$CAPTIONS" = 1 ] && echo --caption-colors || echo --no-caption-colors)" >/dev/null
+    python tools/make_demo_data.py --out "$OUT/data" --train-images 1000 --eval-images 100 --max-objects 1 --centered \
+        "$([ "$CAPTIONS" = 1 ] && echo --caption-colors || echo --no-caption-colors)" --tokenizer "$LLM" >/dev/null
 fi
 if [ ! -f "$OUT/encoder/config.json" ]; then
     say "the demo's SigLIP encoder (features built in: block colours, grid position)"
@@ -35,28 +34,27 @@ if [ ! -f "$OUT/tokenizer/config.json" ]; then
         --output "$OUT/tokenizer" --depth 4 --codebook-size 64 --appearance-layer 1 --mode resize \
         --head-width 64 --max-images 200 --workers 1 --no-progress
 fi
-stages=(pretrain:plain:128:resize instruct:vicuna_v1:384:resize)
-[ "$STAGE0" = 1 ] && stages+=(language:vicuna_v1:384:-)
-for stage in "${stages[@]}"; do
-    IFS=: read -r name template length mode <<< "$stage"
+for stage in pretrain:plain:128 instruct:vicuna_v1:384; do
+    IFS=: read -r name template length <<< "$stage"
     if [ ! -f "$OUT/shards/$name/manifest.json" ]; then
         say "preprocessing $name ($template)"
         python tools/preprocess.py --data "$name=$OUT/data/$name.json" --image-root "$OUT/data/images" \
             --tokenizer "$OUT/data" --template "$template" --output "$OUT/shards/$name" \
             --max-seq-length "$length" --image-tokens 9 --max-skip-fraction 0.05 --workers "$NPROC" --no-progress
     fi
-    if [ "$mode" != - ] && [ ! -f "$OUT/targets/$name/coverage.json" ]; then
-        say "visual targets for $name ($mode)"
-        python tools/precompute_targets.py --data "$OUT/data/$name.json" --image-root "$OUT/data/images" \
-            --tokenizer-config "$OUT/tokenizer/config.json" --tokenizer-checkpoint "$OUT/tokenizer/tokenizer.ckpt" \
-            --mode "$mode" --precision fp32 --output "$OUT/targets/$name" --workers 1 --no-progress >/dev/null
-    fi
 done
+if [ ! -f "$OUT/targets/train/coverage.json" ]; then  # both stages use the same images: one pass
+    say "visual targets of the training images (resize)"
+    python tools/precompute_targets.py --data "$OUT/data/pretrain.json" "$OUT/data/instruct.json" \
+        --image-root "$OUT/data/images" --tokenizer-config "$OUT/tokenizer/config.json" \
+        --tokenizer-checkpoint "$OUT/tokenizer/tokenizer.ckpt" --mode resize --precision fp32 \
+        --output "$OUT/targets/train" --workers 1 --no-progress >/dev/null
+fi
 
 if [ ! -f "$OUT/init/model_config.json" ]; then
-    say "import: the demo encoder as the vision tower, the LLM initialised (tools/convert.py)"
-    python tools/convert.py import --vision "$OUT/encoder" --config configs/demo_stage0.yaml --out "$OUT/init" \
-        --dtype float32 --no-progress >/dev/null
+    say "import: the demo's pretrained LLM ($LLM) and the demo encoder (tools/convert.py)"
+    python tools/convert.py import --llm "$LLM" --vision "$OUT/encoder" --config configs/demo_stage0.yaml \
+        --out "$OUT/init" --dtype float32 --no-progress >/dev/null
 fi
 
 [ "${DEMO_PREPARE_ONLY:-0}" = 1 ] && { say "prepared (DEMO_PREPARE_ONLY=1): data, tokenizer, shards, targets, import"; exit 0; }
@@ -67,16 +65,10 @@ train() {  # stage, then overrides; a finished stage (its `latest` written) is n
     [ -f "$OUT/stage$1/latest" ] && return
     "${run[@]}" tools/train.py --config "configs/demo_stage$1.yaml" "${paths[@]}" --set "train.save_dir=$OUT/stage$1" "${@:2}"
 }
-start1=init
-if [ "$STAGE0" = 1 ]; then
-    say "stage 0: the LLM learns the language from text, DP=2"
-    train 0 --set "data.shards=$OUT/shards/language" --set "train.load=$OUT/init"
-    start1=stage0
-fi
-say "stage 1: projector + visual head, TP=2, from $start1"
-train 1 --set "data.shards=$OUT/shards/pretrain" --set "data.targets=$OUT/targets/pretrain" --set "train.load=$OUT/$start1"
+say "stage 1: projector + visual head, TP=2, from the import"
+train 1 --set "data.shards=$OUT/shards/pretrain" --set "data.targets=$OUT/targets/train" --set "train.load=$OUT/init"
 say "stage 2: + LLM, PP=2, from the stage-1 checkpoint"
-train 2 --set "data.shards=$OUT/shards/instruct" --set "data.targets=$OUT/targets/instruct" --set "train.load=$OUT/stage1"
+train 2 --set "data.shards=$OUT/shards/instruct" --set "data.targets=$OUT/targets/train" --set "train.load=$OUT/stage1"
 say "held-out questions, greedy answers (DP=2)"
 "${run[@]}" tools/evaluate.py --checkpoint "$OUT/stage2" --tokenizer "$OUT/data" --benchmark "jsonl=$OUT/data/eval.jsonl" \
     --image-root "jsonl=$OUT/data/images" --max-new-tokens 6 --out "$OUT/eval"

@@ -34,8 +34,8 @@ ARMS = {  # name -> (label, overrides for both stages)
     "asvr": ("ASVR", []),
 }
 DEMO_INPUTS = ("data/eval.jsonl", "data/images", "tokenizer", "shards/pretrain", "shards/instruct",
-               "targets/pretrain", "targets/instruct", "init")
-STAGE_DATA = {1: "pretrain", 2: "instruct"}  # shards/ and targets/ of each stage
+               "targets/train", "init")
+STAGE_DATA = {1: "pretrain", 2: "instruct"}  # shards/ of each stage (targets/train serves both)
 IN_TRAINING_SCORES = 4  # default: stage 2 scores the held-out questions this many times
 MAX_NEW_TOKENS = 6  # greedy answers are a word or two (as launch/demo.sh evaluates)
 
@@ -120,7 +120,7 @@ def train_command(config: ExperimentConfig, arm: str, seed: int, stage: int) -> 
     data = STAGE_DATA[stage]
     sets = [
         f"data.image_root={demo / 'data/images'}", f"data.shards={demo / 'shards' / data}",
-        f"data.targets={demo / 'targets' / data}", f"train.visual_tokenizer={demo / 'tokenizer'}",
+        f"data.targets={demo / 'targets/train'}", f"train.visual_tokenizer={demo / 'tokenizer'}",
         f"train.save_dir={run_dir / f'stage{stage}'}", f"train.seed={seed}", "train.log_interval=1",
         f"train.steps={config.steps(stage)}", "train.save_interval=0", *config.overrides(stage), *ARMS[arm][1],
     ]
