@@ -8,8 +8,8 @@
 # tokenizer fit are deterministic, so the tokenizer equals the one committed. Usage:
 # launch/demo_llm.sh [DEST] (default assets/demo_llm, must not exist); WORK (default runs/demo_llm)
 # holds the corpus and the stage-0 checkpoints. The committed assets/demo_llm was built at commit
-# f1dafbb (NPROC=2); the corpus changed after it (multiple choice asks a colour or a position, no
-# longer a shape), so a rebuild trains on the new questions and fits its own tokenizer.
+# f1dafbb (NPROC=2); the corpus changed after it (multiple choice asks a colour, no longer a
+# shape), so a rebuild trains on the new questions and fits its own tokenizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

@@ -164,8 +164,6 @@ def _unique(scene: dict, shape: str, color: str | None = None) -> dict:
 
 
 def _choice_truth(question: str, scene: dict) -> tuple[str, str]:
-    if match := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
-        return "choice position", _expected_cell(_unique(scene, match[2], match[1]), scene)
     match = re.fullmatch(r"What color is the (\w+) (.+)\?", question)
     obj = _at(scene, match[2])
     assert obj["shape"] == match[1]
@@ -241,7 +239,7 @@ def test_answers_match_the_drawn_scene(corpus):
         asked[label] += 1
     # Every kind of image question occurs, so none of the checks above is vacuous.
     image_labels = {"color at", "color of", "count all", "count color", "count shape", "where", "is there"}
-    assert image_labels | {"choice color", "choice position", "describe"} <= set(asked)
+    assert image_labels | {"choice color", "describe"} <= set(asked)
     assert asked["sides"] + asked["sum"] + asked["mix"] >= 1
 
 
