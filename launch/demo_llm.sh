@@ -4,7 +4,7 @@
 # configs/demo_stage0.yaml) on scenes described in words followed by questions about them, exported
 # as an HF LlamaForCausalLM with its tokenizer (tools/convert.py export --llm-only).
 # 10000 text records (their scenes drawn, never rendered), 3000 steps: the LLM learns to answer from
-# the description, yes/no and multiple choice included (README, "The demo"). The corpus and the
+# the description, yes/no and multiple choice included (README, "The two commands"). The corpus and the
 # tokenizer fit are deterministic, so the tokenizer equals the one committed. Usage:
 # launch/demo_llm.sh [DEST] (default assets/demo_llm, must not exist); WORK (default runs/demo_llm)
 # holds the corpus and the stage-0 checkpoints. The committed assets/demo_llm was built at commit
