@@ -1,5 +1,5 @@
 """ASVR versus LLaVA (visual loss off) on the demo data, over seeds: for every seed both arms
-train stage 1 (from the demo's import of its encoder) and stage 2 with the same recipes, steps and
+train stage 1 (from the demo's import of its LLM and encoder) and stage 2 with the same recipes, steps and
 overrides, then answer the held-out questions greedily. Writes experiment.md (accuracy per
 category with chance and majority, mean ± std over seeds; final losses; per-seed numbers; wall
 times), experiment.json, curves.png and accuracy.png.
