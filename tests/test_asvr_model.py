@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
+from tests.support.harness import train
+from tests.support.multirank import run_ranks
+from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
@@ -143,7 +143,7 @@ def test_appearance_only_supervision():
 
 
 def _discrete_features(codes):
-    from asvr_dev.tiny_vlm import codebooks, VLMCase
+    from tests.support.tiny_vlm import codebooks, VLMCase
     from megatron_asvr import runtime
 
     case = VLMCase(model=_with_asvr(STAGE2, discrete_input=True))
@@ -176,7 +176,7 @@ def test_discrete_input_replaces_encoder_features_by_codebook_vectors():
 def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
     """Saved at TP=2 x PP=2 (head linears in containers, TP-sharded classifiers), loaded at
     TP=1 x PP=1 and at PP=2 x DP=2: the same evaluation losses (1e-6)."""
-    from asvr_dev.harness import evaluate_checkpoint
+    from tests.support.harness import evaluate_checkpoint
 
     directory = str(tmp_path / "ckpt")
     saved = run_ranks(train, 4, VLMCase(model=STAGE2, steps=1, parallel=ParallelConfig(2, 2)), save_to=directory)
@@ -190,7 +190,7 @@ def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
 def test_activation_recompute_changes_nothing_but_memory():
     """Full recompute (LLM layers and head layers) and selective recompute (LLM core attention):
     the same losses and gradients as no recompute."""
-    from asvr_dev import tiny_vlm
+    from tests.support import tiny_vlm
 
     plain = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
     for changes in ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable, fp8_llm_changes
 from megatron_asvr.benchmark.model import stage_configs
 from megatron_asvr.benchmark.report import comparisons_of, render, to_json

@@ -186,7 +186,7 @@ def test_pickle_checkpoints_and_broken_indexes_are_refused(tmp_path):
 def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     from transformers import AutoTokenizer
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
     from megatron_asvr.tokenizers import (
         IMAGE_PLACEHOLDER,
         load_text_tokenizer,

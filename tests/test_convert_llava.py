@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
@@ -162,7 +162,7 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
 
     directory = tmp_path_factory.mktemp("demo")
     summary = make_demo_data(directory, DemoConfig.tiny())

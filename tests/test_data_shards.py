@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asvr_dev.fixtures import llama2_tokenizer_model
+from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
 from megatron_asvr.data.shards import MANIFEST, ShardDataset, ShardWriter

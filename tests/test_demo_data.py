@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from asvr_dev import demo_data as demo
+from demo import data as demo
 from megatron_asvr.tokenizers import Turn, get_template, load_text_tokenizer, place_image_tags
 
 REPO = Path(__file__).resolve().parents[1]

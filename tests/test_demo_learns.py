@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig,
     DataConfig,
@@ -48,8 +48,8 @@ def _prepare(root: str) -> None:
     """Corpus (one shape per image, colour questions only), encoder, import, shards."""
     import torch
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
-    from asvr_dev.demo_encoder import write_demo_siglip
+    from demo.data import DemoConfig, make_demo_data
+    from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
     from megatron_asvr.convert.hf_import import ImportSources, import_hf
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.multirank import run_ranks
+from tests.support.tiny_run import make_tiny_run, tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, TrainConfig
 
 TP2 = ParallelConfig(tensor_parallel=2)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.demo_data import DemoConfig, make_demo_data
-from asvr_dev.multirank import run_ranks
+from demo.data import DemoConfig, make_demo_data
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig,
     CodebookSpec,
@@ -335,7 +335,7 @@ def test_render_overlays_attention_on_the_image():
 
 
 def test_attention_map_tool_names_missing_layers(root):
-    from asvr_dev.multirank import MultiRankError
+    from tests.support.multirank import MultiRankError
 
     item = _items(root)[0]
     message = r"attention_map: error: layers \[9\] do not exist \(the model has layers 1..4\)"

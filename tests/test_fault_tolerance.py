@@ -3,7 +3,7 @@ stops with one line, never hangs, and leaves no process behind.
 
 The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shards of its own. The
 reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
-a bash / Python polyglot). The others run ``asvr_dev/faults.py`` (tools/train.py with faults in
+a bash / Python polyglot). The others run ``tests/support/faults.py`` (tools/train.py with faults in
 the first attempt) under ``torchrun --max-restarts 1`` and must end with the reference's model,
 optimizer, scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
 """
@@ -24,9 +24,9 @@ import pytest
 import torch
 import yaml
 
-from asvr_dev.multirank import MultiRankError, run_ranks
-from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
-from asvr_dev.torchrun_job import run_torchrun
+from tests.support.multirank import MultiRankError, run_ranks
+from tests.support.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.torchrun_job import run_torchrun
 from megatron_asvr.config import ParallelConfig, to_dict
 from megatron_asvr.data.loader import GlobalBatchOrder
 from megatron_asvr.data.shards import ShardDataset
@@ -58,7 +58,7 @@ def _recipe(tiny_root, work: Path) -> Path:
 
 
 def _faulty_job(tiny_root, work: Path, faults: str, **kwargs):
-    job = run_torchrun([ROOT / "asvr_dev/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=1,
+    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=1,
                        env={**ENV, "ASVR_FAULTS": faults}, **kwargs)
     assert job.returncode == 0, job.output[-4000:]
     assert not job.survivors, f"processes outlived the job: {job.survivors}"
@@ -155,10 +155,10 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
 
 
 def _train(config, faults=(), log=None):
-    """loop.run in this rank with ``faults`` (asvr_dev/faults.py); stdout and stderr into ``log``."""
+    """loop.run in this rank with ``faults`` (tests/support/faults.py); stdout and stderr into ``log``."""
     import os
 
-    from asvr_dev import faults as injected
+    from tests.support import faults as injected
     from megatron_asvr.training import loop
 
     if log is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.loader import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig, ParallelConfig, load_run_config
 from megatron_asvr.planner import Cluster, format_plan, plan_memory
 from megatron_asvr.planner.param_counts import stage_parameters

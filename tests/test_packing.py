@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
+from tests.support.harness import train
+from tests.support.multirank import run_ranks
+from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.packing import MicroPlan, layout_tokens, packing_report, plan_step
 from megatron_asvr.data.sequence import build_sequence

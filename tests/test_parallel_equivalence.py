@@ -9,9 +9,9 @@ equal the TP=PP=DP=1 run.
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_gpt import GPTCase, mean_losses
+from tests.support.harness import train
+from tests.support.multirank import run_ranks
+from tests.support.tiny_gpt import GPTCase, mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from asvr_dev.harness import evaluate_checkpoint, train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_gpt import TINY_LLAMA, GPTCase
-from asvr_dev.tiny_gpt import mean_losses as _mean_losses
+from tests.support.harness import evaluate_checkpoint, train
+from tests.support.multirank import run_ranks
+from tests.support.tiny_gpt import TINY_LLAMA, GPTCase
+from tests.support.tiny_gpt import mean_losses as _mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 

@@ -6,7 +6,7 @@ of block 26, no post-norm), mlp2x_gelu projector, the ASVR head at E=2048, D=8, 
 
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ModelConfig, ParallelConfig
 
 H, E, C, V, D, FFN, L = 4096, 2048, 1152, 16384, 8, 11008, 32

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from asvr_dev.tiny_run import tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, load_run_config
 
 

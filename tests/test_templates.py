@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from asvr_dev.fixtures import llama2_tokenizer_model
+from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.tokenizers.templates import (
     GPT,
     HUMAN,

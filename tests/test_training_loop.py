@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from asvr_dev.multirank import MultiRankError, run_ranks
-from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.multirank import MultiRankError, run_ranks
+from tests.support.tiny_run import make_tiny_run, tiny_run_config
 from megatron_asvr.config import ParallelConfig
 
 

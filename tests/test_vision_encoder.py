@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import ConfigError, ParallelConfig, VisionConfig
 from megatron_asvr.model.hf_vision import hf_vision_to_canonical
 from megatron_asvr.model.qkv import fuse_qkv, split_qkv

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.data.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 from megatron_asvr.tokenizers.visual_format import read_config
 
@@ -93,7 +93,7 @@ def _fit_and_reload(argv, images_dir, mode):
 def test_fit_on_the_demo_corpus(tmp_path):
     import transformers
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
 
     make_demo_data(tmp_path / "demo", DemoConfig.tiny())  # 12 training images
     torch.manual_seed(0)

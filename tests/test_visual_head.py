@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
 from megatron_asvr.model.qkv import fuse_qkv
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import VisionConfig
 from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, TargetsConfig, VisualTargets, codes_file
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken

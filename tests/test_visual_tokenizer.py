@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.tokenizers.visual_format import (
     TokenizerFileError,
     VisualCodesMeta,

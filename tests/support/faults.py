@@ -1,6 +1,6 @@
 """tools/train.py with faults injected, for the fault-tolerance tests under torchrun.
 
-    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 asvr_dev/faults.py --config run.yaml
+    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 tests/support/faults.py --config run.yaml
 
 Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
 restarted workers run clean. ASVR_FAULTS holds comma-separated faults (a kind may repeat):
@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _faults() -> list:

@@ -5,7 +5,7 @@ from functools import partial
 
 import torch
 
-from asvr_dev.harness import Case
+from tests.support.harness import Case
 from megatron_asvr.config import LLMConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.llm import build_llm, llm_transformer_config
@@ -66,6 +66,6 @@ class GPTTask:
 
 def mean_losses(results, key="reports"):
     """{(step, micro-batch): mean LM loss} from the last-stage ranks."""
-    from asvr_dev.harness import merged_reports
+    from tests.support.harness import merged_reports
 
     return {k: (r["lm loss"][0] / r["lm loss"][1]).item() for k, r in merged_reports(results, key).items()}

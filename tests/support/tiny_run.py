@@ -31,8 +31,8 @@ SEQ_LENGTH = 256
 
 def make_tiny_run(root: str) -> dict:
     """Write the corpus, tokenizer, shards and targets under ``root``; return their paths."""
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
-    from asvr_dev.demo_encoder import write_demo_siglip
+    from demo.data import DemoConfig, make_demo_data
+    from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
     from megatron_asvr.data.targets import TargetsConfig, precompute_targets

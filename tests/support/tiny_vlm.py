@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import torch
 
-from asvr_dev.harness import Case, merged_reports
+from tests.support.harness import Case, merged_reports
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.data.batch import build_micro_batch
 from megatron_asvr.data.packing import length_multiple_for, plan_step
