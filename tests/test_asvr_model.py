@@ -203,14 +203,14 @@ def test_activation_recompute_changes_nothing_but_memory():
 def _load_into_model_with_heads(directory):
     from megatron_asvr import runtime
     from megatron_asvr.model.canonical import full_state
-    from megatron_asvr.training.checkpoint import load_weights
+    from megatron_asvr.checkpoint.model import VISUAL_HEADS, load_weights
     from megatron_asvr.model.chunks import build_model_chunks
 
     case = VLMCase(model=STAGE2)
     info = runtime.initialize(case.parallel)
     chunks = build_model_chunks(case.chunk_builder(), info.device)
     before = full_state(chunks)
-    load_weights(directory, chunks)
+    load_weights(chunks, directory, optional=(VISUAL_HEADS,))
     after = full_state(chunks)
     runtime.destroy()
     return before, after

@@ -73,15 +73,15 @@ def _last_stage(results, key):
 def _train_like_and_export(model, parallel, checkpoint, out, tail, tokenizer, inputs):
     """A random model at ``parallel`` saved as our checkpoint, exported to HF; our logits on ``inputs``."""
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
+    from megatron_asvr.checkpoint.model import build_chunks, save_model
     from megatron_asvr.convert.hf_export import ExportOptions, export_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
 
     info = runtime.initialize(parallel)
-    chunks = checkpoint_io.build_chunks(model, parallel, torch.float32, info.device)
+    chunks = build_chunks(model, parallel, torch.float32, info.device)
     _perturbed(chunks, seed=11)
-    checkpoint_io.save_model_checkpoint(chunks, checkpoint, model)
+    save_model(chunks, checkpoint, model)
     options = ExportOptions(vision_tower_from=tail, tokenizer=tokenizer, dtype="float32", max_shard_bytes=150_000,
                             progress=False)
     report = export_hf(checkpoint, out, parallel, options, info.device)
@@ -121,7 +121,7 @@ def _export(parallel, checkpoint, out, tail, llm_only=False):
 def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkpoint, inputs, prompt, steps):
     """Import our export at ``parallel``: its canonical state and logits; greedy tokens of the original."""
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
+    from megatron_asvr.checkpoint.model import load_model, read_model_config
     from megatron_asvr.convert.hf_import import ImportSources, import_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
@@ -130,15 +130,12 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
     sources = ImportSources(llava=Path(export_dir), visual_head=Path(export_dir) / "visual_head")
     import_hf(sources, new_checkpoint, parallel, ModelConfig(transformer_impl="local"), torch.float32, info.device,
               progress=False)
-    model = checkpoint_io.read_model_config(new_checkpoint)
-    chunks = checkpoint_io.build_chunks(model, parallel, torch.float32, info.device)
-    checkpoint_io.load_model_weights(chunks, new_checkpoint)
+    chunks = load_model(new_checkpoint, read_model_config(new_checkpoint), parallel, torch.float32, info.device)
     # our 512 tokens come back with llava-hf's two appended ones (576 rows): compare the 512
     result = {"state": full_state(chunks), "logits": our_logits(chunks, inputs, LLAMA_LLM.vocab_size)}
 
-    original = checkpoint_io.read_model_config(original_checkpoint)
-    chunks = checkpoint_io.build_chunks(original, parallel, torch.float32, info.device)
-    checkpoint_io.load_model_weights(chunks, original_checkpoint)
+    chunks = load_model(original_checkpoint, read_model_config(original_checkpoint), parallel, torch.float32,
+                        info.device)
     tokens, image_mask, images = prompt
     result["step_logits"] = []
     for _ in range(steps):  # greedy: the arg-max of a full forward over the prompt so far

@@ -11,7 +11,7 @@ from PIL import Image
 from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import DataFileError, read_records
 from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
-from megatron_asvr.data.shards import MANIFEST, ShardDataset
+from megatron_asvr.data.shards import SHARD_MANIFEST, ShardDataset
 from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
@@ -227,7 +227,7 @@ def test_strict_turns_skips_into_errors_and_fails(fixture_set):
         preprocess(config(fixture_set, [(None, fixture_set / "records.json")], strict=True))
     report = json.loads((fixture_set / "out" / "report.json").read_text())
     assert report["by_reason"]["tokenization_mismatch"]["error"] == 1
-    assert not (fixture_set / "out" / MANIFEST).exists()
+    assert not (fixture_set / "out" / SHARD_MANIFEST).exists()
     assert not list((fixture_set / "out").glob("shard_*"))
 
 
@@ -237,7 +237,7 @@ def test_max_skip_fraction_fails_with_the_numbers(fixture_set):
     assert str(info.value).startswith(
         "20 of 32 records skipped (62.50%), above --max-skip-fraction 50.00%; see "
     )
-    assert not (fixture_set / "out" / MANIFEST).exists()
+    assert not (fixture_set / "out" / SHARD_MANIFEST).exists()
 
 
 def test_too_long_truncate_keeps_images_whole(fixture_set):

@@ -44,11 +44,11 @@ HF_TOL = 1e-4  # transformers vs ours (fp32), as the converter's tests
 
 def _save_model(root: str) -> None:
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
+    from megatron_asvr.checkpoint.model import build_chunks, save_model
 
     info = runtime.initialize(ParallelConfig(), seed=7)
-    chunks = checkpoint_io.build_chunks(MODEL, ParallelConfig(), torch.float32, info.device)
-    checkpoint_io.save_model_checkpoint(chunks, Path(root) / "ckpt", MODEL)
+    chunks = build_chunks(MODEL, ParallelConfig(), torch.float32, info.device)
+    save_model(chunks, Path(root) / "ckpt", MODEL)
     runtime.destroy()
 
 

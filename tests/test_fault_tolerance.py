@@ -335,27 +335,27 @@ def _fake_checkpoint(directory: Path, shard_bytes: int) -> None:
 
 
 def test_integrity_manifest_finds_cut_changed_and_lost_files(tmp_path, capsys, monkeypatch):
-    from megatron_asvr.training import checkpoint, checkpoint_integrity
+    from megatron_asvr.checkpoint import directory, manifest
 
-    monkeypatch.setattr(checkpoint_integrity, "HASHED_MAX_BYTES", 100)  # the shard: sizes only
+    monkeypatch.setattr(manifest, "HASHED_MAX_BYTES", 100)  # the shard: sizes only
     for step in (2, 4):
         _fake_checkpoint(tmp_path / f"iter_{step:07d}", 1000)
-        checkpoint_integrity.write_manifest(tmp_path / f"iter_{step:07d}")
+        manifest.write_manifest(tmp_path / f"iter_{step:07d}")
     (tmp_path / "latest").write_text("iter_0000004")
     (tmp_path / "iter_0000006.tmp").mkdir()
     (tmp_path / "latest.tmp").write_text("iter_0000006")
     newest = tmp_path / "iter_0000004"
-    assert checkpoint_integrity.damage(newest) is None and checkpoint.find_latest(tmp_path) == newest
+    assert manifest.damage(newest) is None and directory.find_latest(tmp_path) == newest
 
     (newest / "model_config.json").write_text("[]")  # same size, other bytes: hashed
-    assert checkpoint_integrity.damage(newest) == "model_config.json changed after it was written (SHA-256 differs)"
+    assert manifest.damage(newest) == "model_config.json changed after it was written (SHA-256 differs)"
     (newest / "model_config.json").write_text("{}")
     with open(newest / "dist/__0_0.distcp", "r+b") as f:
         f.truncate(600)
-    assert checkpoint.find_latest(tmp_path) == tmp_path / "iter_0000002"
+    assert directory.find_latest(tmp_path) == tmp_path / "iter_0000002"
     assert capsys.readouterr().err == (f"warning: checkpoint {newest} is damaged (dist/__0_0.distcp is 600 bytes, "
                                        f"1,000 were written): passed over\n")
     (newest / "dist/__0_0.distcp").unlink()
-    assert checkpoint_integrity.damage(newest) == "dist/__0_0.distcp is missing"
-    assert checkpoint.remove_incomplete(tmp_path) == ["iter_0000006.tmp", "latest.tmp"]
+    assert manifest.damage(newest) == "dist/__0_0.distcp is missing"
+    assert directory.remove_unfinished(tmp_path) == ["iter_0000006.tmp", "latest.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]

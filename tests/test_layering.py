@@ -24,12 +24,11 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("runtime",),
     ("kernels",),
     ("model",),
-    ("checkpoint_format",),  # the on-disk form of the model's chunks; used by training and convert
+    ("checkpoint",),  # the one place that knows the disk: training, convert and evaluation read it
     ("tokenizers",),
     ("data",),
     ("training",),
-    ("convert",),
-    ("evaluation",),
+    ("convert", "evaluation"),  # siblings: neither imports the other
     ("benchmark", "planner"),
 )
 # Units that are not a .py file or folder of their own: the csrc extensions belong to the kernels.

@@ -25,7 +25,8 @@ def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
     """loop.run in this rank; optionally SIGKILL itself when a step's batches are loaded or inside
     a checkpoint write, or poison one step's images with NaN."""
     from megatron_asvr.data.loader import TrainLoader
-    from megatron_asvr.training import checkpoint, loop
+    from megatron_asvr.checkpoint import training_state
+    from megatron_asvr.training import loop
 
     next_step = TrainLoader.next_step
 
@@ -42,14 +43,14 @@ def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
 
     TrainLoader.next_step = faulty_next_step
     if kill_in_save_of is not None:
-        write_json = checkpoint._write_json
+        write_json = training_state._write_json
 
         def dying_write(path, data):
             if f"iter_{kill_in_save_of:07d}.tmp" in str(path):  # after dist/ was written, before the rename
                 os.kill(os.getpid(), signal.SIGKILL)
             write_json(path, data)
 
-        checkpoint._write_json = dying_write
+        training_state._write_json = dying_write
     return loop.run(config)
 
 
@@ -58,14 +59,14 @@ def _final_params(config, checkpoint_dir):
     from megatron_asvr import runtime
     from megatron_asvr.model.canonical import full_state
     from megatron_asvr.model.vlm import stage_builder
-    from megatron_asvr.training.checkpoint import load_weights
+    from megatron_asvr.checkpoint.model import load_weights
     from megatron_asvr.training.loop import with_codebooks
     from megatron_asvr.model.chunks import build_model_chunks
 
     books, model = with_codebooks(config)
     info = runtime.initialize(config.parallel)
     chunks = build_model_chunks(stage_builder(model, config.parallel, "local", books), info.device)
-    load_weights(checkpoint_dir, chunks)
+    load_weights(chunks, checkpoint_dir)
     state = full_state(chunks)
     runtime.destroy()
     return state

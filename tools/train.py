@@ -30,7 +30,7 @@ def main() -> None:
     from megatron_asvr.data.loader import DataLoaderError
     from megatron_asvr.evaluation.in_training import train
     from megatron_asvr.runtime.waits import PeerLost
-    from megatron_asvr.training.checkpoint import CheckpointWriteError
+    from megatron_asvr.checkpoint.training_state import CheckpointWriteError
 
     try:
         train(config)

@@ -27,13 +27,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from megatron_asvr.checkpoint.directory import TOKENIZER_DIR, resolve
+from megatron_asvr.checkpoint.model import load_model, read_model_config
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_asvr.convert import checkpoint_io
 from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, llm_to_hf, read_config
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer, write_processor, write_tokenizer
-from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab, checkpoint_vocab
 from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
 from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
@@ -41,7 +42,6 @@ from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
 from megatron_asvr.model.hf_rules import by_ours, hf_names
 from megatron_asvr.model.hf_vision import find_prefix, vision_from_hf
-from megatron_asvr.training.checkpoint import resolve
 
 HEAD_DIR = "visual_head"
 LLM_PREFIX = "language_model."  # our names of the language model's parameters
@@ -169,7 +169,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     ``out_dir`` (collective); return a report."""
     checkpoint, out = resolve(Path(checkpoint)), Path(out_dir)
     require_new_directory(out)
-    model = checkpoint_io.read_model_config(checkpoint)
+    model = read_model_config(checkpoint)
     if model.asvr.discrete_input:
         raise ConfigError(f"{checkpoint}: a discrete-input model has no vision tower; LLaVA needs one")
     model.validate(parallel)
@@ -177,12 +177,12 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     if llm_only:
         vocab = bare_vocab(model.llm.vocab_size)
     else:
-        vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+        vocab = checkpoint_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     vocab.validate(model.llm.vocab_size, str(checkpoint))
     tail = VisionTail.find(Path(options.vision_tower_from), model) if options.vision_tower_from else None
     if llm_only and tail is not None:
         raise ConfigError("an LLM-only export has no vision tower: drop --vision-tower-from")
-    tokenizer = Path(options.tokenizer) if options.tokenizer else checkpoint / checkpoint_io.TOKENIZER_DIR
+    tokenizer = Path(options.tokenizer) if options.tokenizer else checkpoint / TOKENIZER_DIR
     tokenizer = tokenizer if tokenizer.exists() else None
     dtype = DTYPES[options.dtype]
     tp = parallel.tensor_parallel
@@ -193,8 +193,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     if rank == 0:
         (out / HEAD_DIR).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    chunks = checkpoint_io.build_chunks(model, parallel, dtype, device)
-    checkpoint_io.load_model_weights(chunks, checkpoint)
+    chunks = load_model(checkpoint, model, parallel, dtype, device)
 
     writer = is_writer()
     writers = {"model": ShardWriter(out, f"rank{rank:05d}", options.max_shard_bytes),

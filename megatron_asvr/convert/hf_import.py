@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_asvr.checkpoint.directory import HF_VOCAB, TOKENIZER_DIR
+from megatron_asvr.checkpoint.model import build_chunks, save_model
 from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
-from megatron_asvr.convert import checkpoint_io
 from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
 from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
 from megatron_asvr.convert.hf_llm import llm_rules
@@ -167,7 +168,7 @@ def import_hf(
     require_new_directory(out_dir)
     plan = plan_import(sources, base, parallel.tensor_parallel)
     plan.model.validate(parallel)
-    chunks = checkpoint_io.build_chunks(plan.model, parallel, params_dtype, device)
+    chunks = build_chunks(plan.model, parallel, params_dtype, device)
     rank = dist.get_rank()
     error = None
     with tqdm(desc="import", unit="tensor", disable=not progress or rank != 0) as bar:
@@ -180,10 +181,12 @@ def import_hf(
     if unmatched and error is None:
         error = f"rank {rank}: {len(unmatched)} parameters have no HF tensor, e.g. {unmatched[:3]}"
     raise_if_any(error)
-    checkpoint_io.save_model_checkpoint(chunks, out_dir, plan.model, plan.vocab if plan.keep_vocab else None)
+    save_model(chunks, out_dir, plan.model)
     copied_tokenizer = []
+    if rank == 0 and plan.keep_vocab:
+        plan.vocab.write(Path(out_dir) / HF_VOCAB)
     if rank == 0 and plan.tokenizer is not None:
-        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
+        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / TOKENIZER_DIR)
     initialised = sorted(set().union(*gather_objects(sorted(lazy.unmatched))))
     dist.barrier()
     return {

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_asvr.checkpoint.directory import resolve
+from megatron_asvr.checkpoint.model import load_model, read_model_config
 from megatron_asvr.config import ModelConfig, ParallelConfig
-from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, checkpoint_vocab
 from megatron_asvr.convert.ranks import is_writer, raise_if_any
 from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.training.checkpoint import resolve
 from megatron_asvr.training.schedule import forward_only
 
 BOS = 1
@@ -126,11 +126,10 @@ def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch
     ``parallel``) against the HF model in ``hf_dir`` (a LLaVA, or with ``llava=False`` a causal LM
     on a text-only prompt), on the last stage's writer rank; None on the other ranks (collective)."""
     checkpoint = resolve(Path(checkpoint))
-    model = checkpoint_io.read_model_config(checkpoint)
-    vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+    model = read_model_config(checkpoint)
+    vocab = checkpoint_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     inputs = random_inputs(model, vocab, with_image=llava, seed=seed)
-    chunks = checkpoint_io.build_chunks(model, parallel, dtype, device)
-    checkpoint_io.load_model_weights(chunks, checkpoint)
+    chunks = load_model(checkpoint, model, parallel, dtype, device)
     ours = our_logits(chunks, inputs, model.llm.vocab_size)
     del chunks
     gc.collect()

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from megatron_asvr.checkpoint.directory import checkpoint_dir, find_latest
 from megatron_asvr.config import load_run_config
 from megatron_asvr.evaluation.experiment_report import Results, accuracy_png, curves_png, format_report, seed_record
 from megatron_asvr.evaluation.plot import save_figure
 from megatron_asvr.evaluation.report import RESULTS_JSON
-from megatron_asvr.training.checkpoint import checkpoint_dir, find_latest
 
 ARMS = {  # name -> (label, overrides for both stages)
     "llava": ("LLaVA (no visual loss)", ["model.asvr.visual_loss=false"]),

@@ -1,14 +1,24 @@
 """The model an evaluation runs: our checkpoint (any TP / PP / DP, under torchrun) or an HF
-export (one process, transformers), wrapped in an ``Answerer`` with its prompts and images."""
+export (one process, transformers), wrapped in an ``Answerer`` with its prompts and images.
+
+A checkpoint's model is built without the visual head, a training-only part (its weights stay in
+the checkpoint), with the settings its training run used (template, image mode) as defaults.
+Discrete-input models need the visual tokenizer's codes of every evaluation image, which this
+path does not compute.
+"""
 
 import contextlib
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from megatron_asvr.config import ConfigError, ParallelConfig
+from megatron_asvr.checkpoint.directory import RUN_CONFIG, TOKENIZER_DIR
+from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_asvr.data.shards import SHARD_MANIFEST
 from megatron_asvr.evaluation.answerer import Answerer
 from megatron_asvr.evaluation.queries import QueryEncoder
 from megatron_asvr.tokenizers.text import load_text_tokenizer
@@ -50,6 +60,37 @@ class LoadedModel:
     patch_size: int  # vision patch, in pixels of the 384 view
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """What the run that wrote a checkpoint used; None where it cannot be found."""
+
+    template: Optional[str]  # from the training shards' manifest
+    image_mode: Optional[str]
+    tokenizer: Optional[Path]  # a tokenizer/ directory inside the checkpoint (HF imports)
+
+
+def training_defaults(directory: Path) -> TrainingDefaults:
+    directory = Path(directory)
+    template = image_mode = None
+    run_config = directory / RUN_CONFIG
+    if run_config.is_file():
+        data = json.loads(run_config.read_text(encoding="utf-8")).get("data", {})
+        image_mode = data.get("image_mode")
+        manifest = Path(data.get("shards", "")) / SHARD_MANIFEST
+        if manifest.is_file():
+            template = json.loads(manifest.read_text(encoding="utf-8")).get("metadata", {}).get("template")
+    tokenizer = directory / TOKENIZER_DIR
+    return TrainingDefaults(template, image_mode, tokenizer if tokenizer.is_dir() else None)
+
+
+def evaluation_model_config(model: ModelConfig, where: str) -> ModelConfig:
+    """``model`` without the visual head; refuses discrete-input models."""
+    if model.asvr.discrete_input:
+        raise ConfigError(f"{where}: a discrete-input model needs the visual tokenizer's codes of each "
+                          f"evaluation image; evaluation supports models with a vision encoder")
+    return dataclasses.replace(model, asvr=dataclasses.replace(model.asvr, visual_loss=False))
+
+
 def _required(value, what: str, flag: str):
     if value is None:
         raise ConfigError(f"no {what} known for this model: pass {flag}")
@@ -58,11 +99,14 @@ def _required(value, what: str, flag: str):
 
 def _checkpoint_model(spec: ModelSpec) -> LoadedModel:
     from megatron_asvr import runtime
-    from megatron_asvr.evaluation.checkpoint_model import load_model, training_defaults
+    from megatron_asvr.checkpoint.directory import resolve
+    from megatron_asvr.checkpoint.model import load_model, read_model_config
     from megatron_asvr.evaluation.runners import MegatronRunner
 
     info = runtime.initialize(spec.parallel)
-    chunks, model, directory = load_model(spec.checkpoint, spec.parallel, spec.torch_dtype(), info.device)
+    directory = resolve(spec.checkpoint)
+    model = evaluation_model_config(read_model_config(directory), str(directory))
+    chunks = load_model(directory, model, spec.parallel, spec.torch_dtype(), info.device)
     defaults = training_defaults(directory)
     tokenizer = load_text_tokenizer(_required(spec.tokenizer or defaults.tokenizer, "text tokenizer", "--tokenizer"))
     encoder = QueryEncoder(tokenizer, _required(spec.template or defaults.template, "template", "--template"),

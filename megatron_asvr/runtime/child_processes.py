@@ -6,7 +6,7 @@ torchrun stops a worker it signals the worker's whole process group, but a worke
 Linux's parent-death signal ends a helper when the rank that forked it ends, however it ends:
 ``install`` arms it in every child forked from this process. (The spawned helpers the orphans
 used to include, megatron's writer-results manager and multiprocessing's resource tracker, are
-no longer started: ``training.checkpoint`` gives megatron an in-process queue.) Elsewhere than
+no longer started: ``checkpoint.training_state`` gives megatron an in-process queue.) Elsewhere than
 Linux this is a no-op.
 """
 

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_asvr import runtime
+from megatron_asvr.checkpoint.directory import newest_for_every_rank
+from megatron_asvr.checkpoint.model import VISUAL_HEADS, load_weights
+from megatron_asvr.checkpoint.training_state import save_retried
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
 from megatron_asvr.data.loader import BatchingSettings, GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
 from megatron_asvr.data.packing import length_multiple_for
@@ -33,7 +35,6 @@ from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
-from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.flops import micro_batch_flops
 from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
@@ -122,7 +123,7 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, model_cf
                             **recompute_kwargs(config.train.recompute))
 
     def init_weights(chunks):
-        loaded = ckpt.load_weights(Path(config.train.load), chunks)
+        loaded = load_weights(chunks, Path(config.train.load), optional=(VISUAL_HEADS,))
         if info.rank == 0:
             print(f"initial weights from {loaded}", flush=True)
 
@@ -157,43 +158,22 @@ def batching_settings(config: RunConfig) -> BatchingSettings:
 
 
 def resume_newest(trainer: Trainer, save_dir: Path, info: runtime.RankInfo) -> Optional[Path]:
-    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any: rank 0 first
-    clears what unfinished saves left, then chooses it for every rank."""
-    chosen = [None]
-    if info.rank == 0:
-        for name in ckpt.remove_incomplete(save_dir):
-            print(f"removed {save_dir / name}, left by a save that did not finish", flush=True)
-        chosen = [ckpt.find_latest(save_dir)]
-    dist.broadcast_object_list(chosen, src=0)  # host sync, once at start-up
-    if chosen[0] is not None:
-        with waiting_for("every rank", f"loading {chosen[0].name}"):
-            same_layout = trainer.resume(chosen[0])
+    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any."""
+    chosen = newest_for_every_rank(save_dir)
+    if chosen is not None:
+        with waiting_for("every rank", f"loading {chosen.name}"):
+            same_layout = trainer.resume(chosen)
         if info.rank == 0:
             how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
-            print(f"resumed from {chosen[0]} at step {trainer.step}{how}", flush=True)
-    return chosen[0]
+            print(f"resumed from {chosen} at step {trainer.step}{how}", flush=True)
+    return chosen
 
 
-def save_by_policy(trainer: Trainer, config: RunConfig, model_cfg, info: runtime.RankInfo) -> Optional[Path]:
-    """``trainer.save``, retried once if it fails; then, per ``train.save_failure``, stop
-    (``CheckpointWriteError``) or train on (None). ``latest`` keeps the last checkpoint written."""
-    t, save_dir = config.train, Path(config.train.save_dir)
-    name = ckpt.checkpoint_dir(save_dir, trainer.step).name
-    for retry in (False, True):
-        try:
-            with waiting_for("every rank and this rank's checkpoint writers", f"the save of {name}"):
-                return trainer.save(save_dir, to_dict(model_cfg), to_dict(config), t.keep_last)
-        except ckpt.CheckpointWriteError as err:
-            failure = err
-            if info.rank == 0 and not retry:
-                print(f"{err}; retrying once", flush=True)
-    pointer = save_dir / ckpt.LATEST
-    kept = f"latest is still {pointer.read_text()}" if pointer.is_file() else "no checkpoint was written yet"
-    if t.save_failure == "stop":
-        raise ckpt.CheckpointWriteError(f"{failure}, twice; stopped (train.save_failure=stop); {kept}") from failure
-    if info.rank == 0:
-        print(f"{failure}, twice; training on (train.save_failure=continue); {kept}", flush=True)
-    return None
+def save(trainer: Trainer, config: RunConfig, model_cfg) -> Optional[Path]:
+    """The trainer's state, saved per ``train.save_failure`` (``checkpoint.training_state.save_retried``)."""
+    t = config.train
+    return save_retried(lambda: trainer.save(Path(t.save_dir), to_dict(model_cfg), to_dict(config), t.keep_last),
+                        Path(t.save_dir), trainer.step, t.save_failure)
 
 
 def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
@@ -249,7 +229,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
                     with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
                         held_out.log(trainer.step, logger)
                 if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
-                    last_saved = save_by_policy(trainer, config, model_cfg, info) or last_saved
+                    last_saved = save(trainer, config, model_cfg) or last_saved
                 if result.stop:
                     break
         finally:

@@ -26,12 +26,12 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_asvr.checkpoint.training_state import load_training, save_training
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.runtime import RankInfo
 from megatron_asvr.runtime.waits import waiting_for
-from megatron_asvr.training import checkpoint as ckpt
 from megatron_asvr.training.metrics import reduce_reports, step_losses
 from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
@@ -237,11 +237,11 @@ class Trainer:
             finite = torch.stack([torch.isfinite(p).all() for c in self.model for p in c.parameters()]).all()
             if not finite:  # host sync, once per checkpoint
                 raise NonFiniteError(f"parameters are not finite at step {self.step}: refusing to checkpoint")
-            return ckpt.save_checkpoint(save_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                        self.consumed_samples, model_config, run_config, keep_last)
+            return save_training(save_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                 self.consumed_samples, model_config, run_config, keep_last)
 
     def resume(self, directory: Path) -> bool:
         """Restore everything from a checkpoint; return whether the layout was the same (RNG restored)."""
-        state = ckpt.load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
-        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
-        return state["same_layout"]
+        progress = load_training(directory, self.model, self.optimizer, self.scheduler)
+        self.step, self.consumed_samples = progress.step, progress.consumed_samples
+        return progress.same_layout

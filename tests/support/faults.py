@@ -49,11 +49,11 @@ def install(faults: list) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_asvr.data.loader import TrainLoader
-    from megatron_asvr.training import checkpoint
+    from megatron_asvr.checkpoint import training_state
     from megatron_asvr.training.trainer import Trainer
 
     step_facts, next_step, dist_save, write_item = (Trainer._step_facts, TrainLoader.next_step,
-                                                    checkpoint.dist_checkpointing.save, filesystem_async._write_item)
+                                                    training_state.dist_checkpointing.save, filesystem_async._write_item)
     saves = {}  # step -> saves of it so far
     failing = {"writes": False, "writer": False}
 
@@ -87,7 +87,7 @@ def install(faults: list) -> None:
         return write_item(*args, **kwargs)
 
     Trainer._step_facts, TrainLoader.next_step = faulty_step_facts, faulty_next_step
-    checkpoint.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
+    training_state.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
 
 
 if __name__ == "__main__":

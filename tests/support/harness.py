@@ -16,7 +16,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_asvr import runtime
-from megatron_asvr.checkpoint_format import load_model, save_model
+from megatron_asvr.checkpoint.model import load_weights, save_weights
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.canonical import full_state, load_full_state
@@ -118,7 +118,7 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
             out["params"].append(full_state(trainer.model))
     if save_to is not None:
         with trainer.synced():
-            save_model(trainer.model, Path(save_to))
+            save_weights(trainer.model, Path(save_to))
         out["eval"] = evaluate_reports(case, trainer)
     runtime.destroy()
     return out
@@ -133,7 +133,7 @@ def evaluate_reports(case: Case, trainer: Trainer, step: int = EVAL_STEP) -> Lis
 def evaluate_checkpoint(case: Case, directory: str) -> List[tuple]:
     """Load a dist checkpoint at ``case``'s layout and return its evaluation reports."""
     trainer = _trainer(case)
-    load_model(trainer.model, Path(directory))
+    load_weights(trainer.model, Path(directory))
     reports = evaluate_reports(case, trainer)
     runtime.destroy()
     return reports

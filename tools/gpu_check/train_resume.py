@@ -22,7 +22,7 @@ import yaml
 
 from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import to_dict
-from megatron_asvr.training.checkpoint import LATEST, checkpoint_dir
+from megatron_asvr.checkpoint.directory import LATEST, checkpoint_dir
 from tools.gpu_check.step_io import FAILED, OK, REPO, main
 
 STEPS, CHECKPOINT_AT = 20, 10
