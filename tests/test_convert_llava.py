@@ -130,12 +130,13 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
     sources = ImportSources(llava=Path(export_dir), visual_head=Path(export_dir) / "visual_head")
     import_hf(sources, new_checkpoint, parallel, ModelConfig(transformer_impl="local"), torch.float32, info.device,
               progress=False)
-    chunks = load_model(new_checkpoint, read_model_config(new_checkpoint), parallel, torch.float32, info.device)
+    model = read_model_config(new_checkpoint)
+    chunks = load_model(new_checkpoint, model, parallel, torch.float32, info.device)
     # our 512 tokens come back with llava-hf's two appended ones (576 rows): compare the 512
     result = {"state": full_state(chunks), "logits": our_logits(chunks, inputs, LLAMA_LLM.vocab_size)}
 
-    chunks = load_model(original_checkpoint, read_model_config(original_checkpoint), parallel, torch.float32,
-                        info.device)
+    original = read_model_config(original_checkpoint)
+    chunks = load_model(original_checkpoint, original, parallel, torch.float32, info.device)
     tokens, image_mask, images = prompt
     result["step_logits"] = []
     for _ in range(steps):  # greedy: the arg-max of a full forward over the prompt so far

@@ -19,8 +19,7 @@ from megatron_asvr.config import (
     ParallelConfig,
     VisionConfig,
 )
-from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.data.sequence import SequenceTooLong, collate
+from megatron_asvr.data.sequence import SequenceTooLong
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
@@ -104,11 +103,11 @@ def _direct_reference(root: str) -> dict:
         vocab = loaded.answerer.runner.vocab_limit
 
         def logits(query):
-            batch = collate([to_sample(query, query.length)])
+            sample = to_sample(query, query.length)
             device = loaded.answerer.runner.device
             pixels = query.pixels.to(device) if query.pixels is not None else None
-            return chunk(batch["tokens"].to(device), batch["position_ids"].to(device),
-                         image_index=image_index_of(batch["image_mask"]).to(device),
+            return chunk(sample.tokens[None].to(device), torch.arange(query.length)[None].to(device),
+                         image_index=sample.image_mask.nonzero().squeeze(1).to(device),
                          images=pixels)["logits"][0, :, :vocab]  # [s, V]
 
         ids, margins = [], []

@@ -22,7 +22,7 @@ padding: samples of 760 positions fill a 2048-position row only to 74%, but 16 s
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Sequence, Tuple
 
 import torch
 

@@ -36,7 +36,7 @@ from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training.flops import micro_batch_flops
-from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
+from megatron_asvr.training.metrics import MetricsLogger, StepTimings, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
@@ -221,10 +221,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
                     result = trainer.train_step(micro, stop_requested=sigterm.raised,
                                                 unreadable=loader.unreadable_samples)
                     step_time = watch.lap() + data_time
-                logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
-                              result.real_tokens, result.samples, result.flops, step_time, data_time,
-                              dropped=result.dropped, computed_positions=result.computed_positions,
-                              unreadable=result.unreadable)
+                logger.record(result, StepTimings(step_s=step_time, data_s=data_time))
                 if held_out is not None and trainer.step % t.eval_interval == 0:
                     with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
                         held_out.log(trainer.step, logger)

@@ -8,15 +8,18 @@
 One step: the micro-batches go to the device (the only move), the task annotates
 them (the global loss counts, reduced on the device), megatron's pipeline
 schedule runs forward and backward, the last stage's loss reports are reduced
-over data-parallel ranks, then one collective decides for every rank whether
-the loss and gradients are finite. A finite step runs the optimizer and the
+over data-parallel ranks (``LossReport.reduce``), then one all-reduce gives every
+rank the step's counts (``StepCounts``), among them whether any rank saw a
+non-finite loss or gradient. A finite step runs the optimizer and the
 learning-rate schedule; a non-finite one is skipped (``nan_policy``). The host
-waits for the device at two points per step, each marked ``host sync``; each wait
-on other ranks is named (``runtime.waits``), for the watchdog's line.
+waits for the device at three points per step, each marked ``host sync``: the
+step's counts, the clipping norm inside megatron's optimizer step, and the loss
+report (last stage). Each wait on other ranks is named (``runtime.waits``), for
+the watchdog's line.
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -30,9 +33,9 @@ from megatron_asvr.checkpoint.training_state import load_training, save_training
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
+from megatron_asvr.model.loss import LossReport
 from megatron_asvr.runtime import RankInfo
 from megatron_asvr.runtime.waits import waiting_for
-from megatron_asvr.training.metrics import reduce_reports, step_losses
 from megatron_asvr.training.parallel_model import (
     DataParallelSettings,
     build_optimizer,
@@ -84,24 +87,59 @@ class OptimizerSettings:
     max_consecutive_skips: int = 5
 
 
-@dataclass
+@dataclass(frozen=True)
+class StepCounts:
+    """What one step counted over the global batch: every rank's numbers summed by the step's one
+    all-reduce (each counted once: the TP x PP ranks of a replica share its samples)."""
+
+    non_finite: bool  # some rank's loss or gradients were not finite: the update is skipped
+    stop: bool  # some rank asked the run to stop after this step
+    dropped: int  # samples masked out as too long
+    unreadable: int  # samples masked out as their images could not be read
+    image_positions: int
+    real_tokens: int  # non-padding positions
+    computed_positions: int  # positions the model computed (padding included)
+    flops: float  # of the real work (0 without the trainer's ``flops_of``)
+
+    @classmethod
+    def of_this_rank(cls, micro: List[MicroBatch], stop_requested: bool, unreadable: int,
+                     flops: float) -> "StepCounts":
+        """This rank's counts, known on the host before anything runs (``non_finite`` comes later,
+        from the device)."""
+        return cls(
+            non_finite=False, stop=stop_requested, dropped=sum(m.dropped for m in micro), unreadable=unreadable,
+            image_positions=sum(m.num_image_positions for m in micro),
+            real_tokens=sum(sum(m.sample_lengths) for m in micro),
+            computed_positions=sum(m.computed_positions for m in micro), flops=flops,
+        )
+
+    @classmethod
+    def from_sums(cls, sums: List[float], replicas: int) -> "StepCounts":
+        """The job's counts from the all-reduced vector (``astuple`` order); ``replicas``: the ranks
+        of a data-parallel replica, which each counted its samples."""
+        non_finite, stop, *counts, flops = sums
+        return cls(non_finite > 0, stop > 0, *(int(c) // replicas for c in counts), flops / replicas)
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one step did, on the host (losses only on the last pipeline stage)."""
 
     step: int
-    losses: Dict[str, float]
-    grad_norm: Optional[float]
-    skipped: bool
     lr: float  # the rate this step used
+    grad_norm: Optional[float]  # None when the step was skipped
     samples: int  # global batch
-    image_positions: int  # over the global batch
-    dropped: int  # samples masked out as too long, over the global batch
-    unreadable: int  # samples masked out as their images could not be read, over the global batch
-    stop: bool  # some rank asked the run to stop after this step
-    real_tokens: int  # non-padding positions over the global batch
-    computed_positions: int  # positions the model computed (padding included)
-    flops: float  # of the real work, over the global batch (0 without ``flops_of``)
-    reports: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # per micro-batch (last stage)
+    counts: StepCounts
+    losses: Dict[str, float]  # ``LossReport.scalars`` of the global batch
+    reports: List[LossReport]  # per micro-batch (last stage)
+
+    @property
+    def skipped(self) -> bool:
+        return self.counts.non_finite
+
+    @property
+    def stop(self) -> bool:
+        return self.counts.stop
 
 
 class Trainer:
@@ -145,26 +183,22 @@ class Trainer:
         self.task.prepare(micro, self.last_stage)
         return micro
 
-    def _iterators(self, micro: List[MicroBatch]):
-        return [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
-
     def train_step(self, micro: List[MicroBatch], stop_requested: bool = False, unreadable: int = 0) -> StepResult:
         """Forward, backward and (when everything is finite) the optimizer step on this rank's
         micro-batches of the next global batch. ``stop_requested`` (e.g. SIGTERM seen here) is
         shared with every rank through the step's own all-reduce: ``StepResult.stop``;
         ``unreadable``: this rank's samples masked for unreadable images (counted there too)."""
         number = self.step + 1
-        facts = self._host_facts(micro, stop_requested, unreadable)
+        mine = StepCounts.of_this_rank(micro, stop_requested, unreadable, self.flops_of(micro) if self.flops_of else 0.0)
         with waiting_for(self.peers, f"step {number}'s forward and backward"):
             micro = self._to_device(micro)
-            reports = forward_backward(self.task.forward_step, self._iterators(micro), self.model, self.optimizer,
-                                       len(micro), *self._schedule_shape(micro))
-            summed = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
+            reports = forward_backward(self.task.forward_step, self.model, self.optimizer, micro)
+            summed = LossReport.reduce(reports, parallel_state.get_data_parallel_group()) if self.last_stage else None
         with waiting_for("every rank", f"step {number}'s all-reduce"):
-            bad, stop, dropped, lost, positions, real, computed, flops = self._step_facts(summed, facts)
+            counts = self._over_the_job(mine, summed)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = None
-        if bad:
+        if counts.non_finite:
             self.consecutive_skips += 1
             if self.optim.nan_policy == "stop" or self.consecutive_skips > self.optim.max_consecutive_skips:
                 raise NonFiniteError(
@@ -178,50 +212,29 @@ class Trainer:
         self.step += 1
         samples = sum(m.num_samples for m in micro) * self.info.dp_size  # the global batch
         self.consumed_samples += samples
-        return StepResult(self.step, step_losses(summed), grad_norm, bad, lr, samples, positions, dropped, lost,
-                          stop, real, computed, flops, reports)
+        return StepResult(step=self.step, lr=lr, grad_norm=grad_norm, samples=samples, counts=counts,
+                          losses=summed.scalars() if summed is not None else {}, reports=reports)
 
-    def _schedule_shape(self, micro: List[MicroBatch]) -> Tuple[int, int]:
-        """(sequence length, micro-batch size) for megatron's schedule. Micro-batches padded to their
-        longest sample differ in length: the pipeline then sends each one's shape first."""
-        lengths = {m.tokens.shape[1] for m in micro}
-        self.model[0].config.variable_seq_lengths = len(lengths) > 1
-        return max(lengths), micro[0].rows
-
-    def _host_facts(self, micro: List[MicroBatch], stop_requested: bool, unreadable: int) -> torch.Tensor:
-        """This rank's step facts, known on the host before anything runs (see ``_step_facts``)."""
-        return torch.tensor([
-            0.0, float(stop_requested), sum(m.dropped for m in micro), unreadable,
-            sum(m.num_image_positions for m in micro),
-            sum(sum(m.sample_lengths) for m in micro), sum(m.computed_positions for m in micro),
-            self.flops_of(micro) if self.flops_of else 0.0,
-        ], dtype=torch.float64)
-
-    def _step_facts(self, summed, host: torch.Tensor) -> Tuple[bool, bool, int, int, int, int, int, float]:
-        """(any rank non-finite, any rank asked to stop, dropped samples, unreadable samples, image
-        positions, real tokens, computed positions, FLOPs) over the job: one all-reduce."""
-        facts = host.to(self.info.device, non_blocking=True)
+    def _over_the_job(self, mine: StepCounts, summed: Optional[LossReport]) -> StepCounts:
+        """Every rank's counts and non-finite checks summed: one all-reduce."""
+        vector = torch.tensor(astuple(mine), dtype=torch.float64).to(self.info.device, non_blocking=True)
         # A sum per gradient buffer (one pass, nothing the size of the buffer allocated): any inf or
         # NaN element makes it non-finite.
         checks = [torch.isfinite(g.sum()) for g in self._grad_buffers]
         if summed is not None:
-            checks.append(torch.isfinite(summed.flat).all())
+            checks.append(torch.isfinite(summed.flat()).all())
         if checks:
-            facts[0] = (~torch.stack(checks)).sum()
-        dist.all_reduce(facts)
+            vector[0] = (~torch.stack(checks)).sum()  # ranks' non-finite checks, in place of non_finite
+        dist.all_reduce(vector)
         # host sync: skipping the update must be decided on the host, by every rank alike.
-        bad, stop, *counts = facts.tolist()
-        replicas = self.info.world_size // self.info.dp_size  # every TP x PP rank of a replica counted it
-        dropped, lost, positions, real, computed = (int(c) // replicas for c in counts[:5])
-        return bad > 0, stop > 0, dropped, lost, positions, real, computed, counts[5] / replicas
+        return StepCounts.from_sums(vector.tolist(), self.info.world_size // self.info.dp_size)
 
     @torch.no_grad()
-    def evaluate(self, micro: List[MicroBatch]) -> List[Dict[str, torch.Tensor]]:
+    def evaluate(self, micro: List[MicroBatch]) -> List[LossReport]:
         """Forward-only loss reports on ``micro`` (last stage), parameters gathered first."""
         micro = self._to_device(micro)
         with self.synced():
-            return forward_only(self.task.forward_step, self._iterators(micro), self.model, len(micro),
-                                *self._schedule_shape(micro))
+            return forward_only(self.task.forward_step, self.model, micro)
 
     @contextmanager
     def synced(self):

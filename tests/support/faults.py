@@ -52,15 +52,15 @@ def install(faults: list) -> None:
     from megatron_asvr.checkpoint import training_state
     from megatron_asvr.training.trainer import Trainer
 
-    step_facts, next_step, dist_save, write_item = (Trainer._step_facts, TrainLoader.next_step,
+    over_the_job, next_step, dist_save, write_item = (Trainer._over_the_job, TrainLoader.next_step,
                                                     training_state.dist_checkpointing.save, filesystem_async._write_item)
     saves = {}  # step -> saves of it so far
     failing = {"writes": False, "writer": False}
 
-    def faulty_step_facts(self, *args):
+    def faulty_over_the_job(self, *args):
         if _fault(faults, "kill_in_step", self.step + 1):
             _die(signal.SIGKILL)
-        return step_facts(self, *args)
+        return over_the_job(self, *args)
 
     def faulty_next_step(self):
         if _fault(faults, "stall", self.consumed_samples // self.order.global_batch + 1):
@@ -86,7 +86,7 @@ def install(faults: list) -> None:
             _die(signal.SIGKILL)
         return write_item(*args, **kwargs)
 
-    Trainer._step_facts, TrainLoader.next_step = faulty_step_facts, faulty_next_step
+    Trainer._over_the_job, TrainLoader.next_step = faulty_over_the_job, faulty_next_step
     training_state.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
 
 

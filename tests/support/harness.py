@@ -20,6 +20,7 @@ from megatron_asvr.checkpoint.model import load_weights, save_weights
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.canonical import full_state, load_full_state
+from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.chunks import ChunkBuilder
 from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
@@ -61,9 +62,9 @@ def _rank_micro_batches(case: Case, info, step: int):
     return micro[first:first + per_rank], first
 
 
-def _reported(reports, first: int) -> List[tuple]:
-    """(global micro-batch index, report dict) for each report of the last stage."""
-    return [(first + i, {k: v.detach().clone() for k, v in r.items()}) for i, r in enumerate(reports)]
+def _reported(reports: List[LossReport], first: int) -> List[tuple]:
+    """(global micro-batch index, report) for each report of the last stage, on the host."""
+    return [(first + i, r.like(r.flat().cpu())) for i, r in enumerate(reports)]
 
 
 def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
