@@ -17,7 +17,7 @@ from megatron_asvr.benchmark.runner import benchmark_variants, run_variants
 from megatron_asvr.benchmark.settings import BenchmarkError, BenchmarkSettings
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.config import ConfigError
-from megatron_asvr.training.flops import StepShape, step_flops
+from megatron_asvr.model.flops import StepShape, step_flops
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 TINY = BenchmarkSettings(warmup=1, steps=2, micro_batch=2, global_batch=4)

@@ -74,7 +74,7 @@ def _prepare(root: str) -> None:
 
 
 def _train(root: str, save_dir: str) -> dict:
-    from megatron_asvr.training.loop import run
+    from megatron_asvr.training import run
 
     root = Path(root)
     config = RunConfig(

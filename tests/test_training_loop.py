@@ -60,10 +60,11 @@ def _final_params(config, checkpoint_dir):
     from megatron_asvr.model.canonical import full_state
     from megatron_asvr.model.vlm import stage_builder
     from megatron_asvr.checkpoint.model import load_weights
-    from megatron_asvr.training.loop import with_codebooks
+    from megatron_asvr.training.loop import load_codebooks
     from megatron_asvr.model.chunks import build_model_chunks
 
-    books, model = with_codebooks(config)
+    books, config = load_codebooks(config)
+    model = config.model
     info = runtime.initialize(config.parallel)
     chunks = build_model_chunks(stage_builder(model, config.parallel, "local", books), info.device)
     load_weights(chunks, checkpoint_dir)

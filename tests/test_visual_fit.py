@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.support.multirank import run_ranks
-from megatron_asvr.data.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
+from megatron_asvr.tokenizers.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 from megatron_asvr.tokenizers.visual_format import read_config
 
 K, DEPTH = 16, 4
@@ -63,7 +63,7 @@ def _fit_and_reload(argv, images_dir, mode):
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
     from megatron_asvr.data.images import load_rgb, preprocess_image
-    from megatron_asvr.data.visual_fit import list_images
+    from megatron_asvr.tokenizers.visual_fit import list_images
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.support.multirank import run_ranks
 from megatron_asvr.config import VisionConfig
-from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, TargetsConfig, VisualTargets, codes_file
+from megatron_asvr.data.precompute_targets import TargetsConfig
+from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, VisualTargets, codes_file
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken
 
 SIZES = (16, 12, 8)
@@ -75,7 +76,7 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
     """Run precompute on each config in turn (one process); optionally the tokenizer's own codes."""
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
-    from megatron_asvr.data import targets
+    from megatron_asvr.data import precompute_targets as targets
     from megatron_asvr.data.images import load_rgb, preprocess_image
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
 

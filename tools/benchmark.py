@@ -8,7 +8,7 @@
     python tools/benchmark.py --preset vicuna_7b --set model.llm.num_layers=12 --mode compare-asvr   # one GPU
 
 Prints (on the last rank) one row per run: step time, tokens/s per GPU, samples/s, TFLOP/s per GPU and
-MFU from the whole-model FLOP count (megatron_asvr.training.flops), peak memory and the visual head's
+MFU from the whole-model FLOP count (megatron_asvr.model.flops), peak memory and the visual head's
 share of the step; compare-asvr adds the ASVR / baseline step-time ratio, ab the speed ratio and the
 loss differences. FP8 runs the LLM's layers through Transformer Engine; the encoder, projector and heads
 stay bf16 (unpadded).

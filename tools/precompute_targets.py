@@ -20,7 +20,7 @@ from typing import get_args
 from megatron_asvr import runtime
 from megatron_asvr.config import ParallelConfig, TransformerImpl
 from megatron_asvr.data.images import MODES
-from megatron_asvr.data.targets import TargetsConfig, TargetsFailed, precompute_targets
+from megatron_asvr.data.precompute_targets import TargetsConfig, TargetsFailed, precompute_targets
 from megatron_asvr.tokenizers.visual_format import KINDS
 
 KIND_CHOICES = {"semantic": ("semantic",), "appearance": ("appearance",), "dual": KINDS}

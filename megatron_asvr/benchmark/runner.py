@@ -30,7 +30,7 @@ from megatron_asvr.model.head import VisualHead
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime.device import peak_memory_bytes
 from megatron_asvr.data.packing import length_multiple_for
-from megatron_asvr.training.flops import micro_batch_shape, step_flops
+from megatron_asvr.model.flops import micro_batch_shape, step_flops
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 

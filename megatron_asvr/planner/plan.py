@@ -25,7 +25,7 @@ from megatron_asvr.config.schema import RUN_KEYS, check_step_shape
 from megatron_asvr.data.images import DEFAULT_GRID_PINPOINTS, TILE_SIZE
 from megatron_asvr.planner.activations import MicroBatchShape, stage_activation_bytes
 from megatron_asvr.planner.param_counts import COMPONENT_OF, layers_per_stage, stage_parameters
-from megatron_asvr.training.flops import trained_parts
+from megatron_asvr.model.flops import trained_parts
 
 GIB = 2**30
 GRAD_BYTES = 4  # fp32 gradient buffers (DataParallelSettings.grad_reduce_in_fp32)

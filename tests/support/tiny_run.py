@@ -35,9 +35,10 @@ def make_tiny_run(root: str) -> dict:
     from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
     from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-    from megatron_asvr.data.targets import TargetsConfig, precompute_targets
+    from megatron_asvr.data.precompute_targets import TargetsConfig, precompute_targets
     from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
-    from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer
+    from megatron_asvr.data.images import image_batches
+    from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())
@@ -47,7 +48,7 @@ def make_tiny_run(root: str) -> dict:
         images=root / "data/images/train", encoder=root / "encoder", output_dir=root / "tokenizer",
         depth=3, codebook_size=16, appearance_layer=1, seed_images=8, seed_iters=3, head_width=32,
         workers=0, backend="local", progress=False,
-    ))
+    ), image_batches)
     preprocess(PreprocessConfig(
         inputs=(("pretrain", root / "data/pretrain.json"),), output_dir=root / "shards",
         tokenizer=root / "data", template="plain",

@@ -20,6 +20,8 @@ codebooks of K codes:
 
 The output directory holds ``config.json`` + ``tokenizer.ckpt`` (the released
 layout, loaded by ``load_visual_tokenizer`` like DualToken) and ``fit_report.json``.
+The images are read by the caller's ``read_images`` (``data.images.image_batches``: the
+data layer, above this one, decodes and preprocesses them).
 """
 
 import dataclasses
@@ -29,13 +31,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.data.images import image_batches
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.model.specs import resolve_backend
@@ -56,6 +57,9 @@ from megatron_asvr.tokenizers.visual_rq import (
     relative_errors,
 )
 
+# (paths, mode, batch_images, workers) -> batches of (position, tiles [T, 3, 384, 384] or None, error or
+# None): ``data.images.image_batches``
+ImageBatches = Callable[[Sequence[Path], str, int, int], Iterator[list]]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 REPORT_FILE = "fit_report.json"
 # A code restarts after 400 x K vectors without use (400 times its fair share): on the demo corpus
@@ -197,13 +201,13 @@ def list_images(root: Path, max_images: Optional[int], seed: int) -> List[Path]:
 class FeatureStream:
     """Mini-batches of (semantic, appearance) features [n, C] of image files, through the encoder."""
 
-    def __init__(self, encoder: TappedVisionEncoder, config: FitConfig):
-        self.encoder, self.config = encoder, config
+    def __init__(self, encoder: TappedVisionEncoder, config: FitConfig, read_images: ImageBatches):
+        self.encoder, self.config, self.read_images = encoder, config, read_images
         self.device = current_device()
         self.undecodable: Dict[str, str] = {}
 
     def batches(self, paths: Sequence[Path]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for batch in image_batches(paths, self.config.mode, self.config.batch_images, self.config.workers):
+        for batch in self.read_images(paths, self.config.mode, self.config.batch_images, self.config.workers):
             self.undecodable.update({str(paths[i]): error for i, _, error in batch if error})
             tiles = [t for _, t, _ in batch if t is not None]
             if tiles:
@@ -237,7 +241,7 @@ def _evaluate(stream: FeatureStream, paths, quantizers: Dict[str, ResidualQuanti
     return quality
 
 
-def fit_visual_tokenizer(config: FitConfig) -> dict:
+def fit_visual_tokenizer(config: FitConfig, read_images: ImageBatches) -> dict:
     """Fit, save and evaluate (see the module docstring); returns the report, also in ``fit_report.json``.
 
     Needs ``megatron_asvr.runtime.initialize`` first (the encoder is a megatron module).
@@ -253,7 +257,7 @@ def fit_visual_tokenizer(config: FitConfig) -> dict:
                                   torch.float32)
     load_full_state([encoder.encoder], hf_vision_to_canonical(hf_state, vision)[0])
     encoder.eval()
-    stream = FeatureStream(encoder, config)
+    stream = FeatureStream(encoder, config, read_images)
     where = torch.empty(0, device=stream.device).device  # the real device (the emulation's "cuda" is the CPU)
     generator = torch.Generator(device=where).manual_seed(config.seed)
     restart_after = config.restart_after or RESTART_AFTER_SHARES * config.codebook_size
