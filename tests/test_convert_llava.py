@@ -74,7 +74,8 @@ def _train_like_and_export(model, parallel, checkpoint, out, tail, tokenizer, in
     """A random model at ``parallel`` saved as our checkpoint, exported to HF; our logits on ``inputs``."""
     from megatron_asvr import runtime
     from megatron_asvr.checkpoint.model import build_chunks, save_model
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
 
@@ -82,7 +83,7 @@ def _train_like_and_export(model, parallel, checkpoint, out, tail, tokenizer, in
     chunks = build_chunks(model, parallel, torch.float32, info.device)
     _perturbed(chunks, seed=11)
     save_model(chunks, checkpoint, model)
-    options = ExportOptions(vision_tower_from=tail, tokenizer=tokenizer, dtype="float32", max_shard_bytes=150_000,
+    options = ExportOptions(vision_tower_from=tail, tokenizer=tokenizer, dtype="fp32", max_shard_bytes=150_000,
                             progress=False)
     report = export_hf(checkpoint, out, parallel, options, info.device)
     result = {"report": report, "logits": our_logits(chunks, inputs, model.llm.vocab_size), "state": full_state(chunks)}
@@ -109,10 +110,11 @@ def _import(parallel, sources, out, verify_against=None, llava=True):
 
 def _export(parallel, checkpoint, out, tail, llm_only=False):
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
 
     info = runtime.initialize(parallel)
-    options = ExportOptions(tail, dtype="float32", progress=False, llm_only=llm_only)
+    options = ExportOptions(vision_tower_from=tail, dtype="fp32", progress=False, llm_only=llm_only)
     report = export_hf(checkpoint, out, parallel, options, info.device)
     runtime.destroy()
     return report
@@ -122,7 +124,8 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
     """Import our export at ``parallel``: its canonical state and logits; greedy tokens of the original."""
     from megatron_asvr import runtime
     from megatron_asvr.checkpoint.model import load_model, read_model_config
-    from megatron_asvr.convert.hf_import import ImportSources, import_hf
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import import_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
 
@@ -356,7 +359,7 @@ def hf_llava_dir(tmp_path_factory, demo):
 
 def test_hf_to_ours_to_hf_is_bit_identical(hf_llava_dir, tmp_path):
     """Import at TP=2, export at PP=2 with the original tower: every tensor and the tokenizer unchanged."""
-    from megatron_asvr.convert.hf_import import ImportSources
+    from megatron_asvr.config.tools import ImportSources
 
     imported = run_ranks(_import, 2, ParallelConfig(tensor_parallel=2), ImportSources(llava=hf_llava_dir),
                          str(tmp_path / "ours"), hf_llava_dir)
@@ -384,7 +387,7 @@ def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
     LLM-only export (TP=2) gives the LLaMA back bit for bit, with its config."""
     import transformers
 
-    from megatron_asvr.convert.hf_import import ImportSources
+    from megatron_asvr.config.tools import ImportSources
 
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
@@ -419,7 +422,8 @@ def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
 
 
 def test_import_names_a_missing_tensor(hf_llava_dir, tmp_path):
-    from megatron_asvr.convert.hf_import import ImportSources, plan_import
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import plan_import
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -448,7 +452,7 @@ def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):
     save_dir.mkdir()
     os.symlink(case["checkpoint"], save_dir / "iter_0000007")
     (save_dir / "latest").write_text("iter_0000007")
-    done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "float32",
+    done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "fp32",
                 "--vision-tower-from", case["hf"], "--verify", "--no-progress")
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if l.startswith("verify against transformers"))

@@ -10,9 +10,9 @@ from PIL import Image
 
 from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import TokenizedSample
-from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
+from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+from megatron_asvr.data.preprocess import preprocess
 from megatron_asvr.data.shards import SHARD_MANIFEST, ShardDataset, ShardWriter
-from megatron_asvr.data.validate import ValidationConfig
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 MODEL = llama2_tokenizer_model()

@@ -10,9 +10,9 @@ from PIL import Image
 
 from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import DataFileError, read_records
-from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
+from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+from megatron_asvr.data.preprocess import PreprocessFailed, preprocess
 from megatron_asvr.data.shards import SHARD_MANIFEST, ShardDataset
-from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
 
@@ -137,7 +137,7 @@ def config(tmp_path, data, **overrides):
     validation = ValidationConfig(
         image_root=tmp_path / "images",
         max_seq_length=overrides.pop("max_seq_length", 1600),
-        image_token_count=FixedImageTokens(729),
+        image_tokens=729,
         min_image_side=8,
         max_image_pixels=10_000,
         **{k: overrides.pop(k) for k in ("too_long", "strict") if k in overrides},

@@ -60,9 +60,9 @@ def root(tmp_path_factory):
 
 
 def _spec(root, parallel, **changes):
-    from megatron_asvr.evaluation.loading import ModelSpec
+    from megatron_asvr.config.tools import EvalModelConfig
 
-    return ModelSpec(checkpoint=Path(root) / "ckpt", tokenizer=Path(root) / "data", template="vicuna_v1",
+    return EvalModelConfig(checkpoint=Path(root) / "ckpt", tokenizer=Path(root) / "data", template="vicuna_v1",
                      image_mode="pad", parallel=parallel, dtype="fp32", micro_batch=2, batch_size=3,
                      max_new_tokens=NEW_TOKENS, **changes)
 
@@ -218,11 +218,12 @@ def test_layouts_agree_with_direct_forward(root):
 
 def _hf_against_ours(root: str) -> dict:
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
     from megatron_asvr.evaluation.loading import open_model
 
     info = runtime.initialize(ParallelConfig())
-    export_hf(Path(root) / "ckpt", Path(root) / "hf", ParallelConfig(), ExportOptions(dtype="float32", progress=False),
+    export_hf(Path(root) / "ckpt", Path(root) / "hf", ParallelConfig(), ExportOptions(dtype="fp32", progress=False),
               info.device)
     runtime.destroy()
     items = _items(root)

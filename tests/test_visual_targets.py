@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.support.multirank import run_ranks
 from megatron_asvr.config import VisionConfig
-from megatron_asvr.data.precompute_targets import TargetsConfig
+from megatron_asvr.config.tools import TargetsConfig
 from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, VisualTargets, codes_file
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken
 
@@ -68,7 +68,7 @@ def corpus(tmp_path_factory):
     config_path, checkpoint_path = _write_random_tokenizer(root / "tokenizer")
     return TargetsConfig(data=(root / "data.json",), image_root=root / "images", output_dir=root / "unused",
                          tokenizer_config=config_path, tokenizer_checkpoint=checkpoint_path, mode="pad",
-                         kinds=("semantic", "appearance"), precision="fp32", batch_images=2, workers=0,
+                         branches=("semantic", "appearance"), precision="fp32", batch_images=2, workers=0,
                          max_missing_fraction=1.0, progress=False)
 
 
@@ -101,7 +101,7 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
         tiles = {name: preprocess_image(load_rgb(config.image_root / name), reference_mode) for name in IMAGES}
         tiles[ZERO_IMAGE] = torch.zeros(1, 3, 384, 384)
         for name, pixels in tiles.items():
-            codes = tokenizer.codes(pixels.to(runtime.current_device()), config.kinds)
+            codes = tokenizer.codes(pixels.to(runtime.current_device()), config.branches)
             expected[name] = {k: v.reshape(-1, len(SIZES)).cpu() for k, v in codes.items()}
     runtime.destroy()
     return outcomes, expected
@@ -136,7 +136,7 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
 
 
 def test_anyres_targets_hold_every_tile(corpus, tmp_path):
-    config = replace(corpus, output_dir=tmp_path / "anyres", mode="anyres", kinds=("semantic",))
+    config = replace(corpus, output_dir=tmp_path / "anyres", mode="anyres", branches=("semantic",))
     (report,), expected = run_ranks(_runs, 1, [config], reference_mode="anyres")[0]
     assert report["complete_images"] == 5
     targets = VisualTargets(config.output_dir)
@@ -193,7 +193,7 @@ def _tool(argv):
 def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_path):
     argv = ["--data", str(corpus.data[0]), "--image-root", str(corpus.image_root),
             "--tokenizer-config", str(corpus.tokenizer_config), "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
-            "--output", str(tmp_path / "cli"), "--kind", "dual", "--workers", "0", "--no-progress",
+            "--output", str(tmp_path / "cli"), "--supervision", "dual", "--workers", "0", "--no-progress",
             "--max-missing-fraction", "0.5"]
     assert run_ranks(_tool, 1, argv)[0] == 0
     targets = VisualTargets(tmp_path / "cli")

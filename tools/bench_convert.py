@@ -68,8 +68,9 @@ def _read_kib(field: str) -> int:
 def _convert_on_rank(phase: str, parallel: ParallelConfig, source: str, out: str, base: ModelConfig,
                      shard_mib: int) -> dict:
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
-    from megatron_asvr.convert.hf_import import ImportSources, import_hf
+    from megatron_asvr.config.tools import ExportOptions, ImportSources
+    from megatron_asvr.convert.hf_export import export_hf
+    from megatron_asvr.convert.hf_import import import_hf
 
     info = runtime.initialize(parallel)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -78,7 +79,7 @@ def _convert_on_rank(phase: str, parallel: ParallelConfig, source: str, out: str
     if phase == "import":
         import_hf(ImportSources(llava=Path(source)), out, parallel, base, torch.float32, info.device, progress=False)
     else:
-        options = ExportOptions(dtype="float32", max_shard_bytes=shard_mib * MIB, progress=False)
+        options = ExportOptions(dtype="fp32", max_shard_bytes=shard_mib * MIB, progress=False)
         export_hf(source, out, parallel, options, info.device)
     seconds = time.perf_counter() - started
     peak = _read_kib("VmHWM") - before

@@ -21,7 +21,8 @@ from typing import get_args
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, ParallelConfig, TransformerImpl
 from megatron_asvr.data.images import MODES, image_batches
-from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer, report_table
+from megatron_asvr.config.tools import FitConfig
+from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer, report_table
 from megatron_asvr.tokenizers.visual_format import TokenizerFileError
 
 
@@ -43,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = vars(parse_args(argv))
-    config = FitConfig(output_dir=args.pop("output"), **args)
+    try:
+        config = FitConfig(output_dir=args.pop("output"), **args)
+    except ConfigError as err:
+        print(f"fit_visual_tokenizer: {err}", file=sys.stderr)
+        return 1
     runtime.initialize(ParallelConfig())
     try:
         report = fit_visual_tokenizer(config, image_batches)

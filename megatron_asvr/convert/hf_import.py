@@ -24,6 +24,7 @@ from megatron_asvr.checkpoint.model import build_chunks, save_model
 from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
+from megatron_asvr.config.tools import ImportSources
 from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
 from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
 from megatron_asvr.convert.hf_llm import llm_rules
@@ -37,21 +38,6 @@ from megatron_asvr.model.hf_rules import LazyCanonical, TensorRule, check_hf_key
 from megatron_asvr.model.hf_vision import find_prefix, is_dropped, vision_from_hf, vision_rules
 
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # derived from rope_theta; some exports still carry it
-
-
-@dataclass
-class ImportSources:
-    llava: Optional[Path] = None  # a LlavaForConditionalGeneration directory
-    llm: Optional[Path] = None  # a LlamaForCausalLM / MistralForCausalLM directory
-    vision: Optional[Path] = None  # a SigLIP / CLIP (vision) model directory
-    visual_head: Optional[Path] = None  # an exported visual head directory
-    tokenizer: Optional[Path] = None  # default: the llava or llm directory, when it has tokenizer files
-
-    def validate(self) -> None:
-        if (self.llava is None) == (self.llm is None and self.vision is None):
-            raise ConfigError("give either a llava directory or a vision directory (and an llm directory)")
-        if self.llava is None and self.vision is None:
-            raise ConfigError("an import of an llm needs the vision directory too")
 
 
 @dataclass

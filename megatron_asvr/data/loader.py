@@ -237,11 +237,7 @@ class TrainLoader:
     def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
                  batching: BatchingSettings, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
                  consumed_samples: int = 0, replica_group=None, unreadable_image: str = "substitute"):
-        g = order.global_batch
-        if g % dp_size or (batching.batching != "pack" and g % (dp_size * batching.micro_batch)):
-            raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size"
-                                  + ("" if batching.batching == "pack" else f" x micro batch = {dp_size} x "
-                                     f"{batching.micro_batch}"))
+        g = order.global_batch  # divisible by the data-parallel size (x micro_batch): RunConfig.validate_shapes
         if consumed_samples % g:
             raise DataLoaderError(f"consumed_samples={consumed_samples} is not a multiple of the global batch {g}")
         self.order, self.consumed_samples = order, consumed_samples

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from megatron_asvr.data.images import MODES, ImageLoadError, image_batches, tile_count
+from megatron_asvr.config.tools import TargetsConfig
+from megatron_asvr.data.images import ImageLoadError, image_batches, tile_count
 from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
 from megatron_asvr.data.targets import DONE_FILE, PLAN_FILE, REPORT_FILE, ZERO_IMAGE, codes_file, file_sha256
 from megatron_asvr.runtime import current_device
-from megatron_asvr.tokenizers.visual_format import KINDS
 
 FORMAT_VERSION = 1
 MAX_CODE = np.iinfo(np.uint16).max
@@ -31,26 +31,6 @@ MAX_CODE = np.iinfo(np.uint16).max
 
 class TargetsFailed(RuntimeError):
     """The run cannot go on or its result is refused; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class TargetsConfig:
-    """Everything one precompute run needs."""
-
-    data: Tuple[Path, ...]  # LLaVA JSON / JSONL files
-    image_root: Path
-    output_dir: Path
-    tokenizer_config: Path  # DualToken-format config.json
-    tokenizer_checkpoint: Path
-    mode: str = "pad"  # images.py mode of the training stage: resize | pad | anyres
-    kinds: Tuple[str, ...] = ("semantic",)  # "semantic", "appearance" or both ("dual")
-    precision: str = "bf16"  # bf16 reproduces the released codes
-    backend: str = "auto"  # encoder layers: Transformer Engine on GPU when installed, else local
-    batch_images: int = 32
-    workers: int = 4  # image decoding processes (0: decode in the main process)
-    max_images: Optional[int] = None  # stop after this many images; the next run resumes
-    max_missing_fraction: float = 0.01  # refuse the run above this fraction of missing / undecodable images
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,9 +115,9 @@ class TargetStore:
         exists = (directory / PLAN_FILE).is_file()
         mode = "r+" if exists else "w+"
         self.codes = {
-            kind: np.memmap(directory / codes_file(kind), np.uint16, mode,
+            branch: np.memmap(directory / codes_file(branch), np.uint16, mode,
                             shape=(rows, meta["num_patches"], meta["depth"]))
-            for kind, meta in plan["meta"].items()
+            for branch, meta in plan["meta"].items()
         }
         self.done = np.memmap(directory / DONE_FILE, np.uint8, mode, shape=(len(plan["index"]),))
         if not exists:  # the plan is written last: without it the next run starts afresh
@@ -158,10 +138,10 @@ class TargetStore:
         return cls(directory, plan)
 
     def write(self, position: int, codes: Dict[str, np.ndarray]) -> None:
-        """Put one image's codes (kind -> [tiles, patches, D]) in its rows; not yet marked done."""
+        """Put one image's codes (branch -> [tiles, patches, D]) in its rows; not yet marked done."""
         _, first, tiles = self.plan["index"][position]
-        for kind, values in codes.items():
-            self.codes[kind][first : first + tiles] = values
+        for branch, values in codes.items():
+            self.codes[branch][first : first + tiles] = values
 
     def flush(self) -> None:
         for array in self.codes.values():
@@ -180,12 +160,6 @@ def _check_config(config: TargetsConfig) -> None:
     problems = [f"{p}: data file not found" for p in config.data if not Path(p).is_file()]
     if not config.image_root.is_dir():
         problems.append(f"image root {config.image_root} is not a directory")
-    if config.mode not in MODES:
-        problems.append(f"mode must be one of {MODES}, got {config.mode!r}")
-    if not config.kinds or set(config.kinds) - set(KINDS):
-        problems.append(f"code kinds must be a non-empty subset of {KINDS}, got {list(config.kinds)}")
-    if config.batch_images < 1 or config.workers < 0 or (config.max_images is not None and config.max_images < 0):
-        problems.append("batch_images must be >= 1, workers and max_images >= 0")
     for path in (config.tokenizer_config, config.tokenizer_checkpoint):
         if not Path(path).is_file():
             problems.append(f"{path}: tokenizer file not found")
@@ -204,6 +178,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
     from megatron_asvr.tokenizers.visual_format import TokenizerFileError
 
+    config.validate()
     _check_config(config)
     started = time.monotonic()
     try:
@@ -216,7 +191,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
                                           backend=resolve_backend(config.backend))
     except (TokenizerFileError, ValueError) as err:
         raise TargetsFailed(str(err)) from err
-    meta = {kind: tokenizer.metadata(kind) for kind in config.kinds}
+    meta = {branch: tokenizer.metadata(branch) for branch in config.branches}
     largest = max(max(m.codebook_sizes) for m in meta.values())
     if largest > MAX_CODE + 1:
         raise TargetsFailed(f"codebooks of {largest} codes do not fit uint16 targets")
@@ -226,7 +201,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
         "precision": config.precision,
         "tokenizer": {"config_sha256": file_sha256(config.tokenizer_config),
                       "checkpoint_sha256": file_sha256(config.tokenizer_checkpoint)},
-        "meta": {kind: m.to_json() for kind, m in meta.items()},
+        "meta": {branch: m.to_json() for branch, m in meta.items()},
         "index": index,
     }
     store = TargetStore.open(config.output_dir, plan)
@@ -256,7 +231,7 @@ def _compute(tokenizer, store: TargetStore, pending: List[int], config: TargetsC
             if decoded:
                 pixels = torch.cat([tiles for _, tiles in decoded]).to(device)  # [T, 3, 384, 384]
                 codes = {k: v.to(torch.int32).cpu().numpy().astype(np.uint16)
-                         for k, v in tokenizer.codes(pixels, config.kinds).items()}  # kind -> [T, P, D]
+                         for k, v in tokenizer.codes(pixels, config.branches).items()}  # branch -> [T, P, D]
                 row = 0
                 for position, tiles in decoded:
                     store.write(position, {k: v[row : row + len(tiles)] for k, v in codes.items()})

@@ -10,46 +10,18 @@ path does not compute.
 import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
-
 from megatron_asvr.checkpoint.directory import RUN_CONFIG, TOKENIZER_DIR
-from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_asvr.config import ConfigError, ModelConfig
+from megatron_asvr.config.tools import EvalModelConfig
 from megatron_asvr.data.shards import SHARD_MANIFEST
 from megatron_asvr.evaluation.answerer import Answerer
 from megatron_asvr.evaluation.queries import QueryEncoder
+from megatron_asvr.runtime.device import dtype_of
 from megatron_asvr.tokenizers.text import load_text_tokenizer
-
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class ModelSpec:
-    checkpoint: Optional[Path] = None  # ours: a save directory or one checkpoint
-    hf_model: Optional[Path] = None  # or an HF LLaVA export
-    tokenizer: Optional[Path] = None  # default: the checkpoint's (or export's) own
-    template: Optional[str] = None  # default: the training shards' template
-    image_mode: Optional[str] = None  # default: the training run's data.image_mode
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    micro_batch: int = 4
-    batch_size: int = 32  # questions decoded together
-    max_new_tokens: int = 16
-
-    def validate(self) -> None:
-        if (self.checkpoint is None) == (self.hf_model is None):
-            raise ConfigError("give exactly one of a checkpoint (ours) or an HF model directory")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.hf_model is not None and self.image_mode == "anyres":
-            raise ConfigError("an HF LlavaForConditionalGeneration takes one tile per image: "
-                              "use image mode resize or pad")
-
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype] or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
 
 
 @dataclass
@@ -97,7 +69,7 @@ def _required(value, what: str, flag: str):
     return value
 
 
-def _checkpoint_model(spec: ModelSpec) -> LoadedModel:
+def _checkpoint_model(spec: EvalModelConfig) -> LoadedModel:
     from megatron_asvr import runtime
     from megatron_asvr.checkpoint.directory import resolve
     from megatron_asvr.checkpoint.model import load_model, read_model_config
@@ -106,7 +78,7 @@ def _checkpoint_model(spec: ModelSpec) -> LoadedModel:
     info = runtime.initialize(spec.parallel)
     directory = resolve(spec.checkpoint)
     model = evaluation_model_config(read_model_config(directory), str(directory))
-    chunks = load_model(directory, model, spec.parallel, spec.torch_dtype(), info.device)
+    chunks = load_model(directory, model, spec.parallel, dtype_of(spec.dtype), info.device)
     defaults = training_defaults(directory)
     tokenizer = load_text_tokenizer(_required(spec.tokenizer or defaults.tokenizer, "text tokenizer", "--tokenizer"))
     encoder = QueryEncoder(tokenizer, _required(spec.template or defaults.template, "template", "--template"),
@@ -117,11 +89,11 @@ def _checkpoint_model(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(answerer, str(directory), info.rank == 0, model.vision.patch_size)
 
 
-def _hf_model(spec: ModelSpec) -> LoadedModel:
+def _hf_model(spec: EvalModelConfig) -> LoadedModel:
     from megatron_asvr.evaluation.hf_runner import HFRunner
 
     tokenizer = load_text_tokenizer(spec.tokenizer or spec.hf_model)
-    runner = HFRunner(spec.hf_model, tokenizer.vocab_size, spec.micro_batch, spec.torch_dtype())
+    runner = HFRunner(spec.hf_model, tokenizer.vocab_size, spec.micro_batch, dtype_of(spec.dtype))
     encoder = QueryEncoder(tokenizer, _required(spec.template, "template", "--template"),
                            _required(spec.image_mode, "image mode", "--image-mode"), runner.patches_per_tile,
                            runner.max_length)
@@ -130,7 +102,7 @@ def _hf_model(spec: ModelSpec) -> LoadedModel:
 
 
 @contextlib.contextmanager
-def open_model(spec: ModelSpec) -> Iterator[LoadedModel]:
+def open_model(spec: EvalModelConfig) -> Iterator[LoadedModel]:
     """The loaded model; for a checkpoint the distributed runtime lives as long as the context."""
     spec.validate()
     if spec.hf_model is not None:

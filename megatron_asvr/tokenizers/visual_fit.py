@@ -29,7 +29,6 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -37,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config.tools import FitConfig
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.model.specs import resolve_backend
@@ -67,31 +67,6 @@ REPORT_FILE = "fit_report.json"
 # perplexity 56; 400 x K restarted 26 and reached 0.0071 and 98; never restarting, 0.0069 and 103
 # at depth 0 but lower perplexity from depth 2 on.
 RESTART_AFTER_SHARES = 400
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """One fitting run."""
-
-    images: Path  # directory searched recursively for image files
-    encoder: Path  # HF SigLIP directory: config.json + *.safetensors
-    output_dir: Path
-    depth: int = 8
-    codebook_size: int = 16384
-    semantic_layer: int = -2  # HF hidden_states index; -2 = block 26 of 27
-    appearance_layer: int = 6
-    mode: str = "resize"  # images.py preprocessing
-    epochs: int = 1
-    batch_images: int = 16
-    seed_images: int = 64
-    seed_iters: int = 10
-    restart_after: Optional[int] = None  # vectors a code may go unused; None = 400 x codebook_size
-    max_images: Optional[int] = None  # a random subset of this many images
-    seed: int = 0
-    workers: int = 4
-    head_width: int = 2048  # rqtransformer.embed_dim written to config.json
-    backend: str = "auto"
-    progress: bool = True
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

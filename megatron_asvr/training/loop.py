@@ -121,11 +121,13 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: int) -> Trainer:
-    """The run's trainer, its initial weights loaded from ``train.load`` if set."""
+def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: int,
+                  llm_changes: Optional[dict] = None) -> Trainer:
+    """The run's trainer (and the throughput benchmark's), its initial weights loaded from
+    ``train.load`` if set; ``llm_changes``: to the LLM's TransformerConfig (the benchmark's FP8)."""
     model = config.model
     builder = stage_builder(model, config.parallel, resolve_backend(model.transformer_impl), codebooks,
-                            dtype_of(config.train.precision), **recompute_kwargs(config.train.recompute))
+                            dtype_of(config.train.precision), llm_changes, **recompute_kwargs(config.train.recompute))
 
     def init_weights(chunks):
         loaded = load_weights(chunks, Path(config.train.load), optional=(VISUAL_HEADS,))

@@ -34,11 +34,14 @@ def make_tiny_run(root: str) -> dict:
     from demo.data import DemoConfig, make_demo_data
     from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
-    from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-    from megatron_asvr.data.precompute_targets import TargetsConfig, precompute_targets
-    from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
+    from megatron_asvr.config.tools import PreprocessConfig
+    from megatron_asvr.data.preprocess import preprocess
+    from megatron_asvr.config.tools import TargetsConfig
+    from megatron_asvr.data.precompute_targets import precompute_targets
+    from megatron_asvr.config.tools import ValidationConfig
     from megatron_asvr.data.images import image_batches
-    from megatron_asvr.tokenizers.visual_fit import FitConfig, fit_visual_tokenizer
+    from megatron_asvr.config.tools import FitConfig
+    from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())
@@ -53,7 +56,7 @@ def make_tiny_run(root: str) -> dict:
         inputs=(("pretrain", root / "data/pretrain.json"),), output_dir=root / "shards",
         tokenizer=root / "data", template="plain",
         validation=ValidationConfig(image_root=root / "data/images", max_seq_length=SEQ_LENGTH,
-                                    image_token_count=FixedImageTokens(PATCHES)),
+                                    image_tokens=PATCHES),
         progress=False,
     ))
     precompute_targets(TargetsConfig(
