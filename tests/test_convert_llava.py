@@ -192,12 +192,12 @@ def exported(tmp_path_factory, demo, hf_vision_dir):
     root = tmp_path_factory.mktemp("exported")
     cases = {"llama": (_model(LLAMA_LLM), None, demo), "mistral": (_model(MISTRAL_LLM), hf_vision_dir, None)}
     out = {}
-    for kind, (model, tail, tokenizer) in cases.items():
+    for llm, (model, tail, tokenizer) in cases.items():
         inputs = random_inputs(model, appended_vocab(model.llm.vocab_size), with_image=True, seed=5)
-        results = run_ranks(_train_like_and_export, 4, model, TP2_PP2, str(root / f"{kind}_ours"),
-                            str(root / f"{kind}_hf"), tail, tokenizer, inputs)
-        out[kind] = {
-            "model": model, "inputs": inputs, "checkpoint": root / f"{kind}_ours", "hf": root / f"{kind}_hf",
+        results = run_ranks(_train_like_and_export, 4, model, TP2_PP2, str(root / f"{llm}_ours"),
+                            str(root / f"{llm}_hf"), tail, tokenizer, inputs)
+        out[llm] = {
+            "model": model, "inputs": inputs, "checkpoint": root / f"{llm}_ours", "hf": root / f"{llm}_hf",
             "logits": _last_stage(results, "logits"), "state": _merged(results, "state"),
             "report": results[0]["report"],
         }
@@ -207,19 +207,19 @@ def exported(tmp_path_factory, demo, hf_vision_dir):
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_export_from_tp2_pp2_matches_transformers(exported, kind):
-    case = exported[kind]
+@pytest.mark.parametrize("llm", ["llama", "mistral"])
+def test_export_from_tp2_pp2_matches_transformers(exported, llm):
+    case = exported[llm]
     theirs = hf_logits(case["hf"], case["inputs"], torch.float32, llava=True)  # strict: no key problems
     vocab = case["model"].llm.vocab_size
     assert theirs.shape == (1, case["inputs"].tokens.shape[1], appended_vocab(vocab).rows)
     diff = (theirs[..., :vocab] - case["logits"]).abs().max().item()
-    print(f"{kind}: max abs logit difference transformers vs ours (TP=2 x PP=2 export) = {diff:.3e} "
+    print(f"{llm}: max abs logit difference transformers vs ours (TP=2 x PP=2 export) = {diff:.3e} "
           f"(logits std {theirs.std().item():.3f}, max {theirs.abs().max().item():.3f})")
     assert diff <= HF_TOL
     config = json.loads((case["hf"] / "config.json").read_text())
     vision, text = config["vision_config"], config["text_config"]
-    if kind == "llama":  # truncated tower: the layers we keep, features from the last one
+    if llm == "llama":  # truncated tower: the layers we keep, features from the last one
         assert (vision["num_hidden_layers"], config["vision_feature_layer"]) == (2, -1)
         assert (text["model_type"], text["num_key_value_heads"], text["rope_theta"]) == ("llama", 4, 500.0)
         assert "truncated to the 2 layers" in case["report"]["vision_tower"]

@@ -26,7 +26,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=256,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=256,
                       patch_size=128, image_size=384, feature_layer=-2)  # 9 patches, as the demo's
 SEQ_LENGTH = 320
 STEPS = 150

@@ -24,7 +24,7 @@ from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=64, image_size=384, feature_layer=-2)  # 6 x 6 patches
 MODEL = ModelConfig(
     vision=VISION,

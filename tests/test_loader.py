@@ -109,7 +109,7 @@ class _Targets:
     def __contains__(self, key):
         return key == ZERO_IMAGE
 
-    def codes(self, key, kind):
+    def codes(self, key, branch):
         return np.full((4, 8), 3 if key == ZERO_IMAGE else 7, dtype=np.uint16)
 
 

@@ -9,7 +9,7 @@ equal the TP=PP=DP=1 run.
 import pytest
 import torch
 
-from tests.support.harness import train
+from tests.support.harness import train_case
 from tests.support.multirank import run_ranks
 from tests.support.tiny_gpt import GPTCase, mean_losses
 from megatron_asvr.config import ParallelConfig
@@ -34,7 +34,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(train, 1, GPTCase())[0]
+    return run_ranks(train_case, 1, GPTCase())[0]
 
 
 def test_reference_trains(reference):
@@ -49,7 +49,7 @@ def test_reference_trains(reference):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
-    results = run_ranks(train, world_size, GPTCase(parallel=parallel), reference["initial"])
+    results = run_ranks(train_case, world_size, GPTCase(parallel=parallel), reference["initial"])
 
     expected, got = mean_losses([reference]), mean_losses(results)
     assert sorted(got) == sorted(expected)

@@ -276,7 +276,7 @@ def test_load_from_checkpoint_directory(tmp_path):
     assert tokenizer.encode("</s>USER") == [BOS, EOS, 11889]
     assert load_text_tokenizer(tmp_path, legacy=True).encode("</s>USER") == [BOS, EOS] + USER[:2]
     assert tokenizer.describe() == {
-        "kind": "sentencepiece",
+        "format": "sentencepiece",
         "file": "tokenizer.model",
         "md5": "eeec4125e9c7560836b4873b6f8e3025",
         "legacy": False,

@@ -10,9 +10,9 @@ from megatron_asvr.model.qkv import fuse_qkv, split_qkv
 
 TOL = 1e-5  # fp32, max abs difference of features
 
-SIGLIP = VisionConfig(kind="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+SIGLIP = VisionConfig(family="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                       patch_size=14, image_size=34, activation="gelu_tanh", norm_eps=1e-6)
-CLIP = VisionConfig(kind="clip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+CLIP = VisionConfig(family="clip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                     patch_size=14, image_size=28, activation="quick_gelu", norm_eps=1e-5)
 
 
@@ -24,7 +24,7 @@ def _hf_model(vision: VisionConfig):
                   num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
                   image_size=vision.image_size, patch_size=vision.patch_size, layer_norm_eps=vision.norm_eps)
     torch.manual_seed(0)
-    if vision.kind == "siglip":
+    if vision.family == "siglip":
         model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh"))
     else:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common, hidden_act="quick_gelu"))
@@ -57,7 +57,7 @@ def test_encoder_matches_transformers_hidden_states_minus_2(vision):
     images = torch.randn(2, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(pixel_values=images, output_hidden_states=True).hidden_states[-2]
-    if vision.kind == "clip":
+    if vision.family == "clip":
         expected = expected[:, 1:]  # LLaVA's "patch" selection drops the class token
     assert expected.shape == (2, vision.num_patches, vision.hidden_size)
     state = hf.state_dict()

@@ -79,10 +79,10 @@ def _fit_and_reload(argv, images_dir, mode):
     images = images.to(runtime.current_device())
     semantic, appearance = tokenizer.features(images)
     recount = {}
-    for kind, features in (("semantic", semantic), ("appearance", appearance)):
-        quantizer = tokenizer.quantizers[kind]
-        codes = tokenizer.codes(images, (kind,))[kind]
-        recount[kind] = {
+    for branch, features in (("semantic", semantic), ("appearance", appearance)):
+        quantizer = tokenizer.quantizers[branch]
+        codes = tokenizer.codes(images, (branch,))[branch]
+        recount[branch] = {
             "relative_error": relative_errors(quantizer.squared_errors(features, codes)),
             "perplexity": [perplexity(c) for c in code_counts(codes, quantizer.sizes)],
         }
@@ -108,17 +108,17 @@ def test_fit_on_the_demo_corpus(tmp_path):
 
     assert report["images"] == 12 and report["undecodable"] == {}
     assert report["layers"] == {"semantic": 2, "appearance": 1}
-    for kind in ("semantic", "appearance"):
-        errors, ppl = report[kind]["relative_error"], report[kind]["perplexity"]
-        unexplained = report[kind]["unexplained_variance"]
+    for branch in ("semantic", "appearance"):
+        errors, ppl = report[branch]["relative_error"], report[branch]["perplexity"]
+        unexplained = report[branch]["unexplained_variance"]
         assert len(errors) == len(ppl) == len(unexplained) == DEPTH
         assert ppl[0] >= K / 4, ppl
         for series in (errors, unexplained):
             assert all(later < earlier for earlier, later in zip(series, series[1:])), series
         assert errors[0] < unexplained[0] < 1.0
         # the written files give back exactly the fitted quantizer
-        assert recount[kind]["perplexity"] == pytest.approx(ppl, rel=1e-12)
-        assert recount[kind]["relative_error"] == pytest.approx(errors, rel=1e-6)
+        assert recount[branch]["perplexity"] == pytest.approx(ppl, rel=1e-12)
+        assert recount[branch]["relative_error"] == pytest.approx(errors, rel=1e-6)
     fitted = read_config(tmp_path / "fit/config.json")  # what the targets tool and the model config read
     assert (fitted.semantic_layer, fitted.appearance_layer, fitted.codebook_sizes, fitted.code_width) == (
         2, 1, (K,) * DEPTH, 32)

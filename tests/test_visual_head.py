@@ -89,10 +89,10 @@ def _canonical(ref: RefHead, tp_padded) -> dict:
     for i, layer in enumerate(ref.layers):
         p = f"layers.{i}."
         out[p + "norm1.weight"], out[p + "norm2.weight"] = layer.norm1.weight, layer.norm2.weight
-        for kind in ("weight", "bias"):
-            q, k, v = (getattr(getattr(layer, n), kind) for n in "qkv")
-            out[p + f"attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, HEADS, HEADS)
-            out[p + f"attention.linear_proj.{kind}"] = getattr(layer.o, kind)
+        for param in ("weight", "bias"):
+            q, k, v = (getattr(getattr(layer, n), param) for n in "qkv")
+            out[p + f"attention.linear_qkv.{param}"] = fuse_qkv(q, k, v, HEADS, HEADS)
+            out[p + f"attention.linear_proj.{param}"] = getattr(layer.o, param)
         for d, mlp in enumerate(layer.mlps):
             out[p + f"mlps.{d}.linear_fc1.weight"] = mlp[0].weight
             out[p + f"mlps.{d}.linear_fc2.weight"] = mlp[2].weight

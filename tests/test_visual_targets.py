@@ -17,7 +17,7 @@ from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtok
 
 SIZES = (16, 12, 8)
 # 384-pixel inputs as images.py makes them: 27 x 27 patches of a 2-block, 32-wide SigLIP.
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                       patch_size=14, image_size=384, feature_layer=2)
 IMAGES = {  # name -> (width, height); anyres grids of 1 x 1, 2 x 1, 2 x 3, 1 x 1, 2 x 2 tiles
     "coco/a.jpg": (384, 384), "coco/b.jpg": (700, 380), "vg/c.png": (400, 1100), "vg/d.jpg": (96, 150),
@@ -36,8 +36,8 @@ def _write_random_tokenizer(directory: Path):
     config = DualTokenConfig(vision=VISION, semantic_layer=2, appearance_layer=1, codebook_sizes=SIZES,
                              code_width=32, head_width=64)
     g = torch.Generator().manual_seed(1)
-    books = {kind: [torch.randn(size, 32, generator=g) * 2.0 ** -d for d, size in enumerate(SIZES)]
-             for kind in ("semantic", "appearance")}
+    books = {branch: [torch.randn(size, 32, generator=g) * 2.0 ** -d for d, size in enumerate(SIZES)]
+             for branch in ("semantic", "appearance")}
     projection = {}
     for module, weight_shape in (("norm1", (32,)), ("conv1", (32, 32, 1, 1)), ("norm2", (32,)), ("conv2", (32, 32, 3, 3))):
         projection[f"{module}.weight"] = module.startswith("norm") + 0.1 * torch.randn(weight_shape, generator=g)
@@ -124,10 +124,10 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
     assert len(targets) == 6 and "coco/missing.jpg" not in targets and "./coco/a.jpg" in targets
     assert targets.meta["semantic"].codebook_sizes == SIZES and targets.meta["appearance"].feature_layer == 1
     for name in [*IMAGES, ZERO_IMAGE]:  # the blank tile of supervised text-only samples too
-        for kind in ("semantic", "appearance"):
-            codes = targets.codes(name, kind)
+        for branch in ("semantic", "appearance"):
+            codes = targets.codes(name, branch)
             assert codes.dtype == np.uint16 and codes.shape == (729, 3)
-            np.testing.assert_array_equal(codes, expected[name][kind].numpy())
+            np.testing.assert_array_equal(codes, expected[name][branch].numpy())
     assert not np.array_equal(targets.codes("coco/a.jpg", "semantic"), targets.codes("coco/b.jpg", "semantic"))
     with pytest.raises(KeyError, match="image 'vg/broken.jpg' is not computed yet"):
         targets.codes("vg/broken.jpg")
@@ -198,7 +198,7 @@ def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_pat
     assert run_ranks(_tool, 1, argv)[0] == 0
     targets = VisualTargets(tmp_path / "cli")
     assert len(targets) == 6 and sorted(targets.meta) == ["appearance", "semantic"]
-    for kind in ("semantic", "appearance"):
-        codes = targets.codes("vg/e.jpg", kind)
+    for branch in ("semantic", "appearance"):
+        codes = targets.codes("vg/e.jpg", branch)
         assert codes.shape == (729, 3) and (codes.max(axis=0) < np.array(SIZES)).all()
     assert run_ranks(_tool, 1, argv[:-1] + ["0.1"])[0] == 1  # 2 of 7 images missing or broken

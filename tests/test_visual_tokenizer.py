@@ -295,13 +295,13 @@ def test_code_usage_perplexity():
     assert perplexity(counts[0]) == pytest.approx(4.0) and perplexity(counts[1]) == pytest.approx(1.0)
 
 
-def reference_codes(hf_model, state, images, kinds):
+def reference_codes(hf_model, state, images, branches):
     """HF's hidden states, the released projection written out with torch.nn.functional, numpy RQ."""
     with torch.no_grad():
         hidden = hf_model(pixel_values=images, output_hidden_states=True).hidden_states
         out = {}
-        for kind in kinds:
-            if kind == "semantic":
+        for branch in branches:
+            if branch == "semantic":
                 features, quantizer = hidden[SEMANTIC_LAYER], "quantizer_semantic"
             else:
                 b, p, c = hidden[APPEARANCE_LAYER].shape
@@ -314,7 +314,7 @@ def reference_codes(hf_model, state, images, kinds):
                 features, quantizer = (x + h).permute(0, 2, 3, 1).reshape(b, p, c), "quantizer"
             books = [state[f"{quantizer}.codebooks.{d}.weight"][:-1].numpy() for d in range(len(SIZES))]
             flat = numpy_rq(features.reshape(-1, features.shape[-1]).numpy(), books)
-            out[kind] = torch.from_numpy(flat).reshape(*features.shape[:2], len(SIZES))
+            out[branch] = torch.from_numpy(flat).reshape(*features.shape[:2], len(SIZES))
     return out
 
 

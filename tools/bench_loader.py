@@ -37,7 +37,7 @@ class MemmapTargets:
     def __contains__(self, key):
         return key in self.rows
 
-    def codes(self, key, kind="semantic"):
+    def codes(self, key, branch="semantic"):
         return self.codes_array[self.rows[key]]
 
 

@@ -52,6 +52,9 @@ def read_model_config(directory) -> ModelConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the model config: {err}") from err
+    vision = data.get("vision") if isinstance(data, dict) else None
+    if isinstance(vision, dict) and "kind" in vision:  # written before vision.kind was named vision.family
+        vision["family"] = vision.pop("kind")
     return from_dict(ModelConfig, data, f"{path}: ")
 
 

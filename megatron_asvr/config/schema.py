@@ -173,7 +173,7 @@ LLM_PRESETS: Dict[str, LLMConfig] = {
 class VisionConfig:
     """A ViT vision encoder (SigLIP or CLIP); features from ``feature_layer`` with no post-norm."""
 
-    kind: Literal["siglip", "clip"] = "siglip"  # siglip: no class token, conv bias; clip: class token, pre-norm
+    family: Literal["siglip", "clip"] = "siglip"  # siglip: no class token, conv bias; clip: class token, pre-norm
     num_layers: Positive = 3
     hidden_size: Positive = 32
     num_attention_heads: Positive = 4
@@ -210,12 +210,12 @@ class VisionConfig:
 VISION_PRESETS: Dict[str, VisionConfig] = {
     # SigLIP-SO400M-patch14-384: 729 patches, features of block 26 of 27.
     "siglip_so400m_384": VisionConfig(
-        kind="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
+        family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
         patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2,
     ),
     # CLIP-ViT-L/14@336 (LLaVA-1.5's encoder): 576 patches after dropping the class token.
     "clip_vit_l_336": VisionConfig(
-        kind="clip", num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
+        family="clip", num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
         patch_size=14, image_size=336, activation="quick_gelu", norm_eps=1e-5, feature_layer=-2,
     ),
     "tiny": VisionConfig(),

@@ -37,7 +37,7 @@ from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer, write_processor, write_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab, checkpoint_vocab
 from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
-from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
+from megatron_asvr.convert.safetensors_io import SafetensorsDir, SafetensorsWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
 from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
@@ -92,12 +92,12 @@ class VisionTail:
             raise KeyError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
         return cls(reader, list(zip(source, vision_tail_names(model.vision, HUB.vision), strict=True)))
 
-    def write(self, writer: ShardWriter, dtype: torch.dtype) -> None:
+    def write(self, writer: SafetensorsWriter, dtype: torch.dtype) -> None:
         for source, target in self.names:
             writer.add(target, self.reader.get(source).to(dtype))
 
 
-def _identity_post_layernorm(writer: ShardWriter, width: int, dtype: torch.dtype) -> None:
+def _identity_post_layernorm(writer: SafetensorsWriter, width: int, dtype: torch.dtype) -> None:
     writer.add(f"{HUB.vision}post_layernorm.weight", torch.ones(width, dtype=dtype))
     writer.add(f"{HUB.vision}post_layernorm.bias", torch.zeros(width, dtype=dtype))
 
@@ -191,8 +191,8 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     chunks = load_model(checkpoint, model, parallel, dtype, device)
 
     writer = is_writer()
-    writers = {"model": ShardWriter(out, f"rank{rank:05d}", options.max_shard_bytes),
-               "head": ShardWriter(out / HEAD_DIR, f"rank{rank:05d}", options.max_shard_bytes)}
+    writers = {"model": SafetensorsWriter(out, f"rank{rank:05d}", options.max_shard_bytes),
+               "head": SafetensorsWriter(out / HEAD_DIR, f"rank{rank:05d}", options.max_shard_bytes)}
     unmatched = []
     total = sum(1 for chunk in chunks for _ in chunk.parameters())
     with torch.no_grad(), tqdm(total=total, desc="export", unit="tensor", disable=not options.progress or rank) as bar:

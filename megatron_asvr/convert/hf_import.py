@@ -197,7 +197,7 @@ def print_import_report(report: Dict[str, Any]) -> None:
     print(f"import: wrote {report['checkpoint']}")
     print(f"  LLM {llm.num_layers} layers x {llm.hidden_size}, {llm.num_attention_heads} heads / {llm.kv_heads} KV, "
           f"vocab {llm.vocab_size}, sliding window {llm.sliding_window}")
-    print(f"  vision {vision.kind} {vision.layers_used} of {vision.num_layers} layers (feature layer "
+    print(f"  vision {vision.family} {vision.layers_used} of {vision.num_layers} layers (feature layer "
           f"{vision.feature_layer}), {vision.num_patches} patches")
     print(f"  HF tensors read: {report['hf_tensors']}; skipped (not built): {_summary(report['skipped'])}")
     print(f"  initialised here (not in the HF weights): {_summary(report['initialised'])}")

@@ -4,10 +4,10 @@ every image, by image key (the image path relative to the image root, as the sha
 The tokenizer is frozen, so an image's codes never change: they are computed once
 (``data.precompute_targets``, batched, on the GPU when there is one). A targets directory::
 
-    targets.json       the plan: mode, precision, code kinds with their metadata
+    targets.json       the plan: mode, precision, code branches with their metadata
                        (VisualCodesMeta), SHA-256 of the tokenizer's config and
                        checkpoint, and the index [[key, first row, tiles], ...]
-    codes_<kind>.u16   uint16 [rows, patches, D], memory-mapped; an image owns rows
+    codes_<branch>.u16   uint16 [rows, patches, D], memory-mapped; an image owns rows
                        first .. first + tiles - 1 (one per 384 x 384 tile: 1 for
                        resize / pad, 1 + grid tiles for anyres), so [images, 729 x tiles, D]
     done.u8            uint8 [entries] in index order, 1 once the entry's rows are on disk; the
@@ -85,11 +85,11 @@ class VisualTargets:
             raise FileNotFoundError(f"{self.directory}: no {PLAN_FILE}; run tools/precompute_targets.py first")
         plan = json.loads(plan_path.read_text())
         self.mode = plan["mode"]
-        self.meta = {kind: VisualCodesMeta.from_json(m) for kind, m in plan["meta"].items()}
+        self.meta = {branch: VisualCodesMeta.from_json(m) for branch, m in plan["meta"].items()}
         self._rows = {key: (position, first, tiles) for position, (key, first, tiles) in enumerate(plan["index"])}
         rows = sum(tiles for _, _, tiles in plan["index"])
-        self._codes = {kind: np.memmap(self.directory / codes_file(kind), np.uint16, "r",
-                                       shape=(rows, m.num_patches, m.depth)) for kind, m in self.meta.items()}
+        self._codes = {branch: np.memmap(self.directory / codes_file(branch), np.uint16, "r",
+                                       shape=(rows, m.num_patches, m.depth)) for branch, m in self.meta.items()}
         self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(len(plan["index"]),))
 
     def __contains__(self, key: str) -> bool:
@@ -100,14 +100,14 @@ class VisualTargets:
         """Entries complete, ZERO_IMAGE included."""
         return int(self._done.sum())
 
-    def codes(self, key: str, kind: str = "semantic") -> np.ndarray:
+    def codes(self, key: str, branch: str = "semantic") -> np.ndarray:
         """uint16 [tiles * patches, D] of image ``key`` (a path relative to the image root)."""
-        if kind not in self._codes:
-            raise KeyError(f"{self.directory} holds {sorted(self._codes)} codes, not {kind!r}")
+        if branch not in self._codes:
+            raise KeyError(f"{self.directory} holds {sorted(self._codes)} codes, not {branch!r}")
         entry = self._rows.get(normalize_image_path(key))
         if entry is None or not self._done[entry[0]]:
             state = "not in the index" if entry is None else "not computed yet (resume the precompute run)"
             raise KeyError(f"{self.directory}: image {key!r} is {state}")
         _, first, tiles = entry
-        array = self._codes[kind][first : first + tiles]  # [tiles, P, D]
+        array = self._codes[branch][first : first + tiles]  # [tiles, P, D]
         return array.reshape(-1, array.shape[-1])

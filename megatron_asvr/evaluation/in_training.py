@@ -27,7 +27,7 @@ from megatron_asvr.tokenizers.text import load_text_tokenizer
 
 def true_choice_index(item: EvalItem) -> int:
     """Index of the true answer among ``item.choices`` (letters, or Yes / No)."""
-    if item.kind == "choice":
+    if item.answer_type == "choice":
         return item.choices.index(item.answer["letter"])
     return [c.lower() for c in item.choices].index(item.answer)
 

@@ -43,7 +43,7 @@ from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual import AppearanceProjection, TappedVisionEncoder
 from megatron_asvr.tokenizers.visual_format import (
-    KINDS,
+    BRANCHES,
     DualTokenConfig,
     TokenizerFileError,
     save_dualtoken,
@@ -195,24 +195,24 @@ class FeatureStream:
 def _evaluate(stream: FeatureStream, paths, quantizers: Dict[str, ResidualQuantizer], bar) -> dict:
     """Per depth, over all images with the final codebooks: relative error sum ||x - x_hat||^2 / sum ||x||^2,
     unexplained variance sum ||x - x_hat||^2 / sum ||x - mean||^2, and code-usage perplexity."""
-    errors = {kind: 0 for kind in KINDS}
-    sums = {kind: 0 for kind in KINDS}  # sum of x [C] (float64), for the variance
-    vectors = {kind: 0 for kind in KINDS}
-    counts = {kind: [0] * q.depth for kind, q in quantizers.items()}
+    errors = {branch: 0 for branch in BRANCHES}
+    sums = {branch: 0 for branch in BRANCHES}  # sum of x [C] (float64), for the variance
+    vectors = {branch: 0 for branch in BRANCHES}
+    counts = {branch: [0] * q.depth for branch, q in quantizers.items()}
     for features in stream.batches(paths):
-        for kind, x in zip(KINDS, features):
-            codes = quantizers[kind].codes(x)  # [n, D]
-            errors[kind] = errors[kind] + quantizers[kind].squared_errors(x, codes)
-            sums[kind] = sums[kind] + x.double().sum(dim=0).cpu()
-            vectors[kind] += x.shape[0]
-            counts[kind] = [a + b for a, b in zip(counts[kind], code_counts(codes, quantizers[kind].sizes))]
+        for branch, x in zip(BRANCHES, features):
+            codes = quantizers[branch].codes(x)  # [n, D]
+            errors[branch] = errors[branch] + quantizers[branch].squared_errors(x, codes)
+            sums[branch] = sums[branch] + x.double().sum(dim=0).cpu()
+            vectors[branch] += x.shape[0]
+            counts[branch] = [a + b for a, b in zip(counts[branch], code_counts(codes, quantizers[branch].sizes))]
         bar.update(1)
     quality = {}
-    for kind in KINDS:
-        variance = errors[kind][-1] - sums[kind].pow(2).sum() / vectors[kind]  # sum ||x - mean||^2
-        quality[kind] = {"relative_error": relative_errors(errors[kind]),
-                         "unexplained_variance": [float(e / variance) for e in errors[kind][:-1]],
-                         "perplexity": [perplexity(c) for c in counts[kind]]}
+    for branch in BRANCHES:
+        variance = errors[branch][-1] - sums[branch].pow(2).sum() / vectors[branch]  # sum ||x - mean||^2
+        quality[branch] = {"relative_error": relative_errors(errors[branch]),
+                         "unexplained_variance": [float(e / variance) for e in errors[branch][:-1]],
+                         "perplexity": [perplexity(c) for c in counts[branch]]}
     return quality
 
 
@@ -236,22 +236,22 @@ def fit_visual_tokenizer(config: FitConfig, read_images: ImageBatches) -> dict:
     where = torch.empty(0, device=stream.device).device  # the real device (the emulation's "cuda" is the CPU)
     generator = torch.Generator(device=where).manual_seed(config.seed)
     restart_after = config.restart_after or RESTART_AFTER_SHARES * config.codebook_size
-    fits = {kind: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for kind in KINDS}
+    fits = {branch: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for branch in BRANCHES}
 
     order = random.Random(config.seed).sample(paths, len(paths))
     seed_features = list(stream.batches(order[: config.seed_images]))
-    for i, kind in enumerate(KINDS):
-        fits[kind].seed(torch.cat([f[i] for f in seed_features]), config.seed_iters)
+    for i, branch in enumerate(BRANCHES):
+        fits[branch].seed(torch.cat([f[i] for f in seed_features]), config.seed_iters)
     del seed_features
     batches_per_pass = -(-len(paths) // config.batch_images)
     with tqdm(total=batches_per_pass * (config.epochs + 1), unit="batch", desc="fit visual tokenizer",
               disable=not config.progress) as bar:
         for epoch in range(config.epochs):
             for features in stream.batches(random.Random(config.seed + 1 + epoch).sample(paths, len(paths))):
-                for kind, x in zip(KINDS, features):
-                    fits[kind].update(x)
+                for branch, x in zip(BRANCHES, features):
+                    fits[branch].update(x)
                 bar.update(1)
-        quantizers = {kind: ResidualQuantizer(fit.codebooks) for kind, fit in fits.items()}
+        quantizers = {branch: ResidualQuantizer(fit.codebooks) for branch, fit in fits.items()}
         quality = _evaluate(stream, paths, quantizers, bar)
 
     tokenizer = DualTokenConfig(vision=vision, semantic_layer=semantic_layer, appearance_layer=config.appearance_layer,
@@ -259,14 +259,14 @@ def fit_visual_tokenizer(config: FitConfig, read_images: ImageBatches) -> dict:
                                 head_width=config.head_width)
     config_path, checkpoint_path = save_dualtoken(
         config.output_dir, tokenizer, hf_state, AppearanceProjection.identity(vision.hidden_size).state_dict(),
-        {kind: q.codebook_vectors() for kind, q in quantizers.items()})
+        {branch: q.codebook_vectors() for branch, q in quantizers.items()})
     report = {
         "images": len(paths) - len(stream.undecodable),
         "undecodable": stream.undecodable,
         "depth": config.depth,
         "codebook_size": config.codebook_size,
         "layers": {"semantic": semantic_layer, "appearance": config.appearance_layer},
-        **{kind: {**quality[kind], "restarts": fits[kind].restarts} for kind in KINDS},
+        **{branch: {**quality[branch], "restarts": fits[branch].restarts} for branch in BRANCHES},
         "config": str(config_path),
         "checkpoint": str(checkpoint_path),
         "seconds": round(time.monotonic() - started, 3),
@@ -278,8 +278,8 @@ def fit_visual_tokenizer(config: FitConfig, read_images: ImageBatches) -> dict:
 def report_table(report: dict) -> str:
     """The per-depth numbers as an aligned text table."""
     columns = ("relative_error", "unexplained_variance", "perplexity", "restarts")
-    lines = [f"{'kind':<11}{'depth':>6}{'rel. error':>12}{'unexpl. var.':>14}{'perplexity':>12}{'restarts':>10}"]
-    for kind in KINDS:
-        for d, (error, unexplained, ppl, restarts) in enumerate(zip(*(report[kind][c] for c in columns))):
-            lines.append(f"{kind:<11}{d:>6}{error:>12.4f}{unexplained:>14.4f}{ppl:>12.1f}{restarts:>10}")
+    lines = [f"{'branch':<11}{'depth':>6}{'rel. error':>12}{'unexpl. var.':>14}{'perplexity':>12}{'restarts':>10}"]
+    for branch in BRANCHES:
+        for d, (error, unexplained, ppl, restarts) in enumerate(zip(*(report[branch][c] for c in columns))):
+            lines.append(f"{branch:<11}{d:>6}{error:>12.4f}{unexplained:>14.4f}{ppl:>12.1f}{restarts:>10}")
     return os.linesep.join(lines)

@@ -47,13 +47,13 @@ from megatron_asvr.training.schedule import forward_backward, forward_only
 
 def _model_groups(parallel: ParallelConfig, dp_size: int) -> str:
     """The groups a step's forward and backward wait on: "the tensor- and data-parallel groups"."""
-    kinds = [kind for kind, size in (("tensor", parallel.tensor_parallel), ("pipeline", parallel.pipeline_parallel),
+    dims = [dim for dim, size in (("tensor", parallel.tensor_parallel), ("pipeline", parallel.pipeline_parallel),
                                      ("data", dp_size)) if size > 1]
-    if not kinds:
+    if not dims:
         return "no other rank"
-    if len(kinds) == 1:
-        return f"the {kinds[0]}-parallel group"
-    return f"the {', '.join(k + '-' for k in kinds[:-1])} and {kinds[-1]}-parallel groups"
+    if len(dims) == 1:
+        return f"the {dims[0]}-parallel group"
+    return f"the {', '.join(k + '-' for k in dims[:-1])} and {dims[-1]}-parallel groups"
 
 
 class NonFiniteError(RuntimeError):

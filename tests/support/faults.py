@@ -3,7 +3,7 @@
     ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 tests/support/faults.py --config run.yaml
 
 Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
-restarted workers run clean. ASVR_FAULTS holds comma-separated faults (a kind may repeat):
+restarted workers run clean. ASVR_FAULTS holds comma-separated faults (one may repeat):
 
     kill_in_step:STEP:RANK      SIGKILL after STEP's forward and backward, before its all-reduce
     kill_in_save:STEP:RANK      SIGKILL once the rank's shards of checkpoint STEP are written, before it is published
@@ -24,20 +24,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _faults() -> list:
-    """[(kind, (step, rank, *more))] from ASVR_FAULTS; none after a restart."""
+    """[(fault, (step, rank, *more))] from ASVR_FAULTS; none after a restart."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return []
     faults = []
     for spec in filter(None, os.environ.get("ASVR_FAULTS", "").split(",")):
-        kind, *numbers = spec.split(":")
-        faults.append((kind, tuple(int(n) for n in numbers)))
+        fault, *numbers = spec.split(":")
+        faults.append((fault, tuple(int(n) for n in numbers)))
     return faults
 
 
-def _fault(faults: list, kind: str, step: int):
-    """The fault of ``kind`` for ``step`` on this rank, or None."""
+def _fault(faults: list, name: str, step: int):
+    """The fault ``name`` for ``step`` on this rank, or None."""
     rank = int(os.environ["RANK"])
-    return next((numbers for k, numbers in faults if k == kind and numbers[:2] == (step, rank)), None)
+    return next((numbers for k, numbers in faults if k == name and numbers[:2] == (step, rank)), None)
 
 
 def _die(sig: int) -> None:

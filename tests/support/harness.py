@@ -90,7 +90,7 @@ def _record_grads_before_update(trainer: Trainer, grads: list) -> None:
     trainer.optimizer.step = recording_step
 
 
-def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to: Optional[str] = None) -> dict:
+def train_case(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to: Optional[str] = None) -> dict:
     """Train ``case`` through ``Trainer.train_step``; return the canonical initial params, and per
     step the loss reports, grad norm, gradients (reduced, before clipping and the update) and
     params (after the update).

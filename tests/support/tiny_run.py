@@ -23,7 +23,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 
-VISION = VisionConfig(kind="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+VISION = VisionConfig(family="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=32, image_size=384, feature_layer=-2)  # 144 patches per 384 tile
 PATCHES = VISION.num_patches
 SEQ_LENGTH = 256
