@@ -52,7 +52,8 @@ def test_layout_matches_single_process(reference, layout):
     model = UNEVEN if layout == "pp2_uneven" else STAGE2
     results = run_ranks(train_case, world_size, VLMCase(model=model, steps=2, parallel=parallel), reference["initial"])
     if layout == "pp2_uneven":
-        layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")}) for r in results]
+        layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")})
+                  for r in results]
         assert layers == [["0", "1", "2"], ["3"]]
     _assert_close(losses(results, STAGE2), losses([reference], STAGE2), TOL, f"{layout} losses")
     for step in range(2):
@@ -89,7 +90,8 @@ def test_stage_freezing_and_frozen_pipeline_stages():
     frozen = [n for n in stage1["initial"] if n.startswith(("language_model.", "vision_encoder."))]
     assert frozen and all(torch.equal(stage1["params"][-1][n], stage1["initial"][n]) for n in frozen)
 
-    pp4 = run_ranks(train_case, 4, VLMCase(model=TINY_MODEL, steps=2, parallel=ParallelConfig(pipeline_parallel=4)), stage1["initial"])
+    pp4 = run_ranks(train_case, 4, VLMCase(model=TINY_MODEL, steps=2, parallel=ParallelConfig(pipeline_parallel=4)),
+                    stage1["initial"])
     _assert_close(losses(pp4, TINY_MODEL), losses([stage1], TINY_MODEL), TOL, "stage-1 PP=4 losses")
     _assert_close(merge_ranks([r["params"][-1] for r in pp4]), stage1["params"][-1], TOL, "stage-1 PP=4 params")
 
@@ -99,7 +101,10 @@ def test_target_shift_moves_targets_to_the_next_patch():
     base = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
     shifted_model = _with_asvr(STAGE2, target_shift=1)
     shifted = run_ranks(train_case, 1, VLMCase(model=shifted_model, steps=1), base["initial"])[0]
-    rows = lambda r: sum(rep.branches["semantic"].rows.item() for _, rep in r["reports"][0])
+
+    def rows(result):
+        return sum(rep.branches["semantic"].rows.item() for _, rep in result["reports"][0])
+
     assert (rows(base), rows(shifted)) == (16, 12)
     a, b = losses([base], STAGE2), losses([shifted], shifted_model)
     assert a["0/text"] == b["0/text"]
@@ -195,7 +200,8 @@ def test_activation_recompute_changes_nothing_but_memory():
     plain = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
     for changes in ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
                     {"recompute_granularity": "selective"}):
-        result = run_ranks(train_case, 1, tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes), plain["initial"])[0]
+        case = tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes)
+        result = run_ranks(train_case, 1, case, plain["initial"])[0]
         _assert_close(losses([result], STAGE2), losses([plain], STAGE2), 1e-6, f"{changes} losses")
         _assert_close(result["grads"][0], plain["grads"][0], 1e-6, f"{changes} grads")
 

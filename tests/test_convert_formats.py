@@ -90,7 +90,10 @@ def test_layouts_are_detected_and_keys_are_strict():
     assert (prefixes.projector, prefixes.lm_head) == ("model.multi_modal_projector.", "lm_head.weight")
     tail = vision_tail_names(VISION, HUB.vision)
     assert tail[0] == "vision_tower.vision_model.encoder.layers.2.layer_norm1.weight" and len(tail) == 16 + 2
-    dropped = lambda key: key in tail
+
+    def dropped(key):
+        return key in tail
+
     assert check_hf_keys(rules, hub | set(tail), "dir", dropped) == sorted(tail)
     with pytest.raises(KeyError, match="dir: missing tensor language_model.model.layers.1.mlp.up_proj.weight"):
         check_hf_keys(rules, hub - {"language_model.model.layers.1.mlp.up_proj.weight"}, "dir")

@@ -318,7 +318,8 @@ def test_greedy_generate_matches_our_arg_max(exported, reimported, demo):
     print(f"greedy tokens: transformers {theirs}, ours {ours['generated']}")
     assert theirs == ours["generated"] and len(theirs) == 6
     # each step's logits too: transformers decodes with its KV cache, ours re-runs the whole prompt
-    diffs = [(hf[0, :512] - mine).abs().max().item() for hf, mine in zip(generated.logits, ours["step_logits"], strict=True)]
+    diffs = [(hf[0, :512] - mine).abs().max().item()
+             for hf, mine in zip(generated.logits, ours["step_logits"], strict=True)]
     print(f"greedy steps: max abs logit difference per step {[f'{d:.1e}' for d in diffs]}")
     assert len(diffs) == 6 and max(diffs) <= HF_TOL
 
@@ -455,7 +456,7 @@ def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):
     done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "fp32",
                 "--vision-tower-from", case["hf"], "--verify", "--no-progress")
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if l.startswith("verify against transformers"))
+    line = next(out for out in done.stdout.splitlines() if out.startswith("verify against transformers"))
     diff = float(line.split("max abs logit difference ")[1].split(" ")[0])
     assert diff <= HF_TOL and " in float32 (logits up to " in line and line.endswith("within what float32 allows")
     assert "vision tower: complete (3 layers, vision_feature_layer=-2)" in done.stdout

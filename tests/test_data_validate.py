@@ -184,8 +184,9 @@ def test_every_bad_case_is_named(fixture_set):
     assert (report["written"], report["skipped"], report["errors"]) == (len(written), len(RECORDS) - len(written), 0)
     assert report["written_with_fixes"] == 9
     assert report["written_with_assumptions"] == 1
-    assert report["by_source"]["gqa"] == {"records": 3, "written": 0, "fixed": 0, "assumed": 0, "skipped": 3, "error": 0}
-    assert report["by_source"]["text"] == {"records": 6, "written": 2, "fixed": 1, "assumed": 0, "skipped": 4, "error": 0}
+    counts = dict(fixed=0, assumed=0, error=0)
+    assert report["by_source"]["gqa"] == {"records": 3, "written": 0, "skipped": 3, **counts}
+    assert report["by_source"]["text"] == {"records": 6, "written": 2, "skipped": 4, **counts, "fixed": 1}
     assert report["by_source"]["records"]["records"] == 2  # image paths outside the root: the file's stem
     assert sum(s["records"] for s in report["by_source"].values()) == len(RECORDS)
     assert json.loads((fixture_set / "out" / "report.json").read_text())["by_reason"] == report["by_reason"]
@@ -267,7 +268,8 @@ def test_too_long_truncate_keeps_images_whole(fixture_set):
     assert (sample.id, sample.num_positions, len(sample.input_ids), int(sample.loss_mask.sum())) == (
         "long_answer", 800, 800, 800 - 42
     )
-    assert report["by_source"] == {"long": {"records": 3, "written": 1, "fixed": 1, "assumed": 0, "skipped": 2, "error": 0}}
+    assert report["by_source"] == {"long": {"records": 3, "written": 1, "fixed": 1, "assumed": 0, "skipped": 2,
+                                            "error": 0}}
 
 
 def test_every_deviation_from_the_format_is_named(fixture_set):
@@ -286,14 +288,17 @@ def test_every_deviation_from_the_format_is_named(fixture_set):
              for reason, entry in report["by_reason"].items() for r in entry["records"]}
     assert named == {
         ("7", "numeric_id", "assumed", "id 7 is a number: read as the string '7'"),
-        ("7", "unknown_fields", "assumed", "fields ['source_url'] ignored; conversations[0]: fields ['weight'] ignored"),
+        ("7", "unknown_fields", "assumed",
+         "fields ['source_url'] ignored; conversations[0]: fields ['weight'] ignored"),
         ("7", "image_path_normalized", "assumed", "image path './coco//good.jpg' read as 'coco/good.jpg'"),
-        ("7", "image_tag_moved", "assumed", "turn 0: <image> put at the turn's start, the rest stripped, as LLaVA-1.5 does"),
+        ("7", "image_tag_moved", "assumed",
+         "turn 0: <image> put at the turn's start, the rest stripped, as LLaVA-1.5 does"),
         ("null_image", "empty_image_field", "assumed", "'image' is null: read as a text-only record"),
         ("empty_list", "empty_image_field", "assumed", "'image' is []: read as a text-only record"),
     }
     assert (report["written"], report["written_with_assumptions"], report["written_with_fixes"]) == (4, 3, 0)
-    assert report["by_source"]["odd"] == {"records": 4, "written": 4, "fixed": 0, "assumed": 3, "skipped": 0, "error": 0}
+    assert report["by_source"]["odd"] == {"records": 4, "written": 4, "fixed": 0, "assumed": 3, "skipped": 0,
+                                          "error": 0}
     assert report["by_reason"]["unknown_fields"]["assumed"] == 1
 
 

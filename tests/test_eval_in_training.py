@@ -61,7 +61,8 @@ def _candidate_logprobs(checkpoint: str, config) -> dict:
                                   images=query.pixels.to(device))["logits"][0, :, :vocab]  # [s, V]
             steps = torch.log_softmax(logits.double(), -1)
             expanded = query.length - len(query.ids)  # image positions added before the answer
-            row.append(sum(steps[i + expanded - 1, query.ids[i]].item() for i in range(query.scored_from, len(query.ids))))
+            answer = range(query.scored_from, len(query.ids))
+            row.append(sum(steps[i + expanded - 1, query.ids[i]].item() for i in answer))
         out[item.question_id] = row
     runtime.destroy()
     return out

@@ -48,7 +48,8 @@ def _config(tiny_root, save_dir, parallel=ParallelConfig(tensor_parallel=2), num
     train = {"steps": STEPS, "save_interval": SAVE_INTERVAL, "keep_last": 3,
              "distributed_timeout_minutes": TIMEOUT_S / 60, **train}
     config = tiny_run_config(tiny_root, save_dir, **train)
-    return dataclasses.replace(config, parallel=parallel, data=dataclasses.replace(config.data, num_workers=num_workers))
+    data = dataclasses.replace(config.data, num_workers=num_workers)
+    return dataclasses.replace(config, parallel=parallel, data=data)
 
 
 def _recipe(tiny_root, work: Path) -> Path:
@@ -329,7 +330,8 @@ def test_unreadable_samples_lose_their_text_and_visual_loss():
 def _fake_checkpoint(directory: Path, shard_bytes: int) -> None:
     (directory / "dist").mkdir(parents=True)
     (directory / "model_config.json").write_text("{}")
-    (directory / "dist/metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+    (directory / "dist/metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                              "sharded_backend_version": 1,
                                                               "common_backend": "torch", "common_backend_version": 1}))
     (directory / "dist/__0_0.distcp").write_bytes(b"x" * shard_bytes)
 

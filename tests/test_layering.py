@@ -142,7 +142,8 @@ def test_the_check_finds_each_kind_of_violation(tmp_path):
         "megatron_asvr/__init__.py": "__version__ = '0'\n",
         "megatron_asvr/config/__init__.py": "",
         "megatron_asvr/data/__init__.py": "from megatron_asvr import __version__\n",
-        "megatron_asvr/data/ok.py": "from megatron_asvr.model import vlm\nfrom . import sibling\nimport megatron_asvr.config\n",
+        "megatron_asvr/data/ok.py": "from megatron_asvr.model import vlm\nfrom . import sibling\n"
+                                    "import megatron_asvr.config\n",
         "megatron_asvr/tokenizers/__init__.py": "",
         "megatron_asvr/tokenizers/lazy.py": "def f():\n    from megatron_asvr.convert.hf_vision import x\n",
         "megatron_asvr/tokenizers/relative.py": "from ..data import images\n",

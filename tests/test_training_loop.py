@@ -81,8 +81,10 @@ def test_sigkill_then_automatic_resume_is_exact(tiny_root, tmp_path):
     """12 steps straight vs 5 steps, SIGKILL in step 6, automatic resume to 12 (TP=2):
     identical per-step losses and bitwise identical final weights."""
     tp2 = ParallelConfig(tensor_parallel=2)
-    straight = dataclasses.replace(tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5), parallel=tp2)
-    resumed = dataclasses.replace(straight, train=dataclasses.replace(straight.train, save_dir=str(tmp_path / "resumed")))
+    straight = dataclasses.replace(tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5),
+                                   parallel=tp2)
+    resumed = dataclasses.replace(straight, train=dataclasses.replace(straight.train,
+                                                                      save_dir=str(tmp_path / "resumed")))
     reference = run_ranks(_train, 2, straight)[-1]
     with pytest.raises(MultiRankError, match="died"):
         run_ranks(_train, 2, resumed, kill_at_step=6)
@@ -91,7 +93,8 @@ def test_sigkill_then_automatic_resume_is_exact(tiny_root, tmp_path):
     assert [h["step"] for h in second["history"]] == list(range(6, 13))
     expected = _losses(reference["history"])
     assert _losses(second["history"]) == {s: expected[s] for s in range(6, 13)}
-    a = run_ranks(_final_params, 1, dataclasses.replace(straight, parallel=ParallelConfig()), reference["checkpoint"])[0]
+    single = dataclasses.replace(straight, parallel=ParallelConfig())
+    a = run_ranks(_final_params, 1, single, reference["checkpoint"])[0]
     b = run_ranks(_final_params, 1, dataclasses.replace(straight, parallel=ParallelConfig()), second["checkpoint"])[0]
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
 

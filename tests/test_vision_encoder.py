@@ -25,7 +25,8 @@ def _hf_model(vision: VisionConfig):
                   image_size=vision.image_size, patch_size=vision.patch_size, layer_norm_eps=vision.norm_eps)
     torch.manual_seed(0)
     if vision.family == "siglip":
-        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh"))
+        config = transformers.SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh")
+        model = transformers.SiglipVisionModel(config)
     else:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common, hidden_act="quick_gelu"))
     with torch.no_grad():  # non-trivial norms and biases
@@ -41,7 +42,8 @@ def _our_features(vision, tp, hf_state, images):
     from megatron_asvr.model.vision import VisionEncoder, vision_transformer_config
 
     runtime.initialize(ParallelConfig(tensor_parallel=tp))
-    encoder = VisionEncoder(vision, vision_transformer_config(vision, ParallelConfig(tensor_parallel=tp), "local"), "local")
+    config = vision_transformer_config(vision, ParallelConfig(tensor_parallel=tp), "local")
+    encoder = VisionEncoder(vision, config, "local")
     canonical, skipped = hf_vision_to_canonical(hf_state, vision)
     load_full_state([encoder], canonical)
     assert sorted(full_state([encoder])) == sorted(canonical)

@@ -67,7 +67,8 @@ def _fit_and_reload(argv, images_dir, mode):
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 
-    spec = importlib.util.spec_from_file_location("fit_tool", Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py")
+    tool = Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("fit_tool", tool)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.main(argv) == 0

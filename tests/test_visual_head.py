@@ -114,7 +114,7 @@ def _project_head(tp, state, codebooks, hidden, codes, row_mask):
     config = head_transformer_config(head_cfg, parallel, "local")
     head = VisualHead(head_cfg, CodebookSpec(SIZES, C), config, H, codebooks, "local")
     load_full_state([head], state)
-    logits = [l.detach() for l in head.logits(hidden, codes)]
+    logits = [depth.detach() for depth in head.logits(hidden, codes)]
     hidden = hidden.clone().requires_grad_(True)
     loss_sum, count, correct = head(hidden, codes, row_mask.nonzero().squeeze(1))
     loss_sum.sum().backward()

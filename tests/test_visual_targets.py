@@ -39,7 +39,8 @@ def _write_random_tokenizer(directory: Path):
     books = {branch: [torch.randn(size, 32, generator=g) * 2.0 ** -d for d, size in enumerate(SIZES)]
              for branch in ("semantic", "appearance")}
     projection = {}
-    for module, weight_shape in (("norm1", (32,)), ("conv1", (32, 32, 1, 1)), ("norm2", (32,)), ("conv2", (32, 32, 3, 3))):
+    shapes = (("norm1", (32,)), ("conv1", (32, 32, 1, 1)), ("norm2", (32,)), ("conv2", (32, 32, 3, 3)))
+    for module, weight_shape in shapes:
         projection[f"{module}.weight"] = module.startswith("norm") + 0.1 * torch.randn(weight_shape, generator=g)
         projection[f"{module}.bias"] = 0.1 * torch.randn(32, generator=g)
     return save_dualtoken(directory, config, hf.state_dict(), projection, books)
@@ -184,7 +185,8 @@ def test_a_different_run_on_the_same_directory_is_refused(corpus, tmp_path):
 def _tool(argv):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("precompute_tool", Path(__file__).parents[1] / "tools/precompute_targets.py")
+    tool = Path(__file__).parents[1] / "tools/precompute_targets.py"
+    spec = importlib.util.spec_from_file_location("precompute_tool", tool)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool.main(argv)
@@ -192,7 +194,8 @@ def _tool(argv):
 
 def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_path):
     argv = ["--data", str(corpus.data[0]), "--image-root", str(corpus.image_root),
-            "--tokenizer-config", str(corpus.tokenizer_config), "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
+            "--tokenizer-config", str(corpus.tokenizer_config),
+            "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
             "--output", str(tmp_path / "cli"), "--supervision", "dual", "--workers", "0", "--no-progress",
             "--max-missing-fraction", "0.5"]
     assert run_ranks(_tool, 1, argv)[0] == 0

@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             sub.add_argument("--config", type=Path, help="YAML recipe for the ASVR settings (model.asvr, ...)")
             sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
         else:
-            sub.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint: a save directory (its newest) or an iter_* directory")
+            sub.add_argument("--checkpoint", required=True, type=Path,
+                             help="our checkpoint: a save directory (its newest) or an iter_* directory")
             sub.add_argument("--vision-tower-from", type=Path,
                              help="the original HF vision weights: export the complete tower (else truncated)")
             sub.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")

@@ -41,7 +41,8 @@ def synthetic_samples(model: ModelConfig, count: int, seq_length: int, lengths: 
         draws = [(seq_length - patches, True)] * count
     else:
         draws = [(d.text_tokens, d.has_image) for d in
-                 draw_samples(lengths, count, seq_length, patches, int(torch.randint(2**31, (1,), generator=generator)))]
+                 draw_samples(lengths, count, seq_length, patches,
+                              int(torch.randint(2**31, (1,), generator=generator)))]
     return [(build_sequence(*synthetic_sample_ids(model, text, image, generator), [patches] if image else [],
                             seq_length), image) for text, image in draws]
 

@@ -83,7 +83,8 @@ def load_weights(model: List[torch.nn.Module], path: Path, optional: Sequence[st
         raise FileNotFoundError(f"{dist_dir} is not a dist checkpoint (no metadata.json)")
     available = set(dist_checkpointing.load_tensors_metadata(str(dist_dir)))
     sharded, kept_init, missing = sharded_model_state(model), [], []
-    tensors = [item for chunk_state in sharded.values() for item in chunk_state.values() if isinstance(item, ShardedTensor)]
+    tensors = [item for chunk_state in sharded.values() for item in chunk_state.values()
+               if isinstance(item, ShardedTensor)]
     for item in tensors:
         if item.key not in available:
             (kept_init if item.key.startswith(tuple(optional)) else missing).append(item.key)
@@ -98,7 +99,8 @@ def load_weights(model: List[torch.nn.Module], path: Path, optional: Sequence[st
     state = dist_checkpointing.load(sharded, str(dist_dir))
     for key, chunk in zip(model_keys(model), model):
         result = unwrap_ddp(chunk).load_state_dict(state[key], strict=False)
-        unexpected_missing = [k for k in result.missing_keys if not k.startswith(tuple(optional)) and "_extra_state" not in k]
+        unexpected_missing = [k for k in result.missing_keys
+                              if not k.startswith(tuple(optional)) and "_extra_state" not in k]
         if unexpected_missing or result.unexpected_keys:
             raise KeyError(f"{dist_dir}: missing {unexpected_missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return directory

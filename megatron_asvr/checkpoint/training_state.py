@@ -95,7 +95,8 @@ def _set_rng_state(state: dict) -> None:
 def _sharded_rng(state: Optional[dict] = None) -> ShardedObject:
     """This rank's RNG states, one object per (PP, TP) rank, replicated over DP."""
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
-    shape = (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size())
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size())
     return ShardedObject("rng_state", state, shape, (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
 
 

@@ -142,7 +142,8 @@ class LLMConfig:
             raise ConfigError("an uneven layer split (llm.layers_in_*_stage) is not supported with virtual_pipeline")
         middle_stages = pp - (first is not None) - (last is not None)
         rest = self.num_layers - (first or 0) - (last or 0)
-        if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and (rest % middle_stages or rest < middle_stages)):
+        uneven = middle_stages and (rest % middle_stages or rest < middle_stages)
+        if rest < 0 or (middle_stages == 0 and rest) or uneven:
             raise ConfigError(
                 f"llm.num_layers={self.num_layers} cannot be split as first={first}, last={last} "
                 f"with the remaining {rest} layers evenly over {middle_stages} other stages"

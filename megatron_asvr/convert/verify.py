@@ -108,7 +108,8 @@ class LogitAgreement:
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
         return (f"max abs logit difference {self.max_abs_diff:.3e} in {dtype} (logits up to {self.logit_scale:.3g}; "
-                f"{dtype} rounding allows {self.limit:.3e}): {'within' if self.within else 'OUTSIDE'} what {dtype} allows")
+                f"{dtype} rounding allows {self.limit:.3e}): {'within' if self.within else 'OUTSIDE'} what "
+                f"{dtype} allows")
 
 
 def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch.dtype, device,

@@ -132,7 +132,8 @@ class SampleBuilder:
             out["pixels"], out["unreadable"] = self._pixels(images, sizes)
         if self.needs.input_codes and images:
             patches = self.targets.meta["semantic"].num_patches
-            out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, self.asvr.semantic.depth) for k in images])
+            depth = self.asvr.semantic.depth
+            out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, depth) for k in images])
         if self.needs.targets:
             out["codes"] = {b: [self._codes(key, b) for key in images] for b in self.branches}
         return out

@@ -69,7 +69,8 @@ class ShardWriter:
             raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
         self.output_dir = Path(output_dir)
         if (self.output_dir / SHARD_MANIFEST).exists():
-            raise FileExistsError(f"{self.output_dir} already holds a dataset ({SHARD_MANIFEST}); choose another output")
+            raise FileExistsError(f"{self.output_dir} already holds a dataset ({SHARD_MANIFEST}); "
+                                  "choose another output")
         if any(self.output_dir.glob("shard_*")):
             raise FileExistsError(
                 f"{self.output_dir} holds shard files of an unfinished run; delete them or choose another output"

@@ -207,7 +207,8 @@ class RecordValidator:
         for i, (turn, placed) in enumerate(zip(turns, place_image_tags(turns))):
             if turn.text != placed.text:
                 fixes.append(Problem(Reason.IMAGE_TAG_MOVED, Outcome.ASSUMED,
-                                     f"turn {i}: {IMAGE_TAG} put at the turn's start, the rest stripped, as LLaVA-1.5 does"))
+                                     f"turn {i}: {IMAGE_TAG} put at the turn's start, the rest stripped, "
+                                     "as LLaVA-1.5 does"))
         turns = self._tagged_turns(turns, len(images), fixes)
         unsupported = self.template.unsupported(turns, len(images))
         if unsupported:

@@ -55,7 +55,7 @@ class ExperimentConfig:
     stage2_config: Path = Path("configs/demo_stage2.yaml")
     stage1_steps: Optional[Positive] = None  # None: the recipe's train.steps
     stage2_steps: Optional[Positive] = None
-    eval_interval: Optional[Positive] = None  # stage-2 steps between in-training scores; None: steps / IN_TRAINING_SCORES
+    eval_interval: Optional[Positive] = None  # stage-2 steps between in-training scores; None: steps / 4
     seeds: Tuple[int, ...] = (1, 2, 3)  # train.seed of each run; every arm trains every seed
     nproc: Positive = 2
     master_port: Positive = 29620
@@ -95,7 +95,8 @@ class ExperimentConfig:
     def describe(self) -> str:
         overrides = ", ".join([*self.stage1_overrides, *self.stage2_overrides]) or "none"
         return (f"ASVR vs LLaVA on the demo data ({self.demo_dir}): seeds {', '.join(map(str, self.seeds))} per arm; "
-                f"stage 1 from the import, {self.stage1_steps} steps ({self.stage1_config}); stage 2 {self.stage2_steps} "
+                f"stage 1 from the import, {self.stage1_steps} steps ({self.stage1_config}); "
+                f"stage 2 {self.stage2_steps} "
                 f"steps ({self.stage2_config}), held-out scores every {self.eval_interval}; {self.nproc} processes; "
                 f"recipe overrides for both arms: {overrides}")
 

@@ -67,7 +67,8 @@ def vision_rules(vision: VisionConfig, source_prefix: str, target_prefix: str = 
             rules += [same(f"{ours}{our_name}.{param}", f"{layer}{hf_name}.{param}") for param in ("weight", "bias")]
         heads = vision.num_attention_heads
         rules += [
-            fused_qkv(f"{ours}self_attention.linear_qkv.{param}", *(f"{layer}self_attn.{p}_proj.{param}" for p in "qkv"),
+            fused_qkv(f"{ours}self_attention.linear_qkv.{param}",
+                      *(f"{layer}self_attn.{p}_proj.{param}" for p in "qkv"),
                       heads, heads)
             for param in ("weight", "bias")
         ]

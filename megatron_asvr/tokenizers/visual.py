@@ -107,7 +107,8 @@ class VisualTokenizer(torch.nn.Module):
         self.features = TappedVisionEncoder(config.vision, config.appearance_layer, parallel, backend, dtype)
         device = current_device()
         self.projection = AppearanceProjection(config.code_width, dtype).to(device)
-        self.quantizers = torch.nn.ModuleDict({branch: ResidualQuantizer(codebooks[branch]) for branch in BRANCHES}).to(device)
+        self.quantizers = torch.nn.ModuleDict(
+            {branch: ResidualQuantizer(codebooks[branch]) for branch in BRANCHES}).to(device)
         self.requires_grad_(False)
         self.eval()
 
@@ -161,7 +162,8 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 def tokenizer_directory_files(directory: str | os.PathLike) -> Tuple[Path, Path]:
     """(config.json, the one checkpoint file) of a DualToken-format tokenizer directory."""
     directory = Path(directory)
-    checkpoints = sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) if directory.is_dir() else []
+    checkpoints = sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) \
+        if directory.is_dir() else []
     if not (directory / "config.json").is_file() or len(checkpoints) != 1:
         raise ConfigError(
             f"train.visual_tokenizer={str(directory)!r} must hold config.json and one checkpoint "

@@ -182,11 +182,13 @@ def read_config(path: str | os.PathLike) -> DualTokenConfig:
         if rq.get(name, width) != width:
             raise TokenizerFileError(f"{w_rq}.{name}={rq[name]} differs from latent_shape[2]={width}")
     if width % PROJECTION_GROUPS:
-        raise TokenizerFileError(f"{w_rq}: width {width} is not divisible by the projection's {PROJECTION_GROUPS} groups")
+        raise TokenizerFileError(f"{w_rq}: width {width} is not divisible by the projection's "
+                                 f"{PROJECTION_GROUPS} groups")
     block = _int_list(_get(head, "block_size", w_head), f"{w_head}.block_size", 3)
     checks = (("block_size[2]", block[2], depth, "code_shape[2]"),
               ("input_embed_dim_1", _get(head, "input_embed_dim_1", w_head), width, "latent_shape[2]"),
-              ("vocab_size", _per_depth(_get(head, "vocab_size", w_head), f"{w_head}.vocab_size", depth), sizes, "n_embed"))
+              ("vocab_size", _per_depth(_get(head, "vocab_size", w_head), f"{w_head}.vocab_size", depth), sizes,
+               "n_embed"))
     for name, value, expected, theirs in checks:
         if value != expected:
             raise TokenizerFileError(f"{w_head}.{name}={value} does not match rqvaesiglip.{theirs} ({expected})")

@@ -54,7 +54,8 @@ class ResidualQuantizer(torch.nn.Module):
             raise ValueError("a residual quantizer needs at least one codebook")
         widths = sorted({book.shape[1] for book in codebooks})
         if len(widths) != 1 or any(book.ndim != 2 for book in codebooks):
-            raise ValueError(f"codebooks must be [V_d, C] with one width C, got shapes {[tuple(b.shape) for b in codebooks]}")
+            shapes = [tuple(b.shape) for b in codebooks]
+            raise ValueError(f"codebooks must be [V_d, C] with one width C, got shapes {shapes}")
         self.depth = len(codebooks)
         self.width = widths[0]
         for d, book in enumerate(codebooks):

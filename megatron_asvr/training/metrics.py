@@ -103,7 +103,8 @@ class MetricsLogger:
         iv.skipped += int(result.skipped)
         iv.dropped += counts.dropped
         iv.unreadable += counts.unreadable
-        iv.tokens, iv.samples, iv.flops = iv.tokens + counts.real_tokens, iv.samples + result.samples, iv.flops + counts.flops
+        iv.tokens, iv.samples = iv.tokens + counts.real_tokens, iv.samples + result.samples
+        iv.flops += counts.flops
         iv.computed += counts.computed_positions
         iv.step_time, iv.data_time = iv.step_time + timings.step_s, iv.data_time + timings.data_s
         for name, value in losses.items():
@@ -143,12 +144,15 @@ class MetricsLogger:
         if self.on_gpu:
             scalars["mfu"] = tflops / self.peak_tflops
         if self.enabled:
-            visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/visual_"))
+            visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items()
+                              if k.startswith("loss/visual_"))
             line = (
-                f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
+                f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} "
+                f"| visual {visual or '-'} "
                 f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
                 f"unreadable {iv.unreadable} "
-                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) {scalars['samples_per_s']:.2f} samples/s "
+                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) "
+                f"{scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "
                 f"| peak mem {scalars['peak_memory_gib']:.2f} GiB"

@@ -189,7 +189,8 @@ class Trainer:
         shared with every rank through the step's own all-reduce: ``StepResult.stop``;
         ``unreadable``: this rank's samples masked for unreadable images (counted there too)."""
         number = self.step + 1
-        mine = StepCounts.of_this_rank(micro, stop_requested, unreadable, self.flops_of(micro) if self.flops_of else 0.0)
+        flops = self.flops_of(micro) if self.flops_of else 0.0
+        mine = StepCounts.of_this_rank(micro, stop_requested, unreadable, flops)
         with waiting_for(self.peers, f"step {number}'s forward and backward"):
             micro = self._to_device(micro)
             reports = forward_backward(self.task.forward_step, self.model, self.optimizer, micro)

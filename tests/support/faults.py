@@ -1,6 +1,7 @@
 """tools/train.py with faults injected, for the fault-tolerance tests under torchrun.
 
-    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 tests/support/faults.py --config run.yaml
+    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 tests/support/faults.py \
+        --config run.yaml
 
 Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
 restarted workers run clean. ASVR_FAULTS holds comma-separated faults (one may repeat):
@@ -52,8 +53,8 @@ def install(faults: list) -> None:
     from megatron_asvr.checkpoint import training_state
     from megatron_asvr.training.trainer import Trainer
 
-    over_the_job, next_step, dist_save, write_item = (Trainer._over_the_job, TrainLoader.next_step,
-                                                    training_state.dist_checkpointing.save, filesystem_async._write_item)
+    over_the_job, next_step = Trainer._over_the_job, TrainLoader.next_step
+    dist_save, write_item = training_state.dist_checkpointing.save, filesystem_async._write_item
     saves = {}  # step -> saves of it so far
     failing = {"writes": False, "writer": False}
 

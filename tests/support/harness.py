@@ -41,6 +41,7 @@ class Case:
     clip_grad: float = 0.5
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234
+    bucket_size: Optional[int] = None  # DDP gradient bucket, in elements (None: megatron's default)
 
     # -- what subclasses define ------------------------------------------------
     def chunk_builder(self) -> ChunkBuilder:
@@ -70,7 +71,7 @@ def _reported(reports: List[LossReport], first: int) -> List[tuple]:
 def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
     info = runtime.initialize(case.parallel, seed=case.seed)
     optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps)
-    return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info,
+    return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info, bucket_size=case.bucket_size,
                    init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial))
 
 
@@ -106,6 +107,7 @@ def train_case(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, sa
         "rank": info.rank, "tp_rank": info.tp_rank, "dp_rank": info.dp_rank,
         "model_parallel_rng": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"].clone(),
         "main_param_dtypes": _main_param_dtypes(trainer.optimizer),
+        "grad_buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
     }
     if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards
         _record_grads_before_update(trainer, out["grads"])

@@ -84,4 +84,5 @@ def tiny_run_config(root: str, save_dir: str, **train_changes) -> RunConfig:
     train = TrainConfig(global_batch=4, micro_batch=1, steps=4, lr=1e-3, warmup_ratio=0.0,
                         visual_tokenizer=str(root / "tokenizer"), save_dir=str(save_dir), save_interval=0,
                         log_interval=1, tensorboard=False, precision="fp32")
-    return RunConfig(model=model, parallel=ParallelConfig(), data=data, train=dataclasses.replace(train, **train_changes))
+    return RunConfig(model=model, parallel=ParallelConfig(), data=data,
+                     train=dataclasses.replace(train, **train_changes))

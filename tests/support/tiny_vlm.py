@@ -84,7 +84,8 @@ class VLMCase(Case):
             if not images and asvr.supervise_text_only:
                 kinds.insert(1, "I")
                 images = [ZERO_IMAGE]
-            ids = [BOS if k == "B" else IMAGE_PLACEHOLDER if k == "I" else int(torch.randint(3, 250, (1,), generator=g)) for k in kinds]
+            ids = [BOS if k == "B" else IMAGE_PLACEHOLDER if k == "I" else int(torch.randint(3, 250, (1,), generator=g))
+                   for k in kinds]
             supervised = [k == "A" for k in kinds]
             samples.append((build_sequence(ids, supervised, [PATCHES] * len(images), self.seq_length), images))
         return samples
