@@ -12,16 +12,9 @@ import torch
 
 from megatron_asvr.config import ConfigError, ParallelConfig, TrainConfig
 from tests.support.multirank import run_ranks
-from tests.support.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 
 TP2 = ParallelConfig(tensor_parallel=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_ranks(make_tiny_run, 1, str(root), timeout=600)
-    return root
 
 
 def _train(config):

@@ -3,9 +3,10 @@ stops with one line, never hangs, and leaves no process behind.
 
 The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shards of its own. The
 reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
-a bash / Python polyglot). The others run ``tests/support/faults.py`` (tools/train.py with faults in
-the first attempt) under ``torchrun --max-restarts 1`` and must end with the reference's model,
-optimizer, scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
+a bash / Python polyglot). The faulty one runs ``tests/support/faults.py`` (tools/train.py with a fault
+in each of its first three attempts) under ``torchrun --max-restarts 3``, sharing its start-ups
+between the three tests that read it, and must end with the reference's model, optimizer,
+scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 import yaml
 
 from tests.support.multirank import MultiRankError, run_ranks
-from tests.support.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 from tests.support.torchrun_job import run_torchrun
 from megatron_asvr.config import ParallelConfig, to_dict
 from megatron_asvr.data.loader import GlobalBatchOrder
@@ -35,13 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_INTERVAL = 8, 2
 TIMEOUT_S = 20  # train.distributed_timeout_minutes in the torchrun jobs
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_ranks(make_tiny_run, 1, str(root), timeout=600)
-    return str(root)
 
 
 def _config(tiny_root, save_dir, parallel=ParallelConfig(tensor_parallel=2), num_workers=1, **train):
@@ -56,14 +51,6 @@ def _recipe(tiny_root, work: Path) -> Path:
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work / "run"))))
     return path
-
-
-def _faulty_job(tiny_root, work: Path, faults: str, **kwargs):
-    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=1,
-                       env={**ENV, "ASVR_FAULTS": faults}, **kwargs)
-    assert job.returncode == 0, job.output[-4000:]
-    assert not job.survivors, f"processes outlived the job: {job.survivors}"
-    return job
 
 
 def _state(checkpoint: Path) -> dict:
@@ -111,34 +98,36 @@ def reference(tiny_root, tmp_path_factory):
     return work / "run"
 
 
-def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
-    retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
-    rank, step = random.randrange(2), random.randrange(3, STEPS + 1)
-    job = _faulty_job(tiny_root, tmp_path, f"enospc:2:{rank}:1,kill_in_step:{step}:{rank}")
-    assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
-    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
-            f"[Errno 28] No space left on device); retrying once") in job.output
-    resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
-    assert f"resumed from {tmp_path}/run/iter_{resumed:07d} at step {resumed}" in job.output, (rank, step)
-    _assert_same_final_state(reference, tmp_path / "run")
+@dataclass(frozen=True)
+class FaultyJob:
+    """One torchrun job (--max-restarts 3) that meets a fault in each of its first three attempts."""
+
+    output: str
+    run: Path
+    kill_rank: int  # attempt 0: its save at step 2 needs its one retry (ENOSPC), then SIGKILL mid-step
+    kill_step: int
+    save_rank: int  # attempt 1: SIGKILL in the save of save_step, its shards written, not yet published
+    save_step: int
+    stall_step: int  # attempt 2: rank 1 SIGSTOPped when this step's batches are asked for
+
+    def attempt(self, number: int) -> str:
+        """The job's output from attempt ``number``'s first line on (up to the next attempt's)."""
+        start = self.output.index(f"[faults] attempt {number}: ")
+        end = self.output.find(f"[faults] attempt {number + 1}: ")
+        return self.output[start:] if end < 0 else self.output[start:end]
 
 
-def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
-    the restart removes the unfinished save and resumes from the one before."""
-    rank, step = random.randrange(2), random.randrange(SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
-    job = _faulty_job(tiny_root, tmp_path, f"kill_in_save:{step}:{rank}")
-    assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
-    assert f"removed {tmp_path}/run/iter_{step:07d}.tmp, left by a save that did not finish" in job.output
-    before = step - SAVE_INTERVAL
-    assert (f"resumed from {tmp_path}/run/iter_{before:07d} at step {before}" in job.output) == (before > 0)
-    _assert_same_final_state(reference, tmp_path / "run")
-
-
-def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference, tiny_root, tmp_path):
-    """Rank 1 SIGSTOPped at step 3: rank 0 exits naming its wait after TIMEOUT_S, torchrun restarts
-    the job, which ends as the reference."""
+@pytest.fixture(scope="module")
+def faulty(tiny_root, tmp_path_factory):
+    """The faults at random ranks and steps, one attempt after another, so that the restarts share one
+    job's start-ups; attempt 3 runs clean to the end."""
+    work = tmp_path_factory.mktemp("faulty")
+    kill_rank, kill_step = random.randrange(2), random.randrange(3, STEPS + 1)
+    resumed = SAVE_INTERVAL * ((kill_step - 1) // SAVE_INTERVAL)  # where attempt 1 starts
+    save_rank, save_step = random.randrange(2), random.randrange(resumed + SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
+    stall_step = save_step - SAVE_INTERVAL + 1  # the first step of attempt 2, which resumes before the lost save
+    faults = (f"enospc:2:{kill_rank}:1@0,kill_in_step:{kill_step}:{kill_rank}@0,"
+              f"kill_in_save:{save_step}:{save_rank}@1,stall:{stall_step}:1@2")
 
     def wake(output, processes):  # only spares torchrun's 30 s wait before it SIGKILLs a stopped worker
         if "no answer from" in output:
@@ -146,13 +135,49 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
                 if p.status() == psutil.STATUS_STOPPED:
                     p.send_signal(signal.SIGCONT)
 
-    job = _faulty_job(tiny_root, tmp_path, "stall:3:1", on_poll=wake)
-    assert "[faults] rank 1: SIGSTOP" in job.output
-    named = re.findall(r"^rank 0: .*$", job.output, re.MULTILINE)
+    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=3,
+                       env={**ENV, "ASVR_FAULTS": faults}, on_poll=wake)
+    assert job.returncode == 0, job.output[-4000:]
+    assert not job.survivors, f"processes outlived the job: {job.survivors}"
+    assert "[faults] attempt 3: " in job.output and "[faults] attempt 4: " not in job.output, faults
+    return FaultyJob(job.output, work / "run", kill_rank, kill_step, save_rank, save_step, stall_step)
+
+
+def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, faulty):
+    """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
+    retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
+    rank, step, first = faulty.kill_rank, faulty.kill_step, faulty.attempt(0)
+    assert f"[faults] rank {rank}: SIGKILL" in first, (rank, step)
+    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
+            f"[Errno 28] No space left on device); retrying once") in first
+    resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
+    assert f"resumed from {faulty.run}/iter_{resumed:07d} at step {resumed}" in faulty.attempt(1), (rank, step)
+    _assert_same_final_state(reference, faulty.run)
+
+
+def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, faulty):
+    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
+    the restart removes the unfinished save and resumes from the one before."""
+    rank, step = faulty.save_rank, faulty.save_step
+    assert f"[faults] rank {rank}: SIGKILL" in faulty.attempt(1), (rank, step)
+    restarted = faulty.attempt(2)
+    assert f"removed {faulty.run}/iter_{step:07d}.tmp, left by a save that did not finish" in restarted
+    before = step - SAVE_INTERVAL
+    assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in restarted
+    _assert_same_final_state(reference, faulty.run)
+
+
+def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference, faulty):
+    """Rank 1 SIGSTOPped at a step: rank 0 exits naming its wait after TIMEOUT_S, torchrun restarts
+    the job, which ends as the reference."""
+    stalled = faulty.attempt(2)
+    assert "[faults] rank 1: SIGSTOP" in stalled
+    named = re.findall(r"^rank 0: .*$", stalled + faulty.attempt(3), re.MULTILINE)
     assert named == [f"rank 0: no answer from the ranks of this model replica within {TIMEOUT_S} s during the "
                      "agreement on the step's unreadable images (train.distributed_timeout_minutes)"], named
-    assert f"resumed from {tmp_path}/run/iter_0000002 at step 2" in job.output
-    _assert_same_final_state(reference, tmp_path / "run")
+    before = faulty.stall_step - 1
+    assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in faulty.attempt(3)
+    _assert_same_final_state(reference, faulty.run)
 
 
 def _train(config, faults=(), log=None):

@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from tests.support.multirank import MultiRankError, run_ranks
-from tests.support.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ParallelConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_ranks(make_tiny_run, 1, str(root), timeout=600)
-    return str(root)
 
 
 def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):

@@ -1,10 +1,11 @@
 """tools/train.py with faults injected, for the fault-tolerance tests under torchrun.
 
-    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 tests/support/faults.py \
-        --config run.yaml
+    ASVR_FAULTS="kill_in_step:5:1,stall:3:1@1" torchrun --nproc_per_node 2 --max-restarts 2 \
+        tests/support/faults.py --config run.yaml
 
-Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
-restarted workers run clean. ASVR_FAULTS holds comma-separated faults (one may repeat):
+ASVR_FAULTS holds comma-separated faults (one may repeat), each firing in one attempt of the torchrun
+job (TORCHELASTIC_RESTART_COUNT): ``@N`` names it, the first attempt (0) by default; an attempt
+without faults runs clean. Each attempt's ranks first print ``[faults] attempt N: rank R``.
 
     kill_in_step:STEP:RANK      SIGKILL after STEP's forward and backward, before its all-reduce
     kill_in_save:STEP:RANK      SIGKILL once the rank's shards of checkpoint STEP are written, before it is published
@@ -24,14 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def attempt() -> int:
+    """This torchrun attempt: 0, then 1, 2, ... after each restart."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _faults() -> list:
-    """[(fault, (step, rank, *more))] from ASVR_FAULTS; none after a restart."""
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return []
+    """[(fault, (step, rank, *more))] of this attempt, from ASVR_FAULTS."""
     faults = []
     for spec in filter(None, os.environ.get("ASVR_FAULTS", "").split(",")):
+        spec, _, when = spec.partition("@")
         fault, *numbers = spec.split(":")
-        faults.append((fault, tuple(int(n) for n in numbers)))
+        if int(when or 0) == attempt():
+            faults.append((fault, tuple(int(n) for n in numbers)))
     return faults
 
 
@@ -93,6 +99,7 @@ def install(faults: list) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    print(f"[faults] attempt {attempt()}: rank {os.environ['RANK']}", flush=True)
     install(_faults())
     sys.argv[0] = str(ROOT / "tools/train.py")
     runpy.run_path(sys.argv[0], run_name="__main__")
