@@ -1,14 +1,13 @@
 """Where the step metrics go: TensorBoard and, when a project is set, Weights & Biases (offline here)."""
 
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
 from megatron_asvr.config import RunConfig, TrainConfig
 from megatron_asvr.training.metrics import MetricsLogger, StepTimings, TensorBoardSink, WandbSink
 from megatron_asvr.training.trainer import StepCounts, StepResult
+from tests.support.multirank import run_ranks
 
 COUNTS = StepCounts(non_finite=False, stop=False, dropped=0, unreadable=0, image_positions=64, real_tokens=256,
                     computed_positions=256, flops=1e9)
@@ -60,24 +59,27 @@ def test_sinks_follow_the_config(tmp_path, wandb_offline):
     assert list((tmp_path / "b/wandb").glob("offline-run-*")), "the W&B run is written under save_dir"
 
 
+def _sinks_without_wandb(save_dir: str) -> list:
+    """In a rank of its own: wandb unimportable, a TensorBoard-only config's sinks, then a W&B one's
+    failure (where it was raised)."""
+    import sys
+    import traceback
+
+    from megatron_asvr.training.loop import metric_sinks
+
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError from here on
+    out = [[type(s).__name__ for s in metric_sinks(RunConfig(train=TrainConfig(save_dir=save_dir)))]]
+    try:
+        metric_sinks(RunConfig(train=TrainConfig(save_dir=save_dir, wandb_project="p")))
+    except ImportError as err:
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        out.append((where.name, Path(where.filename).name, where.line))
+    return out
+
+
 def test_wandb_is_needed_only_when_enabled(tmp_path):
     """With wandb unimportable, a TensorBoard-only run builds its sinks; one with a W&B project fails
     on wandb's import, in WandbSink."""
-    script = textwrap.dedent(f"""
-        import sys
-        import traceback
-        sys.modules["wandb"] = None  # import wandb raises ImportError
-        from megatron_asvr.config import RunConfig, TrainConfig
-        from megatron_asvr.training.loop import metric_sinks
-        sinks = metric_sinks(RunConfig(train=TrainConfig(save_dir={str(tmp_path)!r})))
-        print([type(s).__name__ for s in sinks])
-        try:
-            metric_sinks(RunConfig(train=TrainConfig(save_dir={str(tmp_path)!r}, wandb_project="p")))
-        except ImportError as err:
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            print("ImportError in", where.name, where.filename.rsplit("/", 1)[-1], where.line)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    # wandb's import fails in WandbSink.__init__ (training/metrics.py)
-    assert out.stdout.splitlines() == ["['TensorBoardSink']", "ImportError in __init__ metrics.py import wandb"]
+    names, failed = run_ranks(_sinks_without_wandb, 1, str(tmp_path))[0]
+    assert names == ["TensorBoardSink"]
+    assert failed == ("__init__", "metrics.py", "import wandb")  # WandbSink.__init__
