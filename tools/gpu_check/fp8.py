@@ -1,4 +1,4 @@
-"""Step (e): FP8 through Transformer Engine (tools/benchmark.py --mode ab: bf16 against FP8), where TE imports.
+"""Step (e): FP8 through Transformer Engine (tools/benchmark.py bench.mode=ab: bf16 against FP8), where TE imports.
 
 TE's wheel is far larger than what travels to the lent machine, so there the expected result is
 "not available on this machine"; on a machine with TE and a Hopper GPU this runs step (d)'s model

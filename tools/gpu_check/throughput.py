@@ -1,4 +1,4 @@
-"""Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py --mode compare-asvr.
+"""Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py bench.mode=compare-asvr.
 
 The number of LLM layers is the largest the memory planner fits on one 80 GB GPU with 45% headroom
 (shapes.HEADROOM, shapes.largest_llm_layers); tools/benchmark.py times a plain LLaVA step and the ASVR step (the same
