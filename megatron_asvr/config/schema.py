@@ -318,7 +318,11 @@ class DataConfig:
 
 @section
 class TrainConfig:
-    """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping."""
+    """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping.
+
+    A switch of how the step runs (a fused optimizer, a kernel choice) belongs here or in ``model``,
+    as a field or a section of its own: tools/train.py and tools/benchmark.py build the trainer from
+    the same config through ``training.loop.build_trainer``, so both read it."""
 
     seed: int = 1234
     global_batch: Positive = 256
