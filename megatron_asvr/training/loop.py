@@ -43,7 +43,6 @@ from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
 
-
 class Evaluator(Protocol):
     """An in-training score (``evaluation.in_training.HeldOutScore``), run every ``train.eval_interval``
     steps by every rank (collective), on the model as the trainer holds it."""

@@ -61,7 +61,8 @@ class StepTask(Protocol):
     """What a model is trained on: megatron's forward-step function and the per-step annotations."""
 
     def forward_step(self, data_iterator, model):
-        """(output, loss_func) for the next micro-batch of ``data_iterator``."""
+        """(output, loss_func) for the next micro-batch of ``data_iterator``; ``loss_func`` returns
+        (loss, num_tokens, LossReport)."""
 
     def prepare(self, micro: List[MicroBatch], last_stage: bool) -> None:
         """Annotate this rank's micro-batches (on the device) before the schedule runs."""
