@@ -1,7 +1,6 @@
 """The throughput benchmark: synthetic batches at real shapes, the timed loop on CPU, FP8 settings and errors."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.config import BenchRunConfig, ConfigError, load_config, with_overrides
 from megatron_asvr.model.flops import StepShape, step_flops
 from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "benchmark.py"
@@ -83,10 +83,7 @@ def test_fp8_checks_device_capability_and_rows(monkeypatch):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("benchmark")
 
 
 def test_the_tool_reports_fp8_on_cpu_as_one_line(capsys):

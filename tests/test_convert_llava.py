@@ -9,9 +9,6 @@ vision tower from the original HF weights) models with perturbed weights
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 
 from tests.support.multirank import run_ranks
+from tests.support.tools import run_tool
 from megatron_asvr.config import (
     ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
@@ -438,12 +436,7 @@ def test_import_names_a_missing_tensor(hf_llava_dir, tmp_path):
 
 
 def _cli(*args):
-    with socket.socket() as s:  # a port of our own: other jobs may hold torch's default
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_PORT=str(port))
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), *map(str, args)],
-                          check=False, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    return run_tool("convert", args)
 
 
 def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):

@@ -1,6 +1,5 @@
 """The bad-case fixture set: every problem gets its reason and outcome, nothing crashes or vanishes."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.support.fixtures import llama2_tokenizer_model
+from tests.support.tools import load_tool
 from megatron_asvr.data.llava import DataFileError, read_records
 from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
 from megatron_asvr.data.preprocess import PreprocessFailed, preprocess
@@ -346,9 +346,7 @@ def test_unreadable_json_list_is_a_clear_error(tmp_path):
 
 
 def test_tool_prints_one_line_error(fixture_set, capsys):
-    spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools" / "preprocess.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("preprocess")
     args = ["--data", f"mix={fixture_set / 'records.json'}", "--image-root", str(fixture_set / "images"),
             "--tokenizer", str(MODEL), "--template", "vicuna_v1", "--output", str(fixture_set / "out"),
             "--workers", "1", "--no-progress", "--max-seq-length", "1600", "--min-image-side", "8",

@@ -10,6 +10,7 @@ import torch
 
 from demo.data import DemoConfig, make_demo_data
 from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.config import (
     ASVRConfig,
     CodebookSpec,
@@ -245,14 +246,7 @@ def test_hf_export_path_matches_ours(root):
 
 
 def _tool(name: str):
-    """tools/<name>.py as a module (tools/ is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _run_tool(name: str, argv) -> None:

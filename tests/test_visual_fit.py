@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.tokenizers.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 from megatron_asvr.tokenizers.visual_format import read_config
 
@@ -58,7 +59,6 @@ def test_mini_batch_update_moves_used_codes_to_the_running_mean():
 
 def _fit_and_reload(argv, images_dir, mode):
     """Fit with tools/fit_visual_tokenizer.py, reload the written files as a tokenizer, recount its codes."""
-    import importlib.util
 
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
@@ -67,11 +67,7 @@ def _fit_and_reload(argv, images_dir, mode):
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 
-    tool = Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("fit_tool", tool)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(argv) == 0
+    assert load_tool("fit_visual_tokenizer").main(argv) == 0
     output = Path(argv[argv.index("--output") + 1])
     report = json.loads((output / "fit_report.json").read_text())
     runtime.initialize(ParallelConfig())

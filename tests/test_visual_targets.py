@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.config import VisionConfig
 from megatron_asvr.config.tools import TargetsConfig
 from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, VisualTargets, codes_file
@@ -183,13 +184,7 @@ def test_a_different_run_on_the_same_directory_is_refused(corpus, tmp_path):
 
 
 def _tool(argv):
-    import importlib.util
-
-    tool = Path(__file__).parents[1] / "tools/precompute_targets.py"
-    spec = importlib.util.spec_from_file_location("precompute_tool", tool)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main(argv)
+    return load_tool("precompute_targets").main(argv)
 
 
 def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_path):
