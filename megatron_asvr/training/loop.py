@@ -102,7 +102,9 @@ def report_batching(loader: TrainLoader, save_dir: Path, info: runtime.RankInfo)
 
 
 class _SigtermFlag:
-    """Set on SIGTERM: the loop checkpoints after the current step and stops."""
+    """Set on SIGTERM (a preemption: torchrun passes it on, Slurm sends it to every process): the loop
+    checkpoints after the current step and stops. The rank's helpers ignore it
+    (``runtime.child_processes``), so they live until the save is written."""
 
     def __init__(self):
         self.raised = False
@@ -211,6 +213,7 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
         VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
                                       config.data.image_mode)
     t = config.train
+    sigterm = _SigtermFlag()  # from the start: a preemption during start-up stops after the first step
     watchdog = Watchdog(int(os.environ.get("RANK", "0")), t.distributed_timeout_minutes * 60, t.slow_step_factor)
     watchdog.start()
     try:
@@ -229,7 +232,6 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
         )
         held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
-        sigterm = _SigtermFlag()
         try:
             while trainer.step < steps:
                 number = trainer.step + 1
@@ -248,15 +250,21 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
                 if held_out is not None and trainer.step % t.eval_interval == 0:
                     with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
                         held_out.log(trainer.step, logger)
+                saved = None
                 if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
-                    last_saved = save_by_policy(trainer, config, model_cfg, info) or last_saved
+                    saved = save_by_policy(trainer, config, model_cfg, info)
+                    last_saved = saved or last_saved
                 if result.stop:
+                    if info.rank == 0:
+                        print(f"stopped by SIGTERM after step {trainer.step}, "
+                              f"{f'saved {saved}' if saved else 'its checkpoint not written'}; "
+                              "the same command resumes from the newest checkpoint", flush=True)
                     break
         finally:
-            sigterm.restore()
             logger.close()
     finally:
         with waiting_for("every rank", "the shutdown of the process groups"):
             runtime.destroy()
         watchdog.stop()
+        sigterm.restore()
     return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}
