@@ -1,11 +1,15 @@
 """Readers and scorers of the paper's seven document / knowledge / hallucination benchmarks (DocVQA,
 ChartQA, OCRBench, MMMU, AI2D, RealWorldQA, HallusionBench) on tiny files in their public formats,
-against scores computed by hand in the comments."""
+against scores computed by hand in the comments; and the paper's table with its average."""
+
+from types import SimpleNamespace
 
 import pytest
 
 from asvr_dev.benchmark_files import BLUE, GREEN, RED, embedded, png_bytes, write_image, write_json, write_parquet
+from megatron_asvr.config import ConfigError
 from megatron_asvr.evaluation.items import CHOICE_PROMPT, SHORT_ANSWER_PROMPT, BenchmarkError
+from megatron_asvr.evaluation.paper_table import PAPER14, check_suite, format_suite_table, suite_summary
 from megatron_asvr.evaluation.suites import get_benchmark
 from megatron_asvr.evaluation.suites.documents import anls, levenshtein, ocrbench_correct, relaxed_correct
 from megatron_asvr.evaluation.suites.hallusion import hallusion_label
@@ -299,3 +303,39 @@ def test_unreadable_or_empty_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchmarkError, match=r"empty: no .parquet files in this directory"):
         get_benchmark("mmmu").read(tmp_path / "empty", tmp_path)
+
+
+# --- the paper's table ----------------------------------------------------------------------------
+
+
+def _result(name, headline, metrics, questions):
+    return SimpleNamespace(name=name, headline=headline, metrics=metrics, items=[None] * questions)
+
+
+def test_paper_table_average_and_missing():
+    results = [
+        _result("pope", "f1", {"f1": 0.8}, 9000),
+        _result("textvqa", "accuracy", {"accuracy": 0.5}, 5000),
+        _result("mme", "total", {"total": 1400.0, "perception_subtasks": 10.0, "cognition_subtasks": 4.0}, 2374),
+        _result("ocrbench", "total", {"total": 300.0}, 1000),
+    ]
+    summary = suite_summary("paper14", results)
+    # TextVQA 50; OCRBench 300 of 1000 -> 30; MME 1400 of 2800 -> 50; POPE 80 -> (50 + 30 + 50 + 80) / 4
+    assert [r["percent"] for r in summary["rows"]] == APPROX([50.0, 30.0, 50.0, 80.0])
+    assert [r["benchmark"] for r in summary["rows"]] == ["textvqa", "ocrbench", "mme", "pope"]  # the paper's order
+    assert summary["average"] == APPROX(52.5) and summary["averaged"] == 4 and summary["benchmarks"] == 14
+    assert summary["missing"] == ["docvqa", "chartqa", "mmbench", "seed", "gqa", "mmmu", "ai2d", "realworldqa",
+                                  "mmvp", "hallusionbench"]
+    lines = format_suite_table(summary).splitlines()
+    assert lines[0] == "paper table (paper14): 4 of 14 benchmarks"
+    assert [line.split("  ")[0] for line in lines[3:17]] == [row.label for row in PAPER14]
+    assert lines[5].split()[-1] == "30.00" and lines[4].split()[-1] == "missing"  # OCRBench; DocVQA
+    assert lines[8].split()[-3:] == ["total", "1400.0000", "50.00"]  # MME (sum)
+    assert lines[17].split()[-1] == "52.50" and lines[17].startswith("average (4 of 14)")
+    assert lines[18].startswith("missing (no files given): docvqa, chartqa,")
+    # MME with only the perception subtasks: its maximum is 2000
+    partial = _result("mme", "total", {"total": 1000.0, "perception_subtasks": 10.0, "cognition_subtasks": 0.0}, 1)
+    assert suite_summary("paper14", [partial])["average"] == APPROX(50.0)
+    check_suite("paper14", ["pope", "mmmu"])
+    with pytest.raises(ConfigError, match=r"suite paper14 takes the benchmarks textvqa, .*'jsonl' is not one"):
+        check_suite("paper14", ["pope", "jsonl"])
