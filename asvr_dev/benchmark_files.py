@@ -129,7 +129,7 @@ def _new_seven(root: Path) -> Dict[str, Tuple[Path, Optional[Path]]]:
         {**base, "category": "VS", "subcategory": "chart", "visual_input": "0", "question_id": "0",
          "question": "Is Paris in France?", "gt_answer": "1", "filename": None}])
     return {"docvqa": (root / "docvqa/val_v1.0.json", None), "chartqa": (root / "chartqa/test", None),
-            "ocrbench": (root / "OCRBench.json", root / "OCRBench_Images"), "mmmu": (root / "MMMU", None),
+            "ocrbench": (root / "OCRBench.json", None), "mmmu": (root / "MMMU", None),
             "ai2d": (root / "ai2d", None), "realworldqa": (root / "realworldqa", None),
             "hallusionbench": (root / "hallusion/HallusionBench.json", None)}
 

@@ -329,6 +329,12 @@ def test_evaluate_tool_names_a_missing_benchmark(root):
                                 "--out", str(root / "x")])
 
 
+def test_evaluate_tool_suite_takes_only_its_benchmarks(root):
+    with pytest.raises(SystemExit, match=r"evaluate: error: suite paper14 takes the benchmarks textvqa, .* 'jsonl' is"):
+        _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--suite", "paper14", "--benchmark",
+                                f"jsonl={root / 'data/eval.jsonl'}", "--out", str(root / "x")])
+
+
 def test_attention_map_tool_writes_overlay_png(root):
     import numpy as np
     from matplotlib import colormaps

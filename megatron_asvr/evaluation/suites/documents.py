@@ -5,7 +5,7 @@ OCRBench (answers found in the response, counted per category out of 1,000).
 Files: DocVQA ``val_v1.0.json`` (RRC; images ``<image root>/documents/...``, or flat) or the
 ``DocVQA/validation-*.parquet`` shards of lmms-lab/DocVQA; ChartQA's ``test`` folder (``test_human.json``,
 ``test_augmented.json``, ``png/``), one of those files, or lmms-lab/ChartQA's ``test-*.parquet``;
-OCRBench's ``OCRBench.json`` (images under ``OCRBench_Images``: pass it as the image root) or
+OCRBench's ``OCRBench.json`` (images under the image root or its ``OCRBench_Images`` folder) or
 echo840/OCRBench's parquet. Every question gets the short-answer prompt.
 """
 
@@ -27,6 +27,7 @@ OCRBENCH_CATEGORIES = OCRBENCH_RECOGNITION + ("Scene Text-centric VQA", "Doc-ori
                                               "Handwritten Mathematical Expression Recognition")
 OCRBENCH_RECOGNITION_GROUP = "Text Recognition"  # the six recognition categories, 300 of the 1,000
 OCRBENCH_HME = "HME100k"  # handwritten formulas: compared with every space removed, case kept
+OCRBENCH_IMAGES = "OCRBench_Images"  # the images' archive, under the image root or beside the JSON
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -174,7 +175,8 @@ def read_ocrbench(path: Path, image_root: Path) -> ReadResult:
             raise BenchmarkError(f"{where}: unknown OCRBench category {category!r}")
         answers = _answers(field(record, "answer" if parquet else "answers", where), where)
         dataset = str(field(record, "dataset" if parquet else "dataset_name", where))
-        image = record_image(field(record, "image" if parquet else "image_path", where), image_root, where)
+        image = record_image(field(record, "image" if parquet else "image_path", where), image_root, where,
+                             folders=("", OCRBENCH_IMAGES))
         items.append(EvalItem(str(index), short_prompt(str(field(record, "question", where))), image,
                               {"answers": answers, "dataset": dataset}, "short", category))
     return read_result(path, items)
