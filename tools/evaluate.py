@@ -14,9 +14,9 @@ An HF export (one process, transformers):
 The paper's table of 14 benchmarks (each row's headline metric and their average; the ones not
 given are named missing; results.json gets it under "suite"):
 
-    python tools/evaluate.py --checkpoint runs/asvr-7b/stage2 --suite paper14 --max-new-tokens 128 \
-        --benchmark textvqa=textvqa/TextVQA_0.5.1_val.json --image-root textvqa=textvqa/train_images \
-        --benchmark mmmu=MMMU --benchmark ocrbench=OCRBench/OCRBench.json \
+    python tools/evaluate.py --checkpoint runs/asvr-7b/stage2 --suite paper14 --max-new-tokens 128 \\
+        --benchmark textvqa=textvqa/TextVQA_0.5.1_val.json --image-root textvqa=textvqa/train_images \\
+        --benchmark mmmu=MMMU --benchmark ocrbench=OCRBench/OCRBench.json \\
         --image-root ocrbench=OCRBench_Images ... --out eval/asvr-7b
 
 Benchmarks (NAME=PATH): pope (coco_pope_*.json files), mme (MME_Benchmark_release_version),
