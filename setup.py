@@ -23,6 +23,7 @@ RUNTIME_DEPS = [
     "tensorboard>=2.16",
     "protobuf>=4",  # sentencepiece model proto edits: Llama tokenization with legacy=False
     "matplotlib>=3.8",  # experiment and attention-map figures
+    "pyarrow>=14",  # benchmark files published as HF parquet shards (MMMU, AI2D, RealWorldQA, ...)
 ]
 
 EXTRAS = {

@@ -277,10 +277,57 @@ def test_evaluate_tool_writes_table_and_json(root):
     assert float(table[3].split()[-1]) == pytest.approx(results["metrics"]["accuracy"], abs=5e-5)
 
 
+def test_evaluate_tool_prints_the_paper_table(root):
+    """``--suite paper14`` on a tiny set of each of the 14 benchmarks (letters and yes / no by
+    likelihood, the rest generated): every row's value is its benchmark's headline (re-scored from
+    the predictions), in the paper's order, and the average is the mean of the rows' percentages."""
+    import json
+    from statistics import fmean
+
+    from tests.support.benchmark_files import write_paper14
+    from megatron_asvr.evaluation.paper_table import PAPER14
+    from megatron_asvr.config.tools import EvalBenchmarkConfig
+    from megatron_asvr.evaluation.run import read_benchmark
+    from megatron_asvr.evaluation.suites import get_benchmark
+
+    files, out = write_paper14(root / "paper14"), root / "eval_paper14"
+    argv = ["--checkpoint", str(root / "ckpt"), "--suite", "paper14", "--method", "likelihood", "--tokenizer",
+            str(root / "data"), "--template", "vicuna_v1", "--image-mode", "pad", "--max-new-tokens", str(NEW_TOKENS),
+            "--out", str(out), "--dtype", "fp32"]
+    for name, (path, images) in files.items():
+        argv += ["--benchmark", f"{name}={path}"] + (["--image-root", f"{name}={images}"] if images else [])
+    run_ranks(_run_tool, 1, "evaluate", argv)
+    summary = json.loads((out / "results.json").read_text())
+    suite, benchmarks = summary["suite"], summary["benchmarks"]
+    assert suite["missing"] == [] and [r["benchmark"] for r in suite["rows"]] == [row.name for row in PAPER14]
+    for row in suite["rows"]:
+        name, result = row["benchmark"], benchmarks[row["benchmark"]]
+        items = read_benchmark(EvalBenchmarkConfig(name, *files[name])).items
+        lines = (out / f"predictions_{name}.jsonl").read_text().splitlines()
+        predictions = {r["question_id"]: r["prediction"] for r in map(json.loads, lines)}
+        assert result["metrics"] == get_benchmark(name).score(items, predictions)
+        assert row["value"] == result["value"] and row["questions"] == result["questions"] == len(items)
+    percent = {r["benchmark"]: r["percent"] for r in suite["rows"]}
+    assert percent["mme"] == pytest.approx(benchmarks["mme"]["value"] / 2)  # one subtask: out of 200
+    assert percent["ocrbench"] == pytest.approx(100 * benchmarks["ocrbench"]["value"] / 2)  # 2 questions
+    assert percent["mmmu"] == pytest.approx(100 * benchmarks["mmmu"]["value"])
+    assert suite["average"] == pytest.approx(fmean(percent.values()))
+    table = (out / "results.txt").read_text().splitlines()
+    start = table.index("paper table (paper14): 14 of 14 benchmarks")
+    assert [line.split("  ")[0] for line in table[start + 3:start + 17]] == [row.label for row in PAPER14]
+    assert table[start + 17].split()[-1] == f"{suite['average']:.2f}"
+
+
 def test_evaluate_tool_names_a_missing_benchmark(root):
     with pytest.raises(SystemExit, match=r"evaluate: error: benchmark pope: .*nowhere.json does not exist"):
         _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--benchmark", f"pope={root / 'nowhere.json'}",
                                 "--out", str(root / "x")])
+
+
+def test_evaluate_tool_suite_takes_only_its_benchmarks(root):
+    with pytest.raises(SystemExit, match=r"evaluate: error: suite paper14 takes the benchmarks textvqa, .* 'jsonl' is"):
+        _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--suite", "paper14", "--benchmark",
+                                f"jsonl={root / 'data/eval.jsonl'}", "--out", str(root / "x")])
 
 
 def test_attention_map_tool_writes_overlay_png(root):

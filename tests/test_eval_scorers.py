@@ -284,4 +284,5 @@ def test_bad_records_name_file_and_line(tmp_path):
         get_benchmark("jsonl").read(path, tmp_path)
     with pytest.raises(BenchmarkError, match="unknown benchmark 'vqav2'"):
         get_benchmark("vqav2")
-    assert sorted(BENCHMARKS) == ["gqa", "jsonl", "mmbench", "mme", "mmvp", "pope", "seed", "textvqa"]
+    assert sorted(BENCHMARKS) == ["ai2d", "chartqa", "docvqa", "gqa", "hallusionbench", "jsonl", "mmbench", "mme",
+                                  "mmmu", "mmvp", "ocrbench", "pope", "realworldqa", "seed", "textvqa"]

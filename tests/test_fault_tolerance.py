@@ -180,6 +180,43 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
     _assert_same_final_state(reference, faulty.run)
 
 
+def test_preemption_or_a_lost_agent_saves_where_it_stopped_and_the_same_command_resumes(reference, tiny_root,
+                                                                                       tmp_path):
+    """A job stopped three times, each resumed by the same command: SIGTERM to torchrun (a scheduler's
+    preemption: torchrun passes it to each worker's process group, DataLoader workers included);
+    SIGTERM to every process of the job at once (as Slurm sends it); torchrun SIGKILLed alone (its
+    workers get SIGTERM by their parent-death signal instead of training on unwatched). Each time
+    the ranks finish their step, save it (no periodic saves: train.save_interval=0) and exit 0, their
+    DataLoader workers alive until then, and no process is left; the fourth job ends as the reference."""
+    work = tmp_path / "run"
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work, save_interval=0))))
+    command = [ROOT / "tests/support/faults.py", "--config", recipe]
+    told = {"preempt": "SIGTERM to torchrun", "preempt_all": "SIGTERM to the job", "kill_agent": "SIGKILL to torchrun"}
+    resumed_at, stops = 0, []  # keep_last 3: all three stops' checkpoints stay
+    for fault in ("preempt", "preempt_all", "kill_agent", None):
+        at, rank = resumed_at + 1 + (resumed_at == 0), random.randrange(2)
+        job = run_torchrun(command, env={**ENV, "ASVR_FAULTS": f"{fault}:{at}:{rank}" if fault else ""}, grace=60)
+        assert not job.survivors, f"processes outlived the job: {job.survivors}"
+        assert "killed by signal" not in job.output, job.output[-4000:]
+        if resumed_at:
+            assert f"resumed from {work}/iter_{resumed_at:07d} at step {resumed_at}" in job.output
+        if fault is None:
+            assert job.returncode == 0, job.output[-4000:]
+            break
+        assert f"[faults] rank {rank}: {told[fault]}" in job.output
+        stopped = re.findall(r"^stopped by SIGTERM after step (\d+), saved (\S+); the same command resumes",
+                             job.output, re.MULTILINE)
+        assert len(stopped) == 1, job.output[-4000:]
+        step = int(stopped[0][0])
+        assert at <= step < STEPS and stopped[0][1] == f"{work}/iter_{step:07d}", (fault, at, stopped)
+        assert (work / "latest").read_text() == f"iter_{step:07d}"
+        stops.append(f"iter_{step:07d}")
+        assert sorted(p.name for p in work.glob("iter_*")) == stops, "a save other than the stops'"
+        resumed_at = step
+    _assert_same_final_state(reference, work)
+
+
 def _train(config, faults=(), log=None):
     """loop.run in this rank with ``faults`` (tests/support/faults.py); stdout and stderr into ``log``."""
     import os

@@ -186,6 +186,7 @@ class EvalConfig:
     out_dir: Path
     method: Literal["generate", "likelihood"] = "generate"  # likelihood: the candidates' where an item has them
     limit: Optional[Positive] = None  # the first N questions of each benchmark
+    suite: Optional[str] = None  # paper14: the benchmarks are the paper's; add its table and average
 
     def validate(self) -> None:
         if not self.benchmarks:

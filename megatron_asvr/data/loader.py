@@ -29,6 +29,7 @@ from megatron_asvr.data import unreadable_images
 from megatron_asvr.data.images import TILE_SIZE, ImageLoadError, image_token_count, load_image_batch, tile_count
 from megatron_asvr.data.sequence import SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
+from megatron_asvr.runtime import child_processes
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 GROUP_WINDOW = 8  # global batches per length-sorting window
@@ -250,6 +251,7 @@ class TrainLoader:
             # Its workers' seeds are drawn when iteration starts: from a generator of its own, not the
             # global RNG that checkpoints restore (a resumed run would be one draw apart).
             generator=torch.Generator(),
+            worker_init_fn=child_processes.ignore_stop_signals,  # a preemption is the rank's to answer
         )
         self._iter: Optional[Iterator] = None
         self.replica_group, self.unreadable_image = replica_group, unreadable_image

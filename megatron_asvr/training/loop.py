@@ -107,7 +107,9 @@ def report_batching(loader: TrainLoader, save_dir: Path, info: runtime.RankInfo)
 
 
 class _SigtermFlag:
-    """Set on SIGTERM: the loop checkpoints after the current step and stops."""
+    """Set on SIGTERM (a preemption: torchrun passes it on, Slurm sends it to every process): the loop
+    checkpoints after the current step and stops. The rank's helpers ignore it
+    (``runtime.child_processes``), so they live until the save is written."""
 
     def __init__(self):
         self.raised = False
@@ -202,6 +204,7 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
         VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
                                       config.data.image_mode)
     t = config.train
+    sigterm = _SigtermFlag()  # from the start: a preemption during start-up stops after the first step
     watchdog = Watchdog(int(os.environ.get("RANK", "0")), t.distributed_timeout_minutes * 60, t.slow_step_factor)
     watchdog.start()
     try:
@@ -219,7 +222,6 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
             log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
             metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
         )
-        sigterm = _SigtermFlag()
         try:
             while trainer.step < steps:
                 number = trainer.step + 1
@@ -236,15 +238,21 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
                     with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
                         scores = evaluator(trainer.model)
                     log_scores(scores, evaluator, trainer.step, logger)
+                saved = None
                 if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
-                    last_saved = save(trainer, config) or last_saved
+                    saved = save(trainer, config)
+                    last_saved = saved or last_saved
                 if result.stop:
+                    if info.rank == 0:
+                        print(f"stopped by SIGTERM after step {trainer.step}, "
+                              f"{f'saved {saved}' if saved else 'its checkpoint not written'}; "
+                              "the same command resumes from the newest checkpoint", flush=True)
                     break
         finally:
-            sigterm.restore()
             logger.close()
     finally:
         with waiting_for("every rank", "the shutdown of the process groups"):
             runtime.destroy()
         watchdog.stop()
+        sigterm.restore()
     return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}

@@ -12,6 +12,9 @@ without faults runs clean. Each attempt's ranks first print ``[faults] attempt N
     stall:STEP:RANK             SIGSTOP when STEP's batches are asked for
     enospc:STEP:RANK:TIMES      the checkpoint writer fails with ENOSPC in the first TIMES saves of STEP
     kill_writer:STEP:RANK       a checkpoint writer process of STEP's save is SIGKILLed while it writes
+    preempt:STEP:RANK           SIGTERM to torchrun when STEP's batches are asked for (a scheduler's stop)
+    preempt_all:STEP:RANK       SIGTERM to torchrun and every process it started, at once (as Slurm does)
+    kill_agent:STEP:RANK        SIGKILL to torchrun alone (the OOM killer, a scheduler killing the launcher)
 """
 
 import errno
@@ -52,6 +55,18 @@ def _die(sig: int) -> None:
     os.kill(os.getpid(), sig)
 
 
+def _signal_agent(sig: int, everyone: bool = False) -> None:
+    """``sig`` to this worker's torchrun agent, and with ``everyone`` to all the agent's descendants."""
+    import psutil
+
+    agent = psutil.Process(os.getppid())
+    targets = [agent, *agent.children(recursive=True)] if everyone else [agent]
+    print(f"[faults] rank {os.environ['RANK']}: {signal.Signals(sig).name} to "
+          f"{'the job' if everyone else 'torchrun'}", file=sys.stderr, flush=True)
+    for process in targets:
+        process.send_signal(sig)
+
+
 def install(faults: list) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -70,8 +85,15 @@ def install(faults: list) -> None:
         return over_the_job(self, *args)
 
     def faulty_next_step(self):
-        if _fault(faults, "stall", self.consumed_samples // self.order.global_batch + 1):
+        step = self.consumed_samples // self.order.global_batch + 1
+        if _fault(faults, "stall", step):
             _die(signal.SIGSTOP)
+        if _fault(faults, "preempt", step):
+            _signal_agent(signal.SIGTERM)
+        if _fault(faults, "preempt_all", step):
+            _signal_agent(signal.SIGTERM, everyone=True)
+        if _fault(faults, "kill_agent", step):
+            _signal_agent(signal.SIGKILL)
         return next_step(self)
 
     def faulty_save(state, directory, *args, **kwargs):

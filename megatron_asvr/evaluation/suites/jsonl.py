@@ -1,5 +1,5 @@
 """The generic JSON-lines benchmark: the demo's held-out ``eval.jsonl`` and letter / yes-no /
-short-answer sets in the same shape (AI2D, RealWorldQA, ... converted to it).
+short-answer sets converted to the same shape.
 
 One record per line::
 
