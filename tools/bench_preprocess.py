@@ -6,7 +6,7 @@ instruct.json with vicuna_v1 for each worker count, with and without decoding
 every image, and prints a table. Example:
 
     python tools/bench_preprocess.py --images 2000 --workers 1 2 \\
-        --tokenizer ../shared/data/llama2_tokenizer.model
+        --tokenizer /path/to/llama2_tokenizer.model
 """
 
 import argparse

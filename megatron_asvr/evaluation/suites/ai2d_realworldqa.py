@@ -62,15 +62,15 @@ def _open_correct(answer: str, response: str) -> bool:
 
 def score_realworldqa(items: List[EvalItem], predictions: Dict[str, str]) -> Dict[str, float]:
     """``accuracy``, ``choice/accuracy``, ``open/accuracy`` and ``unparsed`` letter responses."""
-    by_kind, unparsed = defaultdict(list), 0
+    by_category, unparsed = defaultdict(list), 0
     for item in items:
         response = predictions[item.question_id]
         if item.answer_type == "choice":
             unparsed += option_letter(response, "".join(item.choices), item.answer["options"]) is None
-            by_kind[item.category].append(is_correct_choice(item, response))
+            by_category[item.category].append(is_correct_choice(item, response))
         else:
-            by_kind[item.category].append(_open_correct(item.answer, response))
-    rights = [r for rs in by_kind.values() for r in rs]
+            by_category[item.category].append(_open_correct(item.answer, response))
+    rights = [r for rs in by_category.values() for r in rs]
     scores = {"accuracy": sum(rights) / len(rights), "unparsed": float(unparsed)}
-    scores.update({f"{kind}/accuracy": sum(rs) / len(rs) for kind, rs in sorted(by_kind.items())})
+    scores.update({f"{category}/accuracy": sum(rs) / len(rs) for category, rs in sorted(by_category.items())})
     return scores

@@ -173,12 +173,12 @@ def _item(record: dict, where: str, image_root: Path) -> EvalItem:
     images = [record[f"image_{k}"] for k in range(1, MAX_IMAGES + 1) if record.get(f"image_{k}") is not None]
     image = record_image(images[0], image_root, where) if images else None
     question, answer = _untagged(str(field(record, "question", where))), field(record, "answer", where)
-    kind = field(record, "question_type", where)
-    if kind == "open":
+    question_type = field(record, "question_type", where)
+    if question_type == "open":
         return EvalItem(qid, short_prompt(question), image, {"answers": _open_answers(answer, where),
                                                                "images": len(images)}, "short", match.group(2))
-    if kind != "multiple-choice":
-        raise BenchmarkError(f"{where}: question_type {kind!r} is neither 'multiple-choice' nor 'open'")
+    if question_type != "multiple-choice":
+        raise BenchmarkError(f"{where}: question_type {question_type!r} is neither 'multiple-choice' nor 'open'")
     options = _literal(field(record, "options", where), where, "options")
     if not isinstance(options, list) or not 2 <= len(options) <= len(OPTION_LETTERS):
         raise BenchmarkError(f"{where}: options must be a list of 2 to {len(OPTION_LETTERS)}, got {options!r}")
