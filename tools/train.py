@@ -17,6 +17,14 @@ from pathlib import Path
 from megatron_asvr.config import ConfigError, load_run_config
 
 
+def _fail(err: Exception) -> None:
+    """Exit 1 with one line, flushed before anything else runs. sys.exit(message) printed it only once the
+    exception had unwound to the top, and torchrun SIGTERMs the other workers of a failed job meanwhile:
+    some died without a word."""
+    print(f"train: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="YAML recipe (configs/)")
@@ -25,7 +33,7 @@ def main() -> None:
     try:
         config = load_run_config(args.config, args.set)
     except ConfigError as err:
-        sys.exit(f"train: error: {err}")
+        _fail(err)
     # heavy imports after the config is known good
     from megatron_asvr.data.loader import DataLoaderError
     from megatron_asvr.evaluation.in_training import train
@@ -35,7 +43,7 @@ def main() -> None:
     try:
         train(config)
     except (ConfigError, DataLoaderError, PeerLost, CheckpointWriteError) as err:
-        sys.exit(f"train: error: {err}")
+        _fail(err)
 
 
 if __name__ == "__main__":
