@@ -1,12 +1,23 @@
-"""Multi-node starts: the ranks' store handshake on a store that outlives attempts."""
+"""Multi-node starts and ends: the ranks' store handshake on a store that outlives attempts, and the
+torchrun wrapper's one-line endings (launch/torchrun_wrapper.py). The node-loss job itself runs in
+tests/test_fault_tolerance.py, beside its reference."""
 
+import json
+import re
+import runpy
+import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
 from megatron_asvr.runtime import job_store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _start(port: int, world_size: int, delays: dict) -> list:
@@ -41,3 +52,37 @@ def test_ranks_agree_on_a_start_whatever_earlier_starts_left_in_the_store():
     assert len(set(second)) == 1 and second[0] not in (None, first[0])
     (alone,) = _start(server.port, 1, {})  # one rank: its own token at once
     assert alone not in (None, first[0], second[0])
+
+WRAPPER = ROOT / "launch/torchrun_wrapper.py"
+
+
+def test_a_signalled_job_ends_in_one_line_with_status_0_only_if_every_worker_saved(tmp_path):
+    after_signal = runpy.run_path(str(WRAPPER))["after_signal"]
+
+    def report(local_rank, saved):
+        (tmp_path / f"{local_rank}.json").write_text(json.dumps({"local_world_size": 2, "saved": saved}))
+
+    assert after_signal(signal.SIGTERM, tmp_path, "2") == (
+        "torchrun: stopped by SIGTERM: 0 of 2 worker(s) of this node saved the step they stopped at and exited (the "
+        "others did not, or not within --shutdown-timeout); the same command resumes from the newest complete "
+        "checkpoint", 143)
+    report(0, "iter_0000013")
+    assert after_signal(signal.SIGTERM, tmp_path, "2")[1] == 143
+    report(1, None)  # ended normally, its last step not saved (train.save_failure=continue)
+    assert after_signal(signal.SIGINT, tmp_path, "2")[0].startswith("torchrun: stopped by SIGINT: 1 of 2 worker(s)")
+    report(1, "iter_0000013")
+    assert after_signal(signal.SIGTERM, tmp_path, "2") == (
+        "torchrun: stopped by SIGTERM: the 2 worker(s) of this node saved iter_0000013 and exited; the same "
+        "command resumes from it", 0)
+
+
+def test_a_job_out_of_restarts_ends_in_one_line(tmp_path):
+    """A worker that fails every time (/bin/false) under --max-restarts 1: torchrun's traceback and
+    table become one line."""
+    job = subprocess.run([sys.executable, WRAPPER, "--nproc_per_node", "1", "--max-restarts", "1",
+                          "--monitor-interval", "0.05", "--no-python", "false"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert job.returncode == 1 and "Traceback" not in job.stderr, job.stderr[-3000:]
+    assert re.fullmatch(r"torchrun: worker rank 0 \(pid \d+\) exited with status 1, and no restart is left "
+                        r"\(--max-restarts 1, all used\): the job ends", job.stderr.splitlines()[-1]), job.stderr[-3000:]
+    assert job.stderr.count("failed (exitcode: 1)") == 2  # torch's own line, for each attempt

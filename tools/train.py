@@ -7,14 +7,38 @@ Every rank runs this. A run finds the newest complete checkpoint in
 train.save_dir and resumes from it; SIGTERM checkpoints and stops. A rank that
 cannot go on (a bad config, a lost peer, a checkpoint that cannot be written)
 exits 1 with one line saying why; under torchrun --max-restarts N the job then
-restarts and resumes.
+restarts and resumes. Under launch/torchrun_wrapper.py a rank that ends normally
+reports which checkpoint it ended with (STOP_REPORTS).
 """
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from megatron_asvr.config import ConfigError, load_run_config
+
+# Set by launch/torchrun_wrapper.py: a folder where each local rank that ends normally writes
+# <LOCAL_RANK>.json, {"local_world_size", "saved": the checkpoint of the step it ended at, or null}.
+STOP_REPORTS = "ASVR_STOP_REPORTS"
+
+
+def _end_report() -> Optional[Path]:
+    """This rank's report file, if its launcher asked for one."""
+    folder = os.environ.get(STOP_REPORTS)
+    return Path(folder, f"{os.environ.get('LOCAL_RANK', '0')}.json") if folder else None
+
+
+def _write_end_report(report: Path, result: dict) -> None:
+    """``report`` from the run's result: whether the step it ended at is saved."""
+    from megatron_asvr.training.checkpoint import checkpoint_dir
+
+    saved = result["checkpoint"]
+    at_end = saved is not None and checkpoint_dir(Path(saved).parent, result["step"]) == Path(saved)
+    report.write_text(json.dumps({"local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                  "saved": Path(saved).name if at_end else None}))
 
 
 def _fail(err: Exception) -> None:
@@ -30,6 +54,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, type=Path, help="YAML recipe (configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
     args = parser.parse_args()
+    report = _end_report()
+    if report is not None:
+        report.unlink(missing_ok=True)  # an earlier attempt's
     try:
         config = load_run_config(args.config, args.set)
     except ConfigError as err:
@@ -41,7 +68,9 @@ def main() -> None:
     from megatron_asvr.training.checkpoint import CheckpointWriteError
 
     try:
-        train(config)
+        result = train(config)
+        if report is not None:
+            _write_end_report(report, result)
     except (ConfigError, DataLoaderError, PeerLost, CheckpointWriteError) as err:
         _fail(err)
 

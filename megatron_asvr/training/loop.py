@@ -199,7 +199,8 @@ def save_by_policy(trainer: Trainer, config: RunConfig, model_cfg, info: runtime
 
 
 def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
-    """Train per ``config``; return {"history": per-step metrics, "checkpoint": last saved dir}.
+    """Train per ``config``; return {"history": per-step metrics, "checkpoint": last saved dir, "step": the
+    step it ended at (the last, or where SIGTERM stopped it)}.
 
     ``evaluator(config, model_cfg, trainer)``, when given, builds the in-training scorer
     run every ``train.eval_interval`` steps.
@@ -267,4 +268,4 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             runtime.destroy()
         watchdog.stop()
         sigterm.restore()
-    return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}
+    return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None, "step": trainer.step}
