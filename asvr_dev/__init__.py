@@ -8,6 +8,7 @@ Used by tests/, tools/ and tools/gpu_check/; installed beside megatron_asvr by s
     tiny_run.py       a complete tiny training set-up on disk (the demo pipeline at test size)
     faults.py         tools/train.py with faults injected (killed, stalled, disk full), run under torchrun
     torchrun_job.py   a torchrun job from pytest, watched: its output, exit code, helpers left alive
+    node_loss.py      a 2-node job on one machine (two launchers), node 1 lost and started again
     fixtures.py       test data outside the repository (../shared/data)
     demo_data.py      the synthetic, learnable VQA corpus of the demo and the tests
     demo_encoder.py   a random SigLIP in HF format, the demo's visual-tokenizer encoder

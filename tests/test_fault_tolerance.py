@@ -3,8 +3,9 @@ stops with one line, never hangs, and leaves no process behind.
 
 The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shards of its own. The
 reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
-a bash / Python polyglot). The others run ``asvr_dev/faults.py`` (tools/train.py with faults in
-the first attempt) under ``torchrun --max-restarts 1`` and must end with the reference's model,
+a bash / Python polyglot). The node-loss job runs the same launcher with bash on two simulated
+nodes (``asvr_dev/node_loss.py``). The others run ``asvr_dev/faults.py`` (tools/train.py with faults
+in the first attempt) under ``torchrun --max-restarts 1``. All must end with the reference's model,
 optimizer, scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
 """
 
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from asvr_dev.multirank import MultiRankError, run_ranks
+from asvr_dev.node_loss import lose_a_node
 from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
 from asvr_dev.torchrun_job import run_torchrun
 from megatron_asvr.config import ParallelConfig, to_dict
@@ -111,25 +113,39 @@ def reference(tiny_root, tmp_path_factory):
     return work / "run"
 
 
-def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
-    retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
-    rank, step = random.randrange(2), random.randrange(3, STEPS + 1)
-    job = _faulty_job(tiny_root, tmp_path, f"enospc:2:{rank}:1,kill_in_step:{step}:{rank}")
-    assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
-    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
-            f"[Errno 28] No space left on device); retrying once") in job.output
-    resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
-    assert f"resumed from {tmp_path}/run/iter_{resumed:07d} at step {resumed}" in job.output, (rank, step)
+def test_a_node_lost_mid_step_is_replaced_and_the_job_ends_bitwise_equal(reference, tiny_root, tmp_path):
+    """Two nodes of one rank each on this machine, started as users start them: launch/pretrain_7b.sh
+    with RECIPE (launch/multinode.sh: torchrun's c10d rendezvous on localhost, --max-restarts 1). Node 1,
+    its torchrun agent and its worker, is SIGKILLed after a random step. Node 0's rank sees its peer gone
+    and exits with one line; node 0's agent restarts it (its restart count 1) and waits. Node 1's
+    launcher, started again (its agent's count 0), joins; both ranks resume from the newest checkpoint
+    and end as the reference. No process is left."""
+    latest = tmp_path / "run/latest"
+    at_replacement = []
+    job = lose_a_node(ROOT / "launch/pretrain_7b.sh", random.randrange(3, STEPS - 1),
+                      {**ENV, "RECIPE": str(_recipe(tiny_root, tmp_path))},
+                      before_replacement=lambda: at_replacement.append(latest.read_text()))
+    assert job.returncodes == [0, 0], "\n\n".join(output[-4000:] for output in job.outputs)
+    assert not job.survivors, f"processes outlived the job: {job.survivors}"
+    lost = re.findall(r"^train: error: rank \d: lost .* during .*; another rank ended$", job.outputs[0], re.MULTILINE)
+    assert len(lost) == 1, job.outputs[0][-4000:]
+    (newest,) = at_replacement
+    resumed = int(newest.split("_")[1])
+    # a step's line shows before its save: the save of the step last seen may have been cut off
+    assert resumed >= SAVE_INTERVAL * ((job.killed_after - 1) // SAVE_INTERVAL), (job.killed_after, newest)
+    assert f"resumed from {tmp_path}/run/{newest} at step {resumed}" in job.outputs[0] + job.outputs[2]
     _assert_same_final_state(reference, tmp_path / "run")
 
 
 def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
-    the restart removes the unfinished save and resumes from the one before."""
+    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published
+    (after its save at step 2 needed its one retry: ENOSPC): the restart removes the unfinished save
+    and resumes from the one before."""
     rank, step = random.randrange(2), random.randrange(SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
-    job = _faulty_job(tiny_root, tmp_path, f"kill_in_save:{step}:{rank}")
+    job = _faulty_job(tiny_root, tmp_path, f"enospc:2:{rank}:1,kill_in_save:{step}:{rank}")
     assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
+    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
+            f"[Errno 28] No space left on device); retrying once") in job.output
     assert f"removed {tmp_path}/run/iter_{step:07d}.tmp, left by a save that did not finish" in job.output
     before = step - SAVE_INTERVAL
     assert (f"resumed from {tmp_path}/run/iter_{before:07d} at step {before}" in job.output) == (before > 0)
