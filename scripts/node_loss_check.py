@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from asvr_dev.multirank import run_ranks  # noqa: E402
-from asvr_dev.node_loss import lose_a_node  # noqa: E402
-from asvr_dev.tiny_run import make_tiny_run  # noqa: E402
-from asvr_dev.torchrun_job import run_torchrun  # noqa: E402
+from tests.support.multirank import run_ranks  # noqa: E402
+from tests.support.node_loss import lose_a_node  # noqa: E402
+from tests.support.tiny_run import make_tiny_run  # noqa: E402
+from tests.support.torchrun_job import run_torchrun  # noqa: E402
 from tests.test_fault_tolerance import ENV, STEPS, TIMEOUT_S, _recipe, _same, _state  # noqa: E402
 
 CASES = {  # name: lose_a_node keywords

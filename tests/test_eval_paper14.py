@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from asvr_dev.benchmark_files import BLUE, GREEN, RED, embedded, png_bytes, write_image, write_json, write_parquet
+from tests.support.benchmark_files import BLUE, GREEN, RED, embedded, png_bytes, write_image, write_json, write_parquet
 from megatron_asvr.config import ConfigError
 from megatron_asvr.evaluation.items import CHOICE_PROMPT, SHORT_ANSWER_PROMPT, BenchmarkError
 from megatron_asvr.evaluation.paper_table import PAPER14, check_suite, format_suite_table, suite_summary
@@ -237,7 +237,7 @@ def test_realworldqa_parquet(tmp_path):
     predictions = {"0": "B", "1": "Right", "2": "3.", "3": "downhill slope"}
     data, scores = _score("realworldqa", tmp_path / "rwqa", tmp_path, predictions)
     assert data.items[0].prompt.endswith(f"C. Right\n{letter}")  # asked verbatim
-    assert data.items[0].answer["options"] == ("Left", "Straight", "Right") and data.items[2].kind == "short"
+    assert data.items[0].answer["options"] == ("Left", "Straight", "Right") and data.items[2].answer_type == "short"
     # letters: B right, "Right" names option B; open: "3." is 3, "downhill slope" is not "downhill"
     assert scores == APPROX({"accuracy": 3 / 4, "unparsed": 0.0, "choice/accuracy": 1.0, "open/accuracy": 0.5})
     write_parquet(tmp_path / "bad.parquet", [{"image": embedded(), "question": "Which?\nB. x\nA. y", "answer": "A"}])

@@ -8,7 +8,7 @@ weight/bias gradients of the two halves must put together the naive gradients.
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.kernels import multi_depth_cross_entropy
 from megatron_asvr.kernels.reference import naive_multi_depth_cross_entropy
 

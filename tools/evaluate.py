@@ -80,22 +80,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        from megatron_asvr.evaluation.loading import ModelSpec
-        from megatron_asvr.evaluation.run import BenchmarkSpec, EvalConfig, run_evaluation
+        from megatron_asvr.config.tools import EvalBenchmarkConfig, EvalConfig, EvalModelConfig
+        from megatron_asvr.evaluation.run import run_evaluation
 
         roots = _pairs(args.image_root, "--image-root")
         benchmarks = _pairs(args.benchmark, "--benchmark")
-        specs = [BenchmarkSpec(name, path, roots.get(name)) for name, path in benchmarks.items()]
+        specs = [EvalBenchmarkConfig(name=name, path=path, image_root=roots.get(name))
+                 for name, path in benchmarks.items()]
         unknown = sorted(set(roots) - {s.name for s in specs})
         if unknown:
             raise ConfigError(f"--image-root names {unknown[0]!r}, which is not a --benchmark")
-        model = ModelSpec(
+        model = EvalModelConfig(
             checkpoint=args.checkpoint, hf_model=args.hf_model, tokenizer=args.tokenizer, template=args.template,
             image_mode=args.image_mode, parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp),
             dtype=args.dtype, micro_batch=args.micro_batch, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
-        run_evaluation(EvalConfig(model, specs, args.out, args.method, args.limit, args.suite))
+        run_evaluation(EvalConfig(model=model, benchmarks=specs, out_dir=args.out, method=args.method,
+                                  limit=args.limit, suite=args.suite))
     except (ConfigError, BenchmarkError, ImageLoadError, SequenceTooLong, FileNotFoundError) as err:
         sys.exit(f"evaluate: error: {err}")
 

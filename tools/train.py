@@ -33,7 +33,7 @@ def _end_report() -> Optional[Path]:
 
 def _write_end_report(report: Path, result: dict) -> None:
     """``report`` from the run's result: whether the step it ended at is saved."""
-    from megatron_asvr.training.checkpoint import checkpoint_dir
+    from megatron_asvr.checkpoint.directory import checkpoint_dir
 
     saved = result["checkpoint"]
     at_end = saved is not None and checkpoint_dir(Path(saved).parent, result["step"]) == Path(saved)
@@ -62,13 +62,14 @@ def main() -> None:
     except ConfigError as err:
         _fail(err)
     # heavy imports after the config is known good
+    from megatron_asvr import training
+    from megatron_asvr.checkpoint.training_state import CheckpointWriteError
     from megatron_asvr.data.loader import DataLoaderError
-    from megatron_asvr.evaluation.in_training import train
+    from megatron_asvr.evaluation.in_training import HeldOutScore
     from megatron_asvr.runtime.waits import PeerLost
-    from megatron_asvr.training.checkpoint import CheckpointWriteError
 
     try:
-        result = train(config)
+        result = training.run(config, evaluator=HeldOutScore(config) if config.train.eval_interval else None)
         if report is not None:
             _write_end_report(report, result)
     except (ConfigError, DataLoaderError, PeerLost, CheckpointWriteError) as err:

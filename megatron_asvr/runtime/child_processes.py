@@ -6,7 +6,7 @@ torchrun stops a worker it signals the worker's whole process group, but a worke
 Linux's parent-death signal ends a helper when the rank that forked it ends, however it ends:
 ``install`` arms it in every child forked from this process. (The spawned helpers the orphans
 used to include, megatron's writer-results manager and multiprocessing's resource tracker, are
-no longer started: ``training.checkpoint`` gives megatron an in-process queue.)
+no longer started: ``checkpoint.training_state`` gives megatron an in-process queue.)
 
 A preemption is SIGTERM to the whole job: torchrun passes it to each worker's process group, and
 Slurm sends it to every process at once. The rank answers it by saving after the current step

@@ -65,7 +65,7 @@ def score_realworldqa(items: List[EvalItem], predictions: Dict[str, str]) -> Dic
     by_kind, unparsed = defaultdict(list), 0
     for item in items:
         response = predictions[item.question_id]
-        if item.kind == "choice":
+        if item.answer_type == "choice":
             unparsed += option_letter(response, "".join(item.choices), item.answer["options"]) is None
             by_kind[item.category].append(is_correct_choice(item, response))
         else:

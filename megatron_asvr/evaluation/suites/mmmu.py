@@ -211,7 +211,7 @@ def score_mmmu(items: List[EvalItem], predictions: Dict[str, str]) -> Dict[str, 
     by_domain, multi, unparsed = defaultdict(list), [], 0
     for item in items:
         response = predictions[item.question_id]
-        if item.kind == "choice":
+        if item.answer_type == "choice":
             letter = parse_choice(response, item.choices, item.answer["options"])
             unparsed += letter is None
             right = letter == item.answer["letter"]

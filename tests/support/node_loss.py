@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
-from asvr_dev.torchrun_job import POLL_S, _alive, _record, free_port, survivors
+from tests.support.torchrun_job import POLL_S, _alive, _record, free_port, survivors
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """tools/train.py with faults injected, for the fault-tolerance tests under torchrun.
 
-    ASVR_FAULTS="kill_in_step:5:1" torchrun --nproc_per_node 2 --max-restarts 1 asvr_dev/faults.py --config run.yaml
+    ASVR_FAULTS="kill_in_step:5:1,stall:3:1@1" torchrun --nproc_per_node 2 --max-restarts 2 \
+        tests/support/faults.py --config run.yaml
 
-Faults fire in the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0): the
-restarted workers run clean. ASVR_FAULTS holds comma-separated faults (a kind may repeat):
+ASVR_FAULTS holds comma-separated faults (one may repeat), each firing in one attempt of the torchrun
+job (TORCHELASTIC_RESTART_COUNT): ``@N`` names it, the first attempt (0) by default; an attempt
+without faults runs clean. Each attempt's ranks first print ``[faults] attempt N: rank R``.
 
     kill_in_step:STEP:RANK      SIGKILL after STEP's forward and backward, before its all-reduce
     kill_in_save:STEP:RANK      SIGKILL once the rank's shards of checkpoint STEP are written, before it is published
@@ -24,24 +26,29 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def attempt() -> int:
+    """This torchrun attempt: 0, then 1, 2, ... after each restart."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def _faults() -> list:
-    """[(kind, (step, rank, *more))] from ASVR_FAULTS; none after a restart."""
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return []
+    """[(fault, (step, rank, *more))] of this attempt, from ASVR_FAULTS."""
     faults = []
     for spec in filter(None, os.environ.get("ASVR_FAULTS", "").split(",")):
-        kind, *numbers = spec.split(":")
-        faults.append((kind, tuple(int(n) for n in numbers)))
+        spec, _, when = spec.partition("@")
+        fault, *numbers = spec.split(":")
+        if int(when or 0) == attempt():
+            faults.append((fault, tuple(int(n) for n in numbers)))
     return faults
 
 
-def _fault(faults: list, kind: str, step: int):
-    """The fault of ``kind`` for ``step`` on this rank, or None."""
+def _fault(faults: list, name: str, step: int):
+    """The fault ``name`` for ``step`` on this rank, or None."""
     rank = int(os.environ["RANK"])
-    return next((numbers for k, numbers in faults if k == kind and numbers[:2] == (step, rank)), None)
+    return next((numbers for k, numbers in faults if k == name and numbers[:2] == (step, rank)), None)
 
 
 def _die(sig: int) -> None:
@@ -71,19 +78,19 @@ def install(faults: list) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     from megatron_asvr.data.loader import TrainLoader
-    from megatron_asvr.training import checkpoint
+    from megatron_asvr.checkpoint import training_state
     from megatron_asvr.training.trainer import Trainer
 
-    step_facts, next_step, dist_save, write_item = (Trainer._step_facts, TrainLoader.next_step,
-                                                    checkpoint.dist_checkpointing.save, filesystem_async._write_item)
+    over_the_job, next_step = Trainer._over_the_job, TrainLoader.next_step
+    dist_save, write_item = training_state.dist_checkpointing.save, filesystem_async._write_item
     read_data = FileSystemReader.read_data
     saves = {}  # step -> saves of it so far
     failing = {"writes": False, "writer": False}
 
-    def faulty_step_facts(self, *args):
+    def faulty_over_the_job(self, *args):
         if _fault(faults, "kill_in_step", self.step + 1):
             _die(signal.SIGKILL)
-        return step_facts(self, *args)
+        return over_the_job(self, *args)
 
     def faulty_next_step(self):
         step = self.consumed_samples // self.order.global_batch + 1
@@ -121,13 +128,14 @@ def install(faults: list) -> None:
             _die(signal.SIGKILL)
         return read_data(self, *args, **kwargs)
 
-    Trainer._step_facts, TrainLoader.next_step = faulty_step_facts, faulty_next_step
+    Trainer._over_the_job, TrainLoader.next_step = faulty_over_the_job, faulty_next_step
     FileSystemReader.read_data = faulty_read_data
-    checkpoint.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
+    training_state.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    print(f"[faults] attempt {attempt()}: rank {os.environ['RANK']}", flush=True)
     install(_faults())
     sys.argv[0] = str(ROOT / "tools/train.py")
     runpy.run_path(sys.argv[0], run_name="__main__")
