@@ -83,6 +83,7 @@ def test_a_job_out_of_restarts_ends_in_one_line(tmp_path):
                           "--monitor-interval", "0.05", "--no-python", "false"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert job.returncode == 1 and "Traceback" not in job.stderr, job.stderr[-3000:]
+    last = job.stderr.splitlines()[-1]
     assert re.fullmatch(r"torchrun: worker rank 0 \(pid \d+\) exited with status 1, and no restart is left "
-                        r"\(--max-restarts 1, all used\): the job ends", job.stderr.splitlines()[-1]), job.stderr[-3000:]
+                        r"\(--max-restarts 1, all used\): the job ends", last), job.stderr[-3000:]
     assert job.stderr.count("failed (exitcode: 1)") == 2  # torch's own line, for each attempt
