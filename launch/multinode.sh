@@ -53,14 +53,18 @@ if [ -f "$VENV/bin/activate" ]; then
     source "$VENV/bin/activate"
 fi
 
+# run_torchrun PROGRAM [ARGUMENT ...]: this node's torchrun agent running PROGRAM in each worker.
+run_torchrun() {
+    echo "[$(hostname)] node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPUs, rendezvous $MASTER_ADDR:$MASTER_PORT: $*"
+    exec python3 launch/torchrun_wrapper.py --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
+        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
+        --rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)${RDZV_CONF:+,$RDZV_CONF}" \
+        --max-restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" "$@"
+}
+
 # run_recipe RECIPE [--set section.key=value ...]: every node runs this; rank 0's node logs.
 run_recipe() {
     local recipe=$1
     shift
-    echo "[$(hostname)] node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPUs, rendezvous $MASTER_ADDR:$MASTER_PORT: $recipe $*"
-    exec python3 launch/torchrun_wrapper.py --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
-        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
-        --rdzv-conf "is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)${RDZV_CONF:+,$RDZV_CONF}" \
-        --max-restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
-        tools/train.py --config "$recipe" "$@"
+    run_torchrun tools/train.py --config "$recipe" "$@"
 }

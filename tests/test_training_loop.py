@@ -113,7 +113,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_root, tmp_path
 
 def test_resume_at_other_layouts(tiny_root, tmp_path):
     """3 steps at TP=2 x PP=2; step 4 resumed at TP=2 x PP=2, TP=1 x PP=1 and TP=1 x PP=2 x DP=2
-    (weights and distributed-optimizer-free Adam state resharded): the same losses (1e-6)."""
+    (weights and distributed-optimizer-free Adam state resharded): the same losses (1e-6). The resume's
+    line names the new layout (and train.steps 3 -> 4, the checkpoint's lr schedule going on)."""
     base = tiny_run_config(tiny_root, tmp_path / "tp2pp2", steps=3)
     run_ranks(_train, 4, dataclasses.replace(base, parallel=ParallelConfig(2, 2)))
     losses = {}
@@ -124,8 +125,17 @@ def test_resume_at_other_layouts(tiny_root, tmp_path):
             save_dir.mkdir()
             os.symlink(tmp_path / "tp2pp2/iter_0000003", save_dir / "iter_0000003")
         config = tiny_run_config(tiny_root, save_dir, steps=4, resume_lr_schedule="checkpoint")
-        result = run_ranks(_train, world, dataclasses.replace(config, parallel=parallel))[-1]
+        log = tmp_path / f"{name}.log"
+        result = run_ranks(_train, world, dataclasses.replace(config, parallel=parallel), log=str(log))[-1]
         assert [h["step"] for h in result["history"]] == [4]
+        layout = {"tp2pp2": "", "tp1pp1": "TP=1 x PP=1 x DP=1", "pp2dp2": "TP=1 x PP=2 x DP=2"}[name]
+        changes = [line for line in log.read_text().splitlines() if line.startswith("resume from")]
+        assert changes == ["resume from iter_0000003 with a changed recipe: train.steps 3 -> 4: honoured, the run "
+                           "stops at step 4 (and the lr schedule's length follows); "
+                           + (f"layout TP=2 x PP=2 x DP=1 -> {layout}: honoured, weights and optimizer resharded, the "
+                              "RNG reseeded; " if layout else "")
+                           + "lr schedule (lr_decay_steps 3 -> 4, wd_incr_steps 3 -> 4): honoured, the checkpoint's "
+                           "goes on (train.resume_lr_schedule=checkpoint)"], changes
         losses[name] = _losses(result["history"])[4]
     for name in ("tp1pp1", "pp2dp2"):
         assert all(abs(a - b) <= 1e-6 for a, b in zip(losses[name], losses["tp2pp2"])), (name, losses)

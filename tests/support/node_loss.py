@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
@@ -45,20 +45,21 @@ def _newest_step(text: str) -> Optional[int]:
 
 def lose_a_node(launcher: Path, kill_after_step: int, env: Dict[str, str], max_restarts: int = 1,
                 timeout: float = 300.0, grace: float = 5.0, silent: bool = False, lost_node: int = 1,
-                before_replacement: Callable[[], None] = lambda: None) -> NodeLossJob:
-    """Nodes 0 and 1 of a 2-node job of 1 rank each run ``launcher``. Node ``lost_node`` is lost
+                before_replacement: Callable[[], None] = lambda: None, args: Sequence[str] = ()) -> NodeLossJob:
+    """Nodes 0 and 1 of a 2-node job of 1 rank each run ``launcher`` (with ``args``). Node ``lost_node`` is lost
     (``silent``: stopped) after step ``kill_after_step``'s line shows. Once the other node's workers
     have left, it is replaced (after ``before_replacement()``), unless the other node has ended: the
     surviving agent has counted a restart, the replacement's agent has not."""
     port = free_port()
     common = {**os.environ, **env, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": str(port), "RDZV_ID": f"node-loss-{port}", "MAX_RESTARTS": str(max_restarts)}
-    logs = [tempfile.TemporaryFile("w+") for _ in range(3)]  # the survivor's, the lost node's, the replacement's
+    # the survivor's, the lost node's, the replacement's; appended to, as in torchrun_job.run_torchrun
+    logs = [tempfile.TemporaryFile("a+") for _ in range(3)]
     seen: Dict[int, psutil.Process] = {}
 
     def start(node: int, log) -> subprocess.Popen:
-        return subprocess.Popen(["bash", str(launcher)], env={**common, "NODE_RANK": str(node)}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(["bash", str(launcher), *map(str, args)], env={**common, "NODE_RANK": str(node)},
+                                stdout=log, stderr=subprocess.STDOUT)
 
     def text(i: int) -> str:
         logs[i].seek(0)

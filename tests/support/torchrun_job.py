@@ -85,7 +85,9 @@ def run_torchrun(args: Sequence[str], nproc: int = 2, max_restarts: int = 0, env
     torchrun = [*map(str, torchrun)] or [str(Path(sys.executable).with_name("torchrun"))]
     command = [*torchrun, "--nproc_per_node", str(nproc), "--max-restarts", str(max_restarts),
                "--master_port", str(free_port()), *map(str, args)]
-    with tempfile.TemporaryFile("w+") as log:
+    # append mode: the job's processes share the file's offset with this one, which seeks to 0 to read
+    # what they wrote so far; without O_APPEND their next lines would overwrite its head
+    with tempfile.TemporaryFile("a+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         root, seen, started = psutil.Process(proc.pid), {}, time.monotonic()
         while proc.poll() is None:
