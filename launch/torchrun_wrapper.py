@@ -66,6 +66,29 @@ def _first_lines(err: BaseException) -> str:
     return "; caused by ".join(parts)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _reports_folder() -> Path:
+    """This torchrun's folder for its workers' reports, after removing those of torchruns that are gone
+    (a SIGKILLed one cannot remove its own)."""
+    for stale in Path(tempfile.gettempdir()).glob("asvr-stop-reports-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.gettempdir(), f"asvr-stop-reports-{os.getpid()}")
+    shutil.rmtree(folder, ignore_errors=True)  # a dead torchrun's with this pid
+    folder.mkdir()
+    return folder
+
+
 def main(argv: list) -> int:
     from torch.distributed import DistError
     from torch.distributed import run as torchrun
@@ -75,7 +98,7 @@ def main(argv: list) -> int:
 
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = torchrun.parse_args(argv)
-    reports = Path(tempfile.mkdtemp(prefix="asvr-stop-reports-"))
+    reports = _reports_folder()
     os.environ[STOP_REPORTS] = str(reports)  # the workers inherit it
     try:
         torchrun.run(args)
