@@ -5,8 +5,10 @@ The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shard
 reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
 a bash / Python polyglot). The faulty one runs ``tests/support/faults.py`` (tools/train.py with a fault
 in each of its first three attempts) under ``torchrun --max-restarts 3``, sharing its start-ups
-between the three tests that read it, and must end with the reference's model, optimizer,
-scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
+between the three tests that read it. All must end with the reference's model, optimizer, scheduler
+and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``). A lost node, the same
+launcher on two simulated nodes, is scripts/node_loss_check.py (tests/test_multinode.py runs its
+mechanism at a smaller size).
 """
 
 import dataclasses
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_INTERVAL = 8, 2
 TIMEOUT_S = 20  # train.distributed_timeout_minutes in the torchrun jobs
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+WRAPPED_TORCHRUN = [sys.executable, ROOT / "launch/torchrun_wrapper.py"]  # as launch/multinode.sh runs it
 
 
 def _config(tiny_root, save_dir, parallel=ParallelConfig(tensor_parallel=2), num_workers=1, **train):
@@ -182,34 +185,48 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
 
 def test_preemption_or_a_lost_agent_saves_where_it_stopped_and_the_same_command_resumes(reference, tiny_root,
                                                                                        tmp_path):
-    """A job stopped three times, each resumed by the same command: SIGTERM to torchrun (a scheduler's
+    """A job stopped three times, each resumed by the same command (torchrun through
+    launch/torchrun_wrapper.py, as launch/multinode.sh runs it): SIGTERM to torchrun (a scheduler's
     preemption: torchrun passes it to each worker's process group, DataLoader workers included);
     SIGTERM to every process of the job at once (as Slurm sends it); torchrun SIGKILLed alone (its
     workers get SIGTERM by their parent-death signal instead of training on unwatched). Each time
     the ranks finish their step, save it (no periodic saves: train.save_interval=0) and exit 0, their
-    DataLoader workers alive until then, and no process is left; the fourth job ends as the reference."""
+    DataLoader workers alive until then, and no process is left; a signalled torchrun ends with one
+    line and status 0. The fourth job (--max-restarts 1) loses a rank inside the load of the third
+    stop's checkpoint, restarts, and ends as the reference."""
     work = tmp_path / "run"
     recipe = tmp_path / "run.yaml"
     recipe.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work, save_interval=0))))
     command = [ROOT / "tests/support/faults.py", "--config", recipe]
-    told = {"preempt": "SIGTERM to torchrun", "preempt_all": "SIGTERM to the job", "kill_agent": "SIGKILL to torchrun"}
+    told = {"preempt": "SIGTERM to torchrun", "preempt_all": "SIGTERM to the job", "kill_agent": "SIGKILL to torchrun",
+            "kill_in_load": "SIGKILL"}
     resumed_at, stops = 0, []  # keep_last 3: all three stops' checkpoints stay
-    for fault in ("preempt", "preempt_all", "kill_agent", None):
-        at, rank = resumed_at + 1 + (resumed_at == 0), random.randrange(2)
-        job = run_torchrun(command, env={**ENV, "ASVR_FAULTS": f"{fault}:{at}:{rank}" if fault else ""}, grace=60)
+    for fault in ("preempt", "preempt_all", "kill_agent", "kill_in_load"):
+        at = resumed_at if fault == "kill_in_load" else resumed_at + 1 + (resumed_at == 0)
+        rank = random.randrange(2)
+        job = run_torchrun(command, env={**ENV, "ASVR_FAULTS": f"{fault}:{at}:{rank}"}, grace=60,
+                           max_restarts=int(fault == "kill_in_load"), torchrun=WRAPPED_TORCHRUN)
         assert not job.survivors, f"processes outlived the job: {job.survivors}"
-        assert "killed by signal" not in job.output, job.output[-4000:]
+        assert "killed by signal" not in job.output and "Traceback" not in job.output, job.output[-4000:]
+        assert f"[faults] rank {rank}: {told[fault]}" in job.output
         if resumed_at:
             assert f"resumed from {work}/iter_{resumed_at:07d} at step {resumed_at}" in job.output
-        if fault is None:
+        if fault == "kill_in_load":
             assert job.returncode == 0, job.output[-4000:]
+            assert (f"train: error: rank {1 - rank}: lost every rank during loading iter_{resumed_at:07d} "
+                    in job.output), job.output[-4000:]
             break
-        assert f"[faults] rank {rank}: {told[fault]}" in job.output
         stopped = re.findall(r"^stopped by SIGTERM after step (\d+), saved (\S+); the same command resumes",
                              job.output, re.MULTILINE)
         assert len(stopped) == 1, job.output[-4000:]
         step = int(stopped[0][0])
         assert at <= step < STEPS and stopped[0][1] == f"{work}/iter_{step:07d}", (fault, at, stopped)
+        if fault == "kill_agent":
+            assert job.returncode == -signal.SIGKILL
+        else:
+            assert job.returncode == 0 and job.output.splitlines()[-1] == (
+                f"torchrun: stopped by SIGTERM: the 2 worker(s) of this node saved iter_{step:07d} and exited; "
+                "the same command resumes from it"), job.output[-4000:]
         assert (work / "latest").read_text() == f"iter_{step:07d}"
         stops.append(f"iter_{step:07d}")
         assert sorted(p.name for p in work.glob("iter_*")) == stops, "a save other than the stops'"
@@ -308,12 +325,14 @@ def test_unreadable_image_is_substituted_and_counted_or_stops_the_run(tiny_root,
 
 
 def test_launchers_are_bash_and_python(tmp_path):
-    """Every launcher parses as bash and as Python; bash runs torchrun as before (a stub records its
-    arguments), Python trains the launcher's recipe (tools/train.py's usage answers --help)."""
-    stub = tmp_path / "bin/torchrun"
+    """Every launcher parses as bash and as Python; bash runs torchrun through launch/torchrun_wrapper.py
+    with the c10d rendezvous, its store on node 0 (a stub python3 records the arguments); Python trains
+    the launcher's recipe (tools/train.py's usage answers --help)."""
+    stub = tmp_path / "bin/python3"
     stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\necho "torchrun $*"\n')
+    stub.write_text('#!/bin/sh\necho "python3 $*"\n')
     stub.chmod(0o755)
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "GPUS_PER_NODE": "2", "MASTER_PORT": "1234", "VENV": "none"}
     for launcher in sorted((ROOT / "launch").glob("*.sh")):
         text = launcher.read_text()
         if "run_recipe" not in text or launcher.name == "multinode.sh":
@@ -321,15 +340,22 @@ def test_launchers_are_bash_and_python(tmp_path):
         recipe = re.search(r'^recipe="(configs/[^"]+)"$', text, re.MULTILINE).group(1)
         assert (ROOT / recipe).is_file()
         compile(text, str(launcher), "exec")
-        env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "GPUS_PER_NODE": "2", "MASTER_PORT": "1234", "VENV": "none"}
         bash = subprocess.run(["bash", launcher, "--set", "train.steps=1"], env=env, capture_output=True, text=True)
         assert bash.returncode == 0, bash.stderr
         assert bash.stdout.splitlines()[-1] == (
-            f"torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 1234 "
+            "python3 launch/torchrun_wrapper.py --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint "
+            "127.0.0.1:1234 --rdzv-id asvr --rdzv-conf is_host=1 --max-restarts 0 --shutdown-timeout 30 "
             f"tools/train.py --config {recipe} --set train.steps=1")
         python = subprocess.run([sys.executable, launcher, "--help"], capture_output=True,
                                 text=True, env={**ENV, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
         assert python.returncode == 0 and python.stdout.startswith("usage: train.py"), python.stderr[-2000:]
+    node_1 = {**env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "host0", "MAX_RESTARTS": "3",
+              "SHUTDOWN_TIMEOUT": "90", "RDZV_ID": "job7", "RDZV_CONF": "join_timeout=1800"}
+    bash = subprocess.run(["bash", ROOT / "launch/pretrain_7b.sh"], env=node_1, capture_output=True, text=True)
+    assert bash.stdout.splitlines()[-1] == (
+        "python3 launch/torchrun_wrapper.py --nnodes 2 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint "
+        "host0:1234 --rdzv-id job7 --rdzv-conf is_host=0,join_timeout=1800 --max-restarts 3 --shutdown-timeout 90 "
+        "tools/train.py --config configs/vicuna7b_stage1.yaml"), bash.stderr
 
 
 def test_watchdog_names_the_wait_and_reports_a_slow_step(monkeypatch):

@@ -3,7 +3,9 @@ resharding on resume, the NaN guard."""
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -14,9 +16,9 @@ from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ParallelConfig
 
 
-def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
+def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None, log=None):
     """loop.run in this rank; optionally SIGKILL itself when a step's batches are loaded or inside
-    a checkpoint write, or poison one step's images with NaN."""
+    a checkpoint write, or poison one step's images with NaN; stdout and stderr into ``log``."""
     from megatron_asvr.data.loader import TrainLoader
     from megatron_asvr.checkpoint import training_state
     from megatron_asvr.training import loop
@@ -35,6 +37,10 @@ def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
         return micro
 
     TrainLoader.next_step = faulty_next_step
+    if log is not None:
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
     if kill_in_save_of is not None:
         write_json = training_state._write_json
 
@@ -107,7 +113,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_root, tmp_path
 
 def test_resume_at_other_layouts(tiny_root, tmp_path):
     """3 steps at TP=2 x PP=2; step 4 resumed at TP=2 x PP=2, TP=1 x PP=1 and TP=1 x PP=2 x DP=2
-    (weights and distributed-optimizer-free Adam state resharded): the same losses (1e-6)."""
+    (weights and distributed-optimizer-free Adam state resharded): the same losses (1e-6). The resume's
+    line names the new layout (and train.steps 3 -> 4, the checkpoint's lr schedule going on)."""
     base = tiny_run_config(tiny_root, tmp_path / "tp2pp2", steps=3)
     run_ranks(_train, 4, dataclasses.replace(base, parallel=ParallelConfig(2, 2)))
     losses = {}
@@ -117,12 +124,61 @@ def test_resume_at_other_layouts(tiny_root, tmp_path):
         if name != "tp2pp2":
             save_dir.mkdir()
             os.symlink(tmp_path / "tp2pp2/iter_0000003", save_dir / "iter_0000003")
-        config = tiny_run_config(tiny_root, save_dir, steps=4)
-        result = run_ranks(_train, world, dataclasses.replace(config, parallel=parallel))[-1]
+        config = tiny_run_config(tiny_root, save_dir, steps=4, resume_lr_schedule="checkpoint")
+        log = tmp_path / f"{name}.log"
+        result = run_ranks(_train, world, dataclasses.replace(config, parallel=parallel), log=str(log))[-1]
         assert [h["step"] for h in result["history"]] == [4]
+        layout = {"tp2pp2": "", "tp1pp1": "TP=1 x PP=1 x DP=1", "pp2dp2": "TP=1 x PP=2 x DP=2"}[name]
+        changes = [line for line in log.read_text().splitlines() if line.startswith("resume from")]
+        assert changes == ["resume from iter_0000003 with a changed recipe: train.steps 3 -> 4: honoured, the run "
+                           "stops at step 4 (and the lr schedule's length follows); "
+                           + (f"layout TP=2 x PP=2 x DP=1 -> {layout}: honoured, weights and optimizer resharded, the "
+                              "RNG reseeded; " if layout else "")
+                           + "lr schedule (lr_decay_steps 3 -> 4, wd_incr_steps 3 -> 4): honoured, the checkpoint's "
+                           "goes on (train.resume_lr_schedule=checkpoint)"], changes
         losses[name] = _losses(result["history"])[4]
     for name in ("tp1pp1", "pp2dp2"):
         assert all(abs(a - b) <= 1e-6 for a, b in zip(losses[name], losses["tp2pp2"])), (name, losses)
+
+
+def _cosine_lr(max_lr, decay_steps, step):
+    """megatron's cosine schedule without warm-up or floor, at scheduler step ``step``."""
+    return max_lr * 0.5 * (math.cos(math.pi * step / decay_steps) + 1)
+
+
+def test_a_resume_with_a_changed_recipe_names_each_change_and_follows_its_rule(tiny_root, tmp_path):
+    """Saved at step 4 of 8 (global batch 4, lr 1e-3 over 8 steps), killed in step 5; the same command
+    again with global batch 2, 6 steps and lr 5e-4. By default the changed lr schedule is refused, in
+    one line naming each change; with train.resume_lr_schedule=config the run takes the new batch and
+    stops at step 6, its lr the new schedule's from its step 4 on; with =checkpoint the old schedule
+    goes on (megatron's use_checkpoint_opt_param_scheduler) and it still stops at step 6."""
+    first = tiny_run_config(tiny_root, tmp_path / "run", steps=8, save_interval=4)
+    with pytest.raises(MultiRankError, match="died"):
+        run_ranks(_train, 1, first, kill_at_step=5)
+    changes = ("resume from iter_0000004 with a changed recipe: train.global_batch 4 -> 2: honoured, the data goes "
+               "on from sample 16 in batches of 2; train.lr 0.001 -> 0.0005: see the lr schedule; train.save_interval "
+               "4 -> 0: honoured, from step 5; train.steps 8 -> 6: "
+               "honoured, the run stops at step 6 (and the lr schedule's length follows); lr schedule (max_lr 0.001 "
+               "-> 0.0005, lr_decay_steps 8 -> 6, wd_incr_steps 8 -> 6): ")
+    changed = {"global_batch": 2, "steps": 6, "lr": 5e-4}
+    with pytest.raises(MultiRankError) as refused:
+        run_ranks(_train, 1, tiny_run_config(tiny_root, tmp_path / "run", **changed))
+    assert (f"ConfigError: {changes}REFUSED, say which side wins: train.resume_lr_schedule=config or checkpoint. "
+            f"Restore the refused settings, or start a new run (another train.save_dir) from its weights with "
+            f"train.load={tmp_path}/run/iter_0000004") in str(refused.value), str(refused.value)[-1500:]
+    for side, lrs in (("config", [_cosine_lr(5e-4, 6, 4), _cosine_lr(5e-4, 6, 5)]),
+                      ("checkpoint", [_cosine_lr(1e-3, 8, 4), _cosine_lr(1e-3, 8, 5)])):
+        save_dir, log = tmp_path / side, tmp_path / f"{side}.log"
+        shutil.copytree(tmp_path / "run", save_dir)  # the save_dir a checkpoint was found in is no change
+        history = run_ranks(_train, 1, tiny_run_config(tiny_root, save_dir, resume_lr_schedule=side, **changed),
+                            log=str(log))[0]["history"]
+        said = [line for line in log.read_text().splitlines() if line.startswith("resume from")]
+        assert said == [changes + f"honoured, the {side}'s" + (", from step 5 on" if side == "config" else " goes on")
+                        + f" (train.resume_lr_schedule={side})"], said
+        assert [h["step"] for h in history] == [5, 6] and (save_dir / "latest").read_text() == "iter_0000006"
+        assert [h["lr"] for h in history] == pytest.approx(lrs, rel=1e-12), side
+        common = torch.load(save_dir / "iter_0000006/dist/common.pt", weights_only=False)
+        assert common["consumed_samples"] == 16 + 2 * 2
 
 
 def _checkpoints_finite(config, save_dir):

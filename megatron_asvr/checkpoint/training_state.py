@@ -63,7 +63,8 @@ class TrainingProgress:
     same_layout: bool  # saved at this TP / PP / DP layout: the RNG was restored too
 
 
-def _layout() -> Dict[str, int]:
+def current_layout() -> Dict[str, int]:
+    """This rank's TP / PP / DP sizes, as a checkpoint records them."""
     return {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -104,7 +105,7 @@ def _training_state(model, optimizer, scheduler, step: int, consumed_samples: in
     state = sharded_model_state(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=for_loading, metadata=OPTIMIZER_METADATA)
     state["scheduler"] = scheduler.state_dict()
-    state["step"], state["consumed_samples"], state["layout"] = step, consumed_samples, _layout()
+    state["step"], state["consumed_samples"], state["layout"] = step, consumed_samples, current_layout()
     return state
 
 
@@ -228,14 +229,20 @@ def load_training(directory: Path, model, optimizer, scheduler) -> TrainingProgr
     path = str(Path(directory) / DIST)
     common = dist_checkpointing.load_common_state_dict(path)
     state = _training_state(model, optimizer, scheduler, 0, 0, for_loading=True)
-    same_layout = common["layout"] == _layout()
+    same_layout = common["layout"] == current_layout()
     if same_layout:
         state["rng"] = _sharded_rng()
     loaded = dist_checkpointing.load(state, path)
     for key, chunk in zip(model_keys(model), model):
         unwrap_ddp(chunk).load_state_dict(loaded[key], strict=True)
+    bounds = [(group.get("max_lr"), group.get("min_lr")) for group in optimizer.param_groups]  # the config's
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
+    if scheduler.override_opt_param_scheduler:
+        # the config's schedule wins (megatron's flag): each group's lr bounds, which the optimizer state
+        # brought back from the checkpoint and the scheduler reads before its own, are the config's again
+        for group, (max_lr, min_lr) in zip(optimizer.param_groups, bounds):
+            group.update({k: v for k, v in (("max_lr", max_lr), ("min_lr", min_lr)) if v is not None})
+    scheduler.load_state_dict(loaded["scheduler"])  # sets every group's lr at the checkpoint's step
     if same_layout:
         _set_rng_state(loaded["rng"])
     return TrainingProgress(int(loaded["step"]), int(loaded["consumed_samples"]), same_layout)

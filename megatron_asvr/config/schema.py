@@ -28,6 +28,8 @@ NanPolicy = Literal["skip", "stop"]  # skip: up to train.max_consecutive_skips b
 # stop: end the run (exit 1; `latest` keeps the previous checkpoint, which a restart resumes from) |
 # continue: train on and save again at the next interval
 SaveFailurePolicy = Literal["stop", "continue"]
+# a resume whose lr schedule differs from the checkpoint's: refuse it, or which side wins (training/recipe_changes.py)
+ResumeSchedulePolicy = Literal["refuse", "checkpoint", "config"]
 # An image missing or unreadable at training time (preprocessing had read it): substitute: a zero image, its
 # sample's loss masked, counted ("unreadable" in the step line) | stop: end the run naming the record
 UnreadableImagePolicy = Literal["substitute", "stop"]
@@ -353,6 +355,11 @@ class TrainConfig:
     nan_policy: NanPolicy = "skip"
     max_consecutive_skips: Count = 5
     save_failure: SaveFailurePolicy = "stop"
+    # A resume whose lr schedule (lr, min_lr, warmup, weight decay, its length: the step count) differs from
+    # the checkpoint's: refused (Megatron-LM's default), or which side wins, as megatron's OptimizerParamScheduler
+    # takes it: checkpoint (use_checkpoint_opt_param_scheduler) or config (override_opt_param_scheduler: the
+    # config's schedule from the checkpoint's step on). Every other changed setting: training/recipe_changes.py.
+    resume_lr_schedule: ResumeSchedulePolicy = "refuse"
     # A wait on other ranks (start-up, collectives, pipeline sends, checkpoint barriers) that lasts this long
     # ends the rank with a line naming it (runtime/waits.py); Megatron-LM's default. Seconds in tests (0.2).
     distributed_timeout_minutes: PositiveFloat = 10.0

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.runtime import child_processes, cpu_emulation
+from megatron_asvr.runtime import child_processes, cpu_emulation, job_store
 from megatron_asvr.runtime.waits import BACKSTOP
 
 
@@ -64,7 +64,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
 
     timeout = timedelta(minutes=timeout_minutes * BACKSTOP)
     if not dist.is_initialized():
-        dist.init_process_group(backend, store=_job_store(rank, world_size, timeout), rank=rank,
+        dist.init_process_group(backend, store=job_store.connect(rank, world_size, timeout), rank=rank,
                                 world_size=world_size, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
@@ -96,24 +96,6 @@ def _replica_host_group(world_size: int) -> Optional[dist.ProcessGroup]:
     dist.all_gather_object(every, mine)  # host sync, once at start-up
     groups = {tuple(ranks): dist.new_group(list(ranks), backend="gloo") for ranks in sorted(set(map(tuple, every)))}
     return groups[tuple(mine)]
-
-
-def _job_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
-    """The store the ranks meet at, its keys under a prefix of this attempt's own.
-
-    torchrun's default (static) rendezvous keeps one TCPStore, its agent's, for the whole job,
-    and this torch's env:// start-up no longer separates the attempts: workers restarted after a
-    failure (``--max-restarts``) read the addresses the dead attempt's ranks left there, and
-    gloo / NCCL fail to connect ("connectFullMesh failed ... Connection refused"). Each attempt
-    (TORCHELASTIC_RESTART_COUNT) gets a prefix of its own. Outside torchrun rank 0 hosts the store;
-    a single process on a free port (a fixed default would collide with a job on the same node).
-    """
-    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = _env_int("MASTER_PORT", 0 if world_size == 1 else 29500)
-    on_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(address, port, world_size, is_master=rank == 0 and not on_agent, timeout=timeout,
-                          multi_tenant=True)
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def current_device() -> torch.device:

@@ -39,6 +39,7 @@ from megatron_asvr.runtime.device import dtype_of
 from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training.metrics import MetricsLogger, StepTimings, Stopwatch, TensorBoardSink, WandbSink
+from megatron_asvr.training.recipe_changes import SCHEDULE_POLICIES, SavedRun, describe_changes, total_steps
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
@@ -53,19 +54,13 @@ class Evaluator(Protocol):
         """Scores by name (logged as ``eval/<name>``)."""
 
 
-def total_steps(config: RunConfig, num_samples: int) -> int:
-    if config.train.steps is not None:
-        return config.train.steps
-    return max(1, int(config.train.epochs * num_samples) // config.train.global_batch)
-
-
 def optimizer_settings(config: RunConfig, steps: int) -> OptimizerSettings:
     t = config.train
     return OptimizerSettings(
         lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
         adam_betas=(t.adam_beta1, t.adam_beta2), adam_eps=t.adam_eps, decay_style="cosine",
         warmup_steps=int(round(t.warmup_ratio * steps)), total_steps=steps, nan_policy=t.nan_policy,
-        max_consecutive_skips=t.max_consecutive_skips,
+        max_consecutive_skips=t.max_consecutive_skips, scheduler_on_load=SCHEDULE_POLICIES[t.resume_lr_schedule][2],
     )
 
 
@@ -165,16 +160,17 @@ def batching_settings(config: RunConfig) -> BatchingSettings:
     )
 
 
-def resume_newest(trainer: Trainer, save_dir: Path, info: runtime.RankInfo) -> Optional[Path]:
-    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any."""
-    chosen = newest_for_every_rank(save_dir)
-    if chosen is not None:
-        with waiting_for("every rank", f"loading {chosen.name}"):
-            same_layout = trainer.resume(chosen)
-        if info.rank == 0:
-            how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
-            print(f"resumed from {chosen} at step {trainer.step}{how}", flush=True)
-    return chosen
+def resume(trainer: Trainer, saved: SavedRun, config: RunConfig, steps: int) -> None:
+    """Resume from ``saved`` (stopping at ``steps``), after one line naming what the recipe changed since
+    (ConfigError if a change is refused: ``recipe_changes``)."""
+    changes = describe_changes(saved, config, trainer.scheduler, steps)
+    if changes and trainer.info.rank == 0:
+        print(changes, flush=True)
+    with waiting_for("every rank", f"loading {saved.directory.name}"):
+        same_layout = trainer.resume(saved.directory)
+    if trainer.info.rank == 0:
+        how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
+        print(f"resumed from {saved.directory} at step {trainer.step}{how}", flush=True)
 
 
 def save(trainer: Trainer, config: RunConfig) -> Optional[Path]:
@@ -193,8 +189,9 @@ def log_scores(scores: Dict[str, float], evaluator: Evaluator, step: int, logger
 
 
 def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
-    """Train per ``config``; return {"history": per-step metrics, "checkpoint": last saved dir}.
-    ``evaluator`` scores the model every ``train.eval_interval`` steps."""
+    """Train per ``config``; return {"history": per-step metrics, "checkpoint": last saved dir, "step": the
+    step it ended at (the last, or where SIGTERM stopped it)}. ``evaluator`` scores the model every
+    ``train.eval_interval`` steps."""
     config.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if config.train.eval_interval and evaluator is None:
         raise ConfigError("train.eval_interval is set but no evaluator was given: train through tools/train.py "
@@ -211,10 +208,13 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
         with waiting_for("the other ranks", "start-up"):
             info = runtime.initialize(config.parallel, seed=t.seed, timeout_minutes=t.distributed_timeout_minutes)
             shards = ShardDataset(config.data.shards)
-            steps = total_steps(config, len(shards))
-            trainer = build_trainer(config, info, codebooks, steps)
             save_dir = Path(t.save_dir)
-            last_saved = resume_newest(trainer, save_dir, info)
+            last_saved = newest_for_every_rank(save_dir)
+            saved = SavedRun.read(last_saved) if last_saved else None
+            steps = total_steps(config, len(shards), saved)
+            trainer = build_trainer(config, info, codebooks, steps)
+            if saved:
+                resume(trainer, saved, config, steps)
             loader = build_loader(config, trainer, shards)
         report_batching(loader, save_dir, info)
         log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
@@ -255,4 +255,4 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
             runtime.destroy()
         watchdog.stop()
         sigterm.restore()
-    return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}
+    return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None, "step": trainer.step}

@@ -19,7 +19,7 @@ the watchdog's line.
 """
 
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -83,6 +83,8 @@ class OptimizerSettings:
     total_steps: int = 1
     nan_policy: str = "skip"  # skip (up to max_consecutive_skips in a row) | stop
     max_consecutive_skips: int = 5
+    # megatron's OptimizerParamScheduler: which side wins when a loaded schedule differs (neither: refused)
+    scheduler_on_load: Dict[str, bool] = field(default_factory=dict)
 
 
 # -- the chunks wrapped for data parallelism, and their optimizer ------------------------------------
@@ -271,7 +273,7 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
             lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(optim.total_steps, 1),
-            wd_incr_style="constant",
+            wd_incr_style="constant", **optim.scheduler_on_load,
         )
         self.first_stage = any(get_attr_wrapped_model(c, "pre_process") for c in self.model)
         self.last_stage = any(get_attr_wrapped_model(c, "post_process") for c in self.model)

@@ -6,5 +6,6 @@
     tiny_run.py       a complete tiny training set-up on disk (the demo pipeline at test size)
     faults.py         tools/train.py with faults injected (killed, stalled, disk full), run under torchrun
     torchrun_job.py   a torchrun job from pytest, watched: its output, exit code, helpers left alive
+    node_loss.py      a 2-node job on one machine (two launchers), one node lost and started again
     fixtures.py       test data outside the repository ($MEGATRON_ASVR_SHARED_DATA)
 """

@@ -9,6 +9,7 @@ without faults runs clean. Each attempt's ranks first print ``[faults] attempt N
 
     kill_in_step:STEP:RANK      SIGKILL after STEP's forward and backward, before its all-reduce
     kill_in_save:STEP:RANK      SIGKILL once the rank's shards of checkpoint STEP are written, before it is published
+    kill_in_load:STEP:RANK      SIGKILL as the rank starts reading its shards of checkpoint STEP (resuming from it)
     stall:STEP:RANK             SIGSTOP when STEP's batches are asked for
     enospc:STEP:RANK:TIMES      the checkpoint writer fails with ENOSPC in the first TIMES saves of STEP
     kill_writer:STEP:RANK       a checkpoint writer process of STEP's save is SIGKILLed while it writes
@@ -67,8 +68,14 @@ def _signal_agent(sig: int, everyone: bool = False) -> None:
         process.send_signal(sig)
 
 
+def _checkpoint_step(dist_dir) -> int:
+    """The step of the checkpoint whose dist checkpoint is ``dist_dir`` (iter_0000004[.tmp]/dist)."""
+    return int(Path(dist_dir).parent.name.split("_")[1].split(".")[0])
+
+
 def install(faults: list) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     from megatron_asvr.data.loader import TrainLoader
     from megatron_asvr.checkpoint import training_state
@@ -76,6 +83,7 @@ def install(faults: list) -> None:
 
     over_the_job, next_step = Trainer._over_the_job, TrainLoader.next_step
     dist_save, write_item = training_state.dist_checkpointing.save, filesystem_async._write_item
+    read_data = FileSystemReader.read_data
     saves = {}  # step -> saves of it so far
     failing = {"writes": False, "writer": False}
 
@@ -97,7 +105,7 @@ def install(faults: list) -> None:
         return next_step(self)
 
     def faulty_save(state, directory, *args, **kwargs):
-        step = int(Path(directory).parent.name.split("_")[1].split(".")[0])
+        step = _checkpoint_step(directory)
         saves[step] = saves.get(step, 0) + 1
         enospc = _fault(faults, "enospc", step)
         failing["writes"] = enospc is not None and saves[step] <= enospc[2]
@@ -115,7 +123,13 @@ def install(faults: list) -> None:
             _die(signal.SIGKILL)
         return write_item(*args, **kwargs)
 
+    def faulty_read_data(self, *args, **kwargs):  # the reader megatron's torch_dist load strategy uses
+        if _fault(faults, "kill_in_load", _checkpoint_step(self.path)):
+            _die(signal.SIGKILL)
+        return read_data(self, *args, **kwargs)
+
     Trainer._over_the_job, TrainLoader.next_step = faulty_over_the_job, faulty_next_step
+    FileSystemReader.read_data = faulty_read_data
     training_state.dist_checkpointing.save, filesystem_async._write_item = faulty_save, faulty_write_item
 
 

@@ -63,14 +63,31 @@ def _describe(p: psutil.Process) -> str:
         return f"{p.pid}: ?"
 
 
+def survivors(seen: Dict[int, psutil.Process], grace: float) -> List[str]:
+    """"pid: command line" of the ``seen`` processes still alive ``grace`` seconds after their job
+    ended; they are killed then, not to be left to the next test."""
+    deadline = time.monotonic() + grace
+    while _alive(seen.values()) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    alive = _alive(seen.values())
+    described = [_describe(p) for p in alive]
+    for p in alive:
+        p.kill()
+    return described
+
+
 def run_torchrun(args: Sequence[str], nproc: int = 2, max_restarts: int = 0, env: Optional[dict] = None,
                  timeout: float = 300.0, grace: float = 5.0,
-                 on_poll: Optional[Callable[[str, List[psutil.Process]], None]] = None) -> TorchrunJob:
-    """``torchrun --nproc_per_node nproc --max-restarts max_restarts <args>`` on a free port, watched."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", str(nproc), "--max-restarts", str(max_restarts),
+                 on_poll: Optional[Callable[[str, List[psutil.Process]], None]] = None,
+                 torchrun: Sequence[str] = ()) -> TorchrunJob:
+    """``torchrun --nproc_per_node nproc --max-restarts max_restarts <args>`` on a free port, watched;
+    ``torchrun``: the command that runs it instead of this Python's torchrun (a wrapper of it)."""
+    torchrun = [*map(str, torchrun)] or [str(Path(sys.executable).with_name("torchrun"))]
+    command = [*torchrun, "--nproc_per_node", str(nproc), "--max-restarts", str(max_restarts),
                "--master_port", str(free_port()), *map(str, args)]
-    with tempfile.TemporaryFile("w+") as log:
+    # append mode: the job's processes share the file's offset with this one, which seeks to 0 to read
+    # what they wrote so far; without O_APPEND their next lines would overwrite its head
+    with tempfile.TemporaryFile("a+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         root, seen, started = psutil.Process(proc.pid), {}, time.monotonic()
         while proc.poll() is None:
@@ -84,12 +101,6 @@ def run_torchrun(args: Sequence[str], nproc: int = 2, max_restarts: int = 0, env
                 log.seek(0)
                 raise AssertionError(f"torchrun job hung: running after {timeout:.0f} s\n{log.read()[-4000:]}")
             time.sleep(POLL_S)
-        deadline = time.monotonic() + grace
-        while _alive(seen.values()) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        survivors = _alive(seen.values())
-        described = [_describe(p) for p in survivors]
-        for p in survivors:  # not to leave them to the next test
-            p.kill()
+        described = survivors(seen, grace)
         log.seek(0)
         return TorchrunJob(proc.returncode, log.read(), described)
