@@ -1,7 +1,7 @@
 """HF weights -> our checkpoint at any TP / PP. Runs on every rank after ``runtime.initialize``.
 
-Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral
-causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
+Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral /
+Qwen causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
 is initialised here), or a vision model alone (an LLM trained from scratch, as
 the demo's: the LLM of the recipe is initialised here too); the visual head is
 initialised here unless an exported one (``convert.visual_head_io``) is given.
@@ -26,7 +26,9 @@ from megatron_asvr.config import (
 )
 from megatron_asvr.config.tools import ImportSources
 from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
-from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
+from megatron_asvr.convert.hf_llava import (
+    VISION_TARGET, detect_prefixes, is_tied_lm_head, llava_rules, unique_prefix,
+)
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
@@ -70,11 +72,12 @@ def _default_tokenizer(directory: Path) -> Optional[Path]:
 def _plan_llava(directory: Path, base: ModelConfig, tp: int) -> ImportPlan:
     model, vocab = llava_from_hf(read_config(directory), str(directory / "config.json"), base)
     reader = SafetensorsDir(directory)
-    prefixes = detect_prefixes(reader.keys(), str(directory))
+    prefixes = detect_prefixes(reader.keys(), str(directory), tied=not model.llm.untie_embeddings)
     rules = llava_rules(model, vocab, tp, prefixes)
 
     def ignored(key: str) -> bool:
-        return key.startswith(prefixes.vision) and is_dropped(key[len(prefixes.vision):], model.vision)
+        return (key.startswith(prefixes.vision) and is_dropped(key[len(prefixes.vision):], model.vision)
+                or is_tied_lm_head(key, model.llm))
 
     skipped = check_hf_keys(rules, reader.keys(), str(directory), ignored)
     plan = ImportPlan(model, vocab, True, rules, skipped, ("visual_heads.",), _default_tokenizer(directory))
@@ -106,7 +109,7 @@ def _plan_separate(llm_dir: Optional[Path], vision_dir: Path, base: ModelConfig,
         prefix = unique_prefix(llm_reader.keys(), "embed_tokens.weight", "the token embedding", str(llm_dir))
         rules_llm = llm_rules(llm, vocab, tp, prefix, "lm_head.weight")
         plan.skipped += check_hf_keys(rules_llm, llm_reader.keys(), str(llm_dir),
-                                      lambda key: key.endswith(ROTARY_BUFFER))
+                                      lambda key: key.endswith(ROTARY_BUFFER) or is_tied_lm_head(key, llm))
         plan.rules = plan.rules + rules_llm
         plan.tokenizer = _default_tokenizer(llm_dir)
         plan.add_source(llm_reader, rules_llm)
