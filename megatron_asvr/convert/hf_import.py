@@ -57,7 +57,7 @@ class ImportPlan:
 
     def add_source(self, reader: SafetensorsDir, rules: List[TensorRule]) -> None:
         for name in hf_names(rules):
-            if name in self.readers:
+            if name in self.readers and self.readers[name] is not reader:  # a tied LM head reads the embedding again
                 raise ConfigError(f"tensor {name} is in both {self.readers[name].directory} and {reader.directory}")
             self.readers[name] = reader
 
