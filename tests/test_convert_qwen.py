@@ -89,7 +89,7 @@ def hf_dirs(tmp_path_factory):
     import transformers
     from safetensors.torch import save_file
 
-    from megatron_asvr.convert.hf_config import llava_to_hf
+    from megatron_asvr.convert.hf_config import llava_to_hf, llm_from_hf
     from megatron_asvr.convert.hf_vocab import appended_vocab
     from megatron_asvr.model.hf_vision import vision_to_hf
 
@@ -104,14 +104,12 @@ def hf_dirs(tmp_path_factory):
     torch.manual_seed(7)
     transformers.SiglipVisionModel(vision).save_pretrained(root / "siglip")
 
-    from megatron_asvr.convert.hf_config import llm_from_hf
-
     llm = llm_from_hf(_text_config("qwen3", True, 24).to_dict(), "qwen3")
     config = llava_to_hf(ModelConfig(vision=VISION, llm=llm), appended_vocab(320), VISION.num_layers, -2, "float32")
     llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig.from_dict(config))
     _perturb(llava, 9)
-    hub = {"model.vision_tower.": "vision_tower.vision_model.", "model.multi_modal_projector.": "multi_modal_projector.",
-           "model.language_model.": "language_model.model."}
+    hub = {"model.vision_tower.": "vision_tower.vision_model.",
+           "model.multi_modal_projector.": "multi_modal_projector.", "model.language_model.": "language_model.model."}
     state = {}
     for name, value in llava.state_dict().items():
         prefix = next((p for p in hub if name.startswith(p)), None)
