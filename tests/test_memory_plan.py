@@ -28,8 +28,13 @@ VICUNA_13B = ModelConfig(
 MISTRAL_CLIP_DUAL = ModelConfig(  # GQA, CLIP (class token, pre-norm), two visual heads
     vision=VISION_PRESETS["clip_vit_l_336"], llm=LLM_PRESETS["mistral_7b"], asvr=ASVRConfig(supervision="dual"),
 )
+# Qwen3-4B (q/k norms, 32 x 128 q width != hidden 2560, tied embeddings: the last stage's LM-head copy), with
+# Qwen2's q/k/v biases on top
+QWEN_TIED = ModelConfig(vision=VISION_PRESETS["siglip_so400m_384"],
+                        llm=dataclasses.replace(LLM_PRESETS["qwen3_4b"], qkv_bias=True))
 LAYOUTS = [(VICUNA_13B, ParallelConfig(tensor_parallel=2, pipeline_parallel=2)),
-           (MISTRAL_CLIP_DUAL, ParallelConfig(tensor_parallel=4))]
+           (MISTRAL_CLIP_DUAL, ParallelConfig(tensor_parallel=4)),
+           (QWEN_TIED, ParallelConfig(tensor_parallel=2, pipeline_parallel=2))]
 
 
 def _part(name: str) -> str:
@@ -64,7 +69,8 @@ def _count_on_meta(model: ModelConfig, parallel: ParallelConfig):
     return pp_rank, counts
 
 
-@pytest.mark.parametrize("model, parallel", LAYOUTS, ids=["vicuna13b_tp2_pp2_21_19", "mistral_clip_dual_tp4"])
+@pytest.mark.parametrize("model, parallel", LAYOUTS, ids=["vicuna13b_tp2_pp2_21_19", "mistral_clip_dual_tp4",
+                                                                  "qwen3_4b_bias_tied_tp2_pp2"])
 def test_parameter_counts_equal_the_meta_built_stages(model, parallel):
     planned = stage_parameters(model, parallel.tensor_parallel, parallel.pipeline_parallel)
     for stage, counts in run_ranks(_count_on_meta, 4, model, parallel):
