@@ -21,6 +21,7 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 TransformerImpl = Literal["auto", "transformer_engine", "local"]
 ImageMode = Literal["resize", "pad", "anyres"]  # stage 1 | stage 2 | high resolution (data/images.py)
+Resample = Literal["bicubic", "bilinear"]  # the image resize filter: SigLIP / CLIP | SigLIP2 (data/images.py)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
 Recompute = Literal["none", "selective", "full"]  # LLM layers; the head recomputes with full
 NanPolicy = Literal["skip", "stop"]  # skip: up to train.max_consecutive_skips bad steps
@@ -229,6 +230,8 @@ class VisionConfig:
     norm_eps: float = 1e-6
     feature_layer: int = -2  # as HF hidden_states[feature_layer]; later layers are not built
     frozen: bool = True
+    # how images are resized for this encoder, as its HF image processor does (training, targets, evaluation)
+    resample: Resample = "bicubic"
 
     @property
     def grid(self) -> int:
@@ -257,6 +260,12 @@ VISION_PRESETS: Dict[str, VisionConfig] = {
     "siglip_so400m_384": VisionConfig(
         family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
         patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2,
+    ),
+    # SigLIP2-SO400M-patch14-384 (FixRes): SigLIP's architecture and HF classes, new weights, and its
+    # processor resizes bilinearly (preprocessor_config.json "resample": 2; SigLIP's is 3, bicubic).
+    "siglip2_so400m_384": VisionConfig(
+        family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
+        patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2, resample="bilinear",
     ),
     # CLIP-ViT-L/14@336 (LLaVA-1.5's encoder): 576 patches after dropping the class token.
     "clip_vit_l_336": VisionConfig(

@@ -25,6 +25,7 @@ from megatron_asvr.config.schema import (
     ImageMode,
     ParallelConfig,
     Positive,
+    Resample,
     TransformerImpl,
 )
 
@@ -76,6 +77,7 @@ class TargetsConfig:
     tokenizer_config: Path  # DualToken-format config.json
     tokenizer_checkpoint: Path
     mode: ImageMode = "pad"  # as the training stage reads the images
+    resample: Resample = "bicubic"  # the resize filter of the model's encoder (model.vision.resample)
     branches: Tuple[Branch, ...] = ("semantic",)  # "semantic", "appearance" or both ("dual")
     precision: CodePrecision = "bf16"
     backend: TransformerImpl = "auto"  # encoder layers: Transformer Engine on GPU when installed, else local

@@ -27,12 +27,33 @@ QWEN_ENDOFTEXT, QWEN_IM_END = 151643, 151645
 SELECT_STRATEGY = {"siglip": "full", "clip": "default"}
 
 
-def read_config(directory) -> Dict[str, Any]:
-    path = Path(directory) / "config.json"
+# an HF image processor's "resample" (PIL's filter numbers) <-> vision.resample
+RESAMPLE_CODES = {"bilinear": 2, "bicubic": 3}
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def read_resample(directory, base: VisionConfig) -> VisionConfig:
+    """``base`` with the resize filter of the image processor saved beside an HF vision model (SigLIP2's
+    is bilinear); ``base`` unchanged when the directory has no processor config."""
+    path = Path(directory) / PROCESSOR_CONFIG
+    if not path.is_file():
+        return base
+    code = read_config_file(path).get("resample", RESAMPLE_CODES["bicubic"])
+    names = {number: name for name, number in RESAMPLE_CODES.items()}
+    if code not in names:
+        raise ConfigError(f"{path}: resample={code!r} is not supported (supported: {names})")
+    return dataclasses.replace(base, resample=names[code])
+
+
+def read_config_file(path: Path) -> Dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the HF config: {err}") from err
+
+
+def read_config(directory) -> Dict[str, Any]:
+    return read_config_file(Path(directory) / "config.json")
 
 
 def _rope_theta(text: dict, where: str) -> float:

@@ -25,7 +25,7 @@ from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
 from megatron_asvr.config.tools import ImportSources
-from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
+from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config, read_resample
 from megatron_asvr.convert.hf_llava import (
     VISION_TARGET, detect_prefixes, is_tied_lm_head, llava_rules, unique_prefix,
 )
@@ -71,6 +71,7 @@ def _default_tokenizer(directory: Path) -> Optional[Path]:
 
 def _plan_llava(directory: Path, base: ModelConfig, tp: int) -> ImportPlan:
     model, vocab = llava_from_hf(read_config(directory), str(directory / "config.json"), base)
+    model = dataclasses.replace(model, vision=read_resample(directory, model.vision))
     reader = SafetensorsDir(directory)
     prefixes = detect_prefixes(reader.keys(), str(directory), tied=not model.llm.untie_embeddings)
     rules = llava_rules(model, vocab, tp, prefixes)
@@ -90,6 +91,7 @@ def _plan_separate(llm_dir: Optional[Path], vision_dir: Path, base: ModelConfig,
     llm = base.llm if llm_dir is None else llm_from_hf(read_config(llm_dir), str(llm_dir / "config.json"), base.llm)
     vision = vision_from_hf(read_config(vision_dir), base.vision.feature_layer, str(vision_dir / "config.json"),
                             base.vision)
+    vision = read_resample(vision_dir, vision)
     model = dataclasses.replace(base, llm=llm, vision=vision)
     vocab = appended_vocab(llm.vocab_size)  # what an export will write; not stored
 

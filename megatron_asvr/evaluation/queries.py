@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from megatron_asvr.config import Resample
 from megatron_asvr.data.images import image_token_count, preprocess_image
 from megatron_asvr.data.sequence import SequenceSample, SequenceTooLong, build_sequence
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
@@ -52,9 +53,9 @@ class QueryEncoder:
     """Prompts (and prompts with an answer) of items, tokenized as LLaVA's evaluation does."""
 
     def __init__(self, tokenizer: TextTokenizer, template: str, image_mode: str, patches_per_tile: int,
-                 max_length: int):
+                 max_length: int, resample: Resample = "bicubic"):
         self.tokenizer, self.template = tokenizer, template
-        self.image_mode, self.patches_per_tile = image_mode, patches_per_tile
+        self.image_mode, self.patches_per_tile, self.resample = image_mode, patches_per_tile, resample
         self.max_length = max_length  # the model's positions (llm.max_sequence_length)
         generation_prompt(template, "", False)  # an unknown template fails here, before any model work
 
@@ -63,7 +64,7 @@ class QueryEncoder:
             return None, []
         image = load_item_image(item)
         count = image_token_count(*image.size, self.image_mode, patches_per_tile=self.patches_per_tile)
-        return preprocess_image(image, self.image_mode), [count]
+        return preprocess_image(image, self.image_mode, resample=self.resample), [count]
 
     def prompt(self, item: EvalItem) -> Query:
         """The generation prompt of ``item``."""
