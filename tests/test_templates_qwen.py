@@ -120,3 +120,12 @@ def test_preprocessing_refuses_the_pair_at_start(qwen_dir, tmp_path):
                               progress=False)
     with pytest.raises(PreprocessFailed, match="^template 'vicuna_v1' does not fit the tokenizer tokenizer.json"):
         preprocess(config)
+
+
+def test_evaluation_prompt_is_the_training_text_up_to_the_answer():
+    from megatron_asvr.evaluation.prompts import generation_prompt, with_answer
+
+    prompt = generation_prompt("qwen", "What is it?", has_image=True)
+    trained = get_template("qwen").render((Turn(HUMAN, "<image>\nWhat is it?"), Turn(GPT, "A cat.")))
+    assert prompt.endswith("<|im_start|>assistant\n") and trained.startswith(prompt)
+    assert with_answer("qwen", prompt, "A cat.") + "\n" == trained

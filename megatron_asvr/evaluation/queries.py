@@ -17,7 +17,7 @@ from megatron_asvr.data.images import image_token_count, preprocess_image
 from megatron_asvr.data.sequence import SequenceSample, SequenceTooLong, build_sequence
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
 from megatron_asvr.evaluation.prompts import generation_prompt, with_answer
-from megatron_asvr.tokenizers.templates import tokenize_with_images
+from megatron_asvr.tokenizers.templates import get_template, tokenize_with_images
 from megatron_asvr.tokenizers.text import TextTokenizer
 
 PAD_ID = 0  # image positions and padding hold it, as in training
@@ -58,6 +58,7 @@ class QueryEncoder:
         self.image_mode, self.patches_per_tile, self.resample = image_mode, patches_per_tile, resample
         self.max_length = max_length  # the model's positions (llm.max_sequence_length)
         generation_prompt(template, "", False)  # an unknown template fails here, before any model work
+        get_template(template).check_tokenizer(tokenizer)  # so does one the tokenizer cannot carry
 
     def _image(self, item: EvalItem):
         if item.image is None:
