@@ -168,7 +168,7 @@ def test_the_tool_prints_the_plan_and_fails_a_layout_that_does_not_fit(capsys):
 RECIPES = {
     "vicuna7b_stage1": (1, 1), "vicuna7b_stage2": (2, 1), "vicuna13b_stage1": (1, 2), "vicuna13b_stage2": (2, 2),
     "mistral7b_stage1": (1, 1), "mistral7b_stage2": (2, 1), "bunny2m_stage1": (1, 4), "bunny2m_stage2": (2, 4),
-    "highres1152_stage2": (2, 1),
+    "highres1152_stage2": (2, 1), "qwen2_5_7b_stage1": (1, 1), "qwen2_5_7b_stage2": (2, 1),
 }
 
 
@@ -193,7 +193,8 @@ def test_recipes_follow_the_paper_validate_and_fit(name, tmp_path):
     assert plan_memory(config, Cluster(nodes=nodes)).fits
 
 
-LAUNCHERS = ["pretrain_7b", "finetune_7b", "pretrain_13b", "finetune_13b", "pretrain_2m", "finetune_2m"]
+LAUNCHERS = ["pretrain_7b", "finetune_7b", "pretrain_13b", "finetune_13b", "pretrain_2m", "finetune_2m",
+             "pretrain_qwen7b", "finetune_qwen7b"]
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
