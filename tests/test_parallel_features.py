@@ -86,24 +86,26 @@ EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def test_tied_embeddings_through_pipeline_and_distributed_optimizer(tmp_path):
-    """TP=2 x PP=2 with the distributed optimizer: the first stage's embedding and the last stage's copy
-    of it as LM head (megatron's shared-embedding group sums their gradients) follow the single-process
-    run for 20 steps; the copies stay bitwise equal after every step, after reloading the checkpoint at
-    TP=2 x PP=2 and after resharding it to TP=1 x PP=1, which evaluates the same."""
+    """TP=2 (sequence parallel) x PP=2 with the distributed optimizer: the first stage's embedding and the
+    last stage's copy of it as LM head (megatron's shared-embedding group sums their gradients) follow the
+    single-process run for 20 steps, and so do the q/k norms (each TP rank holds half the heads: their
+    gradients are summed over TP); the copies stay bitwise equal after every step, after reloading the
+    checkpoint at the same layout and after resharding it to TP=1 x PP=1, which evaluates the same."""
     # Adam's first steps move a weight by ~lr * g / (|g| + eps): with eps far below the noise of summing
     # gradients in another order (~1e-10 here), a near-zero gradient's step is that noise amplified.
     case = GPTCase(llm=TIED_QWEN, steps=20, adam_eps=1e-6)
     reference = run_ranks(train_case, 1, case)[0]
     assert OUTPUT not in reference["initial"]  # one stage: the LM head is the embedding itself
     initial = dict(reference["initial"], **{OUTPUT: reference["initial"][EMBEDDING]})
-    parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, distributed_optimizer=True)
+    parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True,
+                              distributed_optimizer=True)
     directory = str(tmp_path / "ckpt")
     results = run_ranks(train_case, 4, dataclasses.replace(case, parallel=parallel), initial, save_to=directory)
 
     expected, got = _mean_losses([reference]), _mean_losses(results)
     assert sorted(got) == sorted(expected) and len(got) == 20 * 4
     worst = max(abs(got[key] - value) for key, value in expected.items())
-    print(f"tied TP=2 x PP=2 vs TP=PP=1 over 20 steps: worst per-micro-batch loss difference {worst:.2e}")
+    print(f"tied TP=2 (SP) x PP=2 vs TP=PP=1 over 20 steps: worst per-micro-batch loss difference {worst:.2e}")
     assert worst <= 1e-5
     moved = [n for n, p in reference["params"][-1].items() if torch.equal(p, reference["initial"][n])]
     assert moved == []  # every parameter, the q/k norms and biases included, trains
