@@ -124,7 +124,7 @@ def hf_text_type(llm: LLMConfig) -> str:
     return "mistral" if llm.sliding_window is not None else "llama"
 
 
-def bos_eos(llm: LLMConfig) -> Tuple[Optional[int], int]:
+def bos_eos(llm: LLMConfig) -> Tuple[int, int]:
     """The BOS and EOS ids an export writes: LLaMA's <s> / </s>; Qwen's <|endoftext|> / <|im_end|>."""
     return (QWEN_ENDOFTEXT, QWEN_IM_END) if hf_text_type(llm) in QWEN_TYPES else (1, 2)
 
