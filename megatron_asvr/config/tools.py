@@ -123,7 +123,7 @@ class ImportSources:
     """What tools/convert.py import reads (``convert.hf_import``)."""
 
     llava: Optional[Path] = None  # a LlavaForConditionalGeneration directory
-    llm: Optional[Path] = None  # a LlamaForCausalLM / MistralForCausalLM directory
+    llm: Optional[Path] = None  # a Llama / Mistral / Qwen2 / Qwen3 causal LM directory
     vision: Optional[Path] = None  # a SigLIP / CLIP (vision) model directory
     visual_head: Optional[Path] = None  # an exported visual head directory
     tokenizer: Optional[Path] = None  # default: the llava or llm directory, when it has tokenizer files
@@ -144,7 +144,7 @@ class ExportOptions:
     dtype: ExportPrecision = "bf16"
     max_shard_bytes: Positive = 2 * 1024**3
     progress: bool = True
-    llm_only: bool = False  # the language model alone, as an HF LlamaForCausalLM / MistralForCausalLM
+    llm_only: bool = False  # the language model alone, as an HF causal LM (Llama / Mistral / Qwen2 / Qwen3)
 
 
 @section
