@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
-from megatron_asvr.convert.hf_config import llava_from_hf, llava_to_hf, llm_from_hf
+from megatron_asvr.convert.hf_config import llava_from_hf, llava_to_hf, llm_from_hf, llm_to_hf
 from megatron_asvr.convert.hf_llava import HUB, detect_prefixes, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import write_tokenizer
@@ -150,13 +150,51 @@ def test_unsupported_llava_configs_are_named(change, message):
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling 'linear' is not supported"),
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    ({"head_dim": 128}, "head_dim=128 is not hidden_size / num_attention_heads"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"model_type": "qwen3", "attention_bias": True}, "attention_bias=True is not supported"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096},
+     "use_sliding_window=true .* is not supported for qwen2"),
+    ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]},
+     "use_sliding_window=true .* is not supported for qwen3"),
 ])
 def test_unsupported_llm_configs_are_named(change, message):
     text = dict(_llava_config()["text_config"], **change)
     with pytest.raises(ConfigError, match=f"x/config.json: {message}"):
         llm_from_hf(text, "x/config.json")
+
+
+def test_qwen_configs_read_and_write_back():
+    """Qwen2: q/k/v biases, a sliding_window value that use_sliding_window=false switches off; Qwen3: q/k
+    norms, a head_dim other than hidden / heads; both tied. Written back, they read the same."""
+    base = dict(_llava_config()["text_config"], tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        del base[key]
+    qwen2 = llm_from_hf(dict(base, model_type="qwen2", use_sliding_window=False, sliding_window=131072), "q2")
+    assert (qwen2.qkv_bias, qwen2.qk_norm, qwen2.sliding_window, qwen2.untie_embeddings) == (True, False, None, False)
+    assert (qwen2.head_dim, qwen2.kv_channels, qwen2.rotary_base) == (None, 8, 1e6)
+    qwen3 = llm_from_hf(dict(base, model_type="qwen3", head_dim=24), "q3")
+    assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.kv_channels) == (False, True, 24, 24)
+    for llm, model_type in ((qwen2, "qwen2"), (qwen3, "qwen3")):
+        text = llm_to_hf(llm, HFVocab(None, None, 320), "float32")
+        assert (text["model_type"], text["tie_word_embeddings"], text["eos_token_id"]) == (model_type, True, 151645)
+        assert llm_from_hf(text, "back") == llm
+    with pytest.raises(ConfigError, match="llm.qk_norm with llm.qkv_bias has no HF model type"):
+        llm_to_hf(dataclasses.replace(qwen3, qkv_bias=True), HFVocab(None, None, 300), "float32")
+
+
+def test_tied_llm_rules_read_the_embedding_for_the_lm_head():
+    tied = dataclasses.replace(GQA, untie_embeddings=False, qkv_bias=True)
+    rules = {rule.ours: rule for rule in llm_rules(tied, appended_vocab(300), tensor_parallel=1)}
+    head = rules["language_model.output_layer.weight"]
+    assert head.hf == ("model.embed_tokens.weight",) and head.import_only
+    bias = rules["language_model.decoder.layers.1.self_attention.linear_qkv.bias"]
+    q, k, v = torch.arange(64.0), 100 + torch.arange(16.0), 200 + torch.arange(16.0)
+    fused = bias.to_ours([q, k, v])  # per KV group: its 4 q heads (32 rows), its k head (8), its v head (8)
+    assert fused.shape == (96,) and torch.equal(fused[32:40], k[:8]) and torch.equal(fused[40:48], v[:8])
+    assert all(torch.equal(a, b) for a, b in zip(bias.to_hf(fused), (q, k, v), strict=True))
+    with pytest.raises(KeyError, match="unexpected tensor model.layers.0.self_attn.q_norm.weight"):
+        check_hf_keys(list(rules.values()), [n for r in rules.values() for n in r.hf]
+                      + ["model.layers.0.self_attn.q_norm.weight"], "x")
 
 
 def test_shards_stream_to_an_index_and_read_back(tmp_path):

@@ -1,6 +1,7 @@
 """Image preprocessing against HF's SigLIP / LLaVA-NeXT processors (PIL backend) and by hand.
 
-Both sides resize with PIL bicubic on uint8 images, so the tolerance is exact:
+Both sides resize with the same PIL filter (bicubic for SigLIP, bilinear for SigLIP2) on
+uint8 images and normalise with the same float32 arithmetic, so the tolerance is exact:
 every comparison asserts a max abs difference of 0.0.
 """
 
@@ -51,6 +52,15 @@ def siglip_processor():
 
 
 @pytest.fixture(scope="module")
+def siglip2_processor():
+    # The preprocessor_config.json of a SigLIP2 FixRes checkpoint (google/siglip2-so400m-patch14-384):
+    # SigLIP's processor with bilinear resampling.
+    return SiglipImageProcessorPil(
+        size={"height": 384, "width": 384}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+@pytest.fixture(scope="module")
 def llava_next_processor():
     return LlavaNextImageProcessorPil(
         size={"height": 384, "width": 384},
@@ -79,6 +89,22 @@ def test_resize_mode_matches_siglip_processor(siglip_processor, size):
     ours = images.preprocess_image(image, "resize")
     assert ours.shape == (1, 3, 384, 384)
     assert _max_abs_diff(ours[0], _hf_pixels(siglip_processor, image)) == 0.0
+
+
+@pytest.mark.parametrize("size", SIZES[1:4])
+def test_siglip2_resamples_bilinearly_as_its_processor(siglip_processor, siglip2_processor, size):
+    """SigLIP2 FixRes (vision.resample=bilinear) in resize and pad modes: exact against its processor,
+    and not what SigLIP's bicubic filter gives."""
+    from megatron_asvr.config import VISION_PRESETS
+
+    image = _random_image(*size, seed=size[0] * 7)
+    resample = VISION_PRESETS["siglip2_so400m_384"].resample
+    ours = images.preprocess_image(image, "resize", resample=resample)[0]
+    assert _max_abs_diff(ours, _hf_pixels(siglip2_processor, image)) == 0.0
+    assert _max_abs_diff(ours, _hf_pixels(siglip_processor, image)) > 0.1
+    padded = images.preprocess_image(image, "pad", resample=resample)[0]
+    background = tuple(int(x * 255) for x in siglip2_processor.image_mean)
+    assert _max_abs_diff(padded, _hf_pixels(siglip2_processor, _llava_expand2square(image, background))) == 0.0
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -28,8 +28,13 @@ VICUNA_13B = ModelConfig(
 MISTRAL_CLIP_DUAL = ModelConfig(  # GQA, CLIP (class token, pre-norm), two visual heads
     vision=VISION_PRESETS["clip_vit_l_336"], llm=LLM_PRESETS["mistral_7b"], asvr=ASVRConfig(supervision="dual"),
 )
+# Qwen3-4B (q/k norms, 32 x 128 q width != hidden 2560, tied embeddings: the last stage's LM-head copy), with
+# Qwen2's q/k/v biases on top
+QWEN_TIED = ModelConfig(vision=VISION_PRESETS["siglip_so400m_384"],
+                        llm=dataclasses.replace(LLM_PRESETS["qwen3_4b"], qkv_bias=True))
 LAYOUTS = [(VICUNA_13B, ParallelConfig(tensor_parallel=2, pipeline_parallel=2)),
-           (MISTRAL_CLIP_DUAL, ParallelConfig(tensor_parallel=4))]
+           (MISTRAL_CLIP_DUAL, ParallelConfig(tensor_parallel=4)),
+           (QWEN_TIED, ParallelConfig(tensor_parallel=2, pipeline_parallel=2))]
 
 
 def _part(name: str) -> str:
@@ -64,7 +69,8 @@ def _count_on_meta(model: ModelConfig, parallel: ParallelConfig):
     return pp_rank, counts
 
 
-@pytest.mark.parametrize("model, parallel", LAYOUTS, ids=["vicuna13b_tp2_pp2_21_19", "mistral_clip_dual_tp4"])
+@pytest.mark.parametrize("model, parallel", LAYOUTS, ids=["vicuna13b_tp2_pp2_21_19", "mistral_clip_dual_tp4",
+                                                                  "qwen3_4b_bias_tied_tp2_pp2"])
 def test_parameter_counts_equal_the_meta_built_stages(model, parallel):
     planned = stage_parameters(model, parallel.tensor_parallel, parallel.pipeline_parallel)
     for stage, counts in run_ranks(_count_on_meta, 4, model, parallel):
@@ -162,7 +168,7 @@ def test_the_tool_prints_the_plan_and_fails_a_layout_that_does_not_fit(capsys):
 RECIPES = {
     "vicuna7b_stage1": (1, 1), "vicuna7b_stage2": (2, 1), "vicuna13b_stage1": (1, 2), "vicuna13b_stage2": (2, 2),
     "mistral7b_stage1": (1, 1), "mistral7b_stage2": (2, 1), "bunny2m_stage1": (1, 4), "bunny2m_stage2": (2, 4),
-    "highres1152_stage2": (2, 1),
+    "highres1152_stage2": (2, 1), "qwen2_5_7b_stage1": (1, 1), "qwen2_5_7b_stage2": (2, 1),
 }
 
 
@@ -187,7 +193,8 @@ def test_recipes_follow_the_paper_validate_and_fit(name, tmp_path):
     assert plan_memory(config, Cluster(nodes=nodes)).fits
 
 
-LAUNCHERS = ["pretrain_7b", "finetune_7b", "pretrain_13b", "finetune_13b", "pretrain_2m", "finetune_2m"]
+LAUNCHERS = ["pretrain_7b", "finetune_7b", "pretrain_13b", "finetune_13b", "pretrain_2m", "finetune_2m",
+             "pretrain_qwen7b", "finetune_qwen7b"]
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

@@ -1,14 +1,15 @@
-"""bf16 with fp32 main params, dropout through the RNG tracker, and dist checkpoints across layouts."""
+"""bf16 with fp32 main params, dropout through the RNG tracker, dist checkpoints across layouts, and a
+Qwen-shaped decoder with tied embeddings through pipeline parallelism and the distributed optimizer."""
 
 import dataclasses
 
 import torch
 
-from tests.support.harness import evaluate_checkpoint, train_case
+from tests.support.harness import evaluate_checkpoint, load_checkpoint, train_case
 from tests.support.multirank import run_ranks
 from tests.support.tiny_gpt import TINY_LLAMA, GPTCase
 from tests.support.tiny_gpt import mean_losses as _mean_losses
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import LLMConfig, ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
 
@@ -75,3 +76,53 @@ def test_dist_checkpoint_loads_at_other_layouts(tmp_path):
         assert sorted(got) == sorted(expected)
         for key, value in expected.items():
             assert abs(got[key] - value) <= 1e-6, (parallel, key, got[key], value)
+
+
+# Qwen's variations all at once: tied embeddings, q/k/v biases, per-head q/k norms, head_dim 24 != 64 / 4.
+TIED_QWEN = LLMConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=24,
+                      ffn_hidden_size=96, vocab_size=256, max_sequence_length=32, rotary_base=1e6, norm_eps=1e-6,
+                      untie_embeddings=False, qkv_bias=True, qk_norm=True)
+EMBEDDING, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
+
+
+def test_tied_embeddings_through_pipeline_and_distributed_optimizer(tmp_path):
+    """TP=2 (sequence parallel) x PP=2 with the distributed optimizer: the first stage's embedding and the
+    last stage's copy of it as LM head (megatron's shared-embedding group sums their gradients) follow the
+    single-process run for 20 steps, and so do the q/k norms (each TP rank holds half the heads: their
+    gradients are summed over TP); the copies stay bitwise equal after every step, after reloading the
+    checkpoint at the same layout and after resharding it to TP=1 x PP=1, which evaluates the same."""
+    # Adam's first steps move a weight by ~lr * g / (|g| + eps): with eps far below the noise of summing
+    # gradients in another order (~1e-10 here), a near-zero gradient's step is that noise amplified.
+    case = GPTCase(llm=TIED_QWEN, steps=20, adam_eps=1e-6)
+    reference = run_ranks(train_case, 1, case)[0]
+    assert OUTPUT not in reference["initial"]  # one stage: the LM head is the embedding itself
+    initial = dict(reference["initial"], **{OUTPUT: reference["initial"][EMBEDDING]})
+    parallel = ParallelConfig(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True,
+                              distributed_optimizer=True)
+    directory = str(tmp_path / "ckpt")
+    results = run_ranks(train_case, 4, dataclasses.replace(case, parallel=parallel), initial, save_to=directory)
+
+    expected, got = _mean_losses([reference]), _mean_losses(results)
+    assert sorted(got) == sorted(expected) and len(got) == 20 * 4
+    worst = max(abs(got[key] - value) for key, value in expected.items())
+    print(f"tied TP=2 (SP) x PP=2 vs TP=PP=1 over 20 steps: worst per-micro-batch loss difference {worst:.2e}")
+    assert worst <= 1e-5
+    moved = [n for n, p in reference["params"][-1].items() if torch.equal(p, reference["initial"][n])]
+    assert moved == []  # every parameter, the q/k norms and biases included, trains
+    for step in range(20):
+        params = merge_ranks([r["params"][step] for r in results])
+        assert torch.equal(params.pop(OUTPUT), params[EMBEDDING]), step
+        for name, value in reference["params"][step].items():
+            assert (params[name] - value).abs().max().item() <= 1e-5, (step, name)
+
+    saved_eval = _mean_losses(results, key="eval")
+    for world_size, layout in [(4, parallel), (1, ParallelConfig())]:
+        loaded = run_ranks(load_checkpoint, world_size, dataclasses.replace(case, parallel=layout), directory)
+        params = merge_ranks([r["params"] for r in loaded])
+        if OUTPUT in params:
+            assert torch.equal(params.pop(OUTPUT), params[EMBEDDING])
+        trained = merge_ranks([r["params"][-1] for r in results])
+        assert all(torch.equal(params[name], trained[name]) for name in params)
+        got = _mean_losses([{"eval": r["eval"]} for r in loaded], key="eval")
+        assert sorted(got) == sorted(saved_eval)
+        assert all(abs(got[k] - v) <= 1e-6 for k, v in saved_eval.items()), (layout, got, saved_eval)

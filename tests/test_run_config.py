@@ -72,7 +72,7 @@ def test_recipes_in_configs_load_and_name_unknown_keys(tmp_path):
         load_run_config(recipe)
 
 
-def test_targets_must_come_from_the_runs_tokenizer_and_image_mode(tmp_path):
+def test_targets_must_come_from_the_runs_tokenizer_image_mode_and_resize_filter(tmp_path):
     from megatron_asvr.data.targets import PLAN_FILE, VisualTargets, file_sha256
 
     tokenizer = tmp_path / "tokenizer"
@@ -93,6 +93,14 @@ def test_targets_must_come_from_the_runs_tokenizer_and_image_mode(tmp_path):
     assert str(info.value) == (
         f"{targets / PLAN_FILE} holds codes of 'resize' images but data.image_mode='pad': "
         "set data.image_mode=resize or recompute the targets with --mode pad")
+    with pytest.raises(ConfigError) as info:  # a plan without "resample" was made bicubic
+        VisualTargets.check_made_with(str(targets), *files, "resize", "bilinear")
+    assert str(info.value) == (
+        f"{targets / PLAN_FILE} holds codes of bicubic-resized images but model.vision.resample='bilinear': "
+        "recompute the targets with --resample bilinear")
+    (targets / PLAN_FILE).write_text(json.dumps({"mode": "resize", "resample": "bilinear", "tokenizer": record}))
+    VisualTargets.check_made_with(str(targets), *files, "resize", "bilinear")
+    (targets / PLAN_FILE).write_text(json.dumps({"mode": "resize", "tokenizer": record}))
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"weights of another tokenizer")
     with pytest.raises(ConfigError) as info:

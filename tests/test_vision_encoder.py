@@ -121,3 +121,47 @@ def test_patch_embedding_matmul_equals_the_strided_convolution(height, width, pa
     got = conv(images)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+
+
+def test_siglip2_fixres_checkpoint_imports_with_its_bilinear_resampling(tmp_path):
+    """A SigLIP2 FixRes checkpoint is an HF SiglipModel (model_type "siglip", a Gemma-vocabulary text tower)
+    whose processor resamples bilinearly: the import plan takes the vision tower and the filter, ignores the
+    text tower, and our encoder's features equal transformers' hidden_states[-2]."""
+    import json
+
+    import transformers
+
+    from megatron_asvr.config import ModelConfig
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import plan_import
+    from megatron_asvr.convert.safetensors_io import SafetensorsDir
+
+    vision = SIGLIP
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
+                           num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
+                           image_size=vision.image_size, patch_size=vision.patch_size, layer_norm_eps=vision.norm_eps))
+    torch.manual_seed(4)
+    hf = transformers.SiglipModel(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "resample": 2, "size": {"height": 34, "width": 34}}))
+
+    plan = plan_import(ImportSources(vision=tmp_path), ModelConfig(), tensor_parallel=1)
+    assert plan.model.vision.resample == "bilinear" and plan.model.vision.num_layers == vision.num_layers
+    assert any(key.startswith("text_model.") for key in plan.skipped)
+    images = torch.randn(2, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=images, output_hidden_states=True).hidden_states[-2]
+    stored = SafetensorsDir(tmp_path)
+    state = {key: stored.get(key) for key in stored.keys() if key.startswith("vision_model.")}  # noqa: SIM118
+    features, _, _ = run_ranks(_our_features, 1, plan.model.vision, 1, state, images)[0]
+    diff = (features - expected).abs().max().item()
+    print(f"SigLIP2 FixRes (SiglipModel) features: max abs difference vs transformers {diff:.2e}")
+    assert diff <= TOL

@@ -1,6 +1,6 @@
 """Convert between HF checkpoints and ours, at any TP / PP (run every rank under torchrun).
 
-Import a whole llava-hf model, or Vicuna / Mistral plus SigLIP for stage 1:
+Import a whole llava-hf model, or Vicuna / Mistral / Qwen2.5 / Qwen3 plus SigLIP / SigLIP2 for stage 1:
 
     torchrun --nproc_per_node 4 tools/convert.py import --llava llava-1.5-7b-hf --out ckpt/llava7b --tp 2 --pp 2
     torchrun --nproc_per_node 2 tools/convert.py import --llm vicuna-7b-v1.5 --vision siglip-so400m-patch14-384 \\
@@ -11,8 +11,8 @@ Export one of our checkpoints (a training iter_* directory works) to llava-hf:
     torchrun --nproc_per_node 4 tools/convert.py export --checkpoint runs/7b/iter_0005000 --out hf/asvr-7b \\
         --tp 2 --pp 2 --vision-tower-from siglip-so400m-patch14-384 --tokenizer vicuna-7b-v1.5 --verify
 
---llm-only exports the language model alone as an HF LlamaForCausalLM, with the text tokenizer
-(after a text-only stage, as launch/demo_llm.sh builds the demo's LLM); import it with --llm.
+--llm-only exports the language model alone as an HF causal LM (Llama / Mistral / Qwen2 / Qwen3), with the
+text tokenizer (after a text-only stage, as launch/demo_llm.sh builds the demo's LLM); import it with --llm.
 
 --verify runs both sides on the same random image and prompt and prints the max
 absolute logit difference (it needs transformers; the HF model is loaded on one
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--no-progress", action="store_true")
         if name == "import":
             sub.add_argument("--llava", type=Path, help="an HF LlavaForConditionalGeneration directory")
-            sub.add_argument("--llm", type=Path, help="an HF LlamaForCausalLM / MistralForCausalLM directory")
+            sub.add_argument("--llm", type=Path, help="an HF Llama / Mistral / Qwen2 / Qwen3 causal LM directory")
             sub.add_argument("--vision", type=Path, help="an HF SigLIP / CLIP (vision) model directory")
             sub.add_argument("--visual-head", type=Path, help="an exported visual head directory")
             sub.add_argument("--config", type=Path, help="YAML recipe for the ASVR settings (model.asvr, ...)")
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              help="the original HF vision weights: export the complete tower (else truncated)")
             sub.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
             sub.add_argument("--llm-only", action="store_true",
-                             help="the language model alone, as an HF LlamaForCausalLM (import it with --llm)")
+                             help="the language model alone, as an HF causal LM (import it with --llm)")
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import get_args
 
 from megatron_asvr import runtime
-from megatron_asvr.config import ASVRConfig, ConfigError, ParallelConfig, TransformerImpl
+from megatron_asvr.config import ASVRConfig, ConfigError, ParallelConfig, Resample, TransformerImpl
 from megatron_asvr.config.schema import Supervision
 from megatron_asvr.config.tools import TargetsConfig
 from megatron_asvr.data.images import MODES
@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-checkpoint", required=True, type=Path, help="its checkpoint ({'state_dict': ...})")
     p.add_argument("--output", required=True, type=Path, help="targets directory (resumed if it holds this run)")
     p.add_argument("--mode", choices=MODES, default="pad", help="image preprocessing of the training stage")
+    p.add_argument("--resample", choices=get_args(Resample), default="bicubic",
+                   help="the resize filter of the model's encoder (model.vision.resample: bilinear for SigLIP2)")
     p.add_argument("--supervision", choices=get_args(Supervision), default="semantic",
                    help="which branch's codes, as model.asvr.supervision (dual: both)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 reproduces the released codes")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
         config = TargetsConfig(
             data=tuple(args.data), image_root=args.image_root, output_dir=args.output,
             tokenizer_config=args.tokenizer_config, tokenizer_checkpoint=args.tokenizer_checkpoint,
-            mode=args.mode, branches=tuple(ASVRConfig(supervision=args.supervision).branches),
+            mode=args.mode, resample=args.resample, branches=tuple(ASVRConfig(supervision=args.supervision).branches),
             precision=args.precision, backend=args.backend, batch_images=args.batch_images, workers=args.workers,
             max_images=args.max_images, max_missing_fraction=args.max_missing_fraction, progress=args.progress,
         )

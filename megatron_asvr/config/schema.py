@@ -21,6 +21,7 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 TransformerImpl = Literal["auto", "transformer_engine", "local"]
 ImageMode = Literal["resize", "pad", "anyres"]  # stage 1 | stage 2 | high resolution (data/images.py)
+Resample = Literal["bicubic", "bilinear"]  # the image resize filter: SigLIP / CLIP | SigLIP2 (data/images.py)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
 Recompute = Literal["none", "selective", "full"]  # LLM layers; the head recomputes with full
 NanPolicy = Literal["skip", "stop"]  # skip: up to train.max_consecutive_skips bad steps
@@ -95,19 +96,24 @@ class ParallelConfig:
 
 @section
 class LLMConfig:
-    """A LLaMA-architecture decoder (RMSNorm, SwiGLU, RoPE, optional GQA and sliding window)."""
+    """A LLaMA-architecture decoder (RMSNorm, SwiGLU, RoPE, optional GQA and sliding window), with Qwen's
+    variations: q/k/v biases (Qwen2 / Qwen2.5), a per-head RMSNorm on q and k before RoPE (Qwen3), a head
+    width other than hidden / heads (Qwen3) and tied input / output embeddings (the small sizes)."""
 
     num_layers: Positive = 4
     hidden_size: Positive = 64
     num_attention_heads: Positive = 4
     num_query_groups: Optional[Positive] = None  # KV heads; None = multi-head attention
+    head_dim: Optional[Positive] = None  # per-head width (megatron kv_channels); None = hidden / heads
     ffn_hidden_size: Positive = 176
     vocab_size: Positive = 256
     max_sequence_length: Positive = 128
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
     sliding_window: Optional[Positive] = None  # Mistral: attend to the previous N positions
-    untie_embeddings: bool = True
+    untie_embeddings: bool = True  # false: the LM head is the input embedding (HF tie_word_embeddings)
+    qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2 / Qwen2.5; not on o_proj)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3; megatron q/k_layernorm)
     init_method_std: float = 0.02
     hidden_dropout: Fraction = 0.0
     attention_dropout: Fraction = 0.0
@@ -120,9 +126,16 @@ class LLMConfig:
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    @property
+    def kv_channels(self) -> int:
+        """The width of one attention head (q, k and v alike)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
     def validate(self, parallel: ParallelConfig) -> None:
         heads = self.num_attention_heads
-        _require_divisible("llm.hidden_size", self.hidden_size, "llm.num_attention_heads", heads)
+        if self.head_dim is None:
+            _require_divisible("llm.hidden_size", self.hidden_size, "llm.num_attention_heads", heads,
+                               ": or set llm.head_dim")
         _require_divisible("llm.num_attention_heads", heads, "llm.num_query_groups", self.kv_heads)
         _split_by_tp("llm", parallel.tensor_parallel, num_attention_heads=heads, num_query_groups=self.kv_heads,
                      ffn_hidden_size=self.ffn_hidden_size)
@@ -168,6 +181,38 @@ LLM_PRESETS: Dict[str, LLMConfig] = {
         ffn_hidden_size=14336, vocab_size=32000, max_sequence_length=32768, norm_eps=1e-5,
         sliding_window=4096,
     ),
+    **{
+        # Qwen2.5 (HF Qwen2ForCausalLM configs): q/k/v biases, RoPE base 1e6; the small sizes tie the LM head
+        # to the embedding. vocab_size = the checkpoint's rows, past the tokenizer's ~151665 tokens.
+        f"qwen2_5_{size}": LLMConfig(
+            num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=kv,
+            ffn_hidden_size=ffn, vocab_size=vocab, max_sequence_length=32768, rotary_base=1e6, norm_eps=eps,
+            untie_embeddings=not tied, qkv_bias=True,
+        )
+        for size, layers, hidden, heads, kv, ffn, vocab, tied, eps in (
+            ("0_5b", 24, 896, 14, 2, 4864, 151936, True, 1e-6),
+            ("1_5b", 28, 1536, 12, 2, 8960, 151936, True, 1e-6),
+            ("3b", 36, 2048, 16, 2, 11008, 151936, True, 1e-6),
+            ("7b", 28, 3584, 28, 4, 18944, 152064, False, 1e-6),
+            ("14b", 48, 5120, 40, 8, 13824, 152064, False, 1e-5),
+        )
+    },
+    **{
+        # Qwen3 (HF Qwen3ForCausalLM configs): per-head q/k RMSNorm, head_dim 128 (the 4B's 32 x 128 q width
+        # is not its hidden 2560), no biases; 0.6B / 1.7B / 4B tie the LM head to the embedding.
+        f"qwen3_{size}": LLMConfig(
+            num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=8, head_dim=128,
+            ffn_hidden_size=ffn, vocab_size=151936, max_sequence_length=40960, rotary_base=1e6, norm_eps=1e-6,
+            untie_embeddings=not tied, qk_norm=True,
+        )
+        for size, layers, hidden, heads, ffn, tied in (
+            ("0_6b", 28, 1024, 16, 3072, True),
+            ("1_7b", 28, 2048, 16, 6144, True),
+            ("4b", 36, 2560, 32, 9728, True),
+            ("8b", 36, 4096, 32, 12288, False),
+            ("14b", 40, 5120, 40, 17408, False),
+        )
+    },
     "tiny": LLMConfig(),
 }
 
@@ -187,6 +232,8 @@ class VisionConfig:
     norm_eps: float = 1e-6
     feature_layer: int = -2  # as HF hidden_states[feature_layer]; later layers are not built
     frozen: bool = True
+    # how images are resized for this encoder, as its HF image processor does (training, targets, evaluation)
+    resample: Resample = "bicubic"
 
     @property
     def grid(self) -> int:
@@ -215,6 +262,12 @@ VISION_PRESETS: Dict[str, VisionConfig] = {
     "siglip_so400m_384": VisionConfig(
         family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
         patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2,
+    ),
+    # SigLIP2-SO400M-patch14-384 (FixRes): SigLIP's architecture and HF classes, new weights, and its
+    # processor resizes bilinearly (preprocessor_config.json "resample": 2; SigLIP's is 3, bicubic).
+    "siglip2_so400m_384": VisionConfig(
+        family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
+        patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2, resample="bilinear",
     ),
     # CLIP-ViT-L/14@336 (LLaVA-1.5's encoder): 576 patches after dropping the class token.
     "clip_vit_l_336": VisionConfig(

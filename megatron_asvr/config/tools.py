@@ -25,6 +25,7 @@ from megatron_asvr.config.schema import (
     ImageMode,
     ParallelConfig,
     Positive,
+    Resample,
     TransformerImpl,
 )
 
@@ -76,6 +77,7 @@ class TargetsConfig:
     tokenizer_config: Path  # DualToken-format config.json
     tokenizer_checkpoint: Path
     mode: ImageMode = "pad"  # as the training stage reads the images
+    resample: Resample = "bicubic"  # the resize filter of the model's encoder (model.vision.resample)
     branches: Tuple[Branch, ...] = ("semantic",)  # "semantic", "appearance" or both ("dual")
     precision: CodePrecision = "bf16"
     backend: TransformerImpl = "auto"  # encoder layers: Transformer Engine on GPU when installed, else local
@@ -121,7 +123,7 @@ class ImportSources:
     """What tools/convert.py import reads (``convert.hf_import``)."""
 
     llava: Optional[Path] = None  # a LlavaForConditionalGeneration directory
-    llm: Optional[Path] = None  # a LlamaForCausalLM / MistralForCausalLM directory
+    llm: Optional[Path] = None  # a Llama / Mistral / Qwen2 / Qwen3 causal LM directory
     vision: Optional[Path] = None  # a SigLIP / CLIP (vision) model directory
     visual_head: Optional[Path] = None  # an exported visual head directory
     tokenizer: Optional[Path] = None  # default: the llava or llm directory, when it has tokenizer files
@@ -142,7 +144,7 @@ class ExportOptions:
     dtype: ExportPrecision = "bf16"
     max_shard_bytes: Positive = 2 * 1024**3
     progress: bool = True
-    llm_only: bool = False  # the language model alone, as an HF LlamaForCausalLM / MistralForCausalLM
+    llm_only: bool = False  # the language model alone, as an HF causal LM (Llama / Mistral / Qwen2 / Qwen3)
 
 
 @section

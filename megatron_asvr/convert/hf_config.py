@@ -1,11 +1,12 @@
-"""HF config.json files (LLaMA / Mistral, LLaVA) <-> our ModelConfig; the vision part is
-``model.hf_vision`` (SigLIP / CLIP).
+"""HF config.json files (LLaMA / Mistral / Qwen2 / Qwen2.5 / Qwen3, LLaVA) <-> our ModelConfig; the vision
+part is ``model.hf_vision`` (SigLIP / CLIP).
 
 Reading accepts what transformers 4.x and 5.x write (``rope_theta`` or
-``rope_parameters``); anything our model cannot compute exactly (biases, other
-activations, RoPE scaling, tied embeddings, a head_dim other than
-hidden / heads) is a ``ConfigError`` naming the file and the key. Writing
-produces the classic llava-hf fields, which both transformers generations read.
+``rope_parameters``); anything our model cannot compute exactly (an output-projection
+or MLP bias, other activations, RoPE scaling, sliding-window layers in a Qwen model)
+is a ``ConfigError`` naming the file and the key. Qwen2's q/k/v biases, Qwen3's q/k
+norms, an explicit ``head_dim`` and tied embeddings are read. Writing produces the
+classic llava-hf fields, which both transformers generations read.
 """
 
 import dataclasses
@@ -17,17 +18,42 @@ from megatron_asvr.config import ConfigError, LLMConfig, ModelConfig, VisionConf
 from megatron_asvr.convert.hf_vocab import HFVocab
 from megatron_asvr.model.hf_vision import check_field, required_field, vision_from_hf, vision_to_hf
 
-TEXT_TYPES = ("llama", "mistral")
+TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+QWEN_TYPES = ("qwen2", "qwen3")
+# Qwen's tokenizers (Qwen2 to Qwen3 alike): <|endoftext|> (pretraining's end of document, no BOS is
+# prepended) and <|im_end|> (ChatML's end of turn, where generation stops).
+QWEN_ENDOFTEXT, QWEN_IM_END = 151643, 151645
 # LLaVA's feature selection per encoder: SigLIP has no class token, CLIP's is dropped.
 SELECT_STRATEGY = {"siglip": "full", "clip": "default"}
 
 
-def read_config(directory) -> Dict[str, Any]:
-    path = Path(directory) / "config.json"
+# an HF image processor's "resample" (PIL's filter numbers) <-> vision.resample
+RESAMPLE_CODES = {"bilinear": 2, "bicubic": 3}
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def read_resample(directory, base: VisionConfig) -> VisionConfig:
+    """``base`` with the resize filter of the image processor saved beside an HF vision model (SigLIP2's
+    is bilinear); ``base`` unchanged when the directory has no processor config."""
+    path = Path(directory) / PROCESSOR_CONFIG
+    if not path.is_file():
+        return base
+    code = read_config_file(path).get("resample", RESAMPLE_CODES["bicubic"])
+    names = {number: name for name, number in RESAMPLE_CODES.items()}
+    if code not in names:
+        raise ConfigError(f"{path}: resample={code!r} is not supported (supported: {names})")
+    return dataclasses.replace(base, resample=names[code])
+
+
+def read_config_file(path: Path) -> Dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the HF config: {err}") from err
+
+
+def read_config(directory) -> Dict[str, Any]:
+    return read_config_file(Path(directory) / "config.json")
 
 
 def _rope_theta(text: dict, where: str) -> float:
@@ -39,61 +65,104 @@ def _rope_theta(text: dict, where: str) -> float:
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
+def _sliding_window(text: dict, where: str) -> Optional[int]:
+    """Mistral's window; a Qwen config has one only with ``use_sliding_window: true`` (then only on some
+    layers, which we cannot build), whatever its ``sliding_window`` field says."""
+    if text["model_type"] == "mistral":
+        return text.get("sliding_window")
+    layer_types = text.get("layer_types") or []
+    if text.get("use_sliding_window") or "sliding_attention" in layer_types:
+        raise ConfigError(f"{where}: use_sliding_window=true (sliding-window attention on some layers) is not "
+                          f"supported for {text['model_type']}: only full attention on every layer")
+    return None
+
+
 def llm_from_hf(text: dict, where: str, base: Optional[LLMConfig] = None) -> LLMConfig:
-    """LLMConfig of an HF LlamaConfig / MistralConfig dict; other fields from ``base`` (or the defaults)."""
+    """LLMConfig of an HF Llama / Mistral / Qwen2 / Qwen3 config dict; other fields from ``base`` (or the
+    defaults)."""
     check_field(text, "model_type", TEXT_TYPES, None, where)
     check_field(text, "hidden_act", ("silu",), "silu", where)
-    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        check_field(text, flag, (False,), False, where)
+    model_type = text["model_type"]
+    # Qwen2's q/k/v always carry biases (and o_proj none); elsewhere attention_bias would bias o_proj too.
+    if model_type != "qwen2":
+        check_field(text, "attention_bias", (False,), False, where)
+    check_field(text, "mlp_bias", (False,), False, where)
     hidden, heads = required_field(text, "hidden_size", where), required_field(text, "num_attention_heads", where)
-    if text.get("head_dim") not in (None, hidden // heads):
-        raise ConfigError(f"{where}: head_dim={text['head_dim']} is not hidden_size / num_attention_heads")
+    head_dim = text.get("head_dim")
     kv_heads = text.get("num_key_value_heads") or heads
-    window = text.get("sliding_window") if text["model_type"] == "mistral" else None
     return dataclasses.replace(
         base or LLMConfig(),
         num_layers=required_field(text, "num_hidden_layers", where),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=None if kv_heads == heads else kv_heads,
+        head_dim=None if head_dim in (None, hidden // heads) else head_dim,
         ffn_hidden_size=required_field(text, "intermediate_size", where),
         vocab_size=required_field(text, "vocab_size", where),
         max_sequence_length=required_field(text, "max_position_embeddings", where),
         rotary_base=_rope_theta(text, where),
         norm_eps=text.get("rms_norm_eps", 1e-6),
-        sliding_window=window,
-        untie_embeddings=True,
+        sliding_window=_sliding_window(text, where),
+        untie_embeddings=not text.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
     )
 
 
+def hf_text_type(llm: LLMConfig) -> str:
+    """The HF model type that computes ``llm``: qwen3 (q/k norm), qwen2 (q/k/v biases), mistral
+    (a sliding window) or llama."""
+    if llm.qk_norm and llm.qkv_bias:
+        raise ConfigError("llm.qk_norm with llm.qkv_bias has no HF model type (Qwen3 has no biases)")
+    if (llm.qk_norm or llm.qkv_bias) and llm.sliding_window is not None:
+        raise ConfigError("llm.sliding_window with a Qwen model (qk_norm or qkv_bias) has no HF export: Qwen "
+                          "configs slide the window on some layers only")
+    if llm.qk_norm:
+        return "qwen3"
+    if llm.qkv_bias:
+        return "qwen2"
+    return "mistral" if llm.sliding_window is not None else "llama"
+
+
+def bos_eos(llm: LLMConfig) -> Tuple[int, int]:
+    """The BOS and EOS ids an export writes: LLaMA's <s> / </s>; Qwen's <|endoftext|> / <|im_end|>."""
+    return (QWEN_ENDOFTEXT, QWEN_IM_END) if hf_text_type(llm) in QWEN_TYPES else (1, 2)
+
+
 def llm_to_hf(llm: LLMConfig, vocab: HFVocab, dtype: str) -> Dict[str, Any]:
-    """An HF text config: MistralConfig with a sliding window, LlamaConfig otherwise."""
-    if not llm.untie_embeddings:
-        raise ConfigError("llm.untie_embeddings=false: tied embeddings are not supported by the HF export")
-    mistral = llm.sliding_window is not None
+    """An HF text config: Qwen3Config, Qwen2Config, MistralConfig or LlamaConfig (``hf_text_type``)."""
+    model_type = hf_text_type(llm)
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}[model_type]
+    bos, eos = bos_eos(llm)
     config = {
-        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if mistral else "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": llm.hidden_size,
         "intermediate_size": llm.ffn_hidden_size,
         "num_hidden_layers": llm.num_layers,
         "num_attention_heads": llm.num_attention_heads,
         "num_key_value_heads": llm.kv_heads,
-        "head_dim": llm.hidden_size // llm.num_attention_heads,
+        "head_dim": llm.kv_channels,
         "hidden_act": "silu",
         "max_position_embeddings": llm.max_sequence_length,
         "rms_norm_eps": llm.norm_eps,
         "rope_theta": llm.rotary_base,
         "vocab_size": vocab.rows,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": not llm.untie_embeddings,
         "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "pad_token_id": vocab.pad_token_id,
         "torch_dtype": dtype,
     }
-    if mistral:
+    if model_type == "mistral":
         config["sliding_window"] = llm.sliding_window
+    elif model_type in QWEN_TYPES:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=llm.num_layers,
+                      rope_scaling=None)
+        if model_type == "qwen3":
+            config["attention_bias"] = False
     else:
         config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1, rope_scaling=None)
     return config
@@ -135,7 +204,7 @@ def llava_to_hf(
         "multimodal_projector_bias": True,
         "vision_feature_layer": feature_layer,
         "vision_feature_select_strategy": SELECT_STRATEGY[model.vision.family],
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": not model.llm.untie_embeddings,
         "pad_token_id": vocab.pad_token_id,
         "torch_dtype": dtype,
     }

@@ -1,5 +1,5 @@
 """Our checkpoint (saved at any TP / PP) -> an HF LlavaForConditionalGeneration directory, or
-with ``llm_only`` its language model alone as an HF LlamaForCausalLM / MistralForCausalLM
+with ``llm_only`` its language model alone as an HF Llama / Mistral / Qwen2 / Qwen3 causal LM
 (config.json, generation_config.json, safetensors, the tokenizer copied as it is).
 
 Runs on every rank of a TP x PP layout after ``runtime.initialize``. Output::
@@ -31,7 +31,7 @@ from megatron_asvr.checkpoint.directory import TOKENIZER_DIR, resolve
 from megatron_asvr.checkpoint.model import load_model, read_model_config
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_asvr.config.tools import ExportOptions
-from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, llm_to_hf, read_config
+from megatron_asvr.convert.hf_config import bos_eos, check_same_vision, llava_to_hf, llm_to_hf, read_config
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer, write_processor, write_tokenizer
@@ -109,7 +109,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _write_llm_configs(out: Path, model: ModelConfig, vocab: HFVocab, options: ExportOptions,
                        tokenizer: Optional[Path]) -> List[str]:
     _write_json(out / "config.json", llm_to_hf(model.llm, vocab, hf_dtype_name(options.dtype)))
-    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True})
+    bos, eos = bos_eos(model.llm)
+    _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": True})
     return ["config.json", "generation_config.json"] + (copy_tokenizer(tokenizer, out) if tokenizer else [])
 
 
@@ -121,8 +122,9 @@ def _write_configs(out: Path, model: ModelConfig, vocab: HFVocab, complete_tower
     feature_layer = model.vision.feature_layer if complete_tower else -1
     config = llava_to_hf(model, vocab, vision_layers, feature_layer, hf_dtype_name(options.dtype))
     _write_json(out / "config.json", config)
+    bos, eos = bos_eos(model.llm)
     _write_json(out / "generation_config.json", {
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": vocab.pad_token_id, "_from_model_config": True,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": vocab.pad_token_id, "_from_model_config": True,
     })
     written = ["config.json", "generation_config.json"]
     if tokenizer is not None:
@@ -204,6 +206,8 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
             rule = (head if part == "head" else hf_rules).get(name)
             if rule is None:
                 unmatched.append(name)
+                continue
+            if rule.import_only:  # a tied LM head: the embedding's rule writes it
                 continue
             for hf_name, value in zip(rule.hf, rule.to_hf(tensor), strict=True):
                 writers[part].add(hf_name, value.to(dtype))

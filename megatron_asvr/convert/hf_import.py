@@ -1,7 +1,7 @@
 """HF weights -> our checkpoint at any TP / PP. Runs on every rank after ``runtime.initialize``.
 
-Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral
-causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
+Sources: a whole LlavaForConditionalGeneration directory, or a LLaMA / Mistral /
+Qwen causal LM plus a SigLIP / CLIP vision model (the start of stage 1: the projector
 is initialised here), or a vision model alone (an LLM trained from scratch, as
 the demo's: the LLM of the recipe is initialised here too); the visual head is
 initialised here unless an exported one (``convert.visual_head_io``) is given.
@@ -25,8 +25,10 @@ from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
 from megatron_asvr.config.tools import ImportSources
-from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
-from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
+from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config, read_resample
+from megatron_asvr.convert.hf_llava import (
+    VISION_TARGET, detect_prefixes, is_tied_lm_head, llava_rules, unique_prefix,
+)
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
@@ -55,7 +57,7 @@ class ImportPlan:
 
     def add_source(self, reader: SafetensorsDir, rules: List[TensorRule]) -> None:
         for name in hf_names(rules):
-            if name in self.readers:
+            if name in self.readers and self.readers[name] is not reader:  # a tied LM head reads the embedding again
                 raise ConfigError(f"tensor {name} is in both {self.readers[name].directory} and {reader.directory}")
             self.readers[name] = reader
 
@@ -69,12 +71,14 @@ def _default_tokenizer(directory: Path) -> Optional[Path]:
 
 def _plan_llava(directory: Path, base: ModelConfig, tp: int) -> ImportPlan:
     model, vocab = llava_from_hf(read_config(directory), str(directory / "config.json"), base)
+    model = dataclasses.replace(model, vision=read_resample(directory, model.vision))
     reader = SafetensorsDir(directory)
-    prefixes = detect_prefixes(reader.keys(), str(directory))
+    prefixes = detect_prefixes(reader.keys(), str(directory), tied=not model.llm.untie_embeddings)
     rules = llava_rules(model, vocab, tp, prefixes)
 
     def ignored(key: str) -> bool:
-        return key.startswith(prefixes.vision) and is_dropped(key[len(prefixes.vision):], model.vision)
+        return (key.startswith(prefixes.vision) and is_dropped(key[len(prefixes.vision):], model.vision)
+                or is_tied_lm_head(key, model.llm))
 
     skipped = check_hf_keys(rules, reader.keys(), str(directory), ignored)
     plan = ImportPlan(model, vocab, True, rules, skipped, ("visual_heads.",), _default_tokenizer(directory))
@@ -87,6 +91,7 @@ def _plan_separate(llm_dir: Optional[Path], vision_dir: Path, base: ModelConfig,
     llm = base.llm if llm_dir is None else llm_from_hf(read_config(llm_dir), str(llm_dir / "config.json"), base.llm)
     vision = vision_from_hf(read_config(vision_dir), base.vision.feature_layer, str(vision_dir / "config.json"),
                             base.vision)
+    vision = read_resample(vision_dir, vision)
     model = dataclasses.replace(base, llm=llm, vision=vision)
     vocab = appended_vocab(llm.vocab_size)  # what an export will write; not stored
 
@@ -106,7 +111,7 @@ def _plan_separate(llm_dir: Optional[Path], vision_dir: Path, base: ModelConfig,
         prefix = unique_prefix(llm_reader.keys(), "embed_tokens.weight", "the token embedding", str(llm_dir))
         rules_llm = llm_rules(llm, vocab, tp, prefix, "lm_head.weight")
         plan.skipped += check_hf_keys(rules_llm, llm_reader.keys(), str(llm_dir),
-                                      lambda key: key.endswith(ROTARY_BUFFER))
+                                      lambda key: key.endswith(ROTARY_BUFFER) or is_tied_lm_head(key, llm))
         plan.rules = plan.rules + rules_llm
         plan.tokenizer = _default_tokenizer(llm_dir)
         plan.add_source(llm_reader, rules_llm)

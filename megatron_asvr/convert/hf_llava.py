@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, List
 
-from megatron_asvr.config import ModelConfig, VisionConfig
+from megatron_asvr.config import LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_vocab import HFVocab
 from megatron_asvr.model.hf_rules import TensorRule, hf_names, same
@@ -42,7 +42,7 @@ class LlavaPrefixes:
     vision: str
     projector: str
     llm: str
-    lm_head: str  # the full name of the LM head weight
+    lm_head: str  # the full name of the LM head weight ("" when tied to the embedding and not stored)
 
 
 HUB = LlavaPrefixes("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
@@ -57,16 +57,21 @@ def unique_prefix(keys: List[str], suffix: str, what: str, where: str) -> str:
     return found[0]
 
 
-def detect_prefixes(keys: Iterable[str], where: str) -> LlavaPrefixes:
-    """The prefixes of the layout ``keys`` are in (one anchor key per part)."""
+def detect_prefixes(keys: Iterable[str], where: str, tied: bool = False) -> LlavaPrefixes:
+    """The prefixes of the layout ``keys`` are in (one anchor key per part; no LM head when ``tied``)."""
     keys = list(keys)
     projector = unique_prefix(keys, "multi_modal_projector.linear_1.weight", "the projector", where)
     return LlavaPrefixes(
         vision=find_prefix(keys),
         projector=projector + "multi_modal_projector.",
         llm=unique_prefix(keys, "embed_tokens.weight", "the token embedding", where),
-        lm_head=unique_prefix(keys, "lm_head.weight", "the LM head", where) + "lm_head.weight",
+        lm_head="" if tied else unique_prefix(keys, "lm_head.weight", "the LM head", where) + "lm_head.weight",
     )
+
+
+def is_tied_lm_head(key: str, llm: LLMConfig) -> bool:
+    """A stored LM head of a model with tied embeddings: a copy of the embedding, not read."""
+    return not llm.untie_embeddings and key.endswith("lm_head.weight")
 
 
 def projector_rules(hf_prefix: str) -> List[TensorRule]:

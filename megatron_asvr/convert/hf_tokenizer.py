@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Dict, List
 
 from megatron_asvr.config import ConfigError, VisionConfig
-from megatron_asvr.convert.hf_config import SELECT_STRATEGY
+from megatron_asvr.convert.hf_config import PROCESSOR_CONFIG, RESAMPLE_CODES, SELECT_STRATEGY
 from megatron_asvr.convert.hf_vocab import IMAGE_TOKEN, PAD_TOKEN, HFVocab
 from megatron_asvr.tokenizers import load_text_tokenizer
 
 TEXT_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "added_tokens.json")
-BICUBIC = 3  # PIL.Image.BICUBIC
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -137,7 +136,7 @@ def write_processor(directory, vision: VisionConfig) -> None:
     if vision.family == "siglip":
         image = {
             "image_processor_type": "SiglipImageProcessor",
-            "do_resize": True, "size": {"height": size, "width": size}, "resample": BICUBIC,
+            "do_resize": True, "size": {"height": size, "width": size}, "resample": RESAMPLE_CODES[vision.resample],
             "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
             "do_convert_rgb": True,
@@ -145,14 +144,14 @@ def write_processor(directory, vision: VisionConfig) -> None:
     else:
         image = {
             "image_processor_type": "CLIPImageProcessor",
-            "do_resize": True, "size": {"shortest_edge": size}, "resample": BICUBIC,
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": RESAMPLE_CODES[vision.resample],
             "do_center_crop": True, "crop_size": {"height": size, "width": size},
             "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
             "do_convert_rgb": True,
         }
     image["processor_class"] = "LlavaProcessor"
-    _write_json(directory / "preprocessor_config.json", image)
+    _write_json(directory / PROCESSOR_CONFIG, image)
     _write_json(directory / "processor_config.json", {
         "processor_class": "LlavaProcessor",
         "patch_size": vision.patch_size,

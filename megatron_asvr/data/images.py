@@ -1,11 +1,13 @@
 """Image loading and SigLIP preprocessing: square resize, pad to square, anyres tiling.
 
 Every mode ends in 384 x 384 tiles normalised exactly as HF's SiglipImageProcessor
-does it (PIL bicubic resize, x * (1 / 255) in float64 cast to float32, then
-(x - 0.5) / 0.5 in float32), so the pixels match the reference bit for bit.
+does it (PIL resize, x * (1 / 255) in float64 cast to float32, then
+(x - 0.5) / 0.5 in float32), so the pixels match the reference bit for bit. The
+resize filter is the encoder's (``vision.resample``): bicubic for SigLIP, bilinear
+for SigLIP2, whose processor differs from SigLIP's only there.
 
 Modes (one image -> [T, 3, 384, 384]):
-- ``resize`` (stage 1): bicubic resize to 384 x 384, aspect ratio not kept; T = 1.
+- ``resize`` (stage 1): resize to 384 x 384, aspect ratio not kept; T = 1.
 - ``pad`` (stage 2): LLaVA's ``expand2square`` with the gray (127, 127, 127)
   background, then as ``resize``; T = 1.
 - ``anyres`` (high resolution, LLaVA-NeXT): the image resized to 384 x 384 first,
@@ -26,7 +28,7 @@ import numpy as np
 from PIL import Image
 import torch
 
-from megatron_asvr.config import ImageMode
+from megatron_asvr.config import ImageMode, Resample
 
 TILE_SIZE = 384
 PATCHES_PER_TILE = 729  # SigLIP-SO400M-patch14-384: (384 // 14) ** 2 = 27 * 27
@@ -39,6 +41,9 @@ MODES = get_args(ImageMode)  # resize, pad, anyres
 DEFAULT_GRID_PINPOINTS = tuple(
     (cols * TILE_SIZE, rows * TILE_SIZE) for cols in range(1, 4) for rows in range(1, 4)
 )
+
+
+FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}  # Resample -> PIL's
 
 
 class ImageLoadError(ValueError):
@@ -80,9 +85,9 @@ def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.take(_NORMALISED_LEVEL, levels))  # [3, h, w] float32
 
 
-def siglip_preprocess(image: Image.Image) -> torch.Tensor:
-    """SigLIP's processor: bicubic resize to 384 x 384, rescale, normalise -> [3, 384, 384]."""
-    resized = image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+def siglip_preprocess(image: Image.Image, resample: Resample = "bicubic") -> torch.Tensor:
+    """SigLIP's processor: resize to 384 x 384, rescale, normalise -> [3, 384, 384]."""
+    resized = image.resize((TILE_SIZE, TILE_SIZE), FILTERS[resample])
     return to_normalised_tensor(resized)
 
 
@@ -101,32 +106,33 @@ def select_best_resolution(
     return best
 
 
-def resize_and_pad(image: Image.Image, target_width: int, target_height: int) -> Image.Image:
-    """Bicubic resize keeping the aspect ratio to fit the target, centred on black (LLaVA-NeXT)."""
+def resize_and_pad(image: Image.Image, target_width: int, target_height: int,
+                   resample: Resample = "bicubic") -> Image.Image:
+    """Resize keeping the aspect ratio to fit the target, centred on black (LLaVA-NeXT)."""
     width, height = image.size
     scale_w, scale_h = target_width / width, target_height / height
     if scale_w < scale_h:
         new_width, new_height = target_width, min(math.ceil(height * scale_w), target_height)
     else:
         new_width, new_height = min(math.ceil(width * scale_h), target_width), target_height
-    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    resized = image.resize((new_width, new_height), FILTERS[resample])
     canvas = Image.new("RGB", (target_width, target_height), ANYRES_FILL)
     canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
     return canvas
 
 
 def anyres_views(
-    image: Image.Image, pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS
+    image: Image.Image, pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS, resample: Resample = "bicubic"
 ) -> list[Image.Image]:
     """The whole image resized to 384 x 384, then the grid's 384 x 384 tiles in row-major order."""
     grid_width, grid_height = select_best_resolution(*image.size, pinpoints)
-    canvas = resize_and_pad(image, grid_width, grid_height)
+    canvas = resize_and_pad(image, grid_width, grid_height, resample)
     tiles = [
         canvas.crop((left, top, left + TILE_SIZE, top + TILE_SIZE))
         for top in range(0, grid_height, TILE_SIZE)
         for left in range(0, grid_width, TILE_SIZE)
     ]
-    return [image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC), *tiles]
+    return [image.resize((TILE_SIZE, TILE_SIZE), FILTERS[resample]), *tiles]
 
 
 def _check_mode(mode: str) -> None:
@@ -135,15 +141,16 @@ def _check_mode(mode: str) -> None:
 
 
 def preprocess_image(
-    image: Image.Image, mode: str, pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS
+    image: Image.Image, mode: str, pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS,
+    resample: Resample = "bicubic",
 ) -> torch.Tensor:
     """One RGB image -> float32 [T, 3, 384, 384] for ``mode`` (see the module docstring)."""
     _check_mode(mode)
     if mode == "resize":
-        return siglip_preprocess(image).unsqueeze(0)
+        return siglip_preprocess(image, resample).unsqueeze(0)
     if mode == "pad":
-        return siglip_preprocess(expand2square(image)).unsqueeze(0)
-    return torch.stack([to_normalised_tensor(view) for view in anyres_views(image, pinpoints)])
+        return siglip_preprocess(expand2square(image), resample).unsqueeze(0)
+    return torch.stack([to_normalised_tensor(view) for view in anyres_views(image, pinpoints, resample)])
 
 
 def tile_count(
@@ -188,11 +195,12 @@ def load_image_batch(
     paths: Sequence[str | os.PathLike],
     mode: str,
     pinpoints: Sequence[tuple[int, int]] = DEFAULT_GRID_PINPOINTS,
+    resample: Resample = "bicubic",
 ) -> ImageBatch:
     """Decode and preprocess image files; a plain module-level function, so it pickles
     into loader worker processes. Raises ImageLoadError naming the first bad file."""
     _check_mode(mode)
-    per_image = [preprocess_image(load_rgb(path), mode, pinpoints) for path in paths]
+    per_image = [preprocess_image(load_rgb(path), mode, pinpoints, resample) for path in paths]
     if not per_image:
         return ImageBatch(torch.empty(0, 3, TILE_SIZE, TILE_SIZE), ())
     return ImageBatch(torch.cat(per_image), tuple(len(tiles) for tiles in per_image))
@@ -202,8 +210,8 @@ class ImageFiles(torch.utils.data.Dataset):
     """(position, tiles [T, 3, 384, 384] or None, error or None) per image file, decoded by loader workers;
     a path of None stands for a blank tile (all zeros: mid-gray once normalised; targets' ZERO_IMAGE)."""
 
-    def __init__(self, paths: Sequence[Optional[Path]], mode: str):
-        self.paths, self.mode = list(paths), mode
+    def __init__(self, paths: Sequence[Optional[Path]], mode: str, resample: Resample = "bicubic"):
+        self.paths, self.mode, self.resample = list(paths), mode, resample
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -212,7 +220,8 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.paths[position] is None:
             return position, torch.zeros(1, 3, TILE_SIZE, TILE_SIZE), None
         try:
-            return position, preprocess_image(load_rgb(self.paths[position]), self.mode), None
+            tiles = preprocess_image(load_rgb(self.paths[position]), self.mode, resample=self.resample)
+            return position, tiles, None
         except ImageLoadError as err:
             return position, None, str(err)
 
@@ -221,10 +230,11 @@ def _as_list(items: list) -> list:
     return items
 
 
-def image_batches(paths: Sequence[Optional[Path]], mode: str, batch_images: int, workers: int) -> Iterator[list]:
+def image_batches(paths: Sequence[Optional[Path]], mode: str, batch_images: int, workers: int,
+                  resample: Resample = "bicubic") -> Iterator[list]:
     """Lists of ``ImageFiles`` items, in order, decoded ahead by ``workers`` processes."""
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, mode), batch_size=batch_images, num_workers=workers, collate_fn=_as_list,
+        ImageFiles(paths, mode, resample), batch_size=batch_images, num_workers=workers, collate_fn=_as_list,
         prefetch_factor=2 if workers else None,
     )
     yield from loader

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_asvr.config import ASVRConfig
+from megatron_asvr.config import ASVRConfig, Resample
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.packing import Batching, MicroPlan, PackingReport, packing_report, plan_step
 from megatron_asvr.data import unreadable_images
@@ -87,11 +87,13 @@ class SampleBuilder:
     """One shard sample -> model inputs for this stage (runs in loader workers)."""
 
     def __init__(self, shards, image_root, targets, asvr: ASVRConfig, seq_length: int, image_mode: str,
-                 needs: StageNeeds, patches_per_tile: int, pad_id: int = 0, drop_too_long: bool = False):
+                 needs: StageNeeds, patches_per_tile: int, pad_id: int = 0, drop_too_long: bool = False,
+                 resample: Resample = "bicubic"):
         self.shards, self.image_root, self.targets = shards, image_root, targets
         self.patches_per_tile = patches_per_tile
         self.asvr, self.seq_length, self.image_mode = asvr, seq_length, image_mode
         self.needs, self.pad_id, self.drop_too_long = needs, pad_id, drop_too_long
+        self.resample = resample  # the vision encoder's resize filter (vision.resample)
         self.branches = asvr.branches
         if needs.targets and self.branches and targets is None:
             raise DataLoaderError("the visual loss is on but no visual targets directory was given")
@@ -147,7 +149,7 @@ class SampleBuilder:
         (None when they could): then all blank, as many as the images would have made."""
         real = [self.image_root / key for key in images if key != ZERO_IMAGE]
         try:
-            batch = load_image_batch(real, self.image_mode) if real else None
+            batch = load_image_batch(real, self.image_mode, resample=self.resample) if real else None
         except ImageLoadError as err:
             count = sum(tile_count(w, h, self._mode(key)) for key, (w, h) in zip(images, sizes))
             return torch.zeros(count, 3, TILE_SIZE, TILE_SIZE), str(err)

@@ -198,6 +198,7 @@ def precompute_targets(config: TargetsConfig) -> dict:
     plan = {
         "version": FORMAT_VERSION,
         "mode": config.mode,
+        "resample": config.resample,
         "precision": config.precision,
         "tokenizer": {"config_sha256": file_sha256(config.tokenizer_config),
                       "checkpoint_sha256": file_sha256(config.tokenizer_checkpoint)},
@@ -220,7 +221,7 @@ def _compute(tokenizer, store: TargetStore, pending: List[int], config: TargetsC
     paths = [None if index[i][0] == ZERO_IMAGE else config.image_root / index[i][0] for i in pending]
     written, failures = 0, []
     with tqdm(total=len(pending), unit="img", desc="visual targets", disable=not config.progress) as bar:
-        for batch in image_batches(paths, config.mode, config.batch_images, config.workers):
+        for batch in image_batches(paths, config.mode, config.batch_images, config.workers, config.resample):
             failures += [{"image": index[pending[j]][0], "error": error} for j, _, error in batch if error]
             decoded = [(pending[j], tiles) for j, tiles, _ in batch if tiles is not None]
             for position, tiles in decoded:

@@ -101,6 +101,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     try:
         template = get_template(config.template)
         tokenizer = load_text_tokenizer(config.tokenizer, config.legacy)
+        template.check_tokenizer(tokenizer)  # a pair that would train on a wrong loss mask: refused here
         writer = ShardWriter(config.output_dir, config.samples_per_shard)
     except (ValueError, OSError) as e:
         raise PreprocessFailed(str(e)) from e

@@ -53,9 +53,10 @@ class VisualTargets:
 
     @staticmethod
     def check_made_with(directory: Optional[str], tokenizer_config: Path, tokenizer_checkpoint: Path,
-                        image_mode: str) -> None:
+                        image_mode: str, resample: str = "bicubic") -> None:
         """Raise ``ConfigError`` unless the targets in ``directory`` (None: a run without targets) were
-        computed with this tokenizer (its files' SHA-256, as the plan records them) and image mode."""
+        computed with this tokenizer (its files' SHA-256, as the plan records them), image mode and resize
+        filter (plans written before the filter was recorded were bicubic)."""
         if directory is None:
             return
         plan_path = Path(directory) / PLAN_FILE
@@ -68,6 +69,11 @@ class VisualTargets:
             raise ConfigError(
                 f"{plan_path} holds codes of {plan['mode']!r} images but data.image_mode={image_mode!r}: set "
                 f"data.image_mode={plan['mode']} or recompute the targets with --mode {image_mode}"
+            )
+        if plan.get("resample", "bicubic") != resample:
+            raise ConfigError(
+                f"{plan_path} holds codes of {plan.get('resample', 'bicubic')}-resized images but "
+                f"model.vision.resample={resample!r}: recompute the targets with --resample {resample}"
             )
         for part, path in (("config", tokenizer_config), ("checkpoint", tokenizer_checkpoint)):
             digest = file_sha256(Path(path))

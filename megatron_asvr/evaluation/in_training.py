@@ -64,7 +64,7 @@ class HeldOutScore:
         self.tokenizer = _tokenizer(config, manifest)
         model = config.model
         self.encoder = QueryEncoder(self.tokenizer, manifest["template"], config.data.image_mode,
-                                    model.vision.num_patches, model.llm.max_sequence_length)
+                                    model.vision.num_patches, model.llm.max_sequence_length, model.vision.resample)
         self.vocab_limit = min(model.llm.vocab_size, self.tokenizer.vocab_size)
         self.micro_batch = config.train.micro_batch
         self.description = f"held-out ({len(self.items)} questions, likelihood)"

@@ -4,11 +4,13 @@ answer text appended for likelihood scoring exactly as the training templates re
     vicuna_v1:         <system> USER: <image>\\n<question> ASSISTANT:       + " <answer></s>"
     mistral_instruct:  [INST] <image>\\n<question> [/INST]                   + " <answer> </s>"
     plain:             <image>\\n<question>\\n                               + "<answer>\\n"
+    qwen:              <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<image>\\n<question><|im_end|>\\n
+                       <|im_start|>assistant\\n                                + "<answer><|im_end|>"
 """
 
-from megatron_asvr.tokenizers.templates import IMAGE_TAG, VicunaV1Template
+from megatron_asvr.tokenizers.templates import HUMAN, IMAGE_TAG, QwenTemplate, Turn, VicunaV1Template
 
-GENERATION_TEMPLATES = ("vicuna_v1", "mistral_instruct", "plain")
+GENERATION_TEMPLATES = ("vicuna_v1", "mistral_instruct", "plain", "qwen")
 
 
 def user_turn(question: str, has_image: bool) -> str:
@@ -26,6 +28,8 @@ def generation_prompt(template: str, question: str, has_image: bool) -> str:
         return f"[INST] {user} [/INST]"
     if template == "plain":
         return f"{user}\n"
+    if template == "qwen":  # the template's text of this first question, up to where its answer starts
+        return QwenTemplate().render((Turn(HUMAN, user),))
     raise ValueError(f"no generation prompt for template {template!r}; known: {', '.join(GENERATION_TEMPLATES)}")
 
 
@@ -37,4 +41,6 @@ def with_answer(template: str, prompt: str, answer: str) -> str:
         return f"{prompt} {answer} </s>"
     if template == "plain":
         return f"{prompt}{answer}\n"
+    if template == "qwen":
+        return f"{prompt}{answer}{QwenTemplate.end}"
     raise ValueError(f"no answer format for template {template!r}; known: {', '.join(GENERATION_TEMPLATES)}")

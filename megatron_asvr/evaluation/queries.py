@@ -12,11 +12,12 @@ from typing import List, Optional
 
 import torch
 
+from megatron_asvr.config import Resample
 from megatron_asvr.data.images import image_token_count, preprocess_image
 from megatron_asvr.data.sequence import SequenceSample, SequenceTooLong, build_sequence
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
 from megatron_asvr.evaluation.prompts import generation_prompt, with_answer
-from megatron_asvr.tokenizers.templates import tokenize_with_images
+from megatron_asvr.tokenizers.templates import get_template, tokenize_with_images
 from megatron_asvr.tokenizers.text import TextTokenizer
 
 PAD_ID = 0  # image positions and padding hold it, as in training
@@ -52,18 +53,19 @@ class QueryEncoder:
     """Prompts (and prompts with an answer) of items, tokenized as LLaVA's evaluation does."""
 
     def __init__(self, tokenizer: TextTokenizer, template: str, image_mode: str, patches_per_tile: int,
-                 max_length: int):
+                 max_length: int, resample: Resample = "bicubic"):
         self.tokenizer, self.template = tokenizer, template
-        self.image_mode, self.patches_per_tile = image_mode, patches_per_tile
+        self.image_mode, self.patches_per_tile, self.resample = image_mode, patches_per_tile, resample
         self.max_length = max_length  # the model's positions (llm.max_sequence_length)
         generation_prompt(template, "", False)  # an unknown template fails here, before any model work
+        get_template(template).check_tokenizer(tokenizer)  # so does one the tokenizer cannot carry
 
     def _image(self, item: EvalItem):
         if item.image is None:
             return None, []
         image = load_item_image(item)
         count = image_token_count(*image.size, self.image_mode, patches_per_tile=self.patches_per_tile)
-        return preprocess_image(image, self.image_mode), [count]
+        return preprocess_image(image, self.image_mode, resample=self.resample), [count]
 
     def prompt(self, item: EvalItem) -> Query:
         """The generation prompt of ``item``."""

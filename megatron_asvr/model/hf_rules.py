@@ -23,6 +23,8 @@ class TensorRule:
     hf: Tuple[str, ...]  # the HF tensors, in the order to_ours takes them
     to_ours: Callable[[List[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[torch.Tensor], List[torch.Tensor]]
+    # A copy of tensors another rule writes (a tied LM head on the last pipeline stage): imported, not exported.
+    import_only: bool = False
 
 
 def _first(tensors: List[torch.Tensor]) -> torch.Tensor:

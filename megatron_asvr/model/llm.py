@@ -1,4 +1,4 @@
-"""The language model: megatron's GPTModel with LLaMA / Mistral settings."""
+"""The language model: megatron's GPTModel with LLaMA / Mistral / Qwen settings."""
 
 from typing import Optional
 
@@ -32,20 +32,21 @@ def llm_transformer_config(
     params_dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> TransformerConfig:
-    """megatron's TransformerConfig for a LLaMA-architecture decoder."""
+    """megatron's TransformerConfig for a LLaMA-architecture decoder (and Qwen's biases, q/k norm, head width)."""
     kwargs = dict(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
         num_attention_heads=llm.num_attention_heads,
         num_query_groups=llm.kv_heads,
         ffn_hidden_size=llm.ffn_hidden_size,
-        kv_channels=llm.hidden_size // llm.num_attention_heads,
+        kv_channels=llm.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=llm.qkv_bias,
+        qk_layernorm=llm.qk_norm,
         hidden_dropout=llm.hidden_dropout,
         attention_dropout=llm.attention_dropout,
         init_method_std=llm.init_method_std,

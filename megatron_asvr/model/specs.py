@@ -83,9 +83,14 @@ def norm_module(backend: str) -> type:
     return _modules(backend).norm
 
 
-def attention_spec(backend: str, attn_mask_type: AttnMaskType, fuse_input_norm: bool = False) -> ModuleSpec:
-    """Self-attention: fused QKV (column-parallel over heads), core attention, row-parallel projection."""
+def attention_spec(
+    backend: str, attn_mask_type: AttnMaskType, fuse_input_norm: bool = False, qk_norm: bool = False
+) -> ModuleSpec:
+    """Self-attention: fused QKV (column-parallel over heads), core attention, row-parallel projection;
+    with ``qk_norm`` a norm over each head's q and k (megatron applies it before RoPE), whose gradients
+    megatron's finalize_model_grads sums over the tensor-parallel ranks (each holds some of the heads)."""
     m = _modules(backend)
+    qk_layernorm = m.norm if qk_norm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": attn_mask_type},
@@ -93,8 +98,8 @@ def attention_spec(backend: str, attn_mask_type: AttnMaskType, fuse_input_norm: 
             linear_qkv=m.norm_column if fuse_input_norm else m.column,
             core_attention=m.core_attention,
             linear_proj=m.row,
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=qk_layernorm,
+            k_layernorm=qk_layernorm,
         ),
     )
 
@@ -105,7 +110,7 @@ def mlp_submodules(backend: str, fuse_input_norm: bool = False) -> MLPSubmodules
     return MLPSubmodules(linear_fc1=m.norm_column if fuse_input_norm else m.column, linear_fc2=m.row)
 
 
-def layer_spec(backend: str, attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+def layer_spec(backend: str, attn_mask_type: AttnMaskType = AttnMaskType.causal, qk_norm: bool = False) -> ModuleSpec:
     """A pre-norm transformer layer: causal for the LLM, ``no_mask`` for a ViT."""
     fused = _modules(backend).fused_norm
     input_norm = IdentityOp if fused else norm_module(backend)
@@ -113,7 +118,7 @@ def layer_spec(backend: str, attn_mask_type: AttnMaskType = AttnMaskType.causal)
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
-            self_attention=attention_spec(backend, attn_mask_type, fuse_input_norm=fused),
+            self_attention=attention_spec(backend, attn_mask_type, fuse_input_norm=fused, qk_norm=qk_norm),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=input_norm,
             mlp=ModuleSpec(module=MLP, submodules=mlp_submodules(backend, fuse_input_norm=fused)),
@@ -129,6 +134,6 @@ def block_spec(
     vp_stage: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
-    layer = layer_spec(backend, attn_mask_type)
+    layer = layer_spec(backend, attn_mask_type, qk_norm=config.qk_layernorm)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(backend))

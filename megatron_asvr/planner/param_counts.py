@@ -41,9 +41,13 @@ def layers_per_stage(llm: LLMConfig, pipeline_parallel: int) -> List[int]:
 
 
 def llm_layer_params(llm: LLMConfig, tp: int) -> int:
-    """Two RMSNorms; QKV (GQA), output projection, gate/up and down projections split over TP."""
-    h, f, kv = llm.hidden_size, llm.ffn_hidden_size, llm.kv_heads * llm.hidden_size // llm.num_attention_heads
-    return 2 * h + (h * (h + 2 * kv) + h * h + 3 * h * f) // tp
+    """Two RMSNorms; QKV (GQA; with its bias, Qwen2), output projection, gate/up and down projections
+    split over TP; the per-head q / k norms (Qwen3) replicated."""
+    h, f = llm.hidden_size, llm.ffn_hidden_size
+    q, kv = llm.num_attention_heads * llm.kv_channels, llm.kv_heads * llm.kv_channels  # q and k (= v) widths
+    qkv_bias = q + 2 * kv if llm.qkv_bias else 0
+    qk_norm = 2 * llm.kv_channels if llm.qk_norm else 0
+    return 2 * h + (h * (q + 2 * kv) + qkv_bias + q * h + 3 * h * f) // tp + qk_norm
 
 
 def vision_params(vision: VisionConfig, tp: int) -> int:

@@ -5,6 +5,11 @@ LLaVA's ``preprocess_plain``, ``preprocess_v1`` and ``preprocess_llama_2``
 (docs/method.md#6-conversation-templates-and-sequences), including their way of
 counting tokens per round; where that count disagrees with the real tokenization,
 LLaVA masks the whole sample silently, here :class:`TokenizationMismatch` is raised.
+``qwen`` is LLaVA-NeXT's ``conv_qwen`` (ChatML) for Qwen's BPE tokenizers.
+
+A template whose separators are not special tokens of the tokenizer (vicuna_v1's
+``</s>`` in a Qwen tokenizer, ``<|im_end|>`` in a LLaMA one) would train on a loss
+mask that is all zeros or wrong everywhere: ``check_tokenizer`` refuses the pair up front.
 """
 
 from abc import ABC, abstractmethod
@@ -95,6 +100,25 @@ class ConversationTemplate(ABC):
         """Why this template cannot express the conversation, or None if it can."""
         return None
 
+    def tokenizer_problem(self, tokenizer: TextTokenizer) -> str | None:
+        """Why ``tokenizer`` cannot carry this template, or None if it can."""
+        return None
+
+    def check_tokenizer(self, tokenizer: TextTokenizer) -> None:
+        """Raise ValueError naming the template and the tokenizer when they do not fit together."""
+        problem = self.tokenizer_problem(tokenizer)
+        if problem is not None:
+            described = tokenizer.describe()
+            raise ValueError(f"template {self.name!r} does not fit the tokenizer {described['file']} "
+                             f"({described['format']}): {problem}")
+
+
+def _single_token_problem(tokenizer: TextTokenizer, tokens: tuple[str, ...]) -> str | None:
+    missing = [token for token in tokens if tokenizer.token_id(token) is None]
+    if missing:
+        return f"{', '.join(map(repr, missing))} is not one token of it: choose the template of its model family"
+    return None
+
 
 def _as_arrays(ids: list[int], mask: np.ndarray) -> TemplatedTokens:
     return TemplatedTokens(np.asarray(ids, dtype=np.int32), mask)
@@ -162,6 +186,11 @@ class RoundTemplate(ConversationTemplate):
             raise TokenizationMismatch(cur, len(ids))
         return _as_arrays(ids, mask)
 
+    def tokenizer_problem(self, tokenizer: TextTokenizer) -> str | None:
+        if tokenizer.bos_id is None:
+            return "it puts no BOS in front, and this template's round counting needs one"
+        return _single_token_problem(tokenizer, (self.sep2,))
+
 
 class VicunaV1Template(RoundTemplate):
     """Stage 2: ``system + " " + (ROLE + ": " + message + sep)*`` with USER/ASSISTANT, sep " " / "</s>"."""
@@ -197,8 +226,54 @@ class MistralInstructTemplate(RoundTemplate):
         return text
 
 
+class QwenTemplate(ConversationTemplate):
+    """LLaVA-NeXT's ``conv_qwen`` (ChatML) with Qwen's tokenizer (no BOS)::
+
+        <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
+        (<|im_start|>user\n<question><|im_end|>\n<|im_start|>assistant\n<answer><|im_end|>\n)*
+
+    Supervised: each answer and its ``<|im_end|>`` (where generation stops). LLaVA-NeXT's
+    ``preprocess_qwen`` also supervises the assistant header and every newline, ``<|im_start|>``
+    and ``<|im_end|>`` of the prompt; we keep the prompt unsupervised. The pieces are tokenized
+    one by one and must equal the whole text's tokenization, else :class:`TokenizationMismatch`.
+    """
+
+    name = "qwen"
+    system = "You are a helpful assistant."
+    start, end = "<|im_start|>", "<|im_end|>"
+
+    def _pieces(self, turns: tuple[Turn, ...]) -> list[tuple[str, bool]]:
+        """(text, supervised) in order."""
+        pieces = [(f"{self.start}system\n{self.system}{self.end}\n", False)]
+        for i, turn in enumerate(turns):
+            if i % 2 == 0:
+                pieces.append((f"{self.start}user\n{turn.text}{self.end}\n{self.start}assistant\n", False))
+            else:
+                pieces += [(turn.text + self.end, True), ("\n", False)]
+        return pieces
+
+    def render(self, turns: tuple[Turn, ...]) -> str:
+        return "".join(text for text, _ in self._pieces(turns))
+
+    def tokenize(self, turns: tuple[Turn, ...], tokenizer: TextTokenizer) -> TemplatedTokens:
+        ids, mask = [], []
+        for text, supervised in self._pieces(turns):
+            piece = tokenize_with_images(text, tokenizer)
+            ids += piece
+            mask += [int(supervised)] * len(piece)
+        whole = tokenize_with_images(self.render(turns), tokenizer)
+        if whole != ids:
+            raise TokenizationMismatch(len(ids), len(whole))
+        return _as_arrays(ids, np.asarray(mask, dtype=np.uint8))
+
+    def tokenizer_problem(self, tokenizer: TextTokenizer) -> str | None:
+        if tokenizer.bos_id is not None:
+            return "it puts a BOS in front of every piece (a Qwen tokenizer puts none)"
+        return _single_token_problem(tokenizer, (self.start, self.end))
+
+
 TEMPLATES: dict[str, ConversationTemplate] = {
-    t.name: t for t in (PlainTemplate(), VicunaV1Template(), MistralInstructTemplate())
+    t.name: t for t in (PlainTemplate(), VicunaV1Template(), MistralInstructTemplate(), QwenTemplate())
 }
 
 

@@ -3,7 +3,8 @@
 Two back ends: a SentencePiece model file, tokenized exactly as the slow HF
 ``LlamaTokenizer`` of transformers 4.3x (the one LLaVA uses, ``use_fast=False``)
 for both values of its ``legacy`` flag, and an HF ``tokenizers`` tokenizer.json,
-tokenized as that file says.
+tokenized as that file says (Qwen's byte-level BPE: no BOS, as its
+tokenizer_config.json's ``"bos_token": null`` says).
 """
 
 import hashlib
@@ -11,6 +12,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Optional
 
 import sentencepiece as spm
 
@@ -25,13 +27,17 @@ class TextTokenizer(ABC):
     ``</s> ▁US ER``), False when it does not (``</s> USER``).
     """
 
-    bos_id: int
+    bos_id: Optional[int]  # None: the tokenizer puts no BOS in front (Qwen)
     eos_id: int
     legacy: bool
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, BOS first; special tokens in ``text`` become their ids."""
+        """Token ids of ``text``, BOS first (if any); special tokens in ``text`` become their ids."""
+
+    @abstractmethod
+    def token_id(self, text: str) -> Optional[int]:
+        """The id of ``text`` when it is one token of the vocabulary (a special token), else None."""
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str:
@@ -109,6 +115,9 @@ class SentencePieceTokenizer(TextTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([i for i in ids if i not in self._special_ids.values()])
 
+    def token_id(self, text: str) -> Optional[int]:
+        return self._special_ids.get(text)
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
@@ -132,19 +141,19 @@ def _without_dummy_prefix(proto: bytes) -> bytes:
 
 
 class HFJsonTokenizer(TextTokenizer):
-    """An HF ``tokenizers`` tokenizer.json; BOS is put in front by this class.
+    """An HF ``tokenizers`` tokenizer.json; BOS (unless ``bos_token`` is None) is put in front by this class.
 
     ``legacy`` is read off the tokenizer's behaviour (does text after ``</s>`` get
     the same ids as text at the start of a string?), so LLaVA's round counting
     agrees with what this file really produces.
     """
 
-    def __init__(self, json_path: str | Path, bos_token: str = "<s>", eos_token: str = "</s>"):
+    def __init__(self, json_path: str | Path, bos_token: Optional[str] = "<s>", eos_token: str = "</s>"):
         from tokenizers import Tokenizer
 
         self.json_path = Path(json_path)
         self._tok = Tokenizer.from_file(str(self.json_path))
-        self.bos_id = self._token_id(bos_token)
+        self.bos_id = None if bos_token is None else self._token_id(bos_token)
         self.eos_id = self._token_id(eos_token)
         probe = "USER"
         alone = self._tok.encode(probe, add_special_tokens=False).ids
@@ -158,10 +167,15 @@ class HFJsonTokenizer(TextTokenizer):
         return token_id
 
     def encode(self, text: str) -> list[int]:
-        return [self.bos_id] + self._tok.encode(text, add_special_tokens=False).ids
+        bos = [] if self.bos_id is None else [self.bos_id]
+        return bos + self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> Optional[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ids[0] if len(ids) == 1 and self._tok.id_to_token(ids[0]) == text else None
 
     @property
     def vocab_size(self) -> int:
@@ -186,9 +200,9 @@ def load_text_tokenizer(path: str | Path, legacy: bool | None = None) -> TextTok
 
     In a directory, ``tokenizer.model`` is preferred (LLaVA loads the slow tokenizer)
     over ``tokenizer.json``; ``legacy``, ``bos_token`` and ``eos_token`` come from its
-    ``tokenizer_config.json``. An explicit ``legacy`` overrides the config; HF's
-    default when neither gives one is ``True``. ``legacy`` cannot be set for a
-    tokenizer.json: there it is a property of the file.
+    ``tokenizer_config.json`` (``"bos_token": null``: no BOS, as Qwen's). An explicit
+    ``legacy`` overrides the config; HF's default when neither gives one is ``True``.
+    ``legacy`` cannot be set for a tokenizer.json: there it is a property of the file.
     """
     path = Path(path)
     config = {}
@@ -212,9 +226,9 @@ def load_text_tokenizer(path: str | Path, legacy: bool | None = None) -> TextTok
             raise ValueError(
                 f"{model_file}: legacy cannot be set for a tokenizer.json; its pre-tokenizer decides it"
             )
-        tokens = {
-            key: _token_content(config[key]) for key in ("bos_token", "eos_token") if config.get(key)
-        }
+        tokens = {key: _token_content(config[key]) for key in ("bos_token", "eos_token") if config.get(key)}
+        if "bos_token" in config and config["bos_token"] is None:
+            tokens["bos_token"] = None
         return HFJsonTokenizer(model_file, **tokens)
     if legacy is None:
         legacy = config.get("legacy")

@@ -143,6 +143,7 @@ def build_loader(config: RunConfig, trainer: Trainer, shards: ShardDataset) -> T
     builder = SampleBuilder(
         shards, Path(config.data.image_root), targets, model.asvr, config.data.seq_length,
         config.data.image_mode, needs, model.vision.num_patches, drop_too_long=config.data.drop_too_long,
+        resample=model.vision.resample,
     )
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
                              shards.num_positions if config.data.group_by_length else None)
@@ -199,7 +200,7 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
     codebooks, config = load_codebooks(config)
     if codebooks and config.data.targets:
         VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
-                                      config.data.image_mode)
+                                      config.data.image_mode, config.model.vision.resample)
     t = config.train
     sigterm = _SigtermFlag()  # from the start: a preemption during start-up stops after the first step
     watchdog = Watchdog(int(os.environ.get("RANK", "0")), t.distributed_timeout_minutes * 60, t.slow_step_factor)

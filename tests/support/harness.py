@@ -135,11 +135,16 @@ def evaluate_reports(case: Case, trainer: Trainer, step: int = EVAL_STEP) -> Lis
 
 def evaluate_checkpoint(case: Case, directory: str) -> List[tuple]:
     """Load a dist checkpoint at ``case``'s layout and return its evaluation reports."""
+    return load_checkpoint(case, directory)["eval"]
+
+
+def load_checkpoint(case: Case, directory: str) -> dict:
+    """Load a dist checkpoint at ``case``'s layout: its evaluation reports and canonical parameters."""
     trainer = _trainer(case)
     load_weights(trainer.model, Path(directory))
-    reports = evaluate_reports(case, trainer)
+    out = {"eval": evaluate_reports(case, trainer), "params": full_state(trainer.model)}
     runtime.destroy()
-    return reports
+    return out
 
 
 def merged_reports(results: List[dict], key: str = "reports") -> Dict[tuple, dict]:
