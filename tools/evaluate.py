@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                        help="generate by the reference: every sequence forwarded whole again for each id")
     parser.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
     parser.add_argument("--suite", choices=sorted(SUITES),
                         help="the benchmarks given are the paper's: add its table and average, name the missing")
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
             checkpoint=args.checkpoint, hf_model=args.hf_model, tokenizer=args.tokenizer, template=args.template,
             image_mode=args.image_mode, parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp),
             dtype=args.dtype, micro_batch=args.micro_batch, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache,
         )
         run_evaluation(EvalConfig(model=model, benchmarks=specs, out_dir=args.out, method=args.method,
                                   limit=args.limit, suite=args.suite))

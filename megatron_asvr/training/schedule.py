@@ -23,10 +23,11 @@ ForwardStep = Callable  # (data_iterator, model) -> (output, loss_func)
 
 def schedule_shape(model: List[torch.nn.Module], micro: List[MicroBatch]) -> Tuple[int, int]:
     """(sequence length, micro-batch size) for megatron's schedule. Micro-batches padded to their
-    longest sample differ in length: the pipeline then sends each one's shape first."""
-    lengths = {m.tokens.shape[1] for m in micro}
-    model[0].config.variable_seq_lengths = len(lengths) > 1
-    return max(lengths), micro[0].rows
+    longest sample differ in length (and generation's steps in rows too): the pipeline then sends
+    each one's shape first."""
+    shapes = {tuple(m.tokens.shape) for m in micro}  # (rows, length)
+    model[0].config.variable_seq_lengths = len(shapes) > 1
+    return max(length for _, length in shapes), micro[0].rows
 
 
 def _run(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch],
