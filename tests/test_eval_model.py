@@ -386,6 +386,22 @@ def test_evaluate_tool_prints_the_paper_table(root):
     assert table[start + 17].split()[-1] == f"{suite['average']:.2f}"
 
 
+def test_evaluate_tool_compares_kv_cache(root):
+    """``--compare-kv-cache``: both paths' answers to the same questions agree; the table and JSON."""
+    import json
+
+    out = root / "eval_kv"
+    argv = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "data"), "--template", "vicuna_v1",
+            "--image-mode", "pad", "--benchmark", f"jsonl={root / 'data/eval.jsonl'}", "--image-root",
+            f"jsonl={root / 'data/images'}", "--max-new-tokens", str(NEW_TOKENS), "--limit", "5", "--out", str(out),
+            "--dtype", "fp32", "--compare-kv-cache"]
+    run_ranks(_run_tool, 1, "evaluate", argv)
+    [row] = json.loads((out / "kv_cache_comparison.json").read_text())["rows"]
+    assert row["benchmark"] == "jsonl" and row["questions"] == row["same_answers"] == 5
+    assert row["speedup"] == pytest.approx(row["uncached_s"] / row["cached_s"])
+    assert not (out / "results.json").exists()  # a timing, not an evaluation
+
+
 def test_evaluate_tool_names_a_missing_benchmark(root):
     with pytest.raises(SystemExit, match=r"evaluate: error: benchmark pope: .*nowhere.json does not exist"):
         _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--benchmark", f"pope={root / 'nowhere.json'}",
