@@ -63,7 +63,7 @@ class _MicroBatch:
         self.owners = owners  # the query of each row; None: a filler row (results dropped)
         self.lengths = lengths  # each row's prompt positions
         self.prompt = prompt  # [S, b, h] prompt embeddings (first stage), S = the longest prompt
-        self.context = StaticInferenceContext(len(owners), capacity)
+        self.context = StaticInferenceContext(len(owners), capacity)  # capacity: positions of the cache
         self.last = [0] * len(owners)  # each row's last generated id
         self.done = [owner is None for owner in owners]
 
@@ -189,19 +189,21 @@ def generate_with_cache(chunks: List[torch.nn.Module], queries: List[Query], mic
     filler = Query([PAD_ID], None, [], 1)  # one text position: no vision encoder work
     members = [[filler if q is None else queries[q] for q in group] for group in groups]
     spans = [[q.length for q in group] for group in members]
-    # the positions any micro-batch can reach: its shortest prompt, then one per step
-    capacity = max(max(n) - min(n) for n in spans) + max_new_tokens + max(min(n) for n in spans)
+    # decode steps after the prefill: to the longest prompt's end, then the answer's ids
+    steps = [max(n) - min(n) + max_new_tokens for n in spans]
+    if interleaved:  # every micro-batch steps until all have ended
+        steps = [max(steps)] * len(steps)
     first_stage = get_attr_wrapped_model(chunks[0], "pre_process")
     embed = get_attr_wrapped_model(chunks[0], "input_embeddings") if first_stage else None
     generated = [[] for _ in queries]
     with sequence_parallel_off(chunks):
         batches = []
-        for group, rows, lengths in zip(groups, members, spans):
+        for group, rows, lengths, reach in zip(groups, members, spans, steps):
             prompt = None
             if embed is not None:
                 batch = query_batch(rows, max(lengths)).to(device)
                 prompt = embed(batch.tokens, batch.position_ids, batch.image_index, batch.images, None)  # [S, b, h]
-            batches.append(_MicroBatch(list(group), lengths, prompt, capacity))
+            batches.append(_MicroBatch(list(group), lengths, prompt, min(lengths) + reach))
         while batches:
             for batch, ids in zip(batches, _run_step(chunks, batches, embed, vocab_limit, device)):
                 batch.record(ids, generated, eos_id, max_new_tokens, max_length)
