@@ -75,19 +75,24 @@ def _items(root):
 
 
 def _generation_queries(root, encoder):
-    """Ragged prompts: four questions, one of them text only, and one anyres prompt of a wide image
-    (several tiles), the longest."""
+    """Ragged prompts: two questions, one text only, two that end in an image (their last image
+    positions past the text-only prompt's end: fed to the cache by teacher forcing) and one anyres
+    prompt of a wide image (several tiles), the longest."""
     import io
 
     from PIL import Image
 
-    from megatron_asvr.evaluation.queries import QueryEncoder
+    from megatron_asvr.evaluation.queries import Query, QueryEncoder
 
     items = _items(root)
     wide = io.BytesIO()
     Image.open(items[3].image).convert("RGB").resize((768, 384)).save(wide, format="PNG")
     anyres = QueryEncoder(encoder.tokenizer, encoder.template, "anyres", encoder.patches_per_tile, encoder.max_length)
-    return ([encoder.prompt(item) for item in items[:3]] + [encoder.prompt(dataclasses.replace(items[1], image=None))]
+    text = encoder.prompt(dataclasses.replace(items[1], image=None))
+    pictured = encoder.prompt(items[1])
+    ending = [Query(text.ids[:n] + [IMAGE_PLACEHOLDER], pictured.pixels, pictured.image_tokens, n + 1)
+              for n in (text.length - VISION.num_patches + 3, text.length - VISION.num_patches + 5)]
+    return ([encoder.prompt(item) for item in items[:2]] + [text] + ending
             + [anyres.prompt(dataclasses.replace(items[3], image=wide.getvalue()))])
 
 
