@@ -109,13 +109,15 @@ def _generation_at(runner, encoder, root) -> dict:
     encoder_module = get_attr_wrapped_model(runner.chunks[0], "vision_encoder")
     seen = []
     if encoder_module is not None:
-        encoder_module.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+        encoder_module.register_forward_hook(lambda module, args, output: seen.append((args[0].shape[0],
+                                                                                      module.training)))
 
     def generate(kv_cache: bool, eos_id: int, max_length: int):
         runner.kv_cache, seen[:] = kv_cache, []
         ids = runner.generate([queries[i] for i in mine], NEW_TOKENS, eos_id, max_length)
         gathered = dict(runner.gather(list(zip(mine, ids))))
-        return [gathered[i] for i in range(len(queries))], sum(seen)
+        assert not any(training for _, training in seen)  # eval mode: no dropout
+        return [gathered[i] for i in range(len(queries))], sum(tiles for tiles, _ in seen)
 
     free, _ = generate(False, -1, encoder.max_length)
     eos = next(t for ids in free[:-1] for t in ids[1:] if t not in free[-1][:2])  # the anyres prompt's stay

@@ -42,7 +42,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_asvr.evaluation.queries import PAD_ID, Query, query_batch
-from megatron_asvr.training.schedule import forward_only
+from megatron_asvr.training.schedule import eval_mode, forward_only
 
 
 @dataclass
@@ -223,7 +223,7 @@ def generate_with_cache(chunks: List[torch.nn.Module], queries: List[Query], mic
     first_stage = get_attr_wrapped_model(chunks[0], "pre_process")
     embed = get_attr_wrapped_model(chunks[0], "input_embeddings") if first_stage else None
     generated = [[] for _ in queries]
-    with sequence_parallel_off(chunks):
+    with sequence_parallel_off(chunks), eval_mode(chunks):  # eval: also the embeddings outside the schedule
         caches = []
         for group, rows, lengths, reach in zip(groups, members, spans, steps):
             prompt = None

@@ -10,6 +10,7 @@ function; ``training.task`` builds it for the training loss (``ASVRTask``) and f
 (``logits_step``).
 """
 
+import contextlib
 from typing import Any, Callable, List, Tuple
 
 import torch
@@ -60,16 +61,24 @@ def forward_backward(forward_step: ForwardStep, model: List[torch.nn.Module], op
     return _run(forward_step, model, micro, False)
 
 
-@torch.no_grad()
-def forward_only(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch]) -> List[Any]:
-    """Forward only over ``micro`` (moved to the model's device), the chunks in eval mode; what
-    each micro-batch's loss function returned (last stage only)."""
-    device = next(model[0].parameters()).device
-    micro = [m.to(device) for m in micro]
+@contextlib.contextmanager
+def eval_mode(model: List[torch.nn.Module]):
+    """The chunks in eval mode (no dropout) while in the context, their modes restored after."""
+    training = [chunk.training for chunk in model]
     for chunk in model:
         chunk.eval()
     try:
-        return _run(forward_step, model, micro, True)
+        yield
     finally:
-        for chunk in model:
-            chunk.train()
+        for chunk, mode in zip(model, training):
+            chunk.train(mode)
+
+
+@torch.no_grad()
+def forward_only(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch]) -> List[Any]:
+    """Forward only over ``micro`` (moved to the model's device), the chunks in eval mode (their
+    mode restored after); what each micro-batch's loss function returned (last stage only)."""
+    device = next(model[0].parameters()).device
+    micro = [m.to(device) for m in micro]
+    with eval_mode(model):
+        return _run(forward_step, model, micro, True)
