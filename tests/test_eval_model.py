@@ -74,20 +74,79 @@ def _items(root):
     return read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images").items
 
 
-def _evaluate_at(root: str, parallel: ParallelConfig) -> dict:
-    """What every evaluation path returns at this layout (the same on every rank)."""
+def _generation_queries(root, encoder):
+    """Ragged prompts: two questions, one text only, two that end in an image (their last image
+    positions past the text-only prompt's end: fed to the cache by teacher forcing) and one anyres
+    prompt of a wide image (several tiles), the longest."""
+    import io
+
+    from PIL import Image
+
+    from megatron_asvr.evaluation.queries import Query, QueryEncoder
+
+    items = _items(root)
+    wide = io.BytesIO()
+    Image.open(items[3].image).convert("RGB").resize((768, 384)).save(wide, format="PNG")
+    anyres = QueryEncoder(encoder.tokenizer, encoder.template, "anyres", encoder.patches_per_tile, encoder.max_length)
+    text = encoder.prompt(dataclasses.replace(items[1], image=None))
+    pictured = encoder.prompt(items[1])
+    ending = [Query(text.ids[:n] + [IMAGE_PLACEHOLDER], pictured.pixels, pictured.image_tokens, n + 1)
+              for n in (text.length - VISION.num_patches + 3, text.length - VISION.num_patches + 5)]
+    return ([encoder.prompt(item) for item in items[:2]] + [text] + ending
+            + [anyres.prompt(dataclasses.replace(items[3], image=wide.getvalue()))])
+
+
+def _generation_at(runner, encoder, root) -> dict:
+    """Greedy ids of ``_generation_queries`` with and without the KV cache (this layout's data-parallel
+    replicas share the queries); the EOS id is one the model generates early (not in the anyres
+    prompt's first two), and the positions end two ids after the longest prompt. Counts the tiles
+    the vision encoder saw (first stage)."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    queries = _generation_queries(root, encoder)
+    rank, size = runner.data_parallel
+    mine = list(range(rank, len(queries), size))
+    encoder_module = get_attr_wrapped_model(runner.chunks[0], "vision_encoder")
+    seen = []
+    if encoder_module is not None:
+        encoder_module.register_forward_hook(lambda module, args, output: seen.append((args[0].shape[0],
+                                                                                      module.training)))
+
+    def generate(kv_cache: bool, eos_id: int, max_length: int):
+        runner.kv_cache, seen[:] = kv_cache, []
+        ids = runner.generate([queries[i] for i in mine], NEW_TOKENS, eos_id, max_length)
+        gathered = dict(runner.gather(list(zip(mine, ids))))
+        assert not any(training for _, training in seen)  # eval mode: no dropout
+        return [gathered[i] for i in range(len(queries))], sum(tiles for tiles, _ in seen)
+
+    free, _ = generate(False, -1, encoder.max_length)
+    eos = next(t for ids in free[:-1] for t in ids[1:] if t not in free[-1][:2])  # the anyres prompt's stay
+    limit = max(q.length for q in queries) + 2
+    (uncached, _), (cached, tiles) = generate(False, eos, limit), generate(True, eos, limit)
+    runner.kv_cache = True
+    expected_tiles = sum(queries[i].pixels.shape[0] for i in mine if queries[i].pixels is not None)
+    return {"free": free, "eos": eos, "uncached": uncached, "cached": cached,
+            "lengths": [q.length for q in queries], "limit": limit, "anyres_tiles": queries[-1].pixels.shape[0],
+            "tiles": (tiles, expected_tiles) if encoder_module is not None else None}
+
+
+def _evaluate_at(root: str, parallel: ParallelConfig, generation: bool = False) -> dict:
+    """What every evaluation path returns at this layout (the same on every rank); with
+    ``generation`` also ``_generation_at``'s ids."""
     from megatron_asvr.evaluation.attention_map import attention_map
     from megatron_asvr.evaluation.loading import open_model
 
     items = _items(root)
     with open_model(_spec(root, parallel)) as loaded:
         answerer = loaded.answerer
+        cached_vs_uncached = _generation_at(answerer.runner, answerer.encoder, root) if generation else None
         ids = answerer.generate_ids(items[:GENERATED])
         chosen = answerer.choose([i for i in items if i.choices])
         answers = answerer.answer(items, "likelihood")
         attention = attention_map(answerer, items[0], layers=[2, 4], heads=[1, 3])
     return {"ids": ids, "logprobs": [a.logprobs for a in chosen], "answers": {k: a.text for k, a in answers.items()},
-            "grid": torch.from_numpy(attention.grid), "share": attention.image_share, "answer": attention.answer}
+            "grid": torch.from_numpy(attention.grid), "share": attention.image_share, "answer": attention.answer,
+            "generation": cached_vs_uncached}
 
 
 @torch.no_grad()
@@ -198,19 +257,35 @@ def _flat(logprobs) -> torch.Tensor:
     return torch.tensor([v for row in logprobs for v in row])
 
 
+def _check_generation(result: dict) -> None:
+    """Cached and uncached greedy ids are the same, and both are the free-running ids cut at the EOS
+    and at the positions' end: a ragged batch (text only to anyres), early EOS, ended rows."""
+    free, eos, lengths = result["free"], result["eos"], result["lengths"]
+    expected = [ids[: ids.index(eos) if eos in ids else len(ids)][: result["limit"] - n]
+                for ids, n in zip(free, lengths)]
+    assert result["cached"] == result["uncached"] == expected
+    assert any(eos in ids[:-1] for ids in free) and len(expected[-1]) == 2 < len(free[-1])  # EOS; the positions' end
+    assert len(set(lengths)) == len(lengths) and lengths[-1] == max(lengths) and result["anyres_tiles"] >= 3
+    if result["tiles"] is not None:  # the vision encoder saw each query's tiles once
+        assert result["tiles"][0] == result["tiles"][1] > 0
+
+
 def test_layouts_agree_with_direct_forward(root):
     reference = run_ranks(_direct_reference, 1, str(root))[0]
     assert min(reference["margins"]) > ID_TOL
     assert reference["attention_error"] < 1e-5
     assert all(torch.allclose(s, torch.ones_like(s)) for s in reference["row_sums"])
-    tp1 = run_ranks(_evaluate_at, 1, str(root), ParallelConfig())[0]
+    tp1 = run_ranks(_evaluate_at, 1, str(root), ParallelConfig(), True)[0]
     assert tp1["ids"] == reference["ids"] and all(len(ids) > 0 for ids in tp1["ids"])
+    _check_generation(tp1["generation"])
     assert _flat(tp1["logprobs"]).sub(_flat(reference["logprobs"])).abs().max() < LAYOUT_TOL
     assert abs(tp1["grid"].sum().item() - tp1["share"]) < 1e-6  # one tile: the grid is all image positions
     layouts = ((ParallelConfig(pipeline_parallel=2), 2), (ParallelConfig(pipeline_parallel=2, virtual_pipeline=2), 2),
                (ParallelConfig(tensor_parallel=2, sequence_parallel=True), 4))  # TP=2 on 4 ranks: DP=2
     for parallel, ranks in layouts:
-        for result in run_ranks(_evaluate_at, ranks, str(root), parallel):
+        for result in run_ranks(_evaluate_at, ranks, str(root), parallel, True):
+            _check_generation(result["generation"])
+            assert result["generation"]["free"] == tp1["generation"]["free"]
             assert result["ids"] == tp1["ids"] and result["answers"] == tp1["answers"]
             assert result["answer"] == tp1["answer"]
             assert _flat(result["logprobs"]).sub(_flat(tp1["logprobs"])).abs().max() < LAYOUT_TOL
@@ -316,6 +391,22 @@ def test_evaluate_tool_prints_the_paper_table(root):
     start = table.index("paper table (paper14): 14 of 14 benchmarks")
     assert [line.split("  ")[0] for line in table[start + 3:start + 17]] == [row.label for row in PAPER14]
     assert table[start + 17].split()[-1] == f"{suite['average']:.2f}"
+
+
+def test_evaluate_tool_compares_kv_cache(root):
+    """``--compare-kv-cache``: both paths' answers to the same questions agree; the table and JSON."""
+    import json
+
+    out = root / "eval_kv"
+    argv = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "data"), "--template", "vicuna_v1",
+            "--image-mode", "pad", "--benchmark", f"jsonl={root / 'data/eval.jsonl'}", "--image-root",
+            f"jsonl={root / 'data/images'}", "--max-new-tokens", str(NEW_TOKENS), "--limit", "5", "--out", str(out),
+            "--dtype", "fp32", "--compare-kv-cache"]
+    run_ranks(_run_tool, 1, "evaluate", argv)
+    [row] = json.loads((out / "kv_cache_comparison.json").read_text())["rows"]
+    assert row["benchmark"] == "jsonl" and row["questions"] == row["same_answers"] == 5
+    assert row["speedup"] == pytest.approx(row["uncached_s"] / row["cached_s"])
+    assert not (out / "results.json").exists()  # a timing, not an evaluation
 
 
 def test_evaluate_tool_names_a_missing_benchmark(root):

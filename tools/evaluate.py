@@ -19,6 +19,14 @@ given are named missing; results.json gets it under "suite"):
         --benchmark mmmu=MMMU --benchmark ocrbench=OCRBench/OCRBench.json \\
         --image-root ocrbench=OCRBench_Images ... --out eval/asvr-7b
 
+Greedy generation keeps megatron's KV cache; ``--no-kv-cache`` runs the reference (every sequence
+forwarded whole again for each generated id), and ``--compare-kv-cache`` times both on the same
+questions and prints the seconds, the speed-up and how many answers agree (no scores):
+
+    torchrun --nproc_per_node 2 tools/evaluate.py --checkpoint runs/demo/stage2 --tokenizer runs/demo/data \\
+        --benchmark jsonl=runs/demo/data/eval.jsonl --image-root jsonl=runs/demo/data/images \\
+        --max-new-tokens 6 --compare-kv-cache --out runs/demo/eval_kv
+
 Benchmarks (NAME=PATH): pope (coco_pope_*.json files), mme (MME_Benchmark_release_version),
 mmbench (the dev TSV), seed (SEED-Bench.json), mmvp (Questions.csv), textvqa
 (TextVQA_0.5.1_val.json), gqa (testdev_balanced_questions.json), docvqa (val_v1.0.json or
@@ -70,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                        help="generate by the reference: every sequence forwarded whole again for each id")
+    parser.add_argument("--compare-kv-cache", action="store_true",
+                        help="time the greedy answers without and with the KV cache side by side (no scores)")
     parser.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
     parser.add_argument("--suite", choices=sorted(SUITES),
                         help="the benchmarks given are the paper's: add its table and average, name the missing")
@@ -81,7 +93,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         from megatron_asvr.config.tools import EvalBenchmarkConfig, EvalConfig, EvalModelConfig
-        from megatron_asvr.evaluation.run import run_evaluation
+        from megatron_asvr.evaluation.run import compare_kv_cache, run_evaluation
 
         roots = _pairs(args.image_root, "--image-root")
         benchmarks = _pairs(args.benchmark, "--benchmark")
@@ -94,10 +106,11 @@ def main(argv=None) -> None:
             checkpoint=args.checkpoint, hf_model=args.hf_model, tokenizer=args.tokenizer, template=args.template,
             image_mode=args.image_mode, parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp),
             dtype=args.dtype, micro_batch=args.micro_batch, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache,
         )
-        run_evaluation(EvalConfig(model=model, benchmarks=specs, out_dir=args.out, method=args.method,
-                                  limit=args.limit, suite=args.suite))
+        config = EvalConfig(model=model, benchmarks=specs, out_dir=args.out, method=args.method, limit=args.limit,
+                            suite=args.suite)
+        (compare_kv_cache if args.compare_kv_cache else run_evaluation)(config)
     except (ConfigError, BenchmarkError, ImageLoadError, SequenceTooLong, FileNotFoundError) as err:
         sys.exit(f"evaluate: error: {err}")
 

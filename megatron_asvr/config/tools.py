@@ -161,6 +161,7 @@ class EvalModelConfig:
     micro_batch: Positive = 4
     batch_size: Positive = 32  # questions decoded together
     max_new_tokens: Positive = 16
+    kv_cache: bool = True  # ours: generate with megatron's KV cache; False: the reference, whole sequences per id
 
     def validate(self) -> None:
         if (self.checkpoint is None) == (self.hf_model is None):

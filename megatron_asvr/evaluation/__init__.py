@@ -3,7 +3,8 @@ answer-likelihood scoring at any TP / PP (or on an HF export), the in-training h
 last-token attention maps.
 
     benchmark file -> EvalItems (suites/) -> Answerer (answerer.py: queries.py, prompts.py)
-                   -> runner (runners.py: our checkpoint through megatron's schedule; hf_runner.py)
+                   -> runner (runners.py: our checkpoint through megatron's schedule, greedy
+                              decoding with its KV cache in generate.py; hf_runner.py)
                    -> predictions -> scorer (suites/) -> table + JSON (report.py)
                    -> the paper's 14-benchmark table and average (paper_table.py, --suite paper14)
 

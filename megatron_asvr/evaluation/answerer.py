@@ -32,21 +32,7 @@ class Answerer:
         outputs = []
         for start in range(0, len(items), self.batch_size):
             queries = [self.encoder.prompt(item) for item in items[start:start + self.batch_size]]
-            generated = [[] for _ in queries]
-            active = list(range(len(queries)))
-            for _ in range(self.max_new_tokens):
-                if not active:
-                    break
-                tokens = self.runner.next_tokens([queries[i] for i in active])
-                still = []
-                for i, token in zip(active, tokens):
-                    if token != self.eos_id:
-                        generated[i].append(token)
-                        queries[i] = queries[i].extended(token)
-                        if queries[i].length < self.encoder.max_length:
-                            still.append(i)
-                active = still
-            outputs += generated
+            outputs += self.runner.generate(queries, self.max_new_tokens, self.eos_id, self.encoder.max_length)
         return outputs
 
     def generate(self, items: List[EvalItem]) -> List[str]:

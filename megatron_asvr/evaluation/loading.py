@@ -84,7 +84,7 @@ def _checkpoint_model(spec: EvalModelConfig) -> LoadedModel:
     encoder = QueryEncoder(tokenizer, _required(spec.template or defaults.template, "template", "--template"),
                            _required(spec.image_mode or defaults.image_mode, "image mode", "--image-mode"),
                            model.vision.num_patches, model.llm.max_sequence_length, model.vision.resample)
-    runner = MegatronRunner(chunks, min(model.llm.vocab_size, tokenizer.vocab_size), spec.micro_batch)
+    runner = MegatronRunner(chunks, min(model.llm.vocab_size, tokenizer.vocab_size), spec.micro_batch, spec.kv_cache)
     answerer = Answerer(runner, encoder, spec.max_new_tokens, spec.batch_size)
     return LoadedModel(answerer, str(directory), info.rank == 0, model.vision.patch_size)
 

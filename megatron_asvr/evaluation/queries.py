@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from megatron_asvr.config import Resample
+from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.images import image_token_count, preprocess_image
 from megatron_asvr.data.sequence import SequenceSample, SequenceTooLong, build_sequence
 from megatron_asvr.evaluation.items import EvalItem, load_item_image
@@ -47,6 +48,13 @@ def to_sample(query: Query, seq_length: int) -> SequenceSample:
     ids = query.ids + [PAD_ID]  # build_sequence feeds ids[:-1]: every real id becomes an input
     supervised = [i >= query.scored_from for i in range(len(ids) - 1)] + [False]
     return build_sequence(ids, supervised, query.image_tokens, seq_length, PAD_ID)
+
+
+def query_batch(queries: List[Query], seq_length: int) -> MicroBatch:
+    """``queries`` as one micro-batch, right-padded to ``seq_length`` positions, their tiles in order."""
+    pixels = [q.pixels for q in queries if q.pixels is not None]
+    return build_micro_batch([to_sample(q, seq_length) for q in queries],
+                             images=torch.cat(pixels) if pixels else None)  # [sum T, 3, H, W]
 
 
 class QueryEncoder:

@@ -5,8 +5,10 @@ megatron's forward-only pipeline schedule; the last stage reduces the logits to 
 number per query (next token id, or summed log-probability of the answer ids),
 which is broadcast over the pipeline so that every rank continues identically.
 Ids beyond ``vocab_limit`` (tensor-parallel padding, llava-hf's appended tokens)
-are never predicted and take no probability mass. There is no KV cache: each
-decoding step forwards the whole sequence again.
+are never predicted and take no probability mass. Greedy generation keeps megatron's KV
+cache (``generate``: the vision encoder once per query, then one position per step); the
+reference (``kv_cache=False``, and every runner's ``Runner.generate``) forwards each whole
+sequence again for every generated id.
 """
 
 from abc import ABC, abstractmethod
@@ -17,8 +19,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
-from megatron_asvr.data.batch import MicroBatch, build_micro_batch
-from megatron_asvr.evaluation.queries import Query, to_sample
+from megatron_asvr.data.batch import MicroBatch
+from megatron_asvr.evaluation.generate import generate_with_cache
+from megatron_asvr.evaluation.queries import Query, query_batch
 from megatron_asvr.training.schedule import forward_only
 from megatron_asvr.training.task import logits_step
 
@@ -31,13 +34,8 @@ def micro_batches(queries: List[Query], micro_batch: int, length_multiple: int =
     micro-batches (the interleaved schedule runs them in groups of PP)."""
     seq_length = -(-max(q.length for q in queries) // length_multiple) * length_multiple
     padded = queries + [queries[-1]] * (-len(queries) % (micro_batch * count_multiple))
-    batches = []
-    for start in range(0, len(padded), micro_batch):
-        group = padded[start:start + micro_batch]
-        pixels = [q.pixels for q in group if q.pixels is not None]
-        batches.append(build_micro_batch([to_sample(q, seq_length) for q in group],
-                                         images=torch.cat(pixels) if pixels else None))  # [sum T, 3, H, W]
-    return batches
+    return [query_batch(padded[start:start + micro_batch], seq_length)
+            for start in range(0, len(padded), micro_batch)]
 
 
 def last_positions(batch: MicroBatch, device) -> torch.Tensor:
@@ -58,6 +56,25 @@ class Runner(ABC):
     @abstractmethod
     def answer_logprobs(self, queries: List[Query]) -> List[float]:
         """sum of log p(id) over each query's ids from ``scored_from`` on."""
+
+    def generate(self, queries: List[Query], max_new_tokens: int, eos_id: int, max_length: int) -> List[List[int]]:
+        """Greedy ids after each query until EOS (not included), ``max_new_tokens`` ids, or ``max_length``
+        positions. This reference forwards every unfinished sequence whole again for each id."""
+        generated = [[] for _ in queries]
+        queries, active = list(queries), list(range(len(queries)))
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            tokens = self.next_tokens([queries[i] for i in active])
+            still = []
+            for i, token in zip(active, tokens):
+                if token != eos_id:
+                    generated[i].append(token)
+                    queries[i] = queries[i].extended(token)
+                    if queries[i].length < max_length:
+                        still.append(i)
+            active = still
+        return generated
 
     def gather(self, values: list) -> list:
         """Concatenate ``values`` of every data-parallel replica in rank order."""
@@ -88,10 +105,11 @@ def answer_logprob(logits: torch.Tensor, batch: MicroBatch, vocab_limit: int) ->
 
 
 class MegatronRunner(Runner):
-    """Our model chunks through the forward-only schedule (every rank of the job calls it)."""
+    """Our model chunks through the forward-only schedule (every rank of the job calls it);
+    ``kv_cache=False`` generates by the reference instead."""
 
-    def __init__(self, chunks: List[torch.nn.Module], vocab_limit: int, micro_batch: int = 4):
-        self.chunks, self.vocab_limit, self.micro_batch = chunks, vocab_limit, micro_batch
+    def __init__(self, chunks: List[torch.nn.Module], vocab_limit: int, micro_batch: int = 4, kv_cache: bool = True):
+        self.chunks, self.vocab_limit, self.micro_batch, self.kv_cache = chunks, vocab_limit, micro_batch, kv_cache
         self.device = next(chunks[0].parameters()).device
         self.data_parallel = (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
@@ -100,6 +118,12 @@ class MegatronRunner(Runner):
 
     def answer_logprobs(self, queries: List[Query]) -> List[float]:
         return self._run(queries, answer_logprob)
+
+    def generate(self, queries: List[Query], max_new_tokens: int, eos_id: int, max_length: int) -> List[List[int]]:
+        if not self.kv_cache:
+            return super().generate(queries, max_new_tokens, eos_id, max_length)
+        return generate_with_cache(self.chunks, queries, self.micro_batch, max_new_tokens, eos_id, max_length,
+                                   self.vocab_limit)
 
     def _run(self, queries: List[Query], reduce: Callable) -> List[float]:
         config = self.chunks[0].config

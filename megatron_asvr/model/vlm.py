@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -157,7 +158,9 @@ class ASVRModel(MegatronModule):
             features = self.vision_encoder(images)  # [n, P, h_vision]
         return self.projector(features)
 
-    def _decoder_input(self, tokens, position_ids, image_index, images, input_codes) -> torch.Tensor:
+    def input_embeddings(self, tokens, position_ids, image_index, images, input_codes) -> torch.Tensor:
+        """The decoder's input on the first stage: token embeddings with the image features spliced
+        in at ``image_index`` [s(/tp), b, h]."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
         if images is not None or input_codes is not None:
             features = self.image_features(images, input_codes)  # [n, P, h]
@@ -180,17 +183,22 @@ class ASVRModel(MegatronModule):
         visual_targets: Optional[Dict[str, torch.Tensor]] = None,  # branch -> [sum P, D] codes
         visual_rows: Optional[torch.Tensor] = None,  # [n_sup] supervised rows of visual_targets
         packed_seq_params: Optional[PackedSeqParams] = None,  # packed samples in one row [1, t] (THD)
+        decoder_input: Optional[torch.Tensor] = None,  # [s, b, h] first stage's input_embeddings, given
+        inference_context: Optional[BaseInferenceContext] = None,  # megatron's KV cache (generation)
     ):
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self._decoder_input(tokens, position_ids, image_index, images, input_codes)
+        if self.pre_process and decoder_input is None:
+            decoder_input = self.input_embeddings(tokens, position_ids, image_index, images, input_codes)
         output = self.language_model(
             tokens, position_ids, None, decoder_input=decoder_input, labels=labels if self.post_process else None,
-            packed_seq_params=packed_seq_params,
+            packed_seq_params=packed_seq_params, inference_context=inference_context,
+            # megatron's inference path gathers the logits over TP ranks
+            runtime_gather_output=True if inference_context is not None else None,
         )
         if not self.post_process:
             return output  # [s, b, h] to the next stage
-        text, hidden = output  # per-token CE [b, s] (logits [b, s, V/tp] without labels); [s(/tp), b, h]
+        # per-token CE [b, s] (logits [b, s, V/tp] without labels; [b, 1, V] with an inference context,
+        # the last position's); [s(/tp), b, h]
+        text, hidden = output
         if labels is None:
             return {"logits": text, "hidden": hidden}
         visual = {}

@@ -10,6 +10,7 @@ function; ``training.task`` builds it for the training loss (``ASVRTask``) and f
 (``logits_step``).
 """
 
+import contextlib
 from typing import Any, Callable, List, Tuple
 
 import torch
@@ -23,10 +24,11 @@ ForwardStep = Callable  # (data_iterator, model) -> (output, loss_func)
 
 def schedule_shape(model: List[torch.nn.Module], micro: List[MicroBatch]) -> Tuple[int, int]:
     """(sequence length, micro-batch size) for megatron's schedule. Micro-batches padded to their
-    longest sample differ in length: the pipeline then sends each one's shape first."""
-    lengths = {m.tokens.shape[1] for m in micro}
-    model[0].config.variable_seq_lengths = len(lengths) > 1
-    return max(lengths), micro[0].rows
+    longest sample differ in length (and generation's steps in rows too): the pipeline then sends
+    each one's shape first."""
+    shapes = {tuple(m.tokens.shape) for m in micro}  # (rows, length)
+    model[0].config.variable_seq_lengths = len(shapes) > 1
+    return max(length for _, length in shapes), micro[0].rows
 
 
 def _run(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch],
@@ -59,16 +61,24 @@ def forward_backward(forward_step: ForwardStep, model: List[torch.nn.Module], op
     return _run(forward_step, model, micro, False)
 
 
-@torch.no_grad()
-def forward_only(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch]) -> List[Any]:
-    """Forward only over ``micro`` (moved to the model's device), the chunks in eval mode; what
-    each micro-batch's loss function returned (last stage only)."""
-    device = next(model[0].parameters()).device
-    micro = [m.to(device) for m in micro]
+@contextlib.contextmanager
+def eval_mode(model: List[torch.nn.Module]):
+    """The chunks in eval mode (no dropout) while in the context, their modes restored after."""
+    training = [chunk.training for chunk in model]
     for chunk in model:
         chunk.eval()
     try:
-        return _run(forward_step, model, micro, True)
+        yield
     finally:
-        for chunk in model:
-            chunk.train()
+        for chunk, mode in zip(model, training):
+            chunk.train(mode)
+
+
+@torch.no_grad()
+def forward_only(forward_step: ForwardStep, model: List[torch.nn.Module], micro: List[MicroBatch]) -> List[Any]:
+    """Forward only over ``micro`` (moved to the model's device), the chunks in eval mode (their
+    mode restored after); what each micro-batch's loss function returned (last stage only)."""
+    device = next(model[0].parameters()).device
+    micro = [m.to(device) for m in micro]
+    with eval_mode(model):
+        return _run(forward_step, model, micro, True)
