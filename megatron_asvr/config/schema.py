@@ -316,6 +316,29 @@ class DataConfig:
             raise ConfigError(f"data.targets={self.targets!r} has no targets.json: run tools/precompute_targets.py")
 
 
+Switch = Literal["auto", "on", "off"]  # auto: on with CUDA, off on CPU (train.fast_paths)
+# RMSNorm: auto = Liger's Triton kernel when importable with CUDA, else torch's F.rms_norm with CUDA, the
+# reference (fp32 variance, HF LLaMA's code) on CPU
+RMSNormKernel = Literal["auto", "reference", "torch", "liger"]
+# SDPA's backends, in priority order where several are allowed: auto = cuDNN, then flash, then
+# memory-efficient, then math with CUDA; on CPU torch's own choice (default)
+AttentionBackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
+
+
+@section
+class FastPathsConfig:
+    """How the step runs, never what it computes (runtime/fast_paths.py): each switch on and off passes the
+    same equivalence tests; on by default with CUDA, where a local-spec step has no Transformer Engine or
+    apex to do the same (docs/fast_paths.md says which defaults a GPU measurement has confirmed)."""
+
+    fused_adam: Switch = "auto"  # torch's AdamW with fused=True inside megatron's optimizer
+    foreach_clip: Switch = "auto"  # gradient norm and scaling with foreach ops: no host sync per tensor
+    wgrad_accumulation: Switch = "auto"  # weight gradients accumulated straight into fp32 main_grad
+    bias_fusions: Switch = "auto"  # megatron's bias-SwiGLU (LLM) and bias-dropout-add fusions
+    rms_norm: RMSNormKernel = "auto"
+    attention: AttentionBackend = "auto"
+
+
 @section
 class TrainConfig:
     """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping.
@@ -359,6 +382,7 @@ class TrainConfig:
     slow_step_factor: Annotated[float, Field(ge=0.0)] = 5.0  # report a step past this x the median (0: never)
     num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)
     gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
+    fast_paths: FastPathsConfig = dataclasses.field(default_factory=FastPathsConfig)
     # In-training evaluation (megatron_asvr.evaluation.in_training): held-out letter and yes/no
     # questions scored by answer likelihood every eval_interval steps (0 = off).
     eval_interval: Count = 0

@@ -38,6 +38,7 @@ from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.model.loss import LossReport
 from megatron_asvr.runtime import RankInfo
+from megatron_asvr.runtime.fast_paths import FastPaths, apply_megatron_patches, building, fuse_adam
 from megatron_asvr.runtime.waits import waiting_for
 from megatron_asvr.training.schedule import forward_backward, forward_only
 
@@ -251,11 +252,17 @@ class Trainer:
     def __init__(self, build_chunk: ChunkBuilder, task: StepTask, parallel: ParallelConfig,
                  optim: OptimizerSettings, info: RankInfo,
                  init_weights: Optional[Callable[[list], None]] = None, bucket_size: Optional[int] = None,
-                 flops_of: Optional[Callable[[List[MicroBatch]], float]] = None):
+                 flops_of: Optional[Callable[[List[MicroBatch]], float]] = None,
+                 fast_paths: FastPaths = FastPaths()):
         """``init_weights(chunks)`` may load weights before the chunks are wrapped for DDP;
-        ``flops_of(micro_batches)``: the FLOPs of this rank's micro-batches (for the step's count)."""
+        ``flops_of(micro_batches)``: the FLOPs of this rank's micro-batches (for the step's count);
+        ``fast_paths``: how the step runs (``runtime.fast_paths``; its TransformerConfig changes are the
+        ``build_chunk``'s, made by its caller)."""
         self.task, self.optim, self.info, self.flops_of = task, optim, info, flops_of
-        self.chunks = build_model_chunks(build_chunk, info.device)
+        self.fast_paths = fast_paths
+        apply_megatron_patches(fast_paths)
+        with building(fast_paths):
+            self.chunks = build_model_chunks(build_chunk, info.device)
         if init_weights is not None:
             init_weights(self.chunks)
         settings = DataParallelSettings.of(parallel)
@@ -267,6 +274,7 @@ class Trainer:
             clip_grad=optim.clip_grad, adam_betas=optim.adam_betas, adam_eps=optim.adam_eps,
             distributed_optimizer=settings.distributed_optimizer,
         )
+        fuse_adam(self.optimizer, fast_paths.fused_adam)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
             lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
@@ -360,5 +368,6 @@ class Trainer:
     def resume(self, directory: Path) -> bool:
         """Restore everything from a checkpoint; return whether the layout was the same (RNG restored)."""
         progress = load_training(directory, self.model, self.optimizer, self.scheduler)
+        fuse_adam(self.optimizer, self.fast_paths.fused_adam)  # the checkpoint's param groups carry the saver's flags
         self.step, self.consumed_samples = progress.step, progress.consumed_samples
         return progress.same_layout
