@@ -28,7 +28,7 @@ LAYOUTS = {
     "pp2_uneven": (2, ParallelConfig(pipeline_parallel=2)),
 }
 # Fast paths on in some layouts (the reference runs them off): the head's norms and per-depth MLPs too.
-FAST_PATHS = {"tp2_pp2": ALL_FAST_PATHS, "dp2": FastPathsConfig(wgrad_accumulation="on", fused_adam="on")}
+FAST_PATHS = {"tp2_pp2": ALL_FAST_PATHS, "dp2": FastPathsConfig(wgrad_accumulation=True, fused_adam=True)}
 UNEVEN = dataclasses.replace(STAGE2, llm=dataclasses.replace(STAGE2.llm, layers_in_last_stage=1))
 
 
@@ -55,7 +55,7 @@ def test_layout_matches_single_process(reference, layout):
     fast_paths = FAST_PATHS.get(layout, FastPathsConfig())
     case = VLMCase(model=model, steps=2, parallel=parallel, fast_paths=fast_paths)
     results = run_ranks(train_case, world_size, case, reference["initial"])
-    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam == "on"}
+    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam is True}
     if layout == "pp2_uneven":
         layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")})
                   for r in results]

@@ -23,7 +23,7 @@ def test_auto_is_on_with_cuda_and_off_on_cpu():
     gpu = FastPaths.resolve(FastPathsConfig(), cuda=True)
     assert (gpu.fused_adam, gpu.foreach_clip, gpu.wgrad_accumulation, gpu.bias_fusions) == (True,) * 4
     assert gpu.attention == "cudnn" and gpu.rms_norm == ("liger" if fp.have_liger() else "torch")
-    off = FastPaths.resolve(FastPathsConfig(fused_adam="off", attention="math", rms_norm="reference"), cuda=True)
+    off = FastPaths.resolve(FastPathsConfig(fused_adam=False, attention="math", rms_norm="reference"), cuda=True)
     assert (off.fused_adam, off.attention, off.rms_norm) == (False, "math", "reference")
     with pytest.raises(ConfigError, match="rms_norm=liger needs CUDA"):
         FastPaths.resolve(FastPathsConfig(rms_norm="liger"), cuda=False)

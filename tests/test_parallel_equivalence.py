@@ -34,11 +34,11 @@ LAYOUTS = {
 BUCKETS = {"tp2_pp2_dp2_overlap": 8192}  # elements per gradient bucket: 4 on a first-stage rank (~40k parameters)
 FAST_PATHS = {
     "tp2_pp2": ALL_FAST_PATHS,
-    "dp2_distributed_optimizer": FastPathsConfig(fused_adam="on", foreach_clip="on"),  # AdamW on shards
+    "dp2_distributed_optimizer": FastPathsConfig(fused_adam=True, foreach_clip=True),  # AdamW on shards
     # wgrad into main_grad after the sequence-parallel all-gather; SDPA's CPU flash kernel
-    "tp2_sequence_parallel": FastPathsConfig(wgrad_accumulation="on", rms_norm="torch", attention="flash"),
+    "tp2_sequence_parallel": FastPathsConfig(wgrad_accumulation=True, rms_norm="torch", attention="flash"),
     # main_grad written by the GEMM while DDP's overlapped bucket hooks watch grad_added_to_main_grad
-    "tp2_pp2_dp2_overlap": FastPathsConfig(wgrad_accumulation="on", fused_adam="on", bias_fusions="on"),
+    "tp2_pp2_dp2_overlap": FastPathsConfig(wgrad_accumulation=True, fused_adam=True, bias_fusions=True),
 }
 
 
@@ -62,7 +62,7 @@ def test_layout_matches_single_process(reference, layout):
     fast_paths = FAST_PATHS.get(layout, FastPathsConfig())
     case = GPTCase(parallel=parallel, bucket_size=BUCKETS.get(layout), fast_paths=fast_paths)
     results = run_ranks(train_case, world_size, case, reference["initial"])
-    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam == "on"}
+    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam is True}
     if layout in BUCKETS:  # megatron buckets the first pipeline stage only
         assert max(r["grad_buckets"] for r in results) > 1, [r["grad_buckets"] for r in results]
 

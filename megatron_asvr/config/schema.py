@@ -8,7 +8,7 @@ is built. Every failure is a one-line ``ConfigError`` that says what to change.
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import Field
 
@@ -316,7 +316,7 @@ class DataConfig:
             raise ConfigError(f"data.targets={self.targets!r} has no targets.json: run tools/precompute_targets.py")
 
 
-Switch = Literal["auto", "on", "off"]  # auto: on with CUDA, off on CPU (train.fast_paths)
+Switch = Union[Literal["auto"], bool]  # auto: on with CUDA, off on CPU (train.fast_paths)
 # RMSNorm: auto = Liger's Triton kernel when importable with CUDA, else torch's F.rms_norm with CUDA, the
 # reference (fp32 variance, HF LLaMA's code) on CPU
 RMSNormKernel = Literal["auto", "reference", "torch", "liger"]
@@ -444,7 +444,7 @@ class RunConfig:
             raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
 
 
-BenchMode = Literal["single", "compare-asvr", "compare-packing", "ab"]
+BenchMode = Literal["single", "compare-asvr", "compare-packing", "ab", "compare-fast-paths"]
 BenchPrecision = Literal["fp32", "bf16", "fp8"]  # fp8: the LLM's layers through TE; the rest bf16
 FP8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
 PROMPT_TOKENS = 16  # of a synthetic benchmark sample, between its image and its answer
@@ -458,7 +458,8 @@ class BenchConfig:
 
     # single: the recipe as it is; compare-asvr: a plain LLaVA step, then with the visual head and its loss;
     # compare-packing: the same samples padded to full length, to each micro-batch's longest, packed;
-    # ab: the recipe at two precisions (``ab``)
+    # ab: the recipe at two precisions (``ab``); compare-fast-paths: baseline and ASVR with train.fast_paths
+    # all off, then as the recipe sets them
     mode: BenchMode = "single"
     warmup: Count = 2
     steps: Positive = 5
@@ -469,6 +470,7 @@ class BenchConfig:
     fp8_recipe: FP8Recipe = "delayed"
     fp8_bf16_edge_layers: Count = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
     json: Optional[str] = None  # also write the runs and comparisons here
+    profile: bool = False  # one more step under torch's profiler, its device time by kernel class
 
 
 @section

@@ -42,8 +42,8 @@ class FastPaths:
 
     @classmethod
     def resolve(cls, config: FastPathsConfig, cuda: bool) -> "FastPaths":
-        def on(switch: str) -> bool:
-            return cuda if switch == "auto" else switch == "on"
+        def on(switch) -> bool:
+            return cuda if switch == "auto" else bool(switch)
 
         rms_norm = config.rms_norm
         if rms_norm == "auto":

@@ -27,7 +27,7 @@ from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
 EVAL_STEP = 99  # the fixed batch used for evaluation only
 # Every fast path on, as their CPU twins run them (runtime/fast_paths.py); the references run them off.
-ALL_FAST_PATHS = FastPathsConfig(fused_adam="on", foreach_clip="on", wgrad_accumulation="on", bias_fusions="on",
+ALL_FAST_PATHS = FastPathsConfig(fused_adam=True, foreach_clip=True, wgrad_accumulation=True, bias_fusions=True,
                                  rms_norm="torch", attention="math")
 
 
