@@ -111,6 +111,7 @@ def table_settings(config: BenchRunConfig) -> dict:
             "sequence_parallel": p.sequence_parallel, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
             "seq_length": d.seq_length, "lengths": config.bench.lengths, "visual_loss": config.model.asvr.visual_loss,
             "transformer_impl": config.model.transformer_impl, "recompute": t.recompute,
+            "master_weights": t.master_weights,
             "fast_paths": dataclasses.asdict(FastPaths.resolve(t.fast_paths, torch.cuda.is_available()))}
 
 

@@ -361,6 +361,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     precision: Precision = "auto"
+    # false: pure bf16, AdamW steps the bf16 parameters on bf16 gradients (no fp32 master weights or gradient
+    # buffers; the non-distributed optimizer): the fair race's pair B (tools/gpu_check/hf_baseline.py)
+    master_weights: bool = True
     recompute: Recompute = "none"
     visual_tokenizer: Optional[str] = None  # directory with the tokenizer's config.json and checkpoint
     load: Optional[str] = None  # initial weights only: a stage-1 or HF-imported checkpoint

@@ -66,7 +66,7 @@ def optimizer_settings(config: RunConfig, steps: int) -> OptimizerSettings:
         lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
         adam_betas=(t.adam_beta1, t.adam_beta2), adam_eps=t.adam_eps, decay_style="cosine",
         warmup_steps=int(round(t.warmup_ratio * steps)), total_steps=steps, nan_policy=t.nan_policy,
-        max_consecutive_skips=t.max_consecutive_skips,
+        max_consecutive_skips=t.max_consecutive_skips, master_weights=t.master_weights,
     )
 
 

@@ -84,6 +84,7 @@ class OptimizerSettings:
     total_steps: int = 1
     nan_policy: str = "skip"  # skip (up to max_consecutive_skips in a row) | stop
     max_consecutive_skips: int = 5
+    master_weights: bool = True  # False: pure bf16 (bf16 gradient buffers, AdamW on the bf16 parameters)
 
 
 # -- the chunks wrapped for data parallelism, and their optimizer ------------------------------------
@@ -149,8 +150,10 @@ def build_optimizer(
     adam_betas=(0.9, 0.999),
     adam_eps: float = 1e-8,
     distributed_optimizer: bool = False,
+    master_weights: bool = True,
 ) -> MegatronOptimizer:
-    """megatron's AdamW (decoupled weight decay; none on biases and norms), fp32 main params."""
+    """megatron's AdamW (decoupled weight decay; none on biases and norms), fp32 main params (without
+    ``master_weights``: on the parameters themselves, in their dtype)."""
     config = model[0].config
     optimizer_config = OptimizerConfig(
         optimizer="adam",
@@ -161,8 +164,8 @@ def build_optimizer(
         adam_beta2=adam_betas[1],
         adam_eps=adam_eps,
         clip_grad=clip_grad,
-        bf16=config.bf16,
-        fp16=config.fp16,
+        bf16=config.bf16 and master_weights,
+        fp16=config.fp16 and master_weights,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=distributed_optimizer,
     )
@@ -268,11 +271,13 @@ class Trainer:
         settings = DataParallelSettings.of(parallel)
         if bucket_size is not None:
             settings.bucket_size = bucket_size
+        if not optim.master_weights:  # megatron's FP32Optimizer then steps the parameters on their main_grad
+            settings.grad_reduce_in_fp32 = settings.distributed_optimizer = False
         self.model = wrap_data_parallel(self.chunks, settings)
         self.optimizer = build_optimizer(
             self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             clip_grad=optim.clip_grad, adam_betas=optim.adam_betas, adam_eps=optim.adam_eps,
-            distributed_optimizer=settings.distributed_optimizer,
+            distributed_optimizer=settings.distributed_optimizer, master_weights=optim.master_weights,
         )
         fuse_adam(self.optimizer, fast_paths.fused_adam)
         self.scheduler = OptimizerParamScheduler(
