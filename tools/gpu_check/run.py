@@ -73,6 +73,8 @@ STEPS = [
          ("--layers", "12", "--mode", "compare-asvr")),
     Step("d-hf", "fair race with transformers: pairs A and B (LLaVA and ASVR steps)", 80, 110, 240,
          "hf_baseline"),
+    Step("nccl", "2+ GPUs: TP2 / PP2 / DP2 against one process under NCCL; a TP=2 throughput row", 60, 90, 30,
+         "multi_gpu"),
     Step("dmax", "whole step, the most LLM layers the device's memory holds (ASVR, fast)", 60, 90, None,
          "throughput", ("--layers", "max", "--mode", "single"), min_left_s=70),
     Step("b", "tools/train.py: 20 steps, kill + resume, fast paths on", 120, 150, 180, "train_resume",
@@ -222,8 +224,9 @@ def main(argv=None) -> int:
             if only is not None and step.key not in only:
                 result = {"status": SKIPPED, "summary": "not asked for (--only)"}
             elif cap is None:
-                result = {"status": SKIPPED, "summary": "device only: at tiny shapes another step's code path"
-                          if args.cpu else "not run on the device: what it needs cannot travel there"}
+                result = {"status": SKIPPED, "summary": "device only (the CPU environment has it, or another step "
+                          "runs its code path at tiny shapes)" if args.cpu else
+                          "not run on the device: what it needs cannot travel there"}
             elif left < step.min_left_s:
                 result = {"status": OUT_OF_TIME, "summary": f"not started: {left:.0f} s of the check's "
                                                             f"{DEADLINE_S[mode]} s left, it needs {step.min_left_s}"}

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from tools.gpu_check.shapes import llm_layers, recipe, throughput_overrides
 from tools.gpu_check.step_io import FAILED, OK, REPO, main
@@ -20,14 +20,15 @@ from tools.gpu_check.step_io import FAILED, OK, REPO, main
 GIB = 2**30
 
 
-def run_benchmark(cpu: bool, overrides: List[str], work: Path) -> dict:
-    """Run tools/benchmark.py on the check's recipe with ``overrides`` (its output goes to this step's log);
-    its JSON, or RuntimeError."""
+def run_benchmark(cpu: bool, overrides: List[str], work: Path, launcher: Optional[List[str]] = None) -> dict:
+    """Run tools/benchmark.py on the check's recipe with ``overrides`` (its output goes to this step's log),
+    in one process or under ``launcher`` (torchrun's command); its JSON, or RuntimeError."""
     mode = next((o.split("=", 1)[1] for o in overrides if o.startswith("bench.mode=")), "recipe")
     json_path = work / f"benchmark_{mode}.json"
-    argv = [sys.executable, "tools/benchmark.py", "--config", str(recipe(cpu))]
+    argv = (launcher or [sys.executable]) + ["tools/benchmark.py", "--config", str(recipe(cpu))]
     for override in [*overrides, f"bench.json={json_path}"]:
         argv += ["--set", override]
+    work.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(argv), flush=True)
     code = subprocess.run(argv, cwd=REPO).returncode
     if code or not json_path.is_file():
