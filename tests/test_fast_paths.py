@@ -39,15 +39,26 @@ def test_transformer_changes_only_turn_fusions_on():
 def test_foreach_norm_and_scale_match_megatrons_fallbacks():
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(shape, generator=g) for shape in ((7, 3), (11,), (2, 5, 4))]
+    grads[1] = grads[1].to(torch.bfloat16)  # pure bf16 runs clip bf16 gradients beside fp32 ones
     norm, _ = fp._foreach_l2_norm(0, None, [grads], False)
     assert norm.shape == (1,) and norm.dtype == torch.float32
-    assert torch.allclose(norm, torch.cat([t.flatten() for t in grads]).norm().reshape(1), rtol=1e-6)
+    assert torch.allclose(norm, torch.cat([t.flatten().float() for t in grads]).norm().reshape(1), rtol=1e-6)
     scaled = [t.clone() for t in grads]
     fp._foreach_scale(0, None, [scaled, scaled], 0.25)  # in place, as clipping calls it
     assert all(torch.equal(s, t * 0.25) for s, t in zip(scaled, grads))
-    out = [torch.empty_like(t, dtype=torch.bfloat16) for t in grads]
+    out = [torch.empty_like(t, dtype=torch.bfloat16) for t in grads]  # fp32 -> bf16 and bf16 -> bf16
     fp._foreach_scale(0, None, [grads, out], 2.0)  # a copy across dtypes, as the optimizer calls it
     assert all(torch.equal(o, (t.to(torch.bfloat16) * 2)) for o, t in zip(out, grads))
+
+
+def test_foreach_clip_scales_gradients_of_any_dtype():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    fp._foreach_clip_by_total_norm(params, max_norm=1.0, total_norm=4.0)
+    assert all(torch.allclose(p.grad.float(), torch.full(p.shape, 0.5), atol=1e-2) for p in params)
+    fp._foreach_clip_by_total_norm(params, max_norm=10.0, total_norm=4.0)  # under the limit: untouched
+    assert torch.allclose(params[0].grad, torch.full((3,), 0.5), atol=1e-6)
 
 
 def test_patches_apply_and_restore():

@@ -104,8 +104,8 @@ def kernel_choice() -> FastPaths:
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's ``multi_tensor_l2norm`` signature: the norm of all tensors as a [1] fp32 tensor, on the
     device (megatron's local fallback turns each tensor's norm into a Python float: a host sync each)."""
-    norms = torch._foreach_norm(tensor_lists[0])
-    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+    norms = torch._foreach_norm(tensor_lists[0], 2, dtype=torch.float32)  # fp32 norms of bf16 grads too
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
@@ -117,6 +117,16 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     torch._foreach_copy_(dst, src)
     if scale != 1.0:
         torch._foreach_mul_(dst, scale)
+
+
+def _foreach_clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32``, one foreach multiply, gradients of any float dtype (megatron
+    asserts fp32 ones: pure bf16 runs, ``train.master_weights=false``, clip bf16 gradients)."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if grads and clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 class WgradAccumulation:
@@ -163,6 +173,7 @@ def apply_megatron_patches(paths: FastPaths) -> None:
         if _ORIGINALS.get((module, "multi_tensor_scale_impl"), module.multi_tensor_scale_impl) \
                 is local_multi_tensor_scale:
             _set(module, "multi_tensor_scale_impl", _foreach_scale if clip else None)
+    _set(optimizer, "clip_grad_by_total_norm_fp32", _foreach_clip_by_total_norm if clip else None)
     if not _ORIGINALS.get((layers, "_grad_accum_fusion_available"), layers._grad_accum_fusion_available):
         wgrad = paths.wgrad_accumulation
         _set(layers, "fused_weight_gradient_mlp_cuda", WgradAccumulation if wgrad else None)

@@ -33,7 +33,7 @@ from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_asvr.checkpoint.training_state import load_training, save_training
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import ConfigError, ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.model.loss import LossReport
@@ -272,6 +272,9 @@ class Trainer:
         if bucket_size is not None:
             settings.bucket_size = bucket_size
         if not optim.master_weights:  # megatron's FP32Optimizer then steps the parameters on their main_grad
+            if not fast_paths.foreach_clip:
+                raise ConfigError("train.master_weights=false needs train.fast_paths.foreach_clip: megatron's own "
+                                  "clipping takes fp32 gradients only")
             settings.grad_reduce_in_fp32 = settings.distributed_optimizer = False
         self.model = wrap_data_parallel(self.chunks, settings)
         self.optimizer = build_optimizer(

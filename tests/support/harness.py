@@ -47,6 +47,7 @@ class Case:
     seed: int = 1234
     bucket_size: Optional[int] = None  # DDP gradient bucket, in elements (None: megatron's default)
     fast_paths: FastPathsConfig = field(default_factory=FastPathsConfig)  # train.fast_paths (auto: off on CPU)
+    master_weights: bool = True  # train.master_weights (False: pure bf16)
 
     def resolved_fast_paths(self) -> FastPaths:
         return FastPaths.resolve(self.fast_paths, torch.cuda.is_available())
@@ -78,7 +79,8 @@ def _reported(reports: List[LossReport], first: int) -> List[tuple]:
 
 def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
     info = runtime.initialize(case.parallel, seed=case.seed)
-    optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps)
+    optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps,
+                              master_weights=case.master_weights)
     return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info, bucket_size=case.bucket_size,
                    init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial),
                    fast_paths=case.resolved_fast_paths())
