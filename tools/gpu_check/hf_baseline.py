@@ -11,9 +11,9 @@ and keeps the supervised rows, as ours does (model/loss.py). Two optimizer stack
     pair B (pure bf16): bf16 weights and gradients, clip 1.0, fused AdamW on the bf16 weights -- ours:
            train.master_weights=false
 
-each for the LLaVA step (no visual head) and the ASVR step. A step is every micro-batch's forward +
-backward, then the optimizer step, between device events after a synchronize; the median over the timed
-steps; the peak memory of each run. Our pair A rows are step (d)'s fast runs when it ran (same process
+each for the LLaVA step (no visual head) and the ASVR step (--cpu: pair A's LLaVA and pair B's ASVR step).
+A step is every micro-batch's forward + backward, then the optimizer step, between device events after a
+synchronize; the median over the timed steps; the peak memory of each run. Our pair A rows are step (d)'s fast runs when it ran (same process
 layout and config), else run here; pair B is run here.
 """
 
@@ -38,6 +38,8 @@ from tools.gpu_check.shapes import llm_layers, throughput_config, throughput_ove
 from tools.gpu_check.step_io import OK, device, main
 from tools.gpu_check.throughput import run_benchmark, run_rows
 
+RUNS = [(pair, kind) for pair in ("A", "B") for kind in ("llava", "asvr")]
+RUNS_CPU = [("A", "llava"), ("B", "asvr")]  # --cpu: both optimizer stacks and both steps, in half the runs
 VOCAB_MULTIPLE = 64  # llava-hf pads 32000 text ids + the image token to 32064
 
 
@@ -177,7 +179,8 @@ def ours(args, layers: int, planned: float) -> List[dict]:
                                                                                  "bench.profile=false"], args.work)
         rows += [dict(r, name={"baseline": "llava-A", "asvr": "asvr-A"}[r["name"]]) for r in run_rows(data, planned)]
     data = run_benchmark(args.cpu, throughput_overrides(args.cpu, layers) + [
-        "bench.mode=compare-asvr", "bench.profile=false", "train.master_weights=false"], args.work / "B")
+        f"bench.mode={'single' if args.cpu else 'compare-asvr'}", "bench.profile=false", "train.master_weights=false",
+        "train.fast_paths.foreach_clip=true"], args.work / "B")
     rows += [dict(r, name={"baseline": "llava-B", "asvr": "asvr-B"}[r["name"]]) for r in run_rows(data, planned)]
     return rows
 
@@ -187,7 +190,7 @@ def run(args) -> dict:
     layers, planned = llm_layers(args.cpu, "6")
     config = throughput_config(args.cpu, layers)
     mine = ours(args, layers, planned)
-    runs = [time_transformers(config, dev, pair, kind) for pair in ("A", "B") for kind in ("llava", "asvr")]
+    runs = [time_transformers(config, dev, pair, kind) for pair, kind in (RUNS_CPU if args.cpu else RUNS)]
     versus = ours_vs_transformers({"d-hf": {"runs": runs, "ours": mine}})
     summary = f"{layers} LLM layers, ours / transformers step time: " + ", ".join(
         f"{key} {v['ours_over_transformers_step_time']:.3f}" for key, v in versus.items())

@@ -64,8 +64,8 @@ def run(args) -> dict:
     mfu = f", MFU {asvr['mfu']:.1%}" if asvr["mfu"] is not None else ""
     comparisons = data["comparisons"]
     summary = (f"{layers} LLM layers: ASVR step {asvr['step_time_s']:.3f} s (optimizer {asvr['optimizer_share']:.0%}), "
-               f"{asvr['tflops_per_gpu']:.4g} TFLOP/s{mfu}, peak {asvr['peak_memory_gib']:.1f} GiB (planned "
-               f"{planned:.1f})")
+               f"{asvr['tflops_per_gpu']:.4g} TFLOP/s{mfu}, peak {asvr['peak_memory_gib']:.2f} GiB (planned "
+               f"{planned:.2f})")
     if "asvr" in comparisons:
         c = comparisons["asvr"]
         summary += f"; ASVR/LLaVA step {c['asvr_over_baseline_step_time']:.3f} vs FLOPs {c['flops_ratio']:.3f}"
