@@ -135,15 +135,23 @@ class WgradAccumulation:
     ``main_grad`` with no weight-gradient tensor in between. Inputs are 2-D: input [t, in], gout [t, out],
     main_grad [out, in]."""
 
-    @staticmethod
-    def wgrad_gemm_accum_fp32(inp: torch.Tensor, gout: torch.Tensor, main_grad: torch.Tensor) -> None:
+    mixed_addmm = None  # whether addmm's out_dtype works here (torch >= 2.8 on CUDA): tried on first use
+
+    @classmethod
+    def wgrad_gemm_accum_fp32(cls, inp: torch.Tensor, gout: torch.Tensor, main_grad: torch.Tensor) -> None:
         if inp.dtype == main_grad.dtype:
             main_grad.addmm_(gout.t(), inp)
-        elif main_grad.is_cuda:
-            # bf16 GEMM with an fp32 accumulator and output (cuBLAS), into main_grad itself.
-            torch.addmm(main_grad, gout.t(), inp, out_dtype=main_grad.dtype, out=main_grad)
-        else:  # CPU has no mixed-dtype addmm: the same sum through a temporary
-            main_grad.add_(torch.mm(gout.t(), inp))
+            return
+        if main_grad.is_cuda and cls.mixed_addmm is not False:
+            try:  # bf16 GEMM with an fp32 accumulator and output (cuBLAS), into main_grad itself
+                torch.addmm(main_grad, gout.t(), inp, out_dtype=main_grad.dtype, out=main_grad)
+                cls.mixed_addmm = True
+                return
+            except (TypeError, RuntimeError):
+                if cls.mixed_addmm:  # it worked before: a real failure
+                    raise
+                cls.mixed_addmm = False
+        main_grad.add_(torch.mm(gout.t(), inp))  # no mixed-dtype addmm: the same sum through a temporary
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32  # bf16 / fp16 main_grad: same-dtype addmm_
 

@@ -13,8 +13,8 @@ and keeps the supervised rows, as ours does (model/loss.py). Two optimizer stack
 
 each for the LLaVA step (no visual head) and the ASVR step (--cpu: pair A's LLaVA and pair B's ASVR step).
 A step is every micro-batch's forward + backward, then the optimizer step, between device events after a
-synchronize; the median over the timed steps; the peak memory of each run. Our pair A rows are step (d)'s fast runs when it ran (same process
-layout and config), else run here; pair B is run here.
+synchronize; the median over the timed steps; the peak memory of each run. Our pair A rows are step (d)'s
+fast runs when it ran (same process layout and config), else run here; pair B is run here.
 """
 
 import gc

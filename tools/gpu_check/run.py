@@ -95,6 +95,10 @@ def _argv(step: Step, cpu: bool, result: Path, work: Path) -> List[str]:
 
 def _environment(cpu: bool) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    # One compile cache for every step: megatron's torch.compile'd fusions compile once (step k, then d).
+    cache = os.path.join(tempfile.gettempdir(), "gpu_check_compile_cache")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
     paths = ([] if cpu else [SITE]) + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
