@@ -51,10 +51,15 @@ def profile_step(step: Callable[[], object], clock) -> dict:
     times: Dict[str, float] = {}
     for event in prof.key_averages():
         if clock.cuda:
+            # the kernels themselves (device events), not the operators that launched them (counted twice)
+            if not str(getattr(event, "device_type", "")).endswith("CUDA"):
+                continue
             us = getattr(event, "self_device_time_total", None)
             us = event.self_cuda_time_total if us is None else us  # torch < 2.4 names it cuda
-        else:
+        elif event.key.startswith("aten::"):
             us = event.self_cpu_time_total
-        if us > 0 and (clock.cuda or event.key.startswith("aten::")):
+        else:
+            continue
+        if us > 0:
             times[event.key] = times.get(event.key, 0.0) + us
     return {"device": "cuda" if clock.cuda else "cpu", **summarise(times)}

@@ -172,7 +172,7 @@ def ours(args, layers: int, planned: float) -> List[dict]:
     done = args.work.parent / "d.json"
     d = json.loads(done.read_text()) if done.is_file() else {}
     if d.get("status") == OK and d.get("llm_layers") == layers:
-        rows += [dict(r, name={"baseline": "llava-A", "asvr": "asvr-A"}[r["name"]]) for r in d["runs"]
+        rows += [dict(r, name={"baseline": "llava-A", "asvr": "asvr-A"}[r["name"]], profile=None) for r in d["runs"]
                  if r["name"] in ("baseline", "asvr")]
     else:
         data = run_benchmark(args.cpu, throughput_overrides(args.cpu, layers) + ["bench.mode=compare-asvr",
@@ -180,7 +180,7 @@ def ours(args, layers: int, planned: float) -> List[dict]:
         rows += [dict(r, name={"baseline": "llava-A", "asvr": "asvr-A"}[r["name"]]) for r in run_rows(data, planned)]
     data = run_benchmark(args.cpu, throughput_overrides(args.cpu, layers) + [
         f"bench.mode={'single' if args.cpu else 'compare-asvr'}", "bench.profile=false", "train.master_weights=false",
-        "train.fast_paths.foreach_clip=true"], args.work / "B")
+        "train.fast_paths.foreach_clip=true"], args.work / "B")  # pure bf16 clips with the foreach clip
     rows += [dict(r, name={"baseline": "llava-B", "asvr": "asvr-B"}[r["name"]]) for r in run_rows(data, planned)]
     return rows
 

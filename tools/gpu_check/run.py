@@ -73,7 +73,7 @@ STEPS = [
          ("--layers", "12", "--mode", "compare-asvr")),
     Step("d-hf", "fair race with transformers: pairs A and B (LLaVA and ASVR steps)", 80, 110, 240,
          "hf_baseline"),
-    Step("nccl", "2+ GPUs: TP2 / PP2 / DP2 against one process under NCCL; a TP=2 throughput row", 60, 90, 30,
+    Step("nccl", "2+ GPUs: TP2 / PP2 / DP2 against one process under NCCL; a TP=2 throughput row", 60, 90, None,
          "multi_gpu"),
     Step("dmax", "whole step, the most LLM layers the device's memory holds (ASVR, fast)", 60, 90, None,
          "throughput", ("--layers", "max", "--mode", "single"), min_left_s=70),

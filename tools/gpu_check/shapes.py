@@ -19,6 +19,10 @@ from tools.gpu_check.step_io import REPO
 # the plan beside the measured peak; tighten this when they agree.
 HEADROOM = 0.15
 CPU_LAYERS = {"6": 1, "12": 2}  # --cpu: the same steps at tiny depth
+# --cpu: every fast path on as its CPU twin (auto is off on CPU), so "fast paths on" runs something else
+CPU_TWINS = ["train.fast_paths.fused_adam=true", "train.fast_paths.foreach_clip=true",
+             "train.fast_paths.wgrad_accumulation=true", "train.fast_paths.bias_fusions=true",
+             "train.fast_paths.rms_norm=torch", "train.fast_paths.attention=math"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,11 @@ def recipe(cpu: bool) -> Path:
 
 
 def throughput_overrides(cpu: bool, llm_layers: int) -> List[str]:
-    """The recipe with ``llm_layers``; with --cpu stage 2 at fp32, one rank, fewer steps."""
+    """The recipe with ``llm_layers``; with --cpu stage 2 at fp32, one rank, fewer steps, the CPU twins on."""
     common = [f"model.llm.num_layers={llm_layers}", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1"]
     if cpu:
         return common + ["model.transformer_impl=local", "parallel.distributed_optimizer=true",
-                         "train.precision=fp32", "bench.warmup=1", "bench.steps=2", "bench.lengths=full"]
+                         "train.precision=fp32", "bench.warmup=1", "bench.steps=2", "bench.lengths=full", *CPU_TWINS]
     return common
 
 
