@@ -113,9 +113,7 @@ def test_modules_take_the_kernels_chosen_when_built():
 def test_attention_backends_give_the_same_attention():
     """The math kernel (the reference) and SDPA's CPU flash kernel, chosen through the switch, on GQA."""
     from megatron_asvr.model.attention import SDPAttention
-    from megatron_asvr.runtime import cpu_emulation
 
-    cpu_emulation.install()
     config = _config(num_query_groups=2, attention_dropout=0.0)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(16, 2, 4, 8, generator=g)  # [s, b, heads, hn]
