@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from tests.support.harness import train_case
+from tests.support.harness import ALL_FAST_PATHS, train_case
 from tests.support.multirank import run_ranks
 from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import FastPathsConfig, ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
 TOL = 1e-5
@@ -27,6 +27,8 @@ LAYOUTS = {
     # uneven: 3 decoder layers on the first stage, 1 on the last (which carries the head)
     "pp2_uneven": (2, ParallelConfig(pipeline_parallel=2)),
 }
+# Fast paths on in some layouts (the reference runs them off): the head's norms and per-depth MLPs too.
+FAST_PATHS = {"tp2_pp2": ALL_FAST_PATHS, "dp2": FastPathsConfig(wgrad_accumulation=True, fused_adam=True)}
 UNEVEN = dataclasses.replace(STAGE2, llm=dataclasses.replace(STAGE2.llm, layers_in_last_stage=1))
 
 
@@ -50,7 +52,10 @@ def reference():
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
     model = UNEVEN if layout == "pp2_uneven" else STAGE2
-    results = run_ranks(train_case, world_size, VLMCase(model=model, steps=2, parallel=parallel), reference["initial"])
+    fast_paths = FAST_PATHS.get(layout, FastPathsConfig())
+    case = VLMCase(model=model, steps=2, parallel=parallel, fast_paths=fast_paths)
+    results = run_ranks(train_case, world_size, case, reference["initial"])
+    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam is True}
     if layout == "pp2_uneven":
         layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")})
                   for r in results]

@@ -10,9 +10,11 @@ import torch
 
 from megatron_asvr.benchmark.fp8 import FP8Unavailable, check_fp8_runnable, fp8_llm_changes
 from megatron_asvr.benchmark.model import stage_configs
+from megatron_asvr.benchmark.profile import kernel_class, summarise
 from megatron_asvr.benchmark.report import comparisons_of, render, to_json
 from megatron_asvr.benchmark.runner import benchmark_variants, run_variants
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
+from megatron_asvr.runtime.fast_paths import FastPaths
 from megatron_asvr.config import BenchRunConfig, ConfigError, load_config, with_overrides
 from megatron_asvr.model.flops import StepShape, step_flops
 from tests.support.multirank import run_ranks
@@ -101,6 +103,10 @@ def test_overrides_set_any_key_of_the_recipe_and_name_a_bad_one():
     assert (model.llm.num_layers, model.llm.hidden_size, model.asvr.head.num_layers) == (12, 4096, 2)
     assert model.trainable == ["projector", "llm", "visual_head"]  # the recipe's stage is kept
     assert [name for name, _ in benchmark_variants(config)] == ["pad_full", "pad_longest", "pack"]
+    fast = benchmark_variants(with_overrides(config, ["bench.mode=compare-fast-paths"]))
+    assert [name for name, _ in fast] == ["baseline-unfused", "asvr-unfused", "baseline", "asvr"]
+    unfused = with_overrides(config, fast[1][1]).train.fast_paths
+    assert FastPaths.resolve(unfused, cuda=True) == FastPaths(cuda=True)  # every switch off, even with CUDA
     with pytest.raises(ConfigError, match=r"^unknown config key model\.llm\.num_layerz \(known: "):
         load_config(BenchRunConfig, TINY_RECIPE, ["model.llm.num_layerz=3"])
     tool = _load_tool()
@@ -111,7 +117,8 @@ def test_overrides_set_any_key_of_the_recipe_and_name_a_bad_one():
 
 def _modes(config):
     """compare-asvr, then an A/B of fp32 against itself (must agree exactly)."""
-    compare = run_variants(config, benchmark_variants(with_overrides(config, ["bench.mode=compare-asvr"])))
+    profiled = with_overrides(config, ["bench.mode=compare-asvr", "bench.profile=true"])
+    compare = run_variants(profiled, benchmark_variants(profiled))
     same = run_variants(config, benchmark_variants(with_overrides(config, ["bench.mode=ab", "bench.ab=[fp32, fp32]"])))
     return compare, same
 
@@ -135,6 +142,12 @@ def test_compare_asvr_measures_both_steps(cpu_runs):
         assert run.derived["tokens_per_s_per_gpu"] == pytest.approx(4 * 128 / step)
         assert run.derived["tflops_per_gpu"] == pytest.approx(expected["total"] / step / 1e12)
         assert run.derived["mfu"] is None  # no peak given on CPU
+        # The phases split the step; the profiled step's operators are classified (CPU: aten ops).
+        assert 0 < run.derived["optimizer_s"] < run.derived["step_time_s"]
+        phases = run.derived["forward_backward_s"] + run.derived["optimizer_s"]
+        assert phases == pytest.approx(run.derived["step_time_s"])
+        assert run.profile["by_class_ms"]["gemm"] > 0 and run.profile["by_class_ms"]["attention"] > 0
+        assert run.profile["total_ms"] == pytest.approx(sum(run.profile["by_class_ms"].values()))
     assert baseline.flops["visual_head"] == 0 and asvr.flops["visual_head"] > 0
     assert baseline.derived["visual_head_share"] == 0.0 and 0 < asvr.derived["visual_head_share"] < 1
     assert "loss/visual_semantic" not in baseline.losses[0]
@@ -157,6 +170,17 @@ def test_the_table_and_json_carry_the_ratio(cpu_runs):
     data = json.loads(to_json(runs, comparisons))
     assert data["runs"][1]["derived"]["visual_head_share"] == runs[1].derived["visual_head_share"]
     assert data["comparisons"]["asvr"]["flops_ratio"] == pytest.approx(runs[1].flops["total"] / runs[0].flops["total"])
+
+
+def test_kernels_are_classified_by_name():
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32": "gemm", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": "gemm",
+             "flash_fwd_kernel": "attention", "cudnn_generated_fort_native_sdpa_sm90": "attention",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "Memcpy DtoD (Device -> Device)": "copies", "aten::mm": "gemm", "aten::cat": "copies",
+             "void at::native::vectorized_elementwise_kernel<4, silu>": "elementwise"}
+    assert {name: kernel_class(name) for name in names} == names
+    summary = summarise({"aten::mm": 3000.0, "aten::add": 1000.0})
+    assert summary["by_class_ms"]["gemm"] == 3.0 and summary["total_ms"] == 4.0 and summary["top"][0][0] == "aten::mm"
 
 
 def test_ab_of_identical_runs_differs_by_nothing(cpu_runs):

@@ -3,16 +3,17 @@
 A LLaMA-shaped GPT (4 layers, GQA 4 heads / 2 KV heads, RoPE, SwiGLU, fp32) is
 trained for 3 AdamW steps (grad clipping at 0.5 engaged) on fixed batches; the
 per-micro-batch losses, grad norms and all parameters after every step must
-equal the TP=PP=DP=1 run.
+equal the TP=PP=DP=1 run. Some layouts run with fast paths on (``FAST_PATHS``; the reference runs
+every one off): each switch is on in one layout at least and off in the others.
 """
 
 import pytest
 import torch
 
-from tests.support.harness import train_case
+from tests.support.harness import ALL_FAST_PATHS, train_case
 from tests.support.multirank import run_ranks
 from tests.support.tiny_gpt import GPTCase, mean_losses
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import FastPathsConfig, ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
 LOSS_TOL = 1e-5  # per-micro-batch mean loss, absolute
@@ -31,6 +32,14 @@ LAYOUTS = {
                                               overlap_grad_reduce=True, overlap_param_gather=True)),
 }
 BUCKETS = {"tp2_pp2_dp2_overlap": 8192}  # elements per gradient bucket: 4 on a first-stage rank (~40k parameters)
+FAST_PATHS = {
+    "tp2_pp2": ALL_FAST_PATHS,
+    "dp2_distributed_optimizer": FastPathsConfig(fused_adam=True, foreach_clip=True),  # AdamW on shards
+    # wgrad into main_grad after the sequence-parallel all-gather; SDPA's CPU flash kernel
+    "tp2_sequence_parallel": FastPathsConfig(wgrad_accumulation=True, rms_norm="torch", attention="flash"),
+    # main_grad written by the GEMM while DDP's overlapped bucket hooks watch grad_added_to_main_grad
+    "tp2_pp2_dp2_overlap": FastPathsConfig(wgrad_accumulation=True, fused_adam=True, bias_fusions=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +59,10 @@ def test_reference_trains(reference):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
-    results = run_ranks(train_case, world_size, GPTCase(parallel=parallel, bucket_size=BUCKETS.get(layout)),
-                        reference["initial"])
+    fast_paths = FAST_PATHS.get(layout, FastPathsConfig())
+    case = GPTCase(parallel=parallel, bucket_size=BUCKETS.get(layout), fast_paths=fast_paths)
+    results = run_ranks(train_case, world_size, case, reference["initial"])
+    assert {r["fused_adam"] for r in results} == {fast_paths.fused_adam is True}
     if layout in BUCKETS:  # megatron buckets the first pipeline stage only
         assert max(r["grad_buckets"] for r in results) > 1, [r["grad_buckets"] for r in results]
 

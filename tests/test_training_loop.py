@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 
+from tests.support.harness import ALL_FAST_PATHS
 from tests.support.multirank import MultiRankError, run_ranks
 from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ParallelConfig
@@ -77,11 +78,13 @@ def _losses(history):
 
 
 def test_sigkill_then_automatic_resume_is_exact(tiny_root, tmp_path):
-    """12 steps straight vs 5 steps, SIGKILL in step 6, automatic resume to 12 (TP=2):
-    identical per-step losses and bitwise identical final weights."""
+    """12 steps straight vs 5 steps, SIGKILL in step 6, automatic resume to 12 (TP=2), every fast path on
+    (the fused AdamW's device-side step survives the checkpoint): identical per-step losses and bitwise
+    identical final weights."""
     tp2 = ParallelConfig(tensor_parallel=2)
-    straight = dataclasses.replace(tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5),
-                                   parallel=tp2)
+    config = tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5)
+    straight = dataclasses.replace(config, parallel=tp2,
+                                   train=dataclasses.replace(config.train, fast_paths=ALL_FAST_PATHS))
     resumed = dataclasses.replace(straight, train=dataclasses.replace(straight.train,
                                                                       save_dir=str(tmp_path / "resumed")))
     reference = run_ranks(_train, 2, straight)[-1]

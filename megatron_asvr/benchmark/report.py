@@ -19,8 +19,8 @@ def format_table(results: List[RunResult], on_gpu: bool) -> str:
     memory = "peak mem GiB" if on_gpu else "peak RSS GiB"
     lines = [
         f"| run | precision | batching | TPxPPxDP | micro/global x seq | step s | min step s | real tokens/s/GPU "
-        f"| padding % | samples/s | TFLOP/s/GPU | MFU | {memory} | visual head % of step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| padding % | samples/s | TFLOP/s/GPU | MFU | {memory} | visual head % of step | fwd+bwd s | optimizer s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d = r.settings, r.derived
@@ -31,8 +31,13 @@ def format_table(results: List[RunResult], on_gpu: bool) -> str:
             f"| {s['micro_batch']}/{s['global_batch']} x {s['seq_length']} ({s['lengths']}) "
             f"| {d['step_time_s']:.4f} | {d['min_step_time_s']:.4f} | {d['tokens_per_s_per_gpu']:,.0f} "
             f"| {d['padding_share']:.1%} | {d['samples_per_s']:.2f} "
-            f"| {d['tflops_per_gpu']:.4g} | {mfu} | {r.peak_memory_bytes / GIB:.2f} | {d['visual_head_share']:.1%} |"
+            f"| {d['tflops_per_gpu']:.4g} | {mfu} | {r.peak_memory_bytes / GIB:.2f} | {d['visual_head_share']:.1%} "
+            f"| {d['forward_backward_s']:.4f} | {d['optimizer_s']:.4f} |"
         )
+    for r in results:
+        if r.profile is not None:
+            classes = ", ".join(f"{k} {v:.1f}" for k, v in r.profile["by_class_ms"].items())
+            lines.append(f"{r.name}, one profiled step ({r.profile['device']}), ms by class: {classes}")
     return "\n".join(lines)
 
 
@@ -72,8 +77,9 @@ def format_comparison(comparison: str, first: RunResult, second: RunResult, numb
     if comparison == "packing":
         return "; ".join(f"{name}: padding {n['padding_share']:.1%} of computed positions, real tokens/s "
                          f"x{n['real_tokens_per_s_over_pad_full']:.2f} of pad_full's" for name, n in numbers.items())
-    if comparison == "asvr":
-        return (f"ASVR / baseline step time: {numbers['asvr_over_baseline_step_time']:.3f} (median), "
+    if comparison.startswith("asvr"):
+        unfused = "unfused: " if comparison == "asvr_unfused" else ""
+        return (f"{unfused}ASVR / baseline step time: {numbers['asvr_over_baseline_step_time']:.3f} (median), "
                 f"{numbers['asvr_over_baseline_min_step_time']:.3f} (min); FLOPs ratio {numbers['flops_ratio']:.3f}; "
                 f"visual head share of the ASVR step: "
                 f"{numbers['head_share_from_hooks']:.1%} by its hooks, {numbers['head_share_from_step_times']:.1%} "
@@ -93,6 +99,10 @@ def comparisons_of(mode: str, results: List[RunResult]) -> Dict[str, Dict]:
     """The comparison a mode asks for (none for a single run)."""
     if mode == "compare-asvr":
         return {"asvr": asvr_comparison(*results)}
+    if mode == "compare-fast-paths":  # baseline-unfused, asvr-unfused, baseline, asvr
+        return {"asvr": asvr_comparison(*results[2:]), "asvr_unfused": asvr_comparison(*results[:2]),
+                "fast_paths_baseline": precision_comparison(results[0], results[2]),
+                "fast_paths_asvr": precision_comparison(results[1], results[3])}
     if mode == "ab":
         return {"ab": precision_comparison(*results)}
     if mode == "compare-packing":
@@ -103,6 +113,8 @@ def comparisons_of(mode: str, results: List[RunResult]) -> Dict[str, Dict]:
 def render(results: List[RunResult], comparisons: Dict[str, Dict], on_gpu: bool) -> str:
     """The table, then one line per comparison."""
     lines = [format_table(results, on_gpu)]
+    runs = {"fast_paths_baseline": (0, 2), "fast_paths_asvr": (1, 3)}  # else the first two
     for comparison, numbers in comparisons.items():
-        lines.append(format_comparison(comparison, results[0], results[1], numbers))
+        first, second = runs.get(comparison, (0, 1))
+        lines.append(format_comparison(comparison, results[first], results[second], numbers))
     return "\n".join(lines)

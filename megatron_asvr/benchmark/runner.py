@@ -7,9 +7,15 @@ the same synthetic batches through megatron's pipeline schedule, and is freed be
 A step is the trainer's own ``train_step`` (tools/train.py runs the same),
 timed with the device synchronized before and after; a step's time is the slowest rank's, and a run's
 the median over its timed steps. The visual head's share is its forward +
-backward time (module hooks, on the last pipeline stage) over the step time.
+backward time (module hooks, on the last pipeline stage) over the step time. Each step is cut in two
+phases by device marks around the optimizer's step (no change to the trainer): forward + backward (the
+schedule, the gradient reduction and the step's counts) and the optimizer (clipping, AdamW, the copy to
+the bf16 parameters). With ``bench.profile`` one more step runs under torch's profiler, its device time
+summed by kernel class (``benchmark.profile``).
 """
 
+import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -22,14 +28,22 @@ import torch.distributed as dist
 from megatron_asvr import runtime
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable
 from megatron_asvr.benchmark.model import benchmark_trainer, precision_of
+from megatron_asvr.benchmark.profile import profile_step
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
-from megatron_asvr.benchmark.timing import DeviceClock, ModuleTimer
+from megatron_asvr.benchmark.timing import DeviceClock, ModuleTimer, PhaseMarks
 from megatron_asvr.config import BenchRunConfig, with_overrides
 from megatron_asvr.data.packing import length_multiple_for
 from megatron_asvr.model.flops import micro_batch_shape, step_flops
 from megatron_asvr.model.head import VisualHead
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime.device import peak_memory_bytes
+from megatron_asvr.runtime.fast_paths import FastPaths
+
+
+# Every fast path off (runtime/fast_paths.py): the step as megatron-core runs it without TE or apex.
+FAST_PATHS_OFF = tuple(f"train.fast_paths.{name}={value}" for name, value in (
+    ("fused_adam", "false"), ("foreach_clip", "false"), ("wgrad_accumulation", "false"), ("bias_fusions", "false"),
+    ("rms_norm", "reference"), ("attention", "default")))
 
 
 @dataclass
@@ -50,10 +64,13 @@ class RunResult:
     peak_memory_bytes: int  # max over ranks: torch's peak allocation on GPU, peak RSS on CPU
     initial_weights_checksum: float  # sum of all initial parameters over all ranks
     gpu_peak_tflops: Optional[float] = None
+    optimizer_times: List[float] = field(default_factory=list)  # s, the optimizer's step per timed step
+    profile: Optional[dict] = None  # one profiled step by kernel class (bench.profile)
     derived: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         step = statistics.median(self.step_times)  # robust to a stray slow step on a shared machine
+        optimizer = statistics.median(self.optimizer_times) if self.optimizer_times else 0.0
         tflops = self.flops["total"] / step / self.world_size / 1e12
         self.derived = {
             "step_time_s": step,
@@ -64,6 +81,9 @@ class RunResult:
             "tflops_per_gpu": tflops,
             "mfu": tflops / self.gpu_peak_tflops if self.gpu_peak_tflops else None,
             "visual_head_share": statistics.median([h / t for h, t in zip(self.head_times, self.step_times)]),
+            "optimizer_s": optimizer,
+            "forward_backward_s": step - optimizer,
+            "optimizer_share": optimizer / step,
         }
 
 
@@ -90,7 +110,9 @@ def table_settings(config: BenchRunConfig) -> dict:
             "tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
             "sequence_parallel": p.sequence_parallel, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
             "seq_length": d.seq_length, "lengths": config.bench.lengths, "visual_loss": config.model.asvr.visual_loss,
-            "transformer_impl": config.model.transformer_impl, "recompute": t.recompute}
+            "transformer_impl": config.model.transformer_impl, "recompute": t.recompute,
+            "master_weights": t.master_weights,
+            "fast_paths": dataclasses.asdict(FastPaths.resolve(t.fast_paths, torch.cuda.is_available()))}
 
 
 def run_one(name: str, config: BenchRunConfig, info: runtime.RankInfo) -> RunResult:
@@ -109,8 +131,9 @@ def run_one(name: str, config: BenchRunConfig, info: runtime.RankInfo) -> RunRes
         length_multiple=length_multiple_for(parallel.tensor_parallel, parallel.sequence_parallel),
     )
     timer = ModuleTimer([m for c in trainer.chunks for m in c.modules() if isinstance(m, VisualHead)], clock)
+    phases = PhaseMarks(trainer.optimizer, clock)
 
-    step_times, head_times, losses = [], [], []
+    step_times, head_times, optimizer_times, losses = [], [], [], []
     for step in range(bench.warmup + bench.steps):
         timer.reset()
         clock.synchronize()
@@ -122,7 +145,10 @@ def run_one(name: str, config: BenchRunConfig, info: runtime.RankInfo) -> RunRes
         if step >= bench.warmup:
             step_times.append(clock.seconds(start, end))
             head_times.append(timer.seconds())
+            optimizer_times.append(phases.seconds())
     timer.remove()
+    phases.remove()
+    profile = profile_step(functools.partial(trainer.train_step, micro), clock) if bench.profile else None
     peak = _max_over_ranks([float(peak_memory_bytes())])[0]
     replicas = info.world_size // info.dp_size  # every TP x PP rank of a replica holds its samples
     parts = step_flops(model, micro_batch_shape(model, micro))
@@ -131,6 +157,7 @@ def run_one(name: str, config: BenchRunConfig, info: runtime.RankInfo) -> RunRes
     result = RunResult(
         name=name, settings=table_settings(config), world_size=info.world_size, data_parallel=info.dp_size,
         step_times=_max_over_ranks(step_times), head_times=_max_over_ranks(head_times), losses=losses,
+        optimizer_times=_max_over_ranks(optimizer_times), profile=profile,
         flops={k: v / replicas for k, v in zip(parts, summed)}, tokens_per_step=int(summed[-2]) // replicas,
         computed_per_step=int(summed[-1]) // replicas, samples_per_step=config.train.global_batch,
         peak_memory_bytes=int(peak), initial_weights_checksum=checksum,
@@ -163,12 +190,16 @@ def run_variants(config: BenchRunConfig, variants: Sequence[Tuple[str, Tuple[str
 
 def benchmark_variants(config: BenchRunConfig) -> List[Tuple[str, Tuple[str, ...]]]:
     """The variants ``bench.mode`` runs: ``single`` (the recipe as it is), ``compare-asvr`` (baseline,
-    asvr), ``compare-packing`` (full padding, padding to the longest, packing), ``ab`` (two precisions)."""
+    asvr), ``compare-packing`` (full padding, padding to the longest, packing), ``ab`` (two precisions),
+    ``compare-fast-paths`` (baseline and asvr with every fast path off, then as the recipe sets them)."""
     mode = config.bench.mode
     if mode == "single":
         return [("asvr" if config.model.asvr.visual_loss else "baseline", ())]
     if mode == "compare-asvr":  # a plain LLaVA step, then the same step with the visual head and its loss
         return [("baseline", ("model.asvr.visual_loss=false",)), ("asvr", ("model.asvr.visual_loss=true",))]
+    if mode == "compare-fast-paths":
+        asvr = (("baseline", ("model.asvr.visual_loss=false",)), ("asvr", ("model.asvr.visual_loss=true",)))
+        return [(f"{name}-unfused", (*changes, *FAST_PATHS_OFF)) for name, changes in asvr] + list(asvr)
     if mode == "compare-packing":
         return [(batching, (f"data.batching={batching}",)) for batching in ("pad_full", "pad_longest", "pack")]
     return [(precision, (f"bench.precision={precision}",)) for precision in config.bench.ab]  # ab

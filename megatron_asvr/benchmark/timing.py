@@ -1,4 +1,5 @@
-"""Device-exact timestamps, and the forward + backward time of chosen modules from hooks."""
+"""Device-exact timestamps, the forward + backward time of chosen modules from hooks, and the
+optimizer's phase of a step from marks around its ``step``."""
 
 import time
 from functools import partial
@@ -68,3 +69,31 @@ class ModuleTimer:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class PhaseMarks:
+    """Device marks around ``optimizer.step`` (an instance attribute wraps the bound method, as the
+    trainer calls it; ``remove`` restores it): the optimizer's time in the last step."""
+
+    def __init__(self, optimizer, clock: DeviceClock):
+        self.optimizer, self.clock, self.interval = optimizer, clock, None
+        step = optimizer.step
+
+        def marked_step(*args, **kwargs):
+            start = clock.mark()
+            out = step(*args, **kwargs)
+            self.interval = (start, clock.mark())
+            return out
+
+        optimizer.step = marked_step
+
+    def seconds(self) -> float:
+        """The last optimizer step's time (0 when the step was skipped); synchronizes the device."""
+        interval, self.interval = self.interval, None
+        if interval is None:
+            return 0.0
+        self.clock.synchronize()
+        return self.clock.seconds(*interval)
+
+    def remove(self) -> None:
+        del self.optimizer.step  # the class's method again

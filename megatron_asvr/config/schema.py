@@ -8,7 +8,7 @@ is built. Every failure is a one-line ``ConfigError`` that says what to change.
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import Field
 
@@ -371,6 +371,29 @@ class DataConfig:
             raise ConfigError(f"data.targets={self.targets!r} has no targets.json: run tools/precompute_targets.py")
 
 
+Switch = Union[Literal["auto"], bool]  # auto: on with CUDA, off on CPU (train.fast_paths)
+# RMSNorm: auto = Liger's Triton kernel when importable with CUDA, else torch's F.rms_norm with CUDA, the
+# reference (fp32 variance, HF LLaMA's code) on CPU
+RMSNormKernel = Literal["auto", "reference", "torch", "liger"]
+# SDPA's backends, in priority order where several are allowed: auto = cuDNN, then flash, then
+# memory-efficient, then math with CUDA; on CPU torch's own choice (default)
+AttentionBackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
+
+
+@section
+class FastPathsConfig:
+    """How the step runs, never what it computes (runtime/fast_paths.py): each switch on and off passes the
+    same equivalence tests; on by default with CUDA, where a local-spec step has no Transformer Engine or
+    apex to do the same (docs/fast_paths.md says which defaults a GPU measurement has confirmed)."""
+
+    fused_adam: Switch = "auto"  # torch's AdamW with fused=True inside megatron's optimizer
+    foreach_clip: Switch = "auto"  # gradient norm and scaling with foreach ops: no host sync per tensor
+    wgrad_accumulation: Switch = "auto"  # weight gradients accumulated straight into fp32 main_grad
+    bias_fusions: Switch = "auto"  # megatron's bias-SwiGLU (LLM) and bias-dropout-add fusions
+    rms_norm: RMSNormKernel = "auto"
+    attention: AttentionBackend = "auto"
+
+
 @section
 class TrainConfig:
     """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping.
@@ -393,6 +416,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     precision: Precision = "auto"
+    # false: pure bf16, AdamW steps the bf16 parameters on bf16 gradients (no fp32 master weights or gradient
+    # buffers; the non-distributed optimizer): the fair race's pair B (tools/gpu_check/hf_baseline.py)
+    master_weights: bool = True
     recompute: Recompute = "none"
     visual_tokenizer: Optional[str] = None  # directory with the tokenizer's config.json and checkpoint
     load: Optional[str] = None  # initial weights only: a stage-1 or HF-imported checkpoint
@@ -419,6 +445,7 @@ class TrainConfig:
     slow_step_factor: Annotated[float, Field(ge=0.0)] = 5.0  # report a step past this x the median (0: never)
     num_gpus_for_mfu: Optional[Positive] = None  # GPUs whose peak the MFU is relative to (default: world size)
     gpu_peak_tflops: float = 989.0  # H100 SXM dense bf16
+    fast_paths: FastPathsConfig = dataclasses.field(default_factory=FastPathsConfig)
     # In-training evaluation (megatron_asvr.evaluation.in_training): held-out letter and yes/no
     # questions scored by answer likelihood every eval_interval steps (0 = off).
     eval_interval: Count = 0
@@ -480,7 +507,7 @@ class RunConfig:
             raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
 
 
-BenchMode = Literal["single", "compare-asvr", "compare-packing", "ab"]
+BenchMode = Literal["single", "compare-asvr", "compare-packing", "ab", "compare-fast-paths"]
 BenchPrecision = Literal["fp32", "bf16", "fp8"]  # fp8: the LLM's layers through TE; the rest bf16
 FP8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
 PROMPT_TOKENS = 16  # of a synthetic benchmark sample, between its image and its answer
@@ -494,7 +521,8 @@ class BenchConfig:
 
     # single: the recipe as it is; compare-asvr: a plain LLaVA step, then with the visual head and its loss;
     # compare-packing: the same samples padded to full length, to each micro-batch's longest, packed;
-    # ab: the recipe at two precisions (``ab``)
+    # ab: the recipe at two precisions (``ab``); compare-fast-paths: baseline and ASVR with train.fast_paths
+    # all off, then as the recipe sets them
     mode: BenchMode = "single"
     warmup: Count = 2
     steps: Positive = 5
@@ -505,6 +533,7 @@ class BenchConfig:
     fp8_recipe: FP8Recipe = "delayed"
     fp8_bf16_edge_layers: Count = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
     json: Optional[str] = None  # also write the runs and comparisons here
+    profile: bool = False  # one more step under torch's profiler, its device time by kernel class
 
 
 @section

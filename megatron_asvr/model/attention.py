@@ -3,13 +3,17 @@
 A drop-in for megatron's ``DotProductAttention`` in local layer specs: same
 constructor and forward signature, but no global memory buffer, GQA without
 materialising repeated keys, and PyTorch's flash / memory-efficient kernels on
-GPU (the math kernel on CPU). Packed sequences (THD, ``cu_seqlens``; megatron
+GPU (the math kernel on CPU). The backends SDPA may use, in priority order, are chosen when it is
+built (``train.fast_paths.attention`` through ``runtime.fast_paths.kernel_choice``: cuDNN first with
+CUDA). Packed sequences (THD, ``cu_seqlens``; megatron
 squeezes the batch of one) attend within each sample, one SDPA call per sample:
 the CPU twin of Transformer Engine's THD attention, computing the same function
 at the same cost (sum of the samples' squared lengths, not the pack's).
 """
 
+import inspect
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -21,6 +25,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+from torch.nn.attention import sdpa_kernel
+
+from megatron_asvr.runtime.fast_paths import kernel_choice
+
+# sdpa_kernel's priority order needs torch >= 2.6; before, the listed backends are allowed in torch's order.
+_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
 
 
 class SDPAttention(MegatronModule):
@@ -50,6 +60,7 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
         self.window_size = config.window_size if window else None  # (left, right) positions
+        self.backends = kernel_choice().sdpa_backends()  # [] = torch's own choice
 
     def _mask(self, sq: int, sk: int, mask_type: AttnMaskType, attention_mask, device):
         """Boolean mask, True where attending is allowed, or None for no mask."""
@@ -106,14 +117,15 @@ class SDPAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
 
         def attend():
-            return F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=None if is_causal else mask,
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=self.softmax_scale,
-                enable_gqa=self.groups_per_partition != self.heads_per_partition,
-            )
+            with sdpa_kernel(self.backends, **_PRIORITY) if self.backends else nullcontext():
+                return F.scaled_dot_product_attention(
+                    q, k, v,
+                    attn_mask=None if is_causal else mask,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
+                    scale=self.softmax_scale,
+                    enable_gqa=self.groups_per_partition != self.heads_per_partition,
+                )
 
         if dropout_p > 0 and not self.config.sequence_parallel:
             # Heads are split over TP ranks: each needs its own dropout stream (as megatron).

@@ -36,6 +36,7 @@ from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.runtime.device import dtype_of
+from megatron_asvr.runtime.fast_paths import FastPaths
 from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
 from megatron_asvr.training.metrics import MetricsLogger, StepTimings, Stopwatch, TensorBoardSink, WandbSink
@@ -61,6 +62,7 @@ def optimizer_settings(config: RunConfig, steps: int) -> OptimizerSettings:
         adam_betas=(t.adam_beta1, t.adam_beta2), adam_eps=t.adam_eps, decay_style="cosine",
         warmup_steps=int(round(t.warmup_ratio * steps)), total_steps=steps, nan_policy=t.nan_policy,
         max_consecutive_skips=t.max_consecutive_skips, scheduler_on_load=SCHEDULE_POLICIES[t.resume_lr_schedule][2],
+        master_weights=t.master_weights,
     )
 
 
@@ -122,8 +124,11 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: i
     """The run's trainer (and the throughput benchmark's), its initial weights loaded from
     ``train.load`` if set; ``llm_changes``: to the LLM's TransformerConfig (the benchmark's FP8)."""
     model = config.model
+    fast_paths = FastPaths.resolve(config.train.fast_paths, torch.cuda.is_available())
+    every_part, llm_part = fast_paths.transformer_changes()
     builder = stage_builder(model, config.parallel, resolve_backend(model.transformer_impl), codebooks,
-                            dtype_of(config.train.precision), llm_changes, **recompute_kwargs(config.train.recompute))
+                            dtype_of(config.train.precision), {**llm_part, **(llm_changes or {})},
+                            **every_part, **recompute_kwargs(config.train.recompute))
 
     def init_weights(chunks):
         loaded = load_weights(chunks, Path(config.train.load), optional=(VISUAL_HEADS,))
@@ -132,7 +137,7 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: i
 
     return Trainer(builder, ASVRTask(model.asvr), config.parallel, optimizer_settings(config, steps), info,
                    init_weights=init_weights if config.train.load else None,
-                   flops_of=functools.partial(micro_batch_flops, model))
+                   flops_of=functools.partial(micro_batch_flops, model), fast_paths=fast_paths)
 
 
 def build_loader(config: RunConfig, trainer: Trainer, shards: ShardDataset) -> TrainLoader:

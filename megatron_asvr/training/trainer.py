@@ -33,11 +33,12 @@ from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_asvr.checkpoint.training_state import load_training, save_training
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import ConfigError, ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.chunks import ChunkBuilder, build_model_chunks
 from megatron_asvr.model.loss import LossReport
 from megatron_asvr.runtime import RankInfo
+from megatron_asvr.runtime.fast_paths import FastPaths, apply_megatron_patches, building, fuse_adam
 from megatron_asvr.runtime.waits import waiting_for
 from megatron_asvr.training.schedule import forward_backward, forward_only
 
@@ -85,6 +86,7 @@ class OptimizerSettings:
     max_consecutive_skips: int = 5
     # megatron's OptimizerParamScheduler: which side wins when a loaded schedule differs (neither: refused)
     scheduler_on_load: Dict[str, bool] = field(default_factory=dict)
+    master_weights: bool = True  # False: pure bf16 (bf16 gradient buffers, AdamW on the bf16 parameters)
 
 
 # -- the chunks wrapped for data parallelism, and their optimizer ------------------------------------
@@ -150,8 +152,10 @@ def build_optimizer(
     adam_betas=(0.9, 0.999),
     adam_eps: float = 1e-8,
     distributed_optimizer: bool = False,
+    master_weights: bool = True,
 ) -> MegatronOptimizer:
-    """megatron's AdamW (decoupled weight decay; none on biases and norms), fp32 main params."""
+    """megatron's AdamW (decoupled weight decay; none on biases and norms), fp32 main params (without
+    ``master_weights``: on the parameters themselves, in their dtype)."""
     config = model[0].config
     optimizer_config = OptimizerConfig(
         optimizer="adam",
@@ -162,8 +166,8 @@ def build_optimizer(
         adam_beta2=adam_betas[1],
         adam_eps=adam_eps,
         clip_grad=clip_grad,
-        bf16=config.bf16,
-        fp16=config.fp16,
+        bf16=config.bf16 and master_weights,
+        fp16=config.fp16 and master_weights,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=distributed_optimizer,
     )
@@ -253,22 +257,34 @@ class Trainer:
     def __init__(self, build_chunk: ChunkBuilder, task: StepTask, parallel: ParallelConfig,
                  optim: OptimizerSettings, info: RankInfo,
                  init_weights: Optional[Callable[[list], None]] = None, bucket_size: Optional[int] = None,
-                 flops_of: Optional[Callable[[List[MicroBatch]], float]] = None):
+                 flops_of: Optional[Callable[[List[MicroBatch]], float]] = None,
+                 fast_paths: FastPaths = FastPaths()):
         """``init_weights(chunks)`` may load weights before the chunks are wrapped for DDP;
-        ``flops_of(micro_batches)``: the FLOPs of this rank's micro-batches (for the step's count)."""
+        ``flops_of(micro_batches)``: the FLOPs of this rank's micro-batches (for the step's count);
+        ``fast_paths``: how the step runs (``runtime.fast_paths``; its TransformerConfig changes are the
+        ``build_chunk``'s, made by its caller)."""
         self.task, self.optim, self.info, self.flops_of = task, optim, info, flops_of
-        self.chunks = build_model_chunks(build_chunk, info.device)
+        self.fast_paths = fast_paths
+        apply_megatron_patches(fast_paths)
+        with building(fast_paths):
+            self.chunks = build_model_chunks(build_chunk, info.device)
         if init_weights is not None:
             init_weights(self.chunks)
         settings = DataParallelSettings.of(parallel)
         if bucket_size is not None:
             settings.bucket_size = bucket_size
+        if not optim.master_weights:  # megatron's FP32Optimizer then steps the parameters on their main_grad
+            if not fast_paths.foreach_clip:
+                raise ConfigError("train.master_weights=false needs train.fast_paths.foreach_clip: megatron's own "
+                                  "clipping takes fp32 gradients only")
+            settings.grad_reduce_in_fp32 = settings.distributed_optimizer = False
         self.model = wrap_data_parallel(self.chunks, settings)
         self.optimizer = build_optimizer(
             self.model, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             clip_grad=optim.clip_grad, adam_betas=optim.adam_betas, adam_eps=optim.adam_eps,
-            distributed_optimizer=settings.distributed_optimizer,
+            distributed_optimizer=settings.distributed_optimizer, master_weights=optim.master_weights,
         )
+        fuse_adam(self.optimizer, fast_paths.fused_adam)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
             lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
@@ -362,5 +378,6 @@ class Trainer:
     def resume(self, directory: Path) -> bool:
         """Restore everything from a checkpoint; return whether the layout was the same (RNG restored)."""
         progress = load_training(directory, self.model, self.optimizer, self.scheduler)
+        fuse_adam(self.optimizer, self.fast_paths.fused_adam)  # the checkpoint's param groups carry the saver's flags
         self.step, self.consumed_samples = progress.step, progress.consumed_samples
         return progress.same_layout

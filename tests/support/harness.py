@@ -17,14 +17,18 @@ from megatron.core import tensor_parallel
 
 from megatron_asvr import runtime
 from megatron_asvr.checkpoint.model import load_weights, save_weights
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import FastPathsConfig, ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.canonical import full_state, load_full_state
 from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.chunks import ChunkBuilder
+from megatron_asvr.runtime.fast_paths import FastPaths
 from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
 EVAL_STEP = 99  # the fixed batch used for evaluation only
+# Every fast path on, as their CPU twins run them (runtime/fast_paths.py); the references run them off.
+ALL_FAST_PATHS = FastPathsConfig(fused_adam=True, foreach_clip=True, wgrad_accumulation=True, bias_fusions=True,
+                                 rms_norm="torch", attention="math")
 
 
 @dataclass
@@ -42,6 +46,11 @@ class Case:
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234
     bucket_size: Optional[int] = None  # DDP gradient bucket, in elements (None: megatron's default)
+    fast_paths: FastPathsConfig = field(default_factory=FastPathsConfig)  # train.fast_paths (auto: off on CPU)
+    master_weights: bool = True  # train.master_weights (False: pure bf16)
+
+    def resolved_fast_paths(self) -> FastPaths:
+        return FastPaths.resolve(self.fast_paths, torch.cuda.is_available())
 
     # -- what subclasses define ------------------------------------------------
     def chunk_builder(self) -> ChunkBuilder:
@@ -70,14 +79,24 @@ def _reported(reports: List[LossReport], first: int) -> List[tuple]:
 
 def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
     info = runtime.initialize(case.parallel, seed=case.seed)
-    optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps)
+    optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps,
+                              master_weights=case.master_weights)
     return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info, bucket_size=case.bucket_size,
-                   init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial))
+                   init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial),
+                   fast_paths=case.resolved_fast_paths())
 
 
 def _main_param_dtypes(optimizer) -> set:
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
     return {p.dtype for opt in optimizers for group in opt.optimizer.param_groups for p in group["params"]}
+
+
+def _fused_adam(optimizer) -> bool:
+    """Whether the inner torch AdamW steps fused (every group alike, else an error)."""
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    flags = {bool(group.get("fused")) for opt in optimizers for group in opt.optimizer.param_groups}
+    assert len(flags) == 1, flags
+    return flags.pop()
 
 
 def _record_grads_before_update(trainer: Trainer, grads: list) -> None:
@@ -107,6 +126,7 @@ def train_case(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, sa
         "rank": info.rank, "tp_rank": info.tp_rank, "dp_rank": info.dp_rank,
         "model_parallel_rng": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"].clone(),
         "main_param_dtypes": _main_param_dtypes(trainer.optimizer),
+        "fused_adam": _fused_adam(trainer.optimizer),
         "grad_buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
     }
     if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards

@@ -31,7 +31,9 @@ class GPTCase(Case):
     def chunk_builder(self):
         self.llm.validate(self.parallel)
         backend = resolve_backend("local")
-        config = llm_transformer_config(self.llm, self.parallel, backend, params_dtype=self.params_dtype)
+        every_part, llm_part = self.resolved_fast_paths().transformer_changes()
+        config = llm_transformer_config(self.llm, self.parallel, backend, params_dtype=self.params_dtype,
+                                        **every_part, **llm_part)
         return lambda pre, post, vp: build_llm(self.llm, config, backend, pre, post, vp)
 
     def global_batch_data(self, step):

@@ -71,8 +71,9 @@ class VLMCase(Case):
 
     def chunk_builder(self):
         model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
+        every_part, llm_part = self.resolved_fast_paths().transformer_changes()
         return stage_builder(model, self.parallel, resolve_backend(model.transformer_impl), codebooks(model),
-                             self.params_dtype, **self.config_changes)
+                             self.params_dtype, llm_part, **every_part, **self.config_changes)
 
     def _samples(self, step: int):
         g = torch.Generator().manual_seed(2000 + step)
