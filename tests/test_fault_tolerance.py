@@ -138,8 +138,9 @@ def faulty(tiny_root, tmp_path_factory):
                 if p.status() == psutil.STATUS_STOPPED:
                     p.send_signal(signal.SIGCONT)
 
+    # four attempts in one job (~140 s on an idle 2-core machine): twice one job's hang guard, as a crowded one needs
     job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=3,
-                       env={**ENV, "ASVR_FAULTS": faults}, on_poll=wake)
+                       env={**ENV, "ASVR_FAULTS": faults}, on_poll=wake, timeout=600)
     assert job.returncode == 0, job.output[-4000:]
     assert not job.survivors, f"processes outlived the job: {job.survivors}"
     assert "[faults] attempt 3: " in job.output and "[faults] attempt 4: " not in job.output, faults
