@@ -12,6 +12,10 @@ step's micro-batches (the whole global batch on one rank: data-parallel size 1, 
 plans), and a resume at 90% of an epoch: the time to its first step, and whether the next 100
 samples are the ones a run from step 0 gets, in the same micro-batches (``benchmark.data_scale``).
 The corpus is deleted once preprocessed, the shards after the measurements (``--keep`` keeps them).
+
+``--replicate SHARDS --times K`` measures the loader side only, over K copies of a finished shard
+directory (hard links, no disk): K x its records, each sample K times (identical copies train alike,
+so the resume check still compares what training would see).
 """
 
 import argparse
@@ -71,6 +75,29 @@ def make_shards(records: int, work: Path, tokenizer: Path, workers: int) -> dict
     return out
 
 
+def replicate(shards: Path, times: int, out: Path) -> int:
+    """``out``: the shards of ``shards`` listed ``times`` times (hard links); returns its record count."""
+    from megatron_asvr.data.shards import SHARD_MANIFEST
+
+    manifest = json.loads((shards / SHARD_MANIFEST).read_text())
+    out.mkdir(parents=True)
+    listed = []
+    for copy in range(times):
+        for shard in manifest["shards"]:
+            prefix = f"shard_{len(listed):05d}"
+            for path in shards.glob(f"{shard['prefix']}.*"):
+                os.link(path, out / (prefix + path.name[len(shard["prefix"]):]))
+            listed.append({**shard, "prefix": prefix})
+    (out / SHARD_MANIFEST).write_text(json.dumps({**manifest, "shards": listed,
+                                                  "num_samples": sum(s["num_samples"] for s in listed)}))
+    return sum(s["num_samples"] for s in listed)
+
+
+def measure_recipes(shards: Path) -> dict:
+    return {recipe: {"loader": _in_fresh_process("measure_loader", recipe, shards),
+                     "resume": _in_fresh_process("measure_resume", recipe, shards)} for recipe in RECIPES}
+
+
 def _config(recipe: str, shards: Path):
     from megatron_asvr.config.loading import load_run_config
 
@@ -90,19 +117,21 @@ def measure_loader(recipe: str, shards: Path) -> dict:
     from megatron_asvr.benchmark.data_scale import recipe_loader
     from megatron_asvr.data.shards import ShardDataset
 
-    imported, rss_imported = time.perf_counter(), _rss_bytes()
+    imported, rss_imported, cpu = time.perf_counter(), _rss_bytes(), time.process_time()
     dataset = ShardDataset(shards)
     loader = recipe_loader(_config(recipe, shards), dataset)
     loader.steps.plans(loader.steps.samples(0))
-    built = time.perf_counter()
+    built, start_cpu = time.perf_counter(), time.process_time() - cpu
     rss = _rss_bytes()
     steps = loader.order.batches_per_epoch
-    times = []
+    times, cpu = [], time.process_time()
     for k in np.random.default_rng(0).integers(0, steps, PLANNED_STEPS):
         begin = time.perf_counter()
         loader.steps.plans(loader.steps.samples(int(k)))
         times.append(time.perf_counter() - begin)
-    return {"import_seconds": imported - start, "start_seconds": built - imported, "rss_bytes": rss,
+    plan_cpu = (time.process_time() - cpu) / PLANNED_STEPS
+    return {"import_seconds": imported - start, "start_seconds": built - imported, "start_cpu_seconds": start_cpu,
+            "plan_cpu_ms_mean": 1e3 * plan_cpu, "rss_bytes": rss,
             "rss_imported_bytes": rss_imported,
             "plan_ms_mean": 1e3 * float(np.mean(times)), "plan_ms_max": 1e3 * float(np.max(times)),
             "steps_per_epoch": steps, "global_batch": loader.order.global_batch}
@@ -114,14 +143,15 @@ def measure_resume(recipe: str, shards: Path) -> dict:
     from megatron_asvr.benchmark.data_scale import recipe_loader, resume_check
     from megatron_asvr.data.shards import ShardDataset
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     dataset = ShardDataset(shards)
     config = _config(recipe, shards)
     step = int(0.9 * (len(dataset) // config.train.global_batch))
     recipe_loader(config, dataset, consumed_samples=step * config.train.global_batch).next_step()
-    first_step = time.perf_counter() - start
+    first_step, first_step_cpu = time.perf_counter() - start, time.process_time() - cpu
     check = resume_check(config, dataset, step, samples=100)
-    return {"resume_step": step, "resume_seconds": first_step, "exact": check.exact, "compared_samples": check.samples,
+    return {"resume_step": step, "resume_seconds": first_step, "resume_cpu_seconds": first_step_cpu,
+            "exact": check.exact, "compared_samples": check.samples,
             "compared_micro_batches": sum(len(s) for s in check.resumed), "walk_seconds": check.walk_seconds}
 
 
@@ -160,15 +190,24 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--keep", action="store_true", help="keep the shards")
+    parser.add_argument("--replicate", type=Path, help="a finished shard directory: measure the loader over copies")
+    parser.add_argument("--times", type=int, default=20, help="copies of --replicate")
     args = parser.parse_args(argv)
+    if args.replicate:
+        out = args.work / f"replicated_{args.times}x"
+        records = replicate(args.replicate, args.times, out)
+        result = {"records": records, "replicated_from": str(args.replicate), **measure_recipes(out),
+                  "load_after": _load()}
+        print(json.dumps(result), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        shutil.rmtree(out)
+        return
     results = []
     for records in args.records:
         result = make_shards(records, args.work, args.tokenizer, args.workers)
         shards = args.work / f"shards_{records}"
-        for recipe in RECIPES:
-            result[recipe] = {"loader": _in_fresh_process("measure_loader", recipe, shards),
-                              "resume": _in_fresh_process("measure_resume", recipe, shards)}
-        result["load_after"] = _load()
+        result.update(measure_recipes(shards), load_after=_load())
         results.append(result)
         print(json.dumps(result), flush=True)
         if args.json:
