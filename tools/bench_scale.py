@@ -2,7 +2,7 @@
 and an exact resume near the end of an epoch. Prints a markdown table (docs/benchmarks/scale_2m.md).
 
     python tools/bench_scale.py --records 100000 500000 2000000 --work /tmp/scale \\
-        --tokenizer ../shared/data/llama2_tokenizer.model
+        --tokenizer checkpoints/vicuna-7b-v1.5/tokenizer.model
 
 For each size: a synthetic corpus (tools/make_scale_corpus.py), preprocessed with ``--workers``
 workers (wall and CPU seconds: other jobs share the cores); the shards' bytes per part; then, in
