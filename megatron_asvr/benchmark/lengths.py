@@ -38,7 +38,7 @@ STAGE2: Dict[str, Tuple[int, float, float, bool]] = {
     "refcoco_48k": (48_447, 200, 0.5, True),
     "vg_86k": (86_417, 200, 0.5, True),
 }
-DISTRIBUTIONS = {"stage1": STAGE1, "stage2": STAGE2}
+DISTRIBUTIONS = {"stage1": STAGE1, "stage2": STAGE2, "both": {**STAGE1, **STAGE2}}
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,24 @@ class DrawnSample:
     has_image: bool
 
 
+def draw_lengths(distribution: str, count: int, seq_length: int, image_positions: int,
+                 seed=0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` draws of ``distribution`` (a key of DISTRIBUTIONS) as arrays: component (index into
+    the mixture's names) [count], text tokens [count] and has an image [count] bool. Components come
+    in their share of the mixture, text lengths log-normal, cut so that a sample fits ``seq_length``
+    with its image."""
+    mix = DISTRIBUTIONS[distribution]
+    samples, medians, sigmas, images = (np.array(column) for column in zip(*mix.values()))
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(mix), size=count, p=samples / samples.sum())
+    has_image = images[picks].astype(bool)
+    room = seq_length - np.where(has_image, image_positions, 0) - 4  # BOS, the prompt's start, one label
+    drawn = rng.lognormal(np.log(medians[picks].astype(np.float64)), sigmas[picks])
+    return picks, np.minimum(np.maximum(drawn, 4), room).astype(np.int64), has_image
+
+
 def draw_samples(distribution: str, count: int, seq_length: int, image_positions: int,
                  seed: int = 0) -> List[DrawnSample]:
-    """``count`` samples of ``distribution`` ("stage1" | "stage2"): components in their share of the
-    mixture, text lengths log-normal, cut so that a sample fits ``seq_length`` with its image."""
-    mix = DISTRIBUTIONS[distribution]
-    names = list(mix)
-    share = np.array([mix[n][0] for n in names], dtype=np.float64)
-    rng = np.random.default_rng([seed, count])
-    picks = rng.choice(len(names), size=count, p=share / share.sum())
-    out = []
-    for pick in picks:
-        _, median, sigma, image = mix[names[pick]]
-        room = seq_length - (image_positions if image else 0) - 4  # BOS, the prompt's start, one label
-        out.append(DrawnSample(int(min(max(rng.lognormal(np.log(median), sigma), 4), room)), image))
-    return out
-
+    """``count`` samples of ``distribution`` ("stage1" | "stage2"), as :func:`draw_lengths` draws them."""
+    _, tokens, has_image = draw_lengths(distribution, count, seq_length, image_positions, [seed, count])
+    return [DrawnSample(int(t), bool(i)) for t, i in zip(tokens, has_image)]

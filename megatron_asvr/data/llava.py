@@ -107,13 +107,20 @@ class TokenizedSample:
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _decode(data: bytes) -> str:
+_HEAD_BYTES = 1 << 16  # read to tell a JSON list from JSON Lines
+
+
+def _decode_line(data: bytes) -> str:
     """UTF-8 text; invalid bytes become lone surrogates so that one bad record stays one."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="surrogateescape")
-    return text.removeprefix("\ufeff")
+        return data.decode("utf-8", errors="surrogateescape")
+
+
+def _decode(data: bytes) -> str:
+    """The text at a file's start: UTF-8 as :func:`_decode_line`, without a byte order mark."""
+    return _decode_line(data).removeprefix("\ufeff")
 
 
 def read_records(path: str | Path, source: str | None = None) -> Iterator[RawRecord]:
@@ -121,17 +128,19 @@ def read_records(path: str | Path, source: str | None = None) -> Iterator[RawRec
 
     A JSON Lines line that does not parse is yielded with ``error`` set; a JSON
     list that does not parse raises :class:`DataFileError` naming file, record and
-    position.
+    position. JSON Lines are read a line at a time (a 2M-record file is never held
+    whole); a JSON list is read whole.
     """
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"{path}: data file not found")
-    text = _decode(path.read_bytes())
-    start = _WHITESPACE.match(text).end()
-    if text.startswith("[", start):
-        yield from _read_json_list(path, text, start + 1, source)
+    with open(path, "rb") as file:
+        head = _decode(file.read(_HEAD_BYTES))
+    if head.lstrip(" \t\n\r").startswith("["):
+        text = _decode(path.read_bytes())
+        yield from _read_json_list(path, text, _WHITESPACE.match(text).end() + 1, source)
     else:
-        yield from _read_json_lines(path, text, source)
+        yield from _read_json_lines(path, source)
 
 
 def _read_json_list(path: Path, text: str, pos: int, source: str | None) -> Iterator[RawRecord]:
@@ -161,15 +170,17 @@ def _read_json_list(path: Path, text: str, pos: int, source: str | None) -> Iter
         raise DataFileError(f"{path}: unexpected text after the closing ']'")
 
 
-def _read_json_lines(path: Path, text: str, source: str | None) -> Iterator[RawRecord]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value, error = json.loads(line), None
-        except json.JSONDecodeError as e:
-            value, error = None, f"invalid JSON at column {e.colno}: {e.msg}"
-        yield RawRecord(str(path), f"line {number}", value, error, source)
+def _read_json_lines(path: Path, source: str | None) -> Iterator[RawRecord]:
+    with open(path, "rb") as file:
+        for number, data in enumerate(file, start=1):
+            line = _decode(data) if number == 1 else _decode_line(data)
+            if not line.strip():
+                continue
+            try:
+                value, error = json.loads(line), None
+            except json.JSONDecodeError as e:
+                value, error = None, f"invalid JSON at column {e.colno}: {e.msg}"
+            yield RawRecord(str(path), f"line {number}", value, error, source)
 
 
 def _check_utf8(value: object, where: str) -> None:

@@ -106,6 +106,27 @@ class SampleBuilder:
         """Real positions sample ``index`` takes (what packing and padding plan with; no image is read)."""
         return self._sequence(index)[1].length
 
+    def lengths(self, indices: Sequence[int]) -> np.ndarray:
+        """:meth:`length` of each of samples ``indices`` [n] int64, from the shards' arrays where that is
+        exact: every image of a fixed-grid mode (``patches_per_tile`` positions), the sequence within
+        ``seq_length`` + 1 and text after its last image: then it is all its positions but the last
+        (that one is only a label). Other samples are built as :meth:`length` builds them."""
+        indices = np.asarray(indices, dtype=np.int64)
+        tokens = self.shards.num_tokens[indices].astype(np.int64)  # [n], one placeholder per image
+        images = self.shards.num_images[indices].astype(np.int64)  # [n]
+        exact = np.full(len(indices), self.image_mode != "anyres") | (images == 0)
+        last = self.shards.last_tokens(indices)  # [n]
+        if self.asvr.supervise_text_only:  # the zero image's placeholder goes in after BOS
+            zero = images == 0
+            exact &= ~zero | (tokens > 1)  # then text follows it
+            tokens, images = tokens + zero, images + zero
+        expanded = tokens + images * (self.patches_per_tile - 1)  # [n]
+        exact &= (expanded <= self.seq_length + 1) & (last != IMAGE_PLACEHOLDER)
+        out = expanded - 1
+        for i in np.flatnonzero(~exact):
+            out[i] = self.length(indices[i])
+        return out
+
     def _sequence(self, index: int):
         """(shard sample, SequenceSample, image keys, their (width, height), dropped) of sample ``index``."""
         sample = self.shards[int(index)]
@@ -215,7 +236,7 @@ class _Steps(torch.utils.data.Dataset):
     def plans(self, mine: np.ndarray) -> List[MicroPlan]:
         full = self.batching.batching == "pad_full"  # needs no lengths
         return self.batching.plan([self.batching.seq_length] * len(mine) if full else
-                                  [self.builder.length(i) for i in mine])
+                                  self.builder.lengths(mine).tolist())
 
     def __getitem__(self, k: int) -> Tuple[List[MicroBatch], List[List[Optional[str]]]]:
         """The micro-batches, and per micro-batch, per sample why its images could not be read (or None)."""
@@ -280,7 +301,7 @@ class TrainLoader:
         plans, lengths = [], []
         for k in range(first, first + steps):
             mine = self.steps.samples(k)
-            step_lengths = [self.steps.builder.length(i) for i in mine]
+            step_lengths = self.steps.builder.lengths(mine).tolist()
             plans += [dataclasses.replace(p, samples=tuple(i + len(lengths) for i in p.samples))
                       for p in self.steps.batching.plan(step_lengths)]
             lengths += step_lengths

@@ -9,6 +9,7 @@ but a sequence that would cut or lose an image raises ``SequenceTooLong``
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
@@ -36,23 +37,18 @@ def build_sequence(
     pad_id: int = 0,
 ) -> SequenceSample:
     """Expand placeholders, shift labels, truncate text, pad to ``seq_length``."""
-    placeholders = sum(1 for t in input_ids if t == IMAGE_PLACEHOLDER)
-    if placeholders != len(image_token_counts):
-        raise ValueError(f"{placeholders} image placeholders but {len(image_token_counts)} images")
-    ids, sup, is_image = [], [], []
-    counts = iter(image_token_counts)
-    for token, flag in zip(input_ids, supervised):
-        if token == IMAGE_PLACEHOLDER:
-            n = next(counts)
-            ids += [pad_id] * n
-            sup += [False] * n
-            is_image += [True] * n
-        else:
-            ids.append(token)
-            sup.append(bool(flag))
-            is_image.append(False)
+    input_ids = np.asarray(input_ids, dtype=np.int64)  # [n]
+    placeholder = input_ids == IMAGE_PLACEHOLDER  # [n]
+    if int(placeholder.sum()) != len(image_token_counts):
+        raise ValueError(f"{int(placeholder.sum())} image placeholders but {len(image_token_counts)} images")
+    widths = np.ones(len(input_ids), dtype=np.int64)  # [n] positions each id becomes
+    widths[placeholder] = image_token_counts
+    ids = np.repeat(np.where(placeholder, pad_id, input_ids), widths)  # [positions]
+    sup = np.repeat(np.asarray(supervised, dtype=bool) & ~placeholder, widths)  # [positions]
+    is_image = np.repeat(placeholder, widths)  # [positions]
     # Inputs are positions 0..S-1, labels 1..S: every image position must be an input.
-    last_image = max((i for i, v in enumerate(is_image) if v), default=-1)
+    image_at = np.flatnonzero(is_image)
+    last_image = int(image_at[-1]) if len(image_at) else -1
     if last_image >= seq_length:
         raise SequenceTooLong(
             f"{len(ids)} positions after expanding {len(image_token_counts)} image(s) "
@@ -63,10 +59,10 @@ def build_sequence(
     labels = torch.full((seq_length,), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(seq_length)
     image_mask = torch.zeros(seq_length, dtype=torch.bool)
-    tokens[:n] = torch.tensor(ids[:n])
-    labels[:n] = torch.tensor(ids[1:n + 1])
-    loss_mask[:n] = torch.tensor(sup[1:n + 1], dtype=torch.float)
-    image_mask[: len(is_image)] = torch.tensor(is_image[:seq_length])
+    tokens[:n] = torch.from_numpy(ids[:n])
+    labels[:n] = torch.from_numpy(ids[1:n + 1])
+    loss_mask[:n] = torch.from_numpy(sup[1:n + 1])
+    image_mask[: len(is_image)] = torch.from_numpy(is_image[:seq_length])
     return SequenceSample(tokens, labels, loss_mask, image_mask, list(image_token_counts), max(n, last_image + 1))
 
 

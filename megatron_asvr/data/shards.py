@@ -125,8 +125,10 @@ class ShardDataset:
 
     A sample's arrays are copies: megatron's reader unmaps its files when the
     dataset is collected, which would leave views dangling. ``num_positions``,
-    ``num_images`` and ``source_ids`` (names in ``sources``) hold every sample's
-    length, image count and source, for samplers.
+    ``num_images``, ``num_tokens`` and ``source_ids`` (names in ``sources``) hold
+    every sample's length, image count, token count (one placeholder per image) and
+    source, for samplers; ``last_tokens`` reads samples' last token ids. Every
+    per-sample fact is a numpy array: ~32 bytes per sample, no Python object each.
     """
 
     def __init__(self, path: str | Path):
@@ -141,8 +143,8 @@ class ShardDataset:
                 f"version {self.manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}"
             )
         self.sources: list[str] = self.manifest["sources"]
-        self._shards = []
-        tables = []
+        self._shards, self._token_files = [], []
+        tables, token_counts, last_offsets = [], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
         for shard in self.manifest["shards"]:
             prefix = str(self.path / shard["prefix"])
             parts = {part: IndexedDataset(f"{prefix}.{part}") for part in _PARTS}
@@ -151,14 +153,31 @@ class ShardDataset:
                 raise ValueError(f"{prefix}: file sizes disagree with the manifest's {shard['num_samples']} samples")
             self._shards.append(parts)
             tables.append(table)
+            tokens = parts["tokens"]
+            token_counts.append(tokens.sequence_lengths)
+            # megatron's pointers are byte offsets into the .bin; a sample's last token is its last int32
+            last_offsets.append(tokens.index.sequence_pointers // 4 + tokens.sequence_lengths - 1)
+            self._token_files.append(np.memmap(f"{prefix}.tokens.bin", np.int32, "r"))  # [tokens in the shard]
         table = np.concatenate(tables) if tables else np.zeros(0, dtype=_TABLE)
         self.num_positions = table["num_positions"]  # [N]
         self.num_images = table["num_images"]  # [N]
         self.source_ids = table["source"]  # [N]
+        self.num_tokens = np.concatenate(token_counts)  # [N] int32
+        self._last_offsets = np.concatenate(last_offsets)  # [N] int64, into its shard's .tokens.bin
         self._starts = np.cumsum([0] + [s["num_samples"] for s in self.manifest["shards"]])  # [shards + 1]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def last_tokens(self, indices: np.ndarray) -> np.ndarray:
+        """The last token id of each of samples ``indices`` [n] (int32), read from the token files."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shards = np.searchsorted(self._starts, indices, side="right") - 1  # [n]
+        out = np.empty(len(indices), dtype=np.int32)
+        for shard in np.unique(shards):
+            mine = shards == shard
+            out[mine] = self._token_files[shard][self._last_offsets[indices[mine]]]
+        return out
 
     def __getitem__(self, index: int) -> TokenizedSample:
         if not -len(self) <= index < len(self):

@@ -48,6 +48,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _key_hash(key: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little"))
+
+
 class VisualTargets:
     """Read-only view of a targets directory: the codes of an image by its key."""
 
@@ -92,14 +96,29 @@ class VisualTargets:
         plan = json.loads(plan_path.read_text())
         self.mode = plan["mode"]
         self.meta = {branch: VisualCodesMeta.from_json(m) for branch, m in plan["meta"].items()}
-        self._rows = {key: (position, first, tiles) for position, (key, first, tiles) in enumerate(plan["index"])}
-        rows = sum(tiles for _, _, tiles in plan["index"])
+        index = plan.pop("index")
+        # The index as arrays (a dict of 2M keys costs ~330 B each, in every process that reads it):
+        # entries [E, 3] (position, first row, tiles) sorted by their keys' hashes [E].
+        hashes = np.fromiter((_key_hash(key) for key, _, _ in index), np.uint64, len(index))  # [E]
+        if len(np.unique(hashes)) != len(hashes):
+            raise ValueError(f"{plan_path}: two image keys share a 64-bit hash; rename one of them")
+        order = np.argsort(hashes)
+        self._hashes = hashes[order]  # [E]
+        self._entries = np.array([(position, first, tiles) for position, (_, first, tiles) in enumerate(index)],
+                                 dtype=np.int64).reshape(-1, 3)[order]  # [E, 3]
+        rows = int(self._entries[:, 2].sum())
         self._codes = {branch: np.memmap(self.directory / codes_file(branch), np.uint16, "r",
                                        shape=(rows, m.num_patches, m.depth)) for branch, m in self.meta.items()}
-        self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(len(plan["index"]),))
+        self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(len(index),))
+
+    def _entry(self, key: str) -> Optional[np.ndarray]:
+        """(position, first row, tiles) of image ``key``, or None when the index does not hold it."""
+        digest = _key_hash(normalize_image_path(key))
+        at = int(np.searchsorted(self._hashes, digest))
+        return self._entries[at] if at < len(self._hashes) and self._hashes[at] == digest else None
 
     def __contains__(self, key: str) -> bool:
-        entry = self._rows.get(normalize_image_path(key))
+        entry = self._entry(key)
         return entry is not None and bool(self._done[entry[0]])
 
     def __len__(self) -> int:
@@ -110,10 +129,10 @@ class VisualTargets:
         """uint16 [tiles * patches, D] of image ``key`` (a path relative to the image root)."""
         if branch not in self._codes:
             raise KeyError(f"{self.directory} holds {sorted(self._codes)} codes, not {branch!r}")
-        entry = self._rows.get(normalize_image_path(key))
+        entry = self._entry(key)
         if entry is None or not self._done[entry[0]]:
             state = "not in the index" if entry is None else "not computed yet (resume the precompute run)"
             raise KeyError(f"{self.directory}: image {key!r} is {state}")
-        _, first, tiles = entry
+        _, first, tiles = (int(v) for v in entry)
         array = self._codes[branch][first : first + tiles]  # [tiles, P, D]
         return array.reshape(-1, array.shape[-1])

@@ -10,6 +10,7 @@ records are left out and counted; ``error`` records fail the run after the pass
 (``strict`` turns every skip into an error).
 """
 
+import functools
 import hashlib
 import json
 import warnings
@@ -169,6 +170,9 @@ def inspect_image(path: Path, name: str, config: ValidationConfig) -> tuple[tupl
     return (width, height), fixes
 
 
+IMAGE_CACHE = 8192  # image verdicts a validator remembers: records share images (COCO's, in the 665K mix)
+
+
 class RecordValidator:
     """Checks, fixes and tokenizes one record; runs in the worker processes."""
 
@@ -176,6 +180,16 @@ class RecordValidator:
         self.config = config
         self.template = template
         self.tokenizer = tokenizer
+        self._image = functools.lru_cache(IMAGE_CACHE)(self._inspect)
+
+    def _inspect(self, path: str) -> tuple[tuple[int, int], tuple[Problem, ...]] | RecordError:
+        """:func:`inspect_image`'s verdict on ``path`` (relative to the image root): its size and fixes,
+        or the error."""
+        try:
+            size, fixes = inspect_image(self.config.image_root / path, path, self.config)
+        except RecordError as e:
+            return e
+        return size, tuple(fixes)
 
     def __call__(self, raw: RawRecord, duplicate: DuplicateCheck) -> RecordResult:
         rid = duplicate.new_id or record_id(raw.value) or f"{Path(raw.file).name}{raw.location}"
@@ -218,7 +232,10 @@ class RecordValidator:
                      for p, n in zip(images, paths) if p != n)
         sizes = []
         for path in paths:
-            size, image_fixes = inspect_image(self.config.image_root / path, path, self.config)
+            verdict = self._image(path)
+            if isinstance(verdict, RecordError):
+                raise RecordError(verdict.reason, verdict.detail)
+            size, image_fixes = verdict
             sizes.append(size)
             fixes.extend(image_fixes)
         try:

@@ -17,6 +17,9 @@ from typing import Optional
 import sentencepiece as spm
 
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-boundary piece
+# Chunks (text between special tokens) whose ids a tokenizer remembers: LLaVA's masking tokenizes
+# each round of a conversation again after the whole, and the rounds are the same chunks.
+_CHUNK_CACHE = 64
 
 
 class TextTokenizer(ABC):
@@ -81,6 +84,7 @@ class SentencePieceTokenizer(TextTokenizer):
         pattern = "|".join(re.escape(t) for t in sorted(self._special_ids, key=len, reverse=True))
         self._special_split = re.compile(f"({pattern})")
         self._underline_id = self._sp.piece_to_id(SPIECE_UNDERLINE)
+        self._chunk_ids: dict[str, list[int]] = {}  # the last chunks' ids (one encode_chunk: legacy is fixed)
         if not legacy:
             self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
             self._unk_text = self._sp.id_to_piece(self._sp.unk_id())
@@ -103,7 +107,11 @@ class SentencePieceTokenizer(TextTokenizer):
             if chunk in self._special_ids:
                 ids.append(self._special_ids[chunk])
             elif chunk:
-                ids.extend(encode_chunk(chunk))
+                if chunk not in self._chunk_ids:
+                    if len(self._chunk_ids) >= _CHUNK_CACHE:
+                        self._chunk_ids.clear()
+                    self._chunk_ids[chunk] = encode_chunk(chunk)
+                ids.extend(self._chunk_ids[chunk])
         return ids
 
     def _encode_without_prefix(self, chunk: str) -> list[int]:
