@@ -10,7 +10,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch
-from megatron_asvr.model.loss import asvr_loss
+from megatron_asvr.model.loss import asvr_loss, visual_grad_scale
 
 
 def packed_seq_params(batch: MicroBatch) -> Optional[PackedSeqParams]:
@@ -46,6 +46,10 @@ class ASVRTask:
 
     def forward_step(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator)
+        grad_scales = None  # on the last stage: what each head's loss sums will get in backward
+        if batch.loss_counts is not None:
+            grad_scales = {branch: visual_grad_scale(batch.loss_counts, self.asvr, getattr(self.asvr, branch).depth)
+                           for branch in self.asvr.branches}
         output = model(
             tokens=batch.tokens,
             position_ids=batch.position_ids,
@@ -55,6 +59,7 @@ class ASVRTask:
             labels=batch.labels,
             visual_targets=batch.visual_targets,
             visual_rows=batch.visual_rows,
+            visual_grad_scale=grad_scales,
             packed_seq_params=packed_seq_params(batch),
         )
         # The loss function only runs on the last stage.
