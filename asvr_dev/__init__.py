@@ -12,5 +12,4 @@ Used by tests/, tools/ and tools/gpu_check/; installed beside megatron_asvr by s
     demo_data.py      the synthetic, learnable VQA corpus of the demo and the tests
     demo_encoder.py   a random SigLIP in HF format, the demo's visual-tokenizer encoder
     bench_convert.py  memory and time of the HF import / export (tools/bench_convert.py)
-    bench_fused_ce.py memory and time of the multi-depth CE implementations (tools/bench_fused_ce.py)
 """

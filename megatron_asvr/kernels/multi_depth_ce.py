@@ -58,6 +58,11 @@ def _device_constant(values: Tuple, dtype: torch.dtype, device: torch.device) ->
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def chunk_rows_for(budget_bytes: int, width: int, element_size: int) -> int:
+    """Rows of a chunk whose [rows, width] logits fit ``budget_bytes``: a multiple of ROW_ALIGN."""
+    return max(ROW_ALIGN, budget_bytes // (width * element_size) // ROW_ALIGN * ROW_ALIGN)
+
+
 def default_mode(device: torch.device) -> str:
     """$ASVR_CE_MODE when set, else grads_in_forward (on CUDA and, measured, on CPU)."""
     mode = os.environ.get("ASVR_CE_MODE")
@@ -487,8 +492,7 @@ def multi_depth_cross_entropy(
         [w.shape[0] for w in weights], vocab_sizes, dist.get_rank(group) if group is not None else 0
     )
     if chunk_rows is None:
-        rows_in_budget = DEFAULT_CHUNK_BYTES // (max(shard.width) * hidden.element_size())
-        chunk_rows = max(ROW_ALIGN, rows_in_budget // ROW_ALIGN * ROW_ALIGN)
+        chunk_rows = chunk_rows_for(DEFAULT_CHUNK_BYTES, max(shard.width), hidden.element_size())
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if row_mask is not None:

@@ -49,7 +49,7 @@ STEPS = [
     Step("build", "csrc extensions in place (sm_90)", 150, None),
     Step("a", "fused CE kernels vs reference", 45, 90, "kernels"),
     Step("b", "tools/train.py: 20 steps, kill + resume", 150, 180, "train_resume"),
-    Step("c", "fused CE at the real head shape", 75, 90, "fused_ce"),
+    Step("c", "fused CE at the real head shape", 90, 90, "fused_ce"),
     Step("d", "throughput: ours (tools/benchmark.py)", 100, 150, "throughput"),
     Step("d-hf", "throughput: transformers LLaVA + plain head", 70, 120, "hf_baseline"),
     Step("e", "FP8 through Transformer Engine", 20, 60, "fp8"),
