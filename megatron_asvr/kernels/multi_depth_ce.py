@@ -145,6 +145,7 @@ class _Gradients:
         self.handles = []  # in-flight all-reduces of grad_h
         self.grads: List[Optional[torch.Tensor]] = [None] * len(params)  # returned (not main_grad)
         self._accumulator: Optional[torch.Tensor] = None  # fp32 [V, E] for chunked bf16 weights
+        self._accumulating: Optional[int] = None  # the param whose gradient the accumulator holds
 
     def _weight_target(self, i: int, first: bool) -> Tuple[torch.Tensor, int]:
         """(tensor the weight gradient of param i accumulates into, beta of this chunk)."""
@@ -157,6 +158,7 @@ class _Gradients:
             return self.grads[i], 0 if first else 1
         if self._accumulator is None or self._accumulator.shape[0] < param.shape[0]:
             self._accumulator = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        self._accumulating = i
         return self._accumulator[: param.shape[0]], 0 if first else 1
 
     def add_chunk(self, d: int, begin: int, grad_logits: torch.Tensor, h: torch.Tensor,
@@ -185,7 +187,7 @@ class _Gradients:
         for i in (1 + d, 1 + self.depths + d):
             if i >= len(self.params) or not self.plan.need[i] or self.plan.main_grad:
                 continue
-            if self.grads[i] is None and self._accumulator is not None and i <= self.depths:  # chunked bf16
+            if self._accumulating == i:  # chunked bf16 weight: rounded once, from fp32
                 self.grads[i] = self._accumulator[: self.params[i].shape[0]].to(self.params[i].dtype)
             elif self.grads[i] is None:  # no rows
                 self.grads[i] = torch.zeros_like(self.params[i])

@@ -10,7 +10,8 @@ under its own time budget; ``--cpu`` runs the same steps at tiny shapes (CI).
     step_io.py       what every step module shares: arguments, its result file, errors
     kernels.py       (a) the fused multi-depth CE kernels against the reference
     train_resume.py  (b) tools/train.py: 20 steps; killed after the step-10 checkpoint and resumed
-    fused_ce.py      (c) fused CE at the real head shape against naive, Liger, Cut Cross-Entropy
+    fused_ce.py      (c) fused CE at the real head shape against naive, Liger, Cut Cross-Entropy; the same
+                     benchmark is tools/bench_fused_ce.py on CPU
     shapes.py        the shapes of (c), (d) and (e) on GPU and on CPU; the planner's layer count
     throughput.py    (d) tools/benchmark.py --mode compare-asvr at Vicuna-7B widths
     hf_baseline.py   (d) the same model as the released code runs it: transformers LLaVA + plain_head.py
