@@ -171,6 +171,8 @@ class VisualHead(MegatronModule):
         states = self.hidden(llm_hidden, codes)
         group = parallel_state.get_tensor_model_parallel_group()
         mode = default_mode(states.device)
+        # megatron's DDP gives trained parameters an fp32 main_grad; grads_in_forward accumulates there
+        # in the forward, so only when the loss's gradient is known
         trained = [p for c in self.classifiers for p in (c.weight, c.bias) if p.requires_grad]
         main_grad = all(hasattr(p, "main_grad") for p in trained) and (grad_scale is not None or mode == "recompute")
         return multi_depth_cross_entropy(

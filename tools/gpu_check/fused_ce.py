@@ -237,8 +237,8 @@ def measure_group(cases: List[Case], rank: int = 0, group=None) -> List[dict]:
             peak = memory.peak()
             returned = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) / MIB
             results.append({"status": "ok", "held_mib": held, "peak_mib": peak, "returned_mib": returned,
-                            "beyond_mib": peak - returned, "loss": loss.detach().double().cpu(),
-                            "grad_hidden": hidden.grad.detach().cpu()})
+                            "beyond_mib": peak - returned, "loss": loss.detach().double(),
+                            "grad_hidden": hidden.grad.detach()})
             del loss
         except ImportError as err:
             step = None
@@ -268,7 +268,7 @@ def reference(case: Case) -> dict:
     loss = naive_multi_depth_cross_entropy(hidden, [w.detach().float() for w in weights], None, targets,
                                            [case.vocab] * case.depths)[0]
     loss.sum().backward()
-    return {"loss": loss.detach().double().cpu(), "grad_hidden": hidden.grad.cpu()}
+    return {"loss": loss.detach().double(), "grad_hidden": hidden.grad}
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
