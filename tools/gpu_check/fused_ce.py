@@ -23,7 +23,8 @@ rank), one after the other:
     beyond  peak minus the gradients the method returns (of hidden, and of the classifiers unless
             they go to pre-existing main_grad buffers): its working memory beyond the result
 Time: the median forward + backward (CUDA: triton.testing.do_bench; CPU: wall clock of a few runs,
-the methods taken in turn so that other load on the machine falls on all of them alike).
+the methods taken in turn so that other load on the machine falls on all of them alike, and the
+process's CPU time of the same runs, which load from other processes disturbs least).
 Agreement: relative errors (2-norm) of the summed loss and of grad_h against an fp32 naive run on
 the same inputs, grad_h's taken after rounding the reference to the method's dtype (0: the method
 returns the exact gradient, correctly rounded).
@@ -38,7 +39,7 @@ import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -180,18 +181,19 @@ class _Memory:
 
 
 def _times_ms(cases: List[Case], steps: List[Optional[Callable[[], None]]], params: List[torch.Tensor],
-              group) -> List[List[float]]:
-    """Forward + backward times in ms per case. CUDA: the median of triton's do_bench, case by case.
-    CPU: ``repeats`` wall-clock runs, the cases taken in turn, so that load from other processes on
-    the machine falls on all of them alike."""
-    times: List[List[float]] = [[] for _ in cases]
+              group) -> List[Tuple[List[float], List[float]]]:
+    """Forward + backward (wall, CPU) times in ms per case. CUDA: the median of triton's do_bench,
+    case by case (no CPU times). CPU: ``repeats`` runs, the cases taken in turn, so that load from
+    other processes on the machine falls on all of them alike; the CPU time of this process (all
+    its threads) is the figure such load disturbs least."""
+    times: List[Tuple[List[float], List[float]]] = [([], []) for _ in cases]
     if cases[0].device == "cuda":
         import triton.testing
 
         for i, step in enumerate(steps):
             if step is not None:
-                times[i].append(triton.testing.do_bench(step, warmup=50, rep=300, grad_to_none=params,
-                                                        return_mode="median"))
+                times[i][0].append(triton.testing.do_bench(step, warmup=50, rep=300, grad_to_none=params,
+                                                           return_mode="median"))
         return times
     for _ in range(cases[0].repeats):
         for i, step in enumerate(steps):
@@ -201,9 +203,10 @@ def _times_ms(cases: List[Case], steps: List[Optional[Callable[[], None]]], para
                 p.grad = None
             if group is not None:
                 dist.barrier(group)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step()
-            times[i].append((time.perf_counter() - start) * 1e3)
+            times[i][0].append((time.perf_counter() - wall) * 1e3)
+            times[i][1].append((time.process_time() - cpu) * 1e3)
     return times
 
 
@@ -253,9 +256,11 @@ def measure_group(cases: List[Case], rank: int = 0, group=None) -> List[dict]:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         steps.append(step)
-    for result, times in zip(results, _times_ms(cases, steps, params, group)):
-        if times:
-            result.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+    for result, (wall, cpu) in zip(results, _times_ms(cases, steps, params, group)):
+        if wall:
+            result.update(median_ms=statistics.median(wall), min_ms=min(wall), max_ms=max(wall))
+        if cpu:
+            result["cpu_ms"] = statistics.median(cpu)
     return results
 
 
@@ -403,6 +408,8 @@ def _add_ratios(rows: List[dict]) -> None:
         if ref is None or r["status"] != "ok":
             continue
         r["time_over_naive"] = r["median_ms"] / ref["median_ms"]
+        if "cpu_ms" in r:
+            r["cpu_over_naive"] = r["cpu_ms"] / ref["cpu_ms"]
         for figure in ("held", "peak", "beyond"):
             r[f"{figure}_over_naive"] = r[f"{figure}_mib"] / ref[f"{figure}_mib"] if ref[f"{figure}_mib"] > 0 else None
 
@@ -412,6 +419,7 @@ DEFINITIONS = [
     "peak: the most allocated during forward + backward (total peak)",
     "beyond: peak minus the gradients the method returns (hidden's, and the classifiers' unless accumulated "
     "into pre-existing main_grad buffers)",
+    "CPU ms: the process's CPU time (all its threads; TP: rank 0's) of the same runs; "
     "ratios are against naive's row with the same inputs; grad_h rel err is against an fp32 naive run, rounded "
     "to the method's dtype, and against naive in the method's dtype",
 ]
@@ -424,6 +432,7 @@ def _number(value, fmt: str) -> str:
 def format_table(rows: List[dict]) -> str:
     """Markdown: the definitions, then one row per case."""
     head = ("| method | N | D | V | E | TP | dtype | chunk MiB | fwd+bwd ms (median) | min-max | time / naive "
+            "| CPU ms (median) | CPU / naive "
             "| held MiB | held / naive | peak MiB | peak / naive | beyond MiB | beyond / naive | returned grads MiB "
             "| loss rel err | grad_h rel err | grad_h rel err vs naive |")
     lines = [f"- {d}" for d in DEFINITIONS] + ["", head, "|" + "---|" * (head.count("|") - 1)]
@@ -433,11 +442,12 @@ def format_table(rows: List[dict]) -> str:
         shape = (f"| {label} | {r['rows']} | {r['depths']} | {r['vocab']} | {r['embed']} | {r['tp']} "
                  f"| {r['dtype']} | {chunk} ")
         if r["status"] != "ok":
-            lines.append(shape + f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |" + " |" * 13)
+            lines.append(shape + f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |" + " |" * 15)
             continue
         lines.append(
             shape + f"| {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} "
-            f"| {_number(r.get('time_over_naive'), '.3f')} | {r['held_mib']:.1f} "
+            f"| {_number(r.get('time_over_naive'), '.3f')} | {_number(r.get('cpu_ms'), '.1f')} "
+            f"| {_number(r.get('cpu_over_naive'), '.3f')} | {r['held_mib']:.1f} "
             f"| {_number(r.get('held_over_naive'), '.4f')} | {r['peak_mib']:.1f} "
             f"| {_number(r.get('peak_over_naive'), '.4f')} | {r['beyond_mib']:.1f} "
             f"| {_number(r.get('beyond_over_naive'), '.4f')} | {r['returned_mib']:.1f} "
