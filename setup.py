@@ -23,6 +23,7 @@ RUNTIME_DEPS = [
     "tensorboard>=2.16",
     "protobuf>=4",  # sentencepiece model proto edits: Llama tokenization with legacy=False
     "matplotlib>=3.8",  # experiment and attention-map figures
+    "pyarrow>=14",  # benchmark files published as HF parquet shards (MMMU, AI2D, RealWorldQA, ...)
 ]
 
 EXTRAS = {
@@ -30,7 +31,7 @@ EXTRAS = {
     # from https://github.com/NVIDIA/apex if wanted. Nothing here requires it.
     "gpu": ["transformer-engine[pytorch]>=2.1", "flash-attn>=2.6"],
     "wandb": ["wandb>=0.17"],  # train.wandb_project: Weights & Biases beside TensorBoard
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "wandb>=0.17",
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "wandb>=0.17", "ruff>=0.6",
             "nvidia-cuda-cuobjdump>=13.2; platform_system == 'Linux'"],
 }
 
@@ -89,7 +90,7 @@ setup(
     name="megatron_asvr",
     version="0.1.0",
     description="Megatron-core 3D-parallel trainer for LLaVA-style VLMs with ASVR",
-    packages=find_packages(include=["megatron_asvr", "megatron_asvr.*", "asvr_dev"]),  # asvr_dev: tests and tools only
+    packages=find_packages(include=["megatron_asvr", "megatron_asvr.*"]),  # the library alone: not tests/, demo/
     python_requires=">=3.11",
     install_requires=RUNTIME_DEPS,
     extras_require=EXTRAS,

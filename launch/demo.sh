@@ -54,7 +54,7 @@ fi
 if [ ! -f "$OUT/init/model_config.json" ]; then
     say "import: the demo's pretrained LLM ($LLM) and the demo encoder (tools/convert.py)"
     python tools/convert.py import --llm "$LLM" --vision "$OUT/encoder" --config configs/demo_stage0.yaml \
-        --out "$OUT/init" --dtype float32 --no-progress >/dev/null
+        --out "$OUT/init" --dtype fp32 --no-progress >/dev/null
 fi
 
 [ "${DEMO_PREPARE_ONLY:-0}" = 1 ] && { say "prepared (DEMO_PREPARE_ONLY=1): data, tokenizer, shards, targets, import"; exit 0; }

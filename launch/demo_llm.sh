@@ -31,9 +31,9 @@ mkdir -p "$WORK"
     --output "$WORK/shards/language" --max-seq-length 384 --workers "$NPROC" --no-progress
 # The model needs a vision tower to be built; stage 0 trains the LLM alone and the export drops it.
 [ -f "$WORK/init/model_config.json" ] || python tools/convert.py import --vision "$WORK/encoder" \
-    --config configs/demo_stage0.yaml --out "$WORK/init" --dtype float32 --no-progress >/dev/null
+    --config configs/demo_stage0.yaml --out "$WORK/init" --dtype fp32 --no-progress >/dev/null
 [ -f "$WORK/stage0/latest" ] || torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}" \
     tools/train.py --config configs/demo_stage0.yaml --set "data.shards=$WORK/shards/language" \
     --set "data.image_root=$WORK/data/images" --set "train.load=$WORK/init" --set "train.save_dir=$WORK/stage0"
-python tools/convert.py export --checkpoint "$WORK/stage0" --out "$DEST" --llm-only --dtype float32 \
+python tools/convert.py export --checkpoint "$WORK/stage0" --out "$DEST" --llm-only --dtype fp32 \
     --tokenizer "$WORK/data" --no-progress

@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
+from tests.support.harness import train_case
+from tests.support.multirank import run_ranks
+from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
@@ -43,16 +43,17 @@ def _assert_close(got: dict, expected: dict, tol: float, what: str):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(train, 1, VLMCase(model=STAGE2, steps=2))[0]
+    return run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=2))[0]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
     model = UNEVEN if layout == "pp2_uneven" else STAGE2
-    results = run_ranks(train, world_size, VLMCase(model=model, steps=2, parallel=parallel), reference["initial"])
+    results = run_ranks(train_case, world_size, VLMCase(model=model, steps=2, parallel=parallel), reference["initial"])
     if layout == "pp2_uneven":
-        layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")}) for r in results]
+        layers = [sorted({n.split(".")[3] for n in r["params"][0] if n.startswith("language_model.decoder.layers.")})
+                  for r in results]
         assert layers == [["0", "1", "2"], ["3"]]
     _assert_close(losses(results, STAGE2), losses([reference], STAGE2), TOL, f"{layout} losses")
     for step in range(2):
@@ -73,8 +74,8 @@ def test_reference_has_both_losses_and_all_gradients(reference):
 
 def test_loss_is_independent_of_the_micro_batch_split():
     """4 samples as 1 micro-batch of 4 or as 4 micro-batches of 1: same losses and gradients."""
-    one = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1, micro_batch=4))[0]
-    four = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1, micro_batch=1), one["initial"])[0]
+    one = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1, micro_batch=4))[0]
+    four = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1, micro_batch=1), one["initial"])[0]
     _assert_close(losses([four], STAGE2), losses([one], STAGE2), TOL, "losses")
     _assert_close(four["grads"][0], one["grads"][0], TOL, "grads")
 
@@ -83,23 +84,27 @@ def test_stage_freezing_and_frozen_pipeline_stages():
     """Stage 1: gradients only in the projector and the head; stage 2 adds the LLM; the
     encoder never gets one. At PP=4 in stage 1 the two middle stages train nothing and
     the step neither hangs nor breaks the optimizer (same losses and updates as PP=1)."""
-    stage1 = run_ranks(train, 1, VLMCase(model=TINY_MODEL, steps=2))[0]
+    stage1 = run_ranks(train_case, 1, VLMCase(model=TINY_MODEL, steps=2))[0]
     assert {n.split(".")[0] for n in stage1["grads"][0]} == {"projector", "visual_heads"}
     assert all(g.abs().sum() > 0 for n, g in stage1["grads"][0].items() if "visual_heads" in n or "projector" in n)
     frozen = [n for n in stage1["initial"] if n.startswith(("language_model.", "vision_encoder."))]
     assert frozen and all(torch.equal(stage1["params"][-1][n], stage1["initial"][n]) for n in frozen)
 
-    pp4 = run_ranks(train, 4, VLMCase(model=TINY_MODEL, steps=2, parallel=ParallelConfig(pipeline_parallel=4)), stage1["initial"])
+    pp4 = run_ranks(train_case, 4, VLMCase(model=TINY_MODEL, steps=2, parallel=ParallelConfig(pipeline_parallel=4)),
+                    stage1["initial"])
     _assert_close(losses(pp4, TINY_MODEL), losses([stage1], TINY_MODEL), TOL, "stage-1 PP=4 losses")
     _assert_close(merge_ranks([r["params"][-1] for r in pp4]), stage1["params"][-1], TOL, "stage-1 PP=4 params")
 
 
 def test_target_shift_moves_targets_to_the_next_patch():
     """Shift 1: each image's last position loses its target (12 of 16 rows); text is untouched."""
-    base = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    base = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
     shifted_model = _with_asvr(STAGE2, target_shift=1)
-    shifted = run_ranks(train, 1, VLMCase(model=shifted_model, steps=1), base["initial"])[0]
-    rows = lambda r: sum(rep["visual/semantic/rows"].item() for _, rep in r["reports"][0])
+    shifted = run_ranks(train_case, 1, VLMCase(model=shifted_model, steps=1), base["initial"])[0]
+
+    def rows(result):
+        return sum(rep.branches["semantic"].rows.item() for _, rep in result["reports"][0])
+
     assert (rows(base), rows(shifted)) == (16, 12)
     a, b = losses([base], STAGE2), losses([shifted], shifted_model)
     assert a["0/text"] == b["0/text"]
@@ -109,21 +114,21 @@ def test_target_shift_moves_targets_to_the_next_patch():
 def test_text_only_samples_masked_or_given_the_zero_image():
     """Default: the text-only sample has no visual positions. Released behaviour: it gets the
     zero image right after BOS, whose codes are supervised; the other samples are unchanged."""
-    masked = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    masked = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
     supervised_model = _with_asvr(STAGE2, supervise_text_only=True)
-    supervised = run_ranks(train, 1, VLMCase(model=supervised_model, steps=1), masked["initial"])[0]
+    supervised = run_ranks(train_case, 1, VLMCase(model=supervised_model, steps=1), masked["initial"])[0]
     m, s = dict(masked["reports"][0]), dict(supervised["reports"][0])
-    assert m[1]["visual/semantic/rows"].item() == 0 and s[1]["visual/semantic/rows"].item() == 4
+    assert m[1].branches["semantic"].rows.item() == 0 and s[1].branches["semantic"].rows.item() == 4
     for micro in (0, 2, 3):  # samples with their own images: identical reports
-        assert all(torch.equal(m[micro][k], s[micro][k]) for k in m[micro])
+        assert torch.equal(m[micro].flat(), s[micro].flat())
 
 
 def test_dual_supervision_adds_an_appearance_head():
     """Dual: a second head with its own loss; the semantic head and the text loss are unchanged,
     the LLM's gradient gains the appearance term."""
     dual_model = _with_asvr(STAGE2, supervision="dual")
-    dual = run_ranks(train, 1, VLMCase(model=dual_model, steps=1))[0]
-    semantic = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1), dual["initial"])[0]
+    dual = run_ranks(train_case, 1, VLMCase(model=dual_model, steps=1))[0]
+    semantic = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1), dual["initial"])[0]
     d, s = losses([dual], dual_model), losses([semantic], STAGE2)
     assert d["0/text"] == s["0/text"] and d["0/semantic"] == s["0/semantic"]
     assert "0/appearance" in d and "0/appearance" not in s and d["0/appearance"] > 1.0
@@ -136,14 +141,14 @@ def test_dual_supervision_adds_an_appearance_head():
 
 def test_appearance_only_supervision():
     appearance_model = _with_asvr(STAGE2, supervision="appearance")
-    result = run_ranks(train, 1, VLMCase(model=appearance_model, steps=1))[0]
+    result = run_ranks(train_case, 1, VLMCase(model=appearance_model, steps=1))[0]
     got = losses([result], appearance_model)
     assert "0/appearance" in got and "0/semantic" not in got
     assert {n.split(".")[1] for n in result["grads"][0] if n.startswith("visual_heads.")} == {"appearance"}
 
 
 def _discrete_features(codes):
-    from asvr_dev.tiny_vlm import codebooks, VLMCase
+    from tests.support.tiny_vlm import codebooks, VLMCase
     from megatron_asvr import runtime
 
     case = VLMCase(model=_with_asvr(STAGE2, discrete_input=True))
@@ -166,8 +171,8 @@ def test_discrete_input_replaces_encoder_features_by_codebook_vectors():
     assert "vision_encoder" not in names
     assert fc1 == (64, 12)  # projector input is the codebook width C, not the encoder width
     discrete_model = _with_asvr(STAGE2, discrete_input=True)
-    continuous = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
-    result = run_ranks(train, 1, VLMCase(model=discrete_model, steps=1))[0]
+    continuous = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
+    result = run_ranks(train_case, 1, VLMCase(model=discrete_model, steps=1))[0]
     got, base = losses([result], discrete_model), losses([continuous], STAGE2)
     assert got["0/text"] != base["0/text"] and 2.5 < got["0/semantic"] < 3.5
     assert result["grads"][0]["projector.encoder.linear_fc1.weight"].shape == (64, 12)
@@ -176,10 +181,10 @@ def test_discrete_input_replaces_encoder_features_by_codebook_vectors():
 def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
     """Saved at TP=2 x PP=2 (head linears in containers, TP-sharded classifiers), loaded at
     TP=1 x PP=1 and at PP=2 x DP=2: the same evaluation losses (1e-6)."""
-    from asvr_dev.harness import evaluate_checkpoint
+    from tests.support.harness import evaluate_checkpoint
 
     directory = str(tmp_path / "ckpt")
-    saved = run_ranks(train, 4, VLMCase(model=STAGE2, steps=1, parallel=ParallelConfig(2, 2)), save_to=directory)
+    saved = run_ranks(train_case, 4, VLMCase(model=STAGE2, steps=1, parallel=ParallelConfig(2, 2)), save_to=directory)
     expected = losses(saved, STAGE2, key="eval")
     for world_size, parallel in [(1, ParallelConfig()), (4, ParallelConfig(pipeline_parallel=2))]:
         results = run_ranks(evaluate_checkpoint, world_size, VLMCase(model=STAGE2, parallel=parallel), directory)
@@ -190,12 +195,13 @@ def test_dist_checkpoint_reshards_the_whole_model(tmp_path):
 def test_activation_recompute_changes_nothing_but_memory():
     """Full recompute (LLM layers and head layers) and selective recompute (LLM core attention):
     the same losses and gradients as no recompute."""
-    from asvr_dev import tiny_vlm
+    from tests.support import tiny_vlm
 
-    plain = run_ranks(train, 1, VLMCase(model=STAGE2, steps=1))[0]
+    plain = run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=1))[0]
     for changes in ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
                     {"recompute_granularity": "selective"}):
-        result = run_ranks(train, 1, tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes), plain["initial"])[0]
+        case = tiny_vlm.VLMCase(model=STAGE2, steps=1, config_changes=changes)
+        result = run_ranks(train_case, 1, case, plain["initial"])[0]
         _assert_close(losses([result], STAGE2), losses([plain], STAGE2), 1e-6, f"{changes} losses")
         _assert_close(result["grads"][0], plain["grads"][0], 1e-6, f"{changes} grads")
 
@@ -203,14 +209,14 @@ def test_activation_recompute_changes_nothing_but_memory():
 def _load_into_model_with_heads(directory):
     from megatron_asvr import runtime
     from megatron_asvr.model.canonical import full_state
-    from megatron_asvr.training.checkpoint import load_weights
+    from megatron_asvr.checkpoint.model import VISUAL_HEADS, load_weights
     from megatron_asvr.model.chunks import build_model_chunks
 
     case = VLMCase(model=STAGE2)
     info = runtime.initialize(case.parallel)
     chunks = build_model_chunks(case.chunk_builder(), info.device)
     before = full_state(chunks)
-    load_weights(directory, chunks)
+    load_weights(chunks, directory, optional=(VISUAL_HEADS,))
     after = full_state(chunks)
     runtime.destroy()
     return before, after
@@ -220,7 +226,7 @@ def test_stage2_with_heads_loads_a_stage1_checkpoint_without_them(tmp_path):
     """The paper's "visual loss only in stage 2" ablation: stage 1 trains without a head; stage 2
     loads everything else from it and starts its heads from their initialisation."""
     no_visual = _with_asvr(STAGE2, visual_loss=False)
-    saved = run_ranks(train, 1, VLMCase(model=no_visual, steps=1), save_to=str(tmp_path / "ckpt"))[0]
+    saved = run_ranks(train_case, 1, VLMCase(model=no_visual, steps=1), save_to=str(tmp_path / "ckpt"))[0]
     before, after = run_ranks(_load_into_model_with_heads, 1, str(tmp_path / "ckpt"))[0]
     heads = [n for n in after if n.startswith("visual_heads.")]
     assert heads and all(torch.equal(after[n], before[n]) for n in heads)

@@ -1,7 +1,6 @@
 """The throughput benchmark: synthetic batches at real shapes, the timed loop on CPU, FP8 settings and errors."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,22 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
-from megatron_asvr.benchmark.fp8 import check_fp8_runnable, fp8_llm_changes
+from megatron_asvr.benchmark.fp8 import FP8Unavailable, check_fp8_runnable, fp8_llm_changes
 from megatron_asvr.benchmark.model import stage_configs
 from megatron_asvr.benchmark.report import comparisons_of, render, to_json
 from megatron_asvr.benchmark.runner import benchmark_variants, run_variants
-from megatron_asvr.benchmark.settings import BenchmarkError, BenchmarkSettings
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
-from megatron_asvr.config import ConfigError
-from megatron_asvr.training.flops import StepShape, step_flops
+from megatron_asvr.config import BenchRunConfig, ConfigError, load_config, with_overrides
+from megatron_asvr.model.flops import StepShape, step_flops
+from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
-TINY = BenchmarkSettings(warmup=1, steps=2, micro_batch=2, global_batch=4)
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "benchmark.py"
+TINY_RECIPE, VICUNA_7B = REPO / "configs/bench_tiny.yaml", REPO / "configs/vicuna7b_stage2.yaml"
+TINY = load_config(BenchRunConfig, TINY_RECIPE, ["bench.warmup=1", "bench.steps=2", "train.precision=fp32"])
 
 
 def test_synthetic_batches_have_vicuna_7b_shapes():
-    model = BenchmarkSettings(preset="vicuna_7b").model()
+    model = load_config(BenchRunConfig, VICUNA_7B).model
     (batch,) = synthetic_micro_batches(model, micro_batch=2, samples=2, seq_length=2048)
     assert batch.tokens.shape == (2, 2048) and batch.images.shape == (2, 3, 384, 384)
     # BOS, then the image, in each sample of the flattened [2 * 2048] batch
@@ -37,78 +38,81 @@ def test_synthetic_batches_have_vicuna_7b_shapes():
     assert batch.visual_rows.tolist() == list(range(1458))
 
 
-def test_settings_errors_are_one_line():
-    with pytest.raises(ConfigError, match="--global-batch=6 is not divisible by data-parallel size x micro_batch = 1 x 4"):
-        dataclasses.replace(TINY, global_batch=6, micro_batch=4).validate(1)
-    with pytest.raises(ConfigError, match="--seq-length=64 cannot hold one image \\(64 positions\\) plus a prompt"):
-        dataclasses.replace(TINY, seq_length=64).validate(1)
-    with pytest.raises(ConfigError, match="BenchmarkSettings.precision must be fp32, bf16 or fp8, got 'fp16'"):
-        dataclasses.replace(TINY, precision="fp16")
-    with pytest.raises(BenchmarkError, match="only with the tensorwise or mxfp8 recipe, not delayed"):
-        dataclasses.replace(TINY, precision="fp8", fp8_bf16_edge_layers=1).validate(1)
+def test_bench_errors_are_one_line():
+    with pytest.raises(ConfigError, match="train.global_batch=6 is not divisible by data-parallel size x micro_batch "
+                                          "= 1 x 4"):
+        with_overrides(TINY, ["train.global_batch=6", "train.micro_batch=4"]).validate(1)
+    with pytest.raises(ConfigError, match="data.seq_length=64 cannot hold one image \\(64 positions\\) plus a prompt"):
+        with_overrides(TINY, ["data.seq_length=64"]).validate(1)
+    with pytest.raises(ConfigError, match="bench.precision must be fp32, bf16, fp8 or null, got 'fp16'"):
+        with_overrides(TINY, ["bench.precision=fp16"])
+    with pytest.raises(ConfigError, match="only with the tensorwise or mxfp8 recipe, not delayed"):
+        with_overrides(TINY, ["bench.precision=fp8", "bench.fp8_bf16_edge_layers=1"]).validate(1)
+    with pytest.raises(ConfigError, match="bench.fp8_bf16_edge_layers applies to FP8 runs only"):
+        with_overrides(TINY, ["bench.fp8_bf16_edge_layers=1", "bench.fp8_recipe=tensorwise"]).validate(1)
 
 
 def test_fp8_changes_reach_the_llm_config_only():
-    settings = dataclasses.replace(TINY, precision="fp8", fp8_recipe="tensorwise", fp8_bf16_edge_layers=1)
-    configs = stage_configs(settings, "local", torch.bfloat16, fp8_llm_changes("tensorwise", 1))
+    config = with_overrides(TINY, ["bench.precision=fp8", "bench.fp8_recipe=tensorwise",
+                                   "bench.fp8_bf16_edge_layers=1", "model.transformer_impl=local"])
+    configs = stage_configs(config)
     llm = configs.llm
     assert (llm.fp8, llm.fp8_recipe, llm.first_last_layers_bf16, llm.num_layers_at_start_in_bf16,
             llm.num_layers_at_end_in_bf16) == ("hybrid", "tensorwise", True, 1, 1)
     assert (configs.vision.fp8, configs.projector.fp8, configs.head.fp8) == (None, None, None)
+    assert llm.params_dtype == torch.bfloat16 and configs.head.params_dtype == torch.bfloat16
     assert fp8_llm_changes("mxfp8") == {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
     assert fp8_llm_changes("delayed") == {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_amax_history_len": 1024,
                                           "fp8_amax_compute_algo": "max"}
 
 
 def test_fp8_checks_device_capability_and_rows(monkeypatch):
-    with pytest.raises(BenchmarkError, match="this machine has no GPU"):
+    with pytest.raises(FP8Unavailable, match="this machine has no GPU"):
         check_fp8_runnable(TINY, "local")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
-    with pytest.raises(BenchmarkError, match="needs the Transformer Engine layers"):
+    with pytest.raises(FP8Unavailable, match="needs the Transformer Engine layers"):
         check_fp8_runnable(TINY, "local")
-    with pytest.raises(BenchmarkError, match="mxfp8 FP8 recipe needs compute capability 10.0 or newer; this GPU has"):
-        check_fp8_runnable(dataclasses.replace(TINY, fp8_recipe="mxfp8"), "transformer_engine")
-    with pytest.raises(BenchmarkError, match="rows in multiples of 16; micro-batch x sequence length / TP = 100"):
-        check_fp8_runnable(dataclasses.replace(TINY, micro_batch=1, seq_length=200, tensor_parallel=2,
-                                               sequence_parallel=True), "transformer_engine")
+    with pytest.raises(FP8Unavailable, match="mxfp8 FP8 recipe needs compute capability 10.0 or newer; this GPU has"):
+        check_fp8_runnable(with_overrides(TINY, ["bench.fp8_recipe=mxfp8"]), "transformer_engine")
+    with pytest.raises(FP8Unavailable, match="rows in multiples of 16; micro-batch x sequence length / TP = 100"):
+        check_fp8_runnable(with_overrides(TINY, ["train.micro_batch=1", "data.seq_length=200",
+                                                 "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+                           "transformer_engine")
     check_fp8_runnable(TINY, "transformer_engine")  # 2 x 128 rows on a Hopper: fine
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("benchmark")
 
 
 def test_the_tool_reports_fp8_on_cpu_as_one_line(capsys):
     tool = _load_tool()
     with pytest.raises(SystemExit) as exit_info:
-        tool.main(["--precision", "fp8"])
+        tool.main(["--config", str(TINY_RECIPE), "--set", "bench.precision=fp8"])
     assert exit_info.value.code == ("benchmark: error: FP8 needs an NVIDIA GPU with Transformer Engine and this "
-                                    "machine has no GPU: use --precision bf16 on a GPU (fp32 on CPU)")
+                                    "machine has no GPU: set bench.precision=bf16 on a GPU (fp32 on CPU)")
 
 
-def test_model_overrides_set_any_field_and_name_a_bad_key():
-    model = BenchmarkSettings(preset="vicuna_7b", model_overrides=("model.llm.num_layers=12",
-                                                                  "model.asvr.head.num_layers=2")).model()
+def test_overrides_set_any_key_of_the_recipe_and_name_a_bad_one():
+    config = load_config(BenchRunConfig, VICUNA_7B, ["model.llm.num_layers=12", "model.asvr.head.num_layers=2",
+                                                     "bench.mode=compare-packing"])
+    model = config.model
     assert (model.llm.num_layers, model.llm.hidden_size, model.asvr.head.num_layers) == (12, 4096, 2)
-    assert model.trainable == ["projector", "llm", "visual_head"]  # the stage's choice is kept
+    assert model.trainable == ["projector", "llm", "visual_head"]  # the recipe's stage is kept
+    assert [name for name, _ in benchmark_variants(config)] == ["pad_full", "pad_longest", "pack"]
     with pytest.raises(ConfigError, match=r"^unknown config key model\.llm\.num_layerz \(known: "):
-        BenchmarkSettings(model_overrides=("model.llm.num_layerz=3",)).model()
-    with pytest.raises(BenchmarkError, match="only the model's fields can be set"):
-        BenchmarkSettings(model_overrides=("train.steps=3",)).model()
+        load_config(BenchRunConfig, TINY_RECIPE, ["model.llm.num_layerz=3"])
     tool = _load_tool()
     with pytest.raises(SystemExit) as exit_info:
-        tool.main(["--set", "model.vision.num_layerz=1"])
+        tool.main(["--config", str(TINY_RECIPE), "--set", "model.vision.num_layerz=1"])
     assert str(exit_info.value.code).startswith("benchmark: error: unknown config key model.vision.num_layerz (known")
 
 
-def _modes(settings):
+def _modes(config):
     """compare-asvr, then an A/B of fp32 against itself (must agree exactly)."""
-    compare = run_variants(settings, benchmark_variants(settings, "compare-asvr"))
-    same = run_variants(settings, benchmark_variants(settings, "ab", ("fp32", "fp32")))
+    compare = run_variants(config, benchmark_variants(with_overrides(config, ["bench.mode=compare-asvr"])))
+    same = run_variants(config, benchmark_variants(with_overrides(config, ["bench.mode=ab", "bench.ab=[fp32, fp32]"])))
     return compare, same
 
 
@@ -119,7 +123,7 @@ def cpu_runs():
 
 def test_compare_asvr_measures_both_steps(cpu_runs):
     (baseline, asvr), _ = cpu_runs
-    model = TINY.model()
+    model = TINY.model
     shape = StepShape.uniform(samples=4, seq_length=128, image_tiles=4, visual_rows=4 * 64)
     for run, visual_loss in ((baseline, False), (asvr, True)):
         expected = step_flops(dataclasses.replace(model, asvr=dataclasses.replace(model.asvr, visual_loss=visual_loss)),
@@ -163,12 +167,12 @@ def test_ab_of_identical_runs_differs_by_nothing(cpu_runs):
     assert a.losses[-1]["loss/text"] != a.losses[0]["loss/text"]  # the optimizer stepped
 
 
-def _pipelined(settings):
-    return run_variants(settings, [("asvr", {})])[0]
+def _pipelined(config):
+    return run_variants(config, [("asvr", ())])[0]
 
 
 def test_pipeline_parallel_times_the_head_on_the_last_stage():
-    first, last = run_ranks(_pipelined, 2, dataclasses.replace(TINY, pipeline_parallel=2))
+    first, last = run_ranks(_pipelined, 2, with_overrides(TINY, ["parallel.pipeline_parallel=2"]))
     assert first.losses == [{}, {}, {}] and "loss/visual_semantic" in last.losses[0]
     assert first.step_times == last.step_times and first.head_times == last.head_times  # slowest rank's
     assert 0 < last.derived["visual_head_share"] < 1
@@ -178,7 +182,7 @@ def test_pipeline_parallel_times_the_head_on_the_last_stage():
 def test_llava_like_lengths_pack_with_little_padding():
     """Stage-2-like samples at Vicuna-7B shapes, 16 per rank: packed into micro-batches of 4 rows of 2048
     they carry far less padding than full padding (lengths only: no model runs)."""
-    model = BenchmarkSettings(preset="vicuna_7b").model()
+    model = load_config(BenchRunConfig, VICUNA_7B).model
     shares = {}
     for batching in ("pad_full", "pack"):
         micro = synthetic_micro_batches(model, micro_batch=4, samples=16, seq_length=2048, seed=3,

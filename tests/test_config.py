@@ -66,7 +66,8 @@ def test_uneven_layer_split():
     llm.validate(ParallelConfig(pipeline_parallel=4))  # 3 + 3 + 3 + 1
     llm.validate(ParallelConfig())  # unpipelined: one stage holds all 10
     empty_middle = LLMConfig(num_layers=40, layers_in_first_stage=21, layers_in_last_stage=19)
-    assert "remaining 0 layers evenly over 2" in _one_line_error(empty_middle.validate, ParallelConfig(pipeline_parallel=4))
+    message = _one_line_error(empty_middle.validate, ParallelConfig(pipeline_parallel=4))
+    assert "remaining 0 layers evenly over 2" in message
     bad = dataclasses.replace(llm, layers_in_last_stage=2)
     assert "remaining 8 layers evenly over 3" in _one_line_error(bad.validate, ParallelConfig(pipeline_parallel=4))
 
@@ -119,8 +120,10 @@ def test_files_are_read_strictly_python_callers_get_config_errors_too(tmp_path):
     # as JSON is read strictly: an int stands for a float, nothing else converts
     assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
     assert _one_line_error(from_dict, TrainConfig, {"global_batch": "256"}) == "global_batch must be int, got '256'"
-    assert _one_line_error(from_dict, TrainConfig, {"steps": 5.5}, "train.") == "train.steps must be int or null, got 5.5"
-    assert _one_line_error(from_dict, ParallelConfig, {"sequence_parallel": 1}) == "sequence_parallel must be bool, got 1"
+    assert (_one_line_error(from_dict, TrainConfig, {"steps": 5.5}, "train.")
+            == "train.steps must be int or null, got 5.5")
+    assert (_one_line_error(from_dict, ParallelConfig, {"sequence_parallel": 1})
+            == "sequence_parallel must be bool, got 1")
     assert _one_line_error(from_dict, TrainConfig, [1], "x.json: ") == "x.json must be a mapping, got [1]"
     # constructing a section (or dataclasses.replace) checks the fields too, naming the class
     assert _one_line_error(ParallelConfig, 0) == "ParallelConfig.tensor_parallel must be >= 1, got 0"

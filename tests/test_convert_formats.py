@@ -14,7 +14,7 @@ from megatron_asvr.convert.hf_llava import HUB, detect_prefixes, llava_rules, vi
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import write_tokenizer
 from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, rows_to_hf
-from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir, ShardWriter, finalize_shards
+from megatron_asvr.convert.safetensors_io import INDEX_NAME, SafetensorsDir, SafetensorsWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import head_rules
 from megatron_asvr.model.hf_rules import LazyCanonical, check_hf_keys
 
@@ -90,7 +90,10 @@ def test_layouts_are_detected_and_keys_are_strict():
     assert (prefixes.projector, prefixes.lm_head) == ("model.multi_modal_projector.", "lm_head.weight")
     tail = vision_tail_names(VISION, HUB.vision)
     assert tail[0] == "vision_tower.vision_model.encoder.layers.2.layer_norm1.weight" and len(tail) == 16 + 2
-    dropped = lambda key: key in tail
+
+    def dropped(key):
+        return key in tail
+
     assert check_hf_keys(rules, hub | set(tail), "dir", dropped) == sorted(tail)
     with pytest.raises(KeyError, match="dir: missing tensor language_model.model.layers.1.mlp.up_proj.weight"):
         check_hf_keys(rules, hub - {"language_model.model.layers.1.mlp.up_proj.weight"}, "dir")
@@ -158,7 +161,7 @@ def test_unsupported_llm_configs_are_named(change, message):
 
 def test_shards_stream_to_an_index_and_read_back(tmp_path):
     tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
-    writers = [ShardWriter(tmp_path, "a", 900), ShardWriter(tmp_path, "b", 900)]
+    writers = [SafetensorsWriter(tmp_path, "a", 900), SafetensorsWriter(tmp_path, "b", 900)]
     for i, (name, tensor) in enumerate(tensors.items()):
         writers[i % 2].add(name, tensor)
     maps = [w.close() for w in writers]
@@ -186,7 +189,7 @@ def test_pickle_checkpoints_and_broken_indexes_are_refused(tmp_path):
 def test_tokenizer_gets_llava_tokens_that_transformers_loads(tmp_path):
     from transformers import AutoTokenizer
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
     from megatron_asvr.tokenizers import (
         IMAGE_PLACEHOLDER,
         load_text_tokenizer,
@@ -217,7 +220,7 @@ def test_clip_tower_rules_round_trip():
     """LLaVA-1.5's CLIP: class token [h] <-> ours [1, 1, h], pre-norm, fused QKV with biases."""
     from megatron_asvr.model.hf_vision import vision_rules
 
-    clip = dataclasses.replace(VISION, kind="clip", activation="quick_gelu")
+    clip = dataclasses.replace(VISION, family="clip", activation="quick_gelu")
     rules = vision_rules(clip, "vision_tower.vision_model.", "vision_encoder.")
     names = {r.ours: r for r in rules}
     assert names["vision_encoder.vit.class_token"].hf == ("vision_tower.vision_model.embeddings.class_embedding",)

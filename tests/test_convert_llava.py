@@ -9,16 +9,14 @@ vision tower from the original HF weights) models with perturbed weights
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
+from tests.support.tools import run_tool
 from megatron_asvr.config import (
     ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig,
 )
@@ -73,16 +71,17 @@ def _last_stage(results, key):
 def _train_like_and_export(model, parallel, checkpoint, out, tail, tokenizer, inputs):
     """A random model at ``parallel`` saved as our checkpoint, exported to HF; our logits on ``inputs``."""
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.checkpoint.model import build_chunks, save_model
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
 
     info = runtime.initialize(parallel)
-    chunks = checkpoint_io.build_chunks(model, parallel, torch.float32, info.device)
+    chunks = build_chunks(model, parallel, torch.float32, info.device)
     _perturbed(chunks, seed=11)
-    checkpoint_io.save_model_checkpoint(chunks, checkpoint, model)
-    options = ExportOptions(vision_tower_from=tail, tokenizer=tokenizer, dtype="float32", max_shard_bytes=150_000,
+    save_model(chunks, checkpoint, model)
+    options = ExportOptions(vision_tower_from=tail, tokenizer=tokenizer, dtype="fp32", max_shard_bytes=150_000,
                             progress=False)
     report = export_hf(checkpoint, out, parallel, options, info.device)
     result = {"report": report, "logits": our_logits(chunks, inputs, model.llm.vocab_size), "state": full_state(chunks)}
@@ -109,10 +108,11 @@ def _import(parallel, sources, out, verify_against=None, llava=True):
 
 def _export(parallel, checkpoint, out, tail, llm_only=False):
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
 
     info = runtime.initialize(parallel)
-    options = ExportOptions(tail, dtype="float32", progress=False, llm_only=llm_only)
+    options = ExportOptions(vision_tower_from=tail, dtype="fp32", progress=False, llm_only=llm_only)
     report = export_hf(checkpoint, out, parallel, options, info.device)
     runtime.destroy()
     return report
@@ -121,8 +121,9 @@ def _export(parallel, checkpoint, out, tail, llm_only=False):
 def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkpoint, inputs, prompt, steps):
     """Import our export at ``parallel``: its canonical state and logits; greedy tokens of the original."""
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
-    from megatron_asvr.convert.hf_import import ImportSources, import_hf
+    from megatron_asvr.checkpoint.model import load_model, read_model_config
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import import_hf
     from megatron_asvr.convert.verify import our_logits
     from megatron_asvr.model.canonical import full_state
 
@@ -130,15 +131,13 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
     sources = ImportSources(llava=Path(export_dir), visual_head=Path(export_dir) / "visual_head")
     import_hf(sources, new_checkpoint, parallel, ModelConfig(transformer_impl="local"), torch.float32, info.device,
               progress=False)
-    model = checkpoint_io.read_model_config(new_checkpoint)
-    chunks = checkpoint_io.build_chunks(model, parallel, torch.float32, info.device)
-    checkpoint_io.load_model_weights(chunks, new_checkpoint)
+    model = read_model_config(new_checkpoint)
+    chunks = load_model(new_checkpoint, model, parallel, torch.float32, info.device)
     # our 512 tokens come back with llava-hf's two appended ones (576 rows): compare the 512
     result = {"state": full_state(chunks), "logits": our_logits(chunks, inputs, LLAMA_LLM.vocab_size)}
 
-    original = checkpoint_io.read_model_config(original_checkpoint)
-    chunks = checkpoint_io.build_chunks(original, parallel, torch.float32, info.device)
-    checkpoint_io.load_model_weights(chunks, original_checkpoint)
+    original = read_model_config(original_checkpoint)
+    chunks = load_model(original_checkpoint, original, parallel, torch.float32, info.device)
     tokens, image_mask, images = prompt
     result["step_logits"] = []
     for _ in range(steps):  # greedy: the arg-max of a full forward over the prompt so far
@@ -162,7 +161,7 @@ def _reimport_and_generate(parallel, export_dir, new_checkpoint, original_checkp
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
 
     directory = tmp_path_factory.mktemp("demo")
     summary = make_demo_data(directory, DemoConfig.tiny())
@@ -191,12 +190,12 @@ def exported(tmp_path_factory, demo, hf_vision_dir):
     root = tmp_path_factory.mktemp("exported")
     cases = {"llama": (_model(LLAMA_LLM), None, demo), "mistral": (_model(MISTRAL_LLM), hf_vision_dir, None)}
     out = {}
-    for kind, (model, tail, tokenizer) in cases.items():
+    for llm, (model, tail, tokenizer) in cases.items():
         inputs = random_inputs(model, appended_vocab(model.llm.vocab_size), with_image=True, seed=5)
-        results = run_ranks(_train_like_and_export, 4, model, TP2_PP2, str(root / f"{kind}_ours"),
-                            str(root / f"{kind}_hf"), tail, tokenizer, inputs)
-        out[kind] = {
-            "model": model, "inputs": inputs, "checkpoint": root / f"{kind}_ours", "hf": root / f"{kind}_hf",
+        results = run_ranks(_train_like_and_export, 4, model, TP2_PP2, str(root / f"{llm}_ours"),
+                            str(root / f"{llm}_hf"), tail, tokenizer, inputs)
+        out[llm] = {
+            "model": model, "inputs": inputs, "checkpoint": root / f"{llm}_ours", "hf": root / f"{llm}_hf",
             "logits": _last_stage(results, "logits"), "state": _merged(results, "state"),
             "report": results[0]["report"],
         }
@@ -206,19 +205,19 @@ def exported(tmp_path_factory, demo, hf_vision_dir):
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_export_from_tp2_pp2_matches_transformers(exported, kind):
-    case = exported[kind]
+@pytest.mark.parametrize("llm", ["llama", "mistral"])
+def test_export_from_tp2_pp2_matches_transformers(exported, llm):
+    case = exported[llm]
     theirs = hf_logits(case["hf"], case["inputs"], torch.float32, llava=True)  # strict: no key problems
     vocab = case["model"].llm.vocab_size
     assert theirs.shape == (1, case["inputs"].tokens.shape[1], appended_vocab(vocab).rows)
     diff = (theirs[..., :vocab] - case["logits"]).abs().max().item()
-    print(f"{kind}: max abs logit difference transformers vs ours (TP=2 x PP=2 export) = {diff:.3e} "
+    print(f"{llm}: max abs logit difference transformers vs ours (TP=2 x PP=2 export) = {diff:.3e} "
           f"(logits std {theirs.std().item():.3f}, max {theirs.abs().max().item():.3f})")
     assert diff <= HF_TOL
     config = json.loads((case["hf"] / "config.json").read_text())
     vision, text = config["vision_config"], config["text_config"]
-    if kind == "llama":  # truncated tower: the layers we keep, features from the last one
+    if llm == "llama":  # truncated tower: the layers we keep, features from the last one
         assert (vision["num_hidden_layers"], config["vision_feature_layer"]) == (2, -1)
         assert (text["model_type"], text["num_key_value_heads"], text["rope_theta"]) == ("llama", 4, 500.0)
         assert "truncated to the 2 layers" in case["report"]["vision_tower"]
@@ -317,7 +316,8 @@ def test_greedy_generate_matches_our_arg_max(exported, reimported, demo):
     print(f"greedy tokens: transformers {theirs}, ours {ours['generated']}")
     assert theirs == ours["generated"] and len(theirs) == 6
     # each step's logits too: transformers decodes with its KV cache, ours re-runs the whole prompt
-    diffs = [(hf[0, :512] - mine).abs().max().item() for hf, mine in zip(generated.logits, ours["step_logits"], strict=True)]
+    diffs = [(hf[0, :512] - mine).abs().max().item()
+             for hf, mine in zip(generated.logits, ours["step_logits"], strict=True)]
     print(f"greedy steps: max abs logit difference per step {[f'{d:.1e}' for d in diffs]}")
     assert len(diffs) == 6 and max(diffs) <= HF_TOL
 
@@ -358,7 +358,7 @@ def hf_llava_dir(tmp_path_factory, demo):
 
 def test_hf_to_ours_to_hf_is_bit_identical(hf_llava_dir, tmp_path):
     """Import at TP=2, export at PP=2 with the original tower: every tensor and the tokenizer unchanged."""
-    from megatron_asvr.convert.hf_import import ImportSources
+    from megatron_asvr.config.tools import ImportSources
 
     imported = run_ranks(_import, 2, ParallelConfig(tensor_parallel=2), ImportSources(llava=hf_llava_dir),
                          str(tmp_path / "ours"), hf_llava_dir)
@@ -386,7 +386,7 @@ def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
     LLM-only export (TP=2) gives the LLaMA back bit for bit, with its config."""
     import transformers
 
-    from megatron_asvr.convert.hf_import import ImportSources
+    from megatron_asvr.config.tools import ImportSources
 
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
@@ -421,7 +421,8 @@ def test_import_of_separate_llm_and_vision_models(tmp_path, hf_vision_dir):
 
 
 def test_import_names_a_missing_tensor(hf_llava_dir, tmp_path):
-    from megatron_asvr.convert.hf_import import ImportSources, plan_import
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import plan_import
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -435,12 +436,7 @@ def test_import_names_a_missing_tensor(hf_llava_dir, tmp_path):
 
 
 def _cli(*args):
-    with socket.socket() as s:  # a port of our own: other jobs may hold torch's default
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_PORT=str(port))
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), *map(str, args)],
-                          check=False, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    return run_tool("convert", args)
 
 
 def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):
@@ -450,10 +446,10 @@ def test_cli_export_verify_and_import_error(exported, hf_llava_dir, tmp_path):
     save_dir.mkdir()
     os.symlink(case["checkpoint"], save_dir / "iter_0000007")
     (save_dir / "latest").write_text("iter_0000007")
-    done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "float32",
+    done = _cli("export", "--checkpoint", save_dir, "--out", tmp_path / "hf", "--dtype", "fp32",
                 "--vision-tower-from", case["hf"], "--verify", "--no-progress")
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if l.startswith("verify against transformers"))
+    line = next(out for out in done.stdout.splitlines() if out.startswith("verify against transformers"))
     diff = float(line.split("max abs logit difference ")[1].split(" ")[0])
     assert diff <= HF_TOL and " in float32 (logits up to " in line and line.endswith("within what float32 allows")
     assert "vision tower: complete (3 layers, vision_feature_layer=-2)" in done.stdout

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asvr_dev.fixtures import llama2_tokenizer_model
+from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.data.llava import TokenizedSample
-from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-from megatron_asvr.data.shards import MANIFEST, ShardDataset, ShardWriter
-from megatron_asvr.data.validate import ValidationConfig
+from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+from megatron_asvr.data.preprocess import preprocess
+from megatron_asvr.data.shards import SHARD_MANIFEST, ShardDataset, ShardWriter
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 MODEL = llama2_tokenizer_model()
@@ -85,7 +85,7 @@ def test_unfinished_or_aborted_shards_are_not_a_dataset(tmp_path):
     assert len(ShardDataset(tmp_path / "ds")) == 0
     with pytest.raises(FileExistsError, match="already holds a dataset"):
         ShardWriter(tmp_path / "ds")
-    manifest = tmp_path / "ds" / MANIFEST
+    manifest = tmp_path / "ds" / SHARD_MANIFEST
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 99}))
     with pytest.raises(ValueError, match="version 99, expected 'megatron_asvr.llava_shards' version 1"):
         ShardDataset(tmp_path / "ds")

@@ -1,6 +1,5 @@
 """The bad-case fixture set: every problem gets its reason and outcome, nothing crashes or vanishes."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asvr_dev.fixtures import llama2_tokenizer_model
+from tests.support.fixtures import llama2_tokenizer_model
+from tests.support.tools import load_tool
 from megatron_asvr.data.llava import DataFileError, read_records
-from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
-from megatron_asvr.data.shards import MANIFEST, ShardDataset
-from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
+from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+from megatron_asvr.data.preprocess import PreprocessFailed, preprocess
+from megatron_asvr.data.shards import SHARD_MANIFEST, ShardDataset
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER, Turn, get_template, place_image_tags
 from megatron_asvr.tokenizers.text import SentencePieceTokenizer
 
@@ -137,7 +137,7 @@ def config(tmp_path, data, **overrides):
     validation = ValidationConfig(
         image_root=tmp_path / "images",
         max_seq_length=overrides.pop("max_seq_length", 1600),
-        image_token_count=FixedImageTokens(729),
+        image_tokens=729,
         min_image_side=8,
         max_image_pixels=10_000,
         **{k: overrides.pop(k) for k in ("too_long", "strict") if k in overrides},
@@ -184,8 +184,9 @@ def test_every_bad_case_is_named(fixture_set):
     assert (report["written"], report["skipped"], report["errors"]) == (len(written), len(RECORDS) - len(written), 0)
     assert report["written_with_fixes"] == 9
     assert report["written_with_assumptions"] == 1
-    assert report["by_source"]["gqa"] == {"records": 3, "written": 0, "fixed": 0, "assumed": 0, "skipped": 3, "error": 0}
-    assert report["by_source"]["text"] == {"records": 6, "written": 2, "fixed": 1, "assumed": 0, "skipped": 4, "error": 0}
+    counts = dict(fixed=0, assumed=0, error=0)
+    assert report["by_source"]["gqa"] == {"records": 3, "written": 0, "skipped": 3, **counts}
+    assert report["by_source"]["text"] == {"records": 6, "written": 2, "skipped": 4, **counts, "fixed": 1}
     assert report["by_source"]["records"]["records"] == 2  # image paths outside the root: the file's stem
     assert sum(s["records"] for s in report["by_source"].values()) == len(RECORDS)
     assert json.loads((fixture_set / "out" / "report.json").read_text())["by_reason"] == report["by_reason"]
@@ -227,7 +228,7 @@ def test_strict_turns_skips_into_errors_and_fails(fixture_set):
         preprocess(config(fixture_set, [(None, fixture_set / "records.json")], strict=True))
     report = json.loads((fixture_set / "out" / "report.json").read_text())
     assert report["by_reason"]["tokenization_mismatch"]["error"] == 1
-    assert not (fixture_set / "out" / MANIFEST).exists()
+    assert not (fixture_set / "out" / SHARD_MANIFEST).exists()
     assert not list((fixture_set / "out").glob("shard_*"))
 
 
@@ -237,7 +238,7 @@ def test_max_skip_fraction_fails_with_the_numbers(fixture_set):
     assert str(info.value).startswith(
         "20 of 32 records skipped (62.50%), above --max-skip-fraction 50.00%; see "
     )
-    assert not (fixture_set / "out" / MANIFEST).exists()
+    assert not (fixture_set / "out" / SHARD_MANIFEST).exists()
 
 
 def test_too_long_truncate_keeps_images_whole(fixture_set):
@@ -267,7 +268,8 @@ def test_too_long_truncate_keeps_images_whole(fixture_set):
     assert (sample.id, sample.num_positions, len(sample.input_ids), int(sample.loss_mask.sum())) == (
         "long_answer", 800, 800, 800 - 42
     )
-    assert report["by_source"] == {"long": {"records": 3, "written": 1, "fixed": 1, "assumed": 0, "skipped": 2, "error": 0}}
+    assert report["by_source"] == {"long": {"records": 3, "written": 1, "fixed": 1, "assumed": 0, "skipped": 2,
+                                            "error": 0}}
 
 
 def test_every_deviation_from_the_format_is_named(fixture_set):
@@ -286,14 +288,17 @@ def test_every_deviation_from_the_format_is_named(fixture_set):
              for reason, entry in report["by_reason"].items() for r in entry["records"]}
     assert named == {
         ("7", "numeric_id", "assumed", "id 7 is a number: read as the string '7'"),
-        ("7", "unknown_fields", "assumed", "fields ['source_url'] ignored; conversations[0]: fields ['weight'] ignored"),
+        ("7", "unknown_fields", "assumed",
+         "fields ['source_url'] ignored; conversations[0]: fields ['weight'] ignored"),
         ("7", "image_path_normalized", "assumed", "image path './coco//good.jpg' read as 'coco/good.jpg'"),
-        ("7", "image_tag_moved", "assumed", "turn 0: <image> put at the turn's start, the rest stripped, as LLaVA-1.5 does"),
+        ("7", "image_tag_moved", "assumed",
+         "turn 0: <image> put at the turn's start, the rest stripped, as LLaVA-1.5 does"),
         ("null_image", "empty_image_field", "assumed", "'image' is null: read as a text-only record"),
         ("empty_list", "empty_image_field", "assumed", "'image' is []: read as a text-only record"),
     }
     assert (report["written"], report["written_with_assumptions"], report["written_with_fixes"]) == (4, 3, 0)
-    assert report["by_source"]["odd"] == {"records": 4, "written": 4, "fixed": 0, "assumed": 3, "skipped": 0, "error": 0}
+    assert report["by_source"]["odd"] == {"records": 4, "written": 4, "fixed": 0, "assumed": 3, "skipped": 0,
+                                          "error": 0}
     assert report["by_reason"]["unknown_fields"]["assumed"] == 1
 
 
@@ -341,9 +346,7 @@ def test_unreadable_json_list_is_a_clear_error(tmp_path):
 
 
 def test_tool_prints_one_line_error(fixture_set, capsys):
-    spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools" / "preprocess.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("preprocess")
     args = ["--data", f"mix={fixture_set / 'records.json'}", "--image-root", str(fixture_set / "images"),
             "--tokenizer", str(MODEL), "--template", "vicuna_v1", "--output", str(fixture_set / "out"),
             "--workers", "1", "--no-progress", "--max-seq-length", "1600", "--min-image-side", "8",

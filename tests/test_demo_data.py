@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from asvr_dev import demo_data as demo
+from demo import data as demo
 from megatron_asvr.tokenizers import Turn, get_template, load_text_tokenizer, place_image_tags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,8 @@ def _check_caption(caption: str, scene: dict, colors: bool = True) -> None:
     background = f"{'noisy' if scene['noisy'] else 'plain'} {scene['background']} background."
     assert caption.endswith(f"on a {background}")
     color_word = r"(\w+) " if colors else r"()"
-    mentions = re.findall(rf"\b(an?|two|three|four|five|six|seven|eight|nine) {color_word}(circle|square|triangle|star)s?"
+    numbers = "an?|two|three|four|five|six|seven|eight|nine"
+    mentions = re.findall(rf"\b({numbers}) {color_word}(circle|square|triangle|star)s?"
                           r"( (?:in|at|on) the [a-z ]+?)?(?=,| and| on a)", caption.lower())
     found = Counter()
     for amount, color, shape, phrase in mentions:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import (
     ASVRConfig,
     DataConfig,
@@ -26,7 +26,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=256,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=256,
                       patch_size=128, image_size=384, feature_layer=-2)  # 9 patches, as the demo's
 SEQ_LENGTH = 320
 STEPS = 150
@@ -48,12 +48,13 @@ def _prepare(root: str) -> None:
     """Corpus (one shape per image, colour questions only), encoder, import, shards."""
     import torch
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
-    from asvr_dev.demo_encoder import write_demo_siglip
+    from demo.data import DemoConfig, make_demo_data
+    from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_import import ImportSources, import_hf
-    from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-    from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
+    from megatron_asvr.config.tools import ImportSources
+    from megatron_asvr.convert.hf_import import import_hf
+    from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+    from megatron_asvr.data.preprocess import preprocess
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig(train_images=160, eval_images=48, max_objects=1, centered=True,
@@ -62,19 +63,19 @@ def _prepare(root: str) -> None:
                                              language_records=1, vocab_size=512))
     write_demo_siglip(root / "encoder", VISION)
     runtime.initialize(ParallelConfig())
-    import_hf(ImportSources(None, None, str(root / "encoder"), None, None), root / "init", ParallelConfig(),
+    import_hf(ImportSources(vision=root / "encoder"), root / "init", ParallelConfig(),
               _model(), torch.float32, runtime.current_device(), progress=False)
     preprocess(PreprocessConfig(
         inputs=(("instruct", root / "data/instruct.json"),), output_dir=root / "shards", tokenizer=root / "data",
         template="vicuna_v1", progress=False,
         validation=ValidationConfig(image_root=root / "data/images", max_seq_length=SEQ_LENGTH,
-                                    image_token_count=FixedImageTokens(VISION.num_patches)),
+                                    image_tokens=VISION.num_patches),
     ))
     runtime.destroy()
 
 
 def _train(root: str, save_dir: str) -> dict:
-    from megatron_asvr.training.loop import run
+    from megatron_asvr.training import run
 
     root = Path(root)
     config = RunConfig(
@@ -90,11 +91,12 @@ def _train(root: str, save_dir: str) -> dict:
 
 def _greedy_answers(checkpoint: str, root: str) -> tuple:
     """(scores, [(gold, greedy answer)] per held-out question)."""
-    from megatron_asvr.evaluation.loading import ModelSpec, open_model
+    from megatron_asvr.config.tools import EvalModelConfig
+    from megatron_asvr.evaluation.loading import open_model
     from megatron_asvr.evaluation.suites.jsonl import read_jsonl_benchmark, score_jsonl
 
     data = read_jsonl_benchmark(Path(root) / "data/eval.jsonl", Path(root) / "data/images")
-    with open_model(ModelSpec(checkpoint=Path(checkpoint), tokenizer=Path(root) / "data", dtype="fp32",
+    with open_model(EvalModelConfig(checkpoint=Path(checkpoint), tokenizer=Path(root) / "data", dtype="fp32",
                               max_new_tokens=8)) as loaded:
         answers = loaded.answerer.answer(data.items, "generate")
     texts = {qid: a.text for qid, a in answers.items()}

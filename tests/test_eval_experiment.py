@@ -197,8 +197,9 @@ def test_report_over_seeds(tmp_path, monkeypatch):
     assert table[-1] == "Total wall time of training and evaluation: 4.3 min"  # 6 x 3 s eval + 2 x 120 s training
 
     width, height = plot.PANEL_INCHES
-    assert Image.open(tmp_path / "out/curves.png").size == (round(3 * width * plot.DPI), round(height * plot.DPI))
-    assert Image.open(tmp_path / "out/accuracy.png").size == tuple(round(v * plot.DPI) for v in plot.BAR_INCHES)
+    with Image.open(tmp_path / "out/curves.png") as curves, Image.open(tmp_path / "out/accuracy.png") as accuracy:
+        assert curves.size == (round(3 * width * plot.DPI), round(height * plot.DPI))
+        assert accuracy.size == tuple(round(v * plot.DPI) for v in plot.BAR_INCHES)
 
     results = collect(config.resolved(), Timings(tmp_path / "out/timings.json"))
     text, visual, accuracy = curves_png(results, 3).axes

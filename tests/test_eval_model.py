@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.demo_data import DemoConfig, make_demo_data
-from asvr_dev.multirank import run_ranks
+from demo.data import DemoConfig, make_demo_data
+from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.config import (
     ASVRConfig,
     CodebookSpec,
@@ -19,13 +20,12 @@ from megatron_asvr.config import (
     ParallelConfig,
     VisionConfig,
 )
-from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.data.sequence import SequenceTooLong, collate
+from megatron_asvr.data.sequence import SequenceTooLong
 from megatron_asvr.evaluation.attention_map import last_row_attention
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=64, image_size=384, feature_layer=-2)  # 6 x 6 patches
 MODEL = ModelConfig(
     vision=VISION,
@@ -44,11 +44,11 @@ HF_TOL = 1e-4  # transformers vs ours (fp32), as the converter's tests
 
 def _save_model(root: str) -> None:
     from megatron_asvr import runtime
-    from megatron_asvr.convert import checkpoint_io
+    from megatron_asvr.checkpoint.model import build_chunks, save_model
 
     info = runtime.initialize(ParallelConfig(), seed=7)
-    chunks = checkpoint_io.build_chunks(MODEL, ParallelConfig(), torch.float32, info.device)
-    checkpoint_io.save_model_checkpoint(chunks, Path(root) / "ckpt", MODEL)
+    chunks = build_chunks(MODEL, ParallelConfig(), torch.float32, info.device)
+    save_model(chunks, Path(root) / "ckpt", MODEL)
     runtime.destroy()
 
 
@@ -61,9 +61,9 @@ def root(tmp_path_factory):
 
 
 def _spec(root, parallel, **changes):
-    from megatron_asvr.evaluation.loading import ModelSpec
+    from megatron_asvr.config.tools import EvalModelConfig
 
-    return ModelSpec(checkpoint=Path(root) / "ckpt", tokenizer=Path(root) / "data", template="vicuna_v1",
+    return EvalModelConfig(checkpoint=Path(root) / "ckpt", tokenizer=Path(root) / "data", template="vicuna_v1",
                      image_mode="pad", parallel=parallel, dtype="fp32", micro_batch=2, batch_size=3,
                      max_new_tokens=NEW_TOKENS, **changes)
 
@@ -104,11 +104,11 @@ def _direct_reference(root: str) -> dict:
         vocab = loaded.answerer.runner.vocab_limit
 
         def logits(query):
-            batch = collate([to_sample(query, query.length)])
+            sample = to_sample(query, query.length)
             device = loaded.answerer.runner.device
             pixels = query.pixels.to(device) if query.pixels is not None else None
-            return chunk(batch["tokens"].to(device), batch["position_ids"].to(device),
-                         image_index=image_index_of(batch["image_mask"]).to(device),
+            return chunk(sample.tokens[None].to(device), torch.arange(query.length)[None].to(device),
+                         image_index=sample.image_mask.nonzero().squeeze(1).to(device),
                          images=pixels)["logits"][0, :, :vocab]  # [s, V]
 
         ids, margins = [], []
@@ -219,11 +219,12 @@ def test_layouts_agree_with_direct_forward(root):
 
 def _hf_against_ours(root: str) -> dict:
     from megatron_asvr import runtime
-    from megatron_asvr.convert.hf_export import ExportOptions, export_hf
+    from megatron_asvr.config.tools import ExportOptions
+    from megatron_asvr.convert.hf_export import export_hf
     from megatron_asvr.evaluation.loading import open_model
 
     info = runtime.initialize(ParallelConfig())
-    export_hf(Path(root) / "ckpt", Path(root) / "hf", ParallelConfig(), ExportOptions(dtype="float32", progress=False),
+    export_hf(Path(root) / "ckpt", Path(root) / "hf", ParallelConfig(), ExportOptions(dtype="fp32", progress=False),
               info.device)
     runtime.destroy()
     items = _items(root)
@@ -245,14 +246,7 @@ def test_hf_export_path_matches_ours(root):
 
 
 def _tool(name: str):
-    """tools/<name>.py as a module (tools/ is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _run_tool(name: str, argv) -> None:
@@ -283,10 +277,57 @@ def test_evaluate_tool_writes_table_and_json(root):
     assert float(table[3].split()[-1]) == pytest.approx(results["metrics"]["accuracy"], abs=5e-5)
 
 
+def test_evaluate_tool_prints_the_paper_table(root):
+    """``--suite paper14`` on a tiny set of each of the 14 benchmarks (letters and yes / no by
+    likelihood, the rest generated): every row's value is its benchmark's headline (re-scored from
+    the predictions), in the paper's order, and the average is the mean of the rows' percentages."""
+    import json
+    from statistics import fmean
+
+    from tests.support.benchmark_files import write_paper14
+    from megatron_asvr.evaluation.paper_table import PAPER14
+    from megatron_asvr.config.tools import EvalBenchmarkConfig
+    from megatron_asvr.evaluation.run import read_benchmark
+    from megatron_asvr.evaluation.suites import get_benchmark
+
+    files, out = write_paper14(root / "paper14"), root / "eval_paper14"
+    argv = ["--checkpoint", str(root / "ckpt"), "--suite", "paper14", "--method", "likelihood", "--tokenizer",
+            str(root / "data"), "--template", "vicuna_v1", "--image-mode", "pad", "--max-new-tokens", str(NEW_TOKENS),
+            "--out", str(out), "--dtype", "fp32"]
+    for name, (path, images) in files.items():
+        argv += ["--benchmark", f"{name}={path}"] + (["--image-root", f"{name}={images}"] if images else [])
+    run_ranks(_run_tool, 1, "evaluate", argv)
+    summary = json.loads((out / "results.json").read_text())
+    suite, benchmarks = summary["suite"], summary["benchmarks"]
+    assert suite["missing"] == [] and [r["benchmark"] for r in suite["rows"]] == [row.name for row in PAPER14]
+    for row in suite["rows"]:
+        name, result = row["benchmark"], benchmarks[row["benchmark"]]
+        items = read_benchmark(EvalBenchmarkConfig(name, *files[name])).items
+        lines = (out / f"predictions_{name}.jsonl").read_text().splitlines()
+        predictions = {r["question_id"]: r["prediction"] for r in map(json.loads, lines)}
+        assert result["metrics"] == get_benchmark(name).score(items, predictions)
+        assert row["value"] == result["value"] and row["questions"] == result["questions"] == len(items)
+    percent = {r["benchmark"]: r["percent"] for r in suite["rows"]}
+    assert percent["mme"] == pytest.approx(benchmarks["mme"]["value"] / 2)  # one subtask: out of 200
+    assert percent["ocrbench"] == pytest.approx(100 * benchmarks["ocrbench"]["value"] / 2)  # 2 questions
+    assert percent["mmmu"] == pytest.approx(100 * benchmarks["mmmu"]["value"])
+    assert suite["average"] == pytest.approx(fmean(percent.values()))
+    table = (out / "results.txt").read_text().splitlines()
+    start = table.index("paper table (paper14): 14 of 14 benchmarks")
+    assert [line.split("  ")[0] for line in table[start + 3:start + 17]] == [row.label for row in PAPER14]
+    assert table[start + 17].split()[-1] == f"{suite['average']:.2f}"
+
+
 def test_evaluate_tool_names_a_missing_benchmark(root):
     with pytest.raises(SystemExit, match=r"evaluate: error: benchmark pope: .*nowhere.json does not exist"):
         _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--benchmark", f"pope={root / 'nowhere.json'}",
                                 "--out", str(root / "x")])
+
+
+def test_evaluate_tool_suite_takes_only_its_benchmarks(root):
+    with pytest.raises(SystemExit, match=r"evaluate: error: suite paper14 takes the benchmarks textvqa, .* 'jsonl' is"):
+        _tool("evaluate").main(["--checkpoint", str(root / "ckpt"), "--suite", "paper14", "--benchmark",
+                                f"jsonl={root / 'data/eval.jsonl'}", "--out", str(root / "x")])
 
 
 def test_attention_map_tool_writes_overlay_png(root):
@@ -335,7 +376,7 @@ def test_render_overlays_attention_on_the_image():
 
 
 def test_attention_map_tool_names_missing_layers(root):
-    from asvr_dev.multirank import MultiRankError
+    from tests.support.multirank import MultiRankError
 
     item = _items(root)[0]
     message = r"attention_map: error: layers \[9\] do not exist \(the model has layers 1..4\)"

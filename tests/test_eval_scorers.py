@@ -236,7 +236,8 @@ def test_generic_jsonl(tmp_path):
     assert items["q2"].prompt == f"Is it red?\n{SHORT_ANSWER_PROMPT}" and items["q2"].choices == ("Yes", "No")
     assert items["q4"].prompt == f"Look\nWhich animal?\nA. cat\nB. dog\n{CHOICE_PROMPT}"
     assert items["q4"].answer["letter"] == "A" and items["q5"].image is None
-    assert [items[q].kind for q in ("q1", "q2", "q3", "q4", "q5")] == ["choice", "yes_no", "short", "choice", "short"]
+    assert ([items[q].answer_type for q in ("q1", "q2", "q3", "q4", "q5")]
+            == ["choice", "yes_no", "short", "choice", "short"])
     accuracy = {"accuracy": 0.8, "choice/accuracy": 1.0, "yes/no/accuracy": 0.0, "count/accuracy": 1.0,
                 "color/accuracy": 1.0}
     assert {k: v for k, v in scores.items() if k.endswith("accuracy")} == APPROX(accuracy)
@@ -283,4 +284,5 @@ def test_bad_records_name_file_and_line(tmp_path):
         get_benchmark("jsonl").read(path, tmp_path)
     with pytest.raises(BenchmarkError, match="unknown benchmark 'vqav2'"):
         get_benchmark("vqav2")
-    assert sorted(BENCHMARKS) == ["gqa", "jsonl", "mmbench", "mme", "mmvp", "pope", "seed", "textvqa"]
+    assert sorted(BENCHMARKS) == ["ai2d", "chartqa", "docvqa", "gqa", "hallusionbench", "jsonl", "mmbench", "mme",
+                                  "mmmu", "mmvp", "ocrbench", "pope", "realworldqa", "seed", "textvqa"]

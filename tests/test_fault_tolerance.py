@@ -3,9 +3,10 @@ stops with one line, never hangs, and leaves no process behind.
 
 The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shards of its own. The
 reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
-a bash / Python polyglot). The others run ``asvr_dev/faults.py`` (tools/train.py with faults in
-the first attempt) under ``torchrun --max-restarts 1`` and must end with the reference's model,
-optimizer, scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
+a bash / Python polyglot). The faulty one runs ``tests/support/faults.py`` (tools/train.py with a fault
+in each of its first three attempts) under ``torchrun --max-restarts 3``, sharing its start-ups
+between the three tests that read it, and must end with the reference's model, optimizer,
+scheduler and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +26,9 @@ import pytest
 import torch
 import yaml
 
-from asvr_dev.multirank import MultiRankError, run_ranks
-from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
-from asvr_dev.torchrun_job import run_torchrun
+from tests.support.multirank import MultiRankError, run_ranks
+from tests.support.tiny_run import tiny_run_config
+from tests.support.torchrun_job import run_torchrun
 from megatron_asvr.config import ParallelConfig, to_dict
 from megatron_asvr.data.loader import GlobalBatchOrder
 from megatron_asvr.data.shards import ShardDataset
@@ -37,32 +39,18 @@ TIMEOUT_S = 20  # train.distributed_timeout_minutes in the torchrun jobs
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_ranks(make_tiny_run, 1, str(root), timeout=600)
-    return str(root)
-
-
 def _config(tiny_root, save_dir, parallel=ParallelConfig(tensor_parallel=2), num_workers=1, **train):
     train = {"steps": STEPS, "save_interval": SAVE_INTERVAL, "keep_last": 3,
              "distributed_timeout_minutes": TIMEOUT_S / 60, **train}
     config = tiny_run_config(tiny_root, save_dir, **train)
-    return dataclasses.replace(config, parallel=parallel, data=dataclasses.replace(config.data, num_workers=num_workers))
+    data = dataclasses.replace(config.data, num_workers=num_workers)
+    return dataclasses.replace(config, parallel=parallel, data=data)
 
 
 def _recipe(tiny_root, work: Path) -> Path:
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work / "run"))))
     return path
-
-
-def _faulty_job(tiny_root, work: Path, faults: str, **kwargs):
-    job = run_torchrun([ROOT / "asvr_dev/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=1,
-                       env={**ENV, "ASVR_FAULTS": faults}, **kwargs)
-    assert job.returncode == 0, job.output[-4000:]
-    assert not job.survivors, f"processes outlived the job: {job.survivors}"
-    return job
 
 
 def _state(checkpoint: Path) -> dict:
@@ -110,34 +98,36 @@ def reference(tiny_root, tmp_path_factory):
     return work / "run"
 
 
-def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
-    retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
-    rank, step = random.randrange(2), random.randrange(3, STEPS + 1)
-    job = _faulty_job(tiny_root, tmp_path, f"enospc:2:{rank}:1,kill_in_step:{step}:{rank}")
-    assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
-    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
-            f"[Errno 28] No space left on device); retrying once") in job.output
-    resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
-    assert f"resumed from {tmp_path}/run/iter_{resumed:07d} at step {resumed}" in job.output, (rank, step)
-    _assert_same_final_state(reference, tmp_path / "run")
+@dataclass(frozen=True)
+class FaultyJob:
+    """One torchrun job (--max-restarts 3) that meets a fault in each of its first three attempts."""
+
+    output: str
+    run: Path
+    kill_rank: int  # attempt 0: its save at step 2 needs its one retry (ENOSPC), then SIGKILL mid-step
+    kill_step: int
+    save_rank: int  # attempt 1: SIGKILL in the save of save_step, its shards written, not yet published
+    save_step: int
+    stall_step: int  # attempt 2: rank 1 SIGSTOPped when this step's batches are asked for
+
+    def attempt(self, number: int) -> str:
+        """The job's output from attempt ``number``'s first line on (up to the next attempt's)."""
+        start = self.output.index(f"[faults] attempt {number}: ")
+        end = self.output.find(f"[faults] attempt {number + 1}: ")
+        return self.output[start:] if end < 0 else self.output[start:end]
 
 
-def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, tiny_root, tmp_path):
-    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
-    the restart removes the unfinished save and resumes from the one before."""
-    rank, step = random.randrange(2), random.randrange(SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
-    job = _faulty_job(tiny_root, tmp_path, f"kill_in_save:{step}:{rank}")
-    assert f"[faults] rank {rank}: SIGKILL" in job.output, (rank, step)
-    assert f"removed {tmp_path}/run/iter_{step:07d}.tmp, left by a save that did not finish" in job.output
-    before = step - SAVE_INTERVAL
-    assert (f"resumed from {tmp_path}/run/iter_{before:07d} at step {before}" in job.output) == (before > 0)
-    _assert_same_final_state(reference, tmp_path / "run")
-
-
-def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference, tiny_root, tmp_path):
-    """Rank 1 SIGSTOPped at step 3: rank 0 exits naming its wait after TIMEOUT_S, torchrun restarts
-    the job, which ends as the reference."""
+@pytest.fixture(scope="module")
+def faulty(tiny_root, tmp_path_factory):
+    """The faults at random ranks and steps, one attempt after another, so that the restarts share one
+    job's start-ups; attempt 3 runs clean to the end."""
+    work = tmp_path_factory.mktemp("faulty")
+    kill_rank, kill_step = random.randrange(2), random.randrange(3, STEPS + 1)
+    resumed = SAVE_INTERVAL * ((kill_step - 1) // SAVE_INTERVAL)  # where attempt 1 starts
+    save_rank, save_step = random.randrange(2), random.randrange(resumed + SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
+    stall_step = save_step - SAVE_INTERVAL + 1  # the first step of attempt 2, which resumes before the lost save
+    faults = (f"enospc:2:{kill_rank}:1@0,kill_in_step:{kill_step}:{kill_rank}@0,"
+              f"kill_in_save:{save_step}:{save_rank}@1,stall:{stall_step}:1@2")
 
     def wake(output, processes):  # only spares torchrun's 30 s wait before it SIGKILLs a stopped worker
         if "no answer from" in output:
@@ -145,20 +135,93 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
                 if p.status() == psutil.STATUS_STOPPED:
                     p.send_signal(signal.SIGCONT)
 
-    job = _faulty_job(tiny_root, tmp_path, "stall:3:1", on_poll=wake)
-    assert "[faults] rank 1: SIGSTOP" in job.output
-    named = re.findall(r"^rank 0: .*$", job.output, re.MULTILINE)
+    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=3,
+                       env={**ENV, "ASVR_FAULTS": faults}, on_poll=wake)
+    assert job.returncode == 0, job.output[-4000:]
+    assert not job.survivors, f"processes outlived the job: {job.survivors}"
+    assert "[faults] attempt 3: " in job.output and "[faults] attempt 4: " not in job.output, faults
+    return FaultyJob(job.output, work / "run", kill_rank, kill_step, save_rank, save_step, stall_step)
+
+
+def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, faulty):
+    """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
+    retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
+    rank, step, first = faulty.kill_rank, faulty.kill_step, faulty.attempt(0)
+    assert f"[faults] rank {rank}: SIGKILL" in first, (rank, step)
+    assert (f"checkpoint iter_0000002 was not written (writing: rank {rank}: RuntimeError: Worker failure: "
+            f"[Errno 28] No space left on device); retrying once") in first
+    resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
+    assert f"resumed from {faulty.run}/iter_{resumed:07d} at step {resumed}" in faulty.attempt(1), (rank, step)
+    _assert_same_final_state(reference, faulty.run)
+
+
+def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, faulty):
+    """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
+    the restart removes the unfinished save and resumes from the one before."""
+    rank, step = faulty.save_rank, faulty.save_step
+    assert f"[faults] rank {rank}: SIGKILL" in faulty.attempt(1), (rank, step)
+    restarted = faulty.attempt(2)
+    assert f"removed {faulty.run}/iter_{step:07d}.tmp, left by a save that did not finish" in restarted
+    before = step - SAVE_INTERVAL
+    assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in restarted
+    _assert_same_final_state(reference, faulty.run)
+
+
+def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference, faulty):
+    """Rank 1 SIGSTOPped at a step: rank 0 exits naming its wait after TIMEOUT_S, torchrun restarts
+    the job, which ends as the reference."""
+    stalled = faulty.attempt(2)
+    assert "[faults] rank 1: SIGSTOP" in stalled
+    named = re.findall(r"^rank 0: .*$", stalled + faulty.attempt(3), re.MULTILINE)
     assert named == [f"rank 0: no answer from the ranks of this model replica within {TIMEOUT_S} s during the "
                      "agreement on the step's unreadable images (train.distributed_timeout_minutes)"], named
-    assert f"resumed from {tmp_path}/run/iter_0000002 at step 2" in job.output
-    _assert_same_final_state(reference, tmp_path / "run")
+    before = faulty.stall_step - 1
+    assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in faulty.attempt(3)
+    _assert_same_final_state(reference, faulty.run)
+
+
+def test_preemption_or_a_lost_agent_saves_where_it_stopped_and_the_same_command_resumes(reference, tiny_root,
+                                                                                       tmp_path):
+    """A job stopped three times, each resumed by the same command: SIGTERM to torchrun (a scheduler's
+    preemption: torchrun passes it to each worker's process group, DataLoader workers included);
+    SIGTERM to every process of the job at once (as Slurm sends it); torchrun SIGKILLed alone (its
+    workers get SIGTERM by their parent-death signal instead of training on unwatched). Each time
+    the ranks finish their step, save it (no periodic saves: train.save_interval=0) and exit 0, their
+    DataLoader workers alive until then, and no process is left; the fourth job ends as the reference."""
+    work = tmp_path / "run"
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work, save_interval=0))))
+    command = [ROOT / "tests/support/faults.py", "--config", recipe]
+    told = {"preempt": "SIGTERM to torchrun", "preempt_all": "SIGTERM to the job", "kill_agent": "SIGKILL to torchrun"}
+    resumed_at, stops = 0, []  # keep_last 3: all three stops' checkpoints stay
+    for fault in ("preempt", "preempt_all", "kill_agent", None):
+        at, rank = resumed_at + 1 + (resumed_at == 0), random.randrange(2)
+        job = run_torchrun(command, env={**ENV, "ASVR_FAULTS": f"{fault}:{at}:{rank}" if fault else ""}, grace=60)
+        assert not job.survivors, f"processes outlived the job: {job.survivors}"
+        assert "killed by signal" not in job.output, job.output[-4000:]
+        if resumed_at:
+            assert f"resumed from {work}/iter_{resumed_at:07d} at step {resumed_at}" in job.output
+        if fault is None:
+            assert job.returncode == 0, job.output[-4000:]
+            break
+        assert f"[faults] rank {rank}: {told[fault]}" in job.output
+        stopped = re.findall(r"^stopped by SIGTERM after step (\d+), saved (\S+); the same command resumes",
+                             job.output, re.MULTILINE)
+        assert len(stopped) == 1, job.output[-4000:]
+        step = int(stopped[0][0])
+        assert at <= step < STEPS and stopped[0][1] == f"{work}/iter_{step:07d}", (fault, at, stopped)
+        assert (work / "latest").read_text() == f"iter_{step:07d}"
+        stops.append(f"iter_{step:07d}")
+        assert sorted(p.name for p in work.glob("iter_*")) == stops, "a save other than the stops'"
+        resumed_at = step
+    _assert_same_final_state(reference, work)
 
 
 def _train(config, faults=(), log=None):
-    """loop.run in this rank with ``faults`` (asvr_dev/faults.py); stdout and stderr into ``log``."""
+    """loop.run in this rank with ``faults`` (tests/support/faults.py); stdout and stderr into ``log``."""
     import os
 
-    from asvr_dev import faults as injected
+    from tests.support import faults as injected
     from megatron_asvr.training import loop
 
     if log is not None:
@@ -329,33 +392,34 @@ def test_unreadable_samples_lose_their_text_and_visual_loss():
 def _fake_checkpoint(directory: Path, shard_bytes: int) -> None:
     (directory / "dist").mkdir(parents=True)
     (directory / "model_config.json").write_text("{}")
-    (directory / "dist/metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+    (directory / "dist/metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                              "sharded_backend_version": 1,
                                                               "common_backend": "torch", "common_backend_version": 1}))
     (directory / "dist/__0_0.distcp").write_bytes(b"x" * shard_bytes)
 
 
 def test_integrity_manifest_finds_cut_changed_and_lost_files(tmp_path, capsys, monkeypatch):
-    from megatron_asvr.training import checkpoint, checkpoint_integrity
+    from megatron_asvr.checkpoint import directory, manifest
 
-    monkeypatch.setattr(checkpoint_integrity, "HASHED_MAX_BYTES", 100)  # the shard: sizes only
+    monkeypatch.setattr(manifest, "HASHED_MAX_BYTES", 100)  # the shard: sizes only
     for step in (2, 4):
         _fake_checkpoint(tmp_path / f"iter_{step:07d}", 1000)
-        checkpoint_integrity.write_manifest(tmp_path / f"iter_{step:07d}")
+        manifest.write_manifest(tmp_path / f"iter_{step:07d}")
     (tmp_path / "latest").write_text("iter_0000004")
     (tmp_path / "iter_0000006.tmp").mkdir()
     (tmp_path / "latest.tmp").write_text("iter_0000006")
     newest = tmp_path / "iter_0000004"
-    assert checkpoint_integrity.damage(newest) is None and checkpoint.find_latest(tmp_path) == newest
+    assert manifest.damage(newest) is None and directory.find_latest(tmp_path) == newest
 
     (newest / "model_config.json").write_text("[]")  # same size, other bytes: hashed
-    assert checkpoint_integrity.damage(newest) == "model_config.json changed after it was written (SHA-256 differs)"
+    assert manifest.damage(newest) == "model_config.json changed after it was written (SHA-256 differs)"
     (newest / "model_config.json").write_text("{}")
     with open(newest / "dist/__0_0.distcp", "r+b") as f:
         f.truncate(600)
-    assert checkpoint.find_latest(tmp_path) == tmp_path / "iter_0000002"
+    assert directory.find_latest(tmp_path) == tmp_path / "iter_0000002"
     assert capsys.readouterr().err == (f"warning: checkpoint {newest} is damaged (dist/__0_0.distcp is 600 bytes, "
                                        f"1,000 were written): passed over\n")
     (newest / "dist/__0_0.distcp").unlink()
-    assert checkpoint_integrity.damage(newest) == "dist/__0_0.distcp is missing"
-    assert checkpoint.remove_incomplete(tmp_path) == ["iter_0000006.tmp", "latest.tmp"]
+    assert manifest.damage(newest) == "dist/__0_0.distcp is missing"
+    assert directory.remove_unfinished(tmp_path) == ["iter_0000006.tmp", "latest.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]

@@ -9,7 +9,7 @@ width 1152. Every GEMM is 2 x rows x inner x outer FLOPs.
 import dataclasses
 
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig
-from megatron_asvr.training.flops import StepShape, causal_keys_per_query, step_flops
+from megatron_asvr.model.flops import StepShape, causal_keys_per_query, step_flops
 
 SEQ, PATCHES = 2048, 729
 

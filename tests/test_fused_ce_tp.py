@@ -9,7 +9,7 @@ statistics per chunk; recompute) and with the gradients accumulated into main_gr
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.kernels import MODES, multi_depth_cross_entropy
 from megatron_asvr.kernels.reference import naive_multi_depth_cross_entropy
 

@@ -14,9 +14,9 @@ import dataclasses
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
+from tests.support.harness import train
+from tests.support.multirank import run_ranks
+from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
@@ -56,8 +56,10 @@ def _train_runs(runs, initial=None):
 def _assert_close(got: dict, expected: dict, tol: float, what: str):
     assert sorted(got) == sorted(expected), what
     for name, value in expected.items():
-        diff = (got[name].float() - value.float()).abs().max().item() if torch.is_tensor(value) else abs(got[name] - value)
-        scale = value.float().abs().max().item() if torch.is_tensor(value) else abs(value)
+        if torch.is_tensor(value):
+            diff, scale = (got[name].float() - value.float()).abs().max().item(), value.float().abs().max().item()
+        else:
+            diff, scale = abs(got[name] - value), abs(value)
         assert diff <= tol * max(1.0, scale), (what, name, diff, scale)
 
 

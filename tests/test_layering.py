@@ -3,9 +3,8 @@ layers below it, and never test or tool code.
 
 Every module under megatron_asvr/ is parsed (not imported); every import counts, including the ones
 inside functions and ``importlib.import_module`` / ``__import__`` with a literal name. A failure
-names file:line of each offending import. The dev package (asvr_dev: test helpers, demo data,
-micro-benchmarks) may import the library but not tests/ or tools/; tools/ and tests/ may import
-anything.
+names file:line of each offending import. The demo's inputs (demo/) may import the library but not
+tests/ or tools/; tools/ and tests/ (with tests/support/) may import anything.
 
 Run on another checkout: ``python tests/test_layering.py /path/to/checkout``.
 """
@@ -16,8 +15,8 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 LIBRARY = "megatron_asvr"
-DEV = "asvr_dev"
-NOT_LIBRARY = ("tests", "tools", DEV)  # top-level packages the library must never import
+DEMO = "demo"
+NOT_LIBRARY = ("tests", "tools", DEMO)  # top-level packages the library must never import
 # Lowest first. A unit is a subpackage or top-level module of megatron_asvr; it may import its own
 # unit and the units of lower layers. Units of one layer do not import each other.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
@@ -25,12 +24,11 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("runtime",),
     ("kernels",),
     ("model",),
-    ("checkpoint_format",),  # the on-disk form of the model's chunks; used by training and convert
+    ("checkpoint",),  # the one place that knows the disk: training, convert and evaluation read it
     ("tokenizers",),
     ("data",),
     ("training",),
-    ("convert",),
-    ("evaluation",),
+    ("convert", "evaluation"),  # siblings: neither imports the other
     ("benchmark", "planner"),
 )
 # Units that are not a .py file or folder of their own: the csrc extensions belong to the kernels.
@@ -106,13 +104,13 @@ def violations(checkout: Path) -> List[str]:
             elif RANK[target] >= RANK[unit]:
                 how = "sideways" if RANK[target] == RANK[unit] else "up"
                 found.append(f"{where}:{line}: imports {name}: {unit} -> {target} goes {how}")
-    dev_root = checkout / DEV
-    for path in sorted(dev_root.rglob("*.py")) if dev_root.is_dir() else []:
+    demo_root = checkout / DEMO
+    for path in sorted(demo_root.rglob("*.py")) if demo_root.is_dir() else []:
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         for line, name in imported_names(tree, _module_name(checkout, path), path.name == "__init__.py"):
             if name.split(".")[0] in ("tests", "tools"):
                 found.append(f"{path.relative_to(checkout)}:{line}: imports {name}: "
-                             f"{DEV} is imported by tests and tools, not the other way round")
+                             f"{DEMO} is imported by tests and tools, not the other way round")
     return found
 
 
@@ -128,7 +126,7 @@ def test_every_unit_has_a_layer():
     units = {p.stem if p.suffix == ".py" else p.name for p in (REPO / LIBRARY).iterdir()
              if (p.is_dir() and (p / "__init__.py").is_file()) or (p.suffix == ".py" and p.stem != "__init__")}
     assert units <= set(RANK), f"place {sorted(units - set(RANK))} in LAYERS"
-    assert not (REPO / LIBRARY / "testing").exists(), "test helpers live in asvr_dev/, outside the library"
+    assert not (REPO / LIBRARY / "testing").exists(), "test helpers live in tests/support/, outside the library"
 
 
 def _write(root: Path, files: dict) -> Path:
@@ -144,21 +142,24 @@ def test_the_check_finds_each_kind_of_violation(tmp_path):
         "megatron_asvr/__init__.py": "__version__ = '0'\n",
         "megatron_asvr/config/__init__.py": "",
         "megatron_asvr/data/__init__.py": "from megatron_asvr import __version__\n",
-        "megatron_asvr/data/ok.py": "from megatron_asvr.model import vlm\nfrom . import sibling\nimport megatron_asvr.config\n",
+        "megatron_asvr/data/ok.py": "from megatron_asvr.model import vlm\nfrom . import sibling\n"
+                                    "import megatron_asvr.config\n",
         "megatron_asvr/tokenizers/__init__.py": "",
         "megatron_asvr/tokenizers/lazy.py": "def f():\n    from megatron_asvr.convert.hf_vision import x\n",
         "megatron_asvr/tokenizers/relative.py": "from ..data import images\n",
         "megatron_asvr/planner/side.py": "import importlib\nm = importlib.import_module('megatron_asvr.benchmark.x')\n",
         "megatron_asvr/convert/tool.py": "import os\n\n\ndef g():\n    import tools.bench_convert\n",
-        "megatron_asvr/convert/dev.py": "from asvr_dev.multirank import run_ranks\n",
+        "megatron_asvr/convert/dev.py": "from tests.support.multirank import run_ranks\n",
         "megatron_asvr/testing/harness.py": "",
-        "asvr_dev/__init__.py": "",
-        "asvr_dev/helper.py": "from megatron_asvr.training import trainer\nfrom tests.conftest import x\n",
+        "megatron_asvr/convert/demo.py": "def f():\n    from demo.data import make_demo_data\n",
+        "demo/__init__.py": "",
+        "demo/helper.py": "from megatron_asvr.training import trainer\nfrom tests.conftest import x\n",
     })
     found = violations(root)
     expected = [
-        "asvr_dev/helper.py:2: imports tests.conftest.x",
-        "megatron_asvr/convert/dev.py:1: imports asvr_dev.multirank.run_ranks: the library never imports",
+        "demo/helper.py:2: imports tests.conftest.x",
+        "megatron_asvr/convert/demo.py:2: imports demo.data.make_demo_data: the library never imports",
+        "megatron_asvr/convert/dev.py:1: imports tests.support.multirank.run_ranks: the library never imports",
         "megatron_asvr/convert/tool.py:5: imports tools.bench_convert: the library never imports",
         "megatron_asvr/planner/side.py:2: imports megatron_asvr.benchmark.x: planner -> benchmark goes sideways",
         "megatron_asvr/testing/harness.py:1: megatron_asvr.testing is in no layer",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.data.loader import (
@@ -109,7 +109,7 @@ class _Targets:
     def __contains__(self, key):
         return key == ZERO_IMAGE
 
-    def codes(self, key, kind):
+    def codes(self, key, branch):
         return np.full((4, 8), 3 if key == ZERO_IMAGE else 7, dtype=np.uint16)
 
 

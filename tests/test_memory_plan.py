@@ -2,7 +2,6 @@
 the production recipes load, validate and fit; the launchers' comments carry the planner's numbers."""
 
 import dataclasses
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ASVRConfig, ModelConfig, ParallelConfig, load_run_config
 from megatron_asvr.planner import Cluster, format_plan, plan_memory
 from megatron_asvr.planner.param_counts import stage_parameters
@@ -143,9 +143,7 @@ def test_full_recompute_keeps_layer_inputs():
 
 
 def test_the_tool_prints_the_plan_and_fails_a_layout_that_does_not_fit(capsys):
-    spec = importlib.util.spec_from_file_location("plan_memory_tool", ROOT / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("plan_memory")
     with pytest.raises(SystemExit) as ok:
         tool.main(["--config", str(ROOT / "configs/vicuna13b_stage2.yaml"), "--nodes", "2"])
     assert ok.value.code == 0 and "| 1 | 19 | output+visual_head |" in capsys.readouterr().out

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_vlm import TINY_MODEL, VLMCase, losses
+from tests.support.harness import train_case
+from tests.support.multirank import run_ranks
+from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.packing import MicroPlan, layout_tokens, packing_report, plan_step
 from megatron_asvr.data.sequence import build_sequence
@@ -68,7 +68,7 @@ def _step_losses_and_params(results, model):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(train, 1, VLMCase(model=STAGE2, steps=2))[0]
+    return run_ranks(train_case, 1, VLMCase(model=STAGE2, steps=2))[0]
 
 
 LAYOUTS = {
@@ -86,7 +86,7 @@ def test_packed_and_unpadded_steps_equal_full_padding(reference, name):
     """Per step: text loss, visual loss and per-depth CE of the global batch, and every parameter after
     the last step, equal the pad-to-full TP=PP=DP=1 run within 1e-5."""
     world, parallel, batching = LAYOUTS[name]
-    results = run_ranks(train, world, VLMCase(model=STAGE2, steps=2, parallel=parallel, batching=batching),
+    results = run_ranks(train_case, world, VLMCase(model=STAGE2, steps=2, parallel=parallel, batching=batching),
                         reference["initial"])
     got, params = _step_losses_and_params(results, STAGE2)
     want, ref_params = _step_losses_and_params([reference], STAGE2)

@@ -9,9 +9,9 @@ equal the TP=PP=DP=1 run.
 import pytest
 import torch
 
-from asvr_dev.harness import train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_gpt import GPTCase, mean_losses
+from tests.support.harness import train_case
+from tests.support.multirank import run_ranks
+from tests.support.tiny_gpt import GPTCase, mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
@@ -30,11 +30,12 @@ LAYOUTS = {
     "tp2_pp2_dp2_overlap": (8, ParallelConfig(tensor_parallel=2, pipeline_parallel=2, distributed_optimizer=True,
                                               overlap_grad_reduce=True, overlap_param_gather=True)),
 }
+BUCKETS = {"tp2_pp2_dp2_overlap": 8192}  # elements per gradient bucket: 4 on a first-stage rank (~40k parameters)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(train, 1, GPTCase())[0]
+    return run_ranks(train_case, 1, GPTCase())[0]
 
 
 def test_reference_trains(reference):
@@ -49,7 +50,10 @@ def test_reference_trains(reference):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(reference, layout):
     world_size, parallel = LAYOUTS[layout]
-    results = run_ranks(train, world_size, GPTCase(parallel=parallel), reference["initial"])
+    results = run_ranks(train_case, world_size, GPTCase(parallel=parallel, bucket_size=BUCKETS.get(layout)),
+                        reference["initial"])
+    if layout in BUCKETS:  # megatron buckets the first pipeline stage only
+        assert max(r["grad_buckets"] for r in results) > 1, [r["grad_buckets"] for r in results]
 
     expected, got = mean_losses([reference]), mean_losses(results)
     assert sorted(got) == sorted(expected)

@@ -4,10 +4,10 @@ import dataclasses
 
 import torch
 
-from asvr_dev.harness import evaluate_checkpoint, train
-from asvr_dev.multirank import run_ranks
-from asvr_dev.tiny_gpt import TINY_LLAMA, GPTCase
-from asvr_dev.tiny_gpt import mean_losses as _mean_losses
+from tests.support.harness import evaluate_checkpoint, train_case
+from tests.support.multirank import run_ranks
+from tests.support.tiny_gpt import TINY_LLAMA, GPTCase
+from tests.support.tiny_gpt import mean_losses as _mean_losses
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.model.canonical import merge_ranks
 
@@ -19,7 +19,7 @@ def test_bf16_params_with_fp32_main_params_distributed_optimizer():
     follow the bf16 DP=1 run within bf16 resolution over 3 steps.
     """
     case = GPTCase(params_dtype=torch.bfloat16)
-    reference = run_ranks(train, 1, case)[0]
+    reference = run_ranks(train_case, 1, case)[0]
     assert reference["main_param_dtypes"] == {torch.float32}
     expected = _mean_losses([reference])
     layouts = [
@@ -27,7 +27,7 @@ def test_bf16_params_with_fp32_main_params_distributed_optimizer():
         (4, ParallelConfig(tensor_parallel=2, sequence_parallel=True, distributed_optimizer=True)),
     ]
     for world_size, parallel in layouts:
-        results = run_ranks(train, world_size, dataclasses.replace(case, parallel=parallel), reference["initial"])
+        results = run_ranks(train_case, world_size, dataclasses.replace(case, parallel=parallel), reference["initial"])
         assert {d for r in results for d in r["main_param_dtypes"]} == {torch.float32}
         got = _mean_losses(results)
         assert sorted(got) == sorted(expected)
@@ -46,9 +46,9 @@ def test_dropout_is_reproducible_through_the_rng_tracker():
     llm = dataclasses.replace(TINY_LLAMA, hidden_dropout=0.1, attention_dropout=0.1)
     parallel = ParallelConfig(tensor_parallel=2)
     case = GPTCase(parallel=parallel, llm=llm, steps=2)
-    first = run_ranks(train, 4, case)
-    second = run_ranks(train, 4, case, first[0]["initial"])
-    no_dropout = run_ranks(train, 4, dataclasses.replace(case, llm=TINY_LLAMA), first[0]["initial"])
+    first = run_ranks(train_case, 4, case)
+    second = run_ranks(train_case, 4, case, first[0]["initial"])
+    no_dropout = run_ranks(train_case, 4, dataclasses.replace(case, llm=TINY_LLAMA), first[0]["initial"])
 
     assert _mean_losses(first) == _mean_losses(second)
     for step in range(2):
@@ -66,7 +66,7 @@ def test_dropout_is_reproducible_through_the_rng_tracker():
 def test_dist_checkpoint_loads_at_other_layouts(tmp_path):
     """Saved at TP=2 x PP=2 after one step; loaded at TP=1 x PP=1 and TP=1 x PP=2 x DP=2."""
     directory = str(tmp_path / "ckpt")
-    saved = run_ranks(train, 4, GPTCase(parallel=ParallelConfig(2, 2), steps=1), save_to=directory)
+    saved = run_ranks(train_case, 4, GPTCase(parallel=ParallelConfig(2, 2), steps=1), save_to=directory)
     expected = _mean_losses(saved, key="eval")
     assert len(expected) == 4
     for world_size, parallel in [(1, ParallelConfig()), (4, ParallelConfig(pipeline_parallel=2))]:

@@ -6,7 +6,7 @@ of block 26, no post-norm), mlp2x_gelu projector, the ASVR head at E=2048, D=8, 
 
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import LLM_PRESETS, VISION_PRESETS, ModelConfig, ParallelConfig
 
 H, E, C, V, D, FFN, L = 4096, 2048, 1152, 16384, 8, 11008, 32
@@ -22,7 +22,8 @@ HEAD_LAYER = (
 HEAD = (C * E + E) + 3 * HEAD_LAYER + E + D * (E * V + V)  # code embed, layers, final norm, classifiers
 LLM_LAYER = 2 * H + 4 * H * H + 3 * H * FFN  # norms, q k v o, gate/up/down
 LLM = 2 * VOCAB * H + L * LLM_LAYER + H  # untied embeddings and LM head, final norm
-ENCODER_LAYER = 4 * SIGLIP_W + 4 * SIGLIP_W * SIGLIP_W + 4 * SIGLIP_W + 2 * SIGLIP_W * SIGLIP_FFN + SIGLIP_FFN + SIGLIP_W
+ENCODER_LAYER = (4 * SIGLIP_W + 4 * SIGLIP_W * SIGLIP_W + 4 * SIGLIP_W + 2 * SIGLIP_W * SIGLIP_FFN + SIGLIP_FFN
+                 + SIGLIP_W)
 ENCODER = (3 * 14 * 14 * SIGLIP_W + SIGLIP_W) + 729 * SIGLIP_W + SIGLIP_LAYERS_BUILT * ENCODER_LAYER
 PROJECTOR = (SIGLIP_W * H + H) + (H * H + H)
 

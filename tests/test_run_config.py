@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from asvr_dev.tiny_run import tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ConfigError, ParallelConfig, load_run_config
 
 
@@ -49,7 +49,8 @@ def test_six_bad_configurations(good):
                   "data.shards='/nonexistent/shards' is not a directory: run tools/preprocess.py"),
         "batch": (_with(good, "train", global_batch=6, micro_batch=4), 1,
                   "train.global_batch=6 is not divisible by data-parallel size x micro_batch = 1 x 4"),
-        "targets": (_with(good, "data", targets=None), 1, "the visual loss is on (model.asvr.visual_loss) but data.targets is not set"),
+        "targets": (_with(good, "data", targets=None), 1,
+                    "the visual loss is on (model.asvr.visual_loss) but data.targets is not set"),
     }
     assert llm.num_query_groups == 2
     for name, (config, world, expected) in bad.items():
@@ -58,7 +59,8 @@ def test_six_bad_configurations(good):
 
 def test_recipes_in_configs_load_and_name_unknown_keys(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model:\n  llm: {preset: vicuna_7b}\n  vision: {preset: siglip_so400m_384}\ntrain: {lr: 2.0e-5}\n")
+    recipe.write_text("model:\n  llm: {preset: vicuna_7b}\n  vision: {preset: siglip_so400m_384}\n"
+                      "train: {lr: 2.0e-5}\n")
     config = load_run_config(recipe, ["train.global_batch=128"])
     assert (config.model.llm.hidden_size, config.model.vision.num_patches) == (4096, 729)
     assert (config.train.lr, config.train.global_batch) == (2e-5, 128)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import megatron_asvr
-from asvr_dev.multirank import MultiRankError, run_ranks
+from tests.support.multirank import MultiRankError, run_ranks
 
 
 def _emulation_with_fake_cuda():

@@ -3,12 +3,8 @@
 import pytest
 import torch
 
-from megatron_asvr.data.sequence import (
-    SequenceTooLong,
-    align_visual_targets,
-    build_sequence,
-    collate,
-)
+from megatron_asvr.data.batch import build_micro_batch
+from megatron_asvr.data.sequence import SequenceTooLong, align_visual_targets, build_sequence
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER as IMG
 
 
@@ -49,7 +45,10 @@ def test_visual_targets_shift_and_masks():
     assert empty_targets.shape == (0, 2) and empty_mask.shape == (0,)
 
 
-def test_collate():
+def test_samples_stack_into_a_micro_batch():
+    """One sample per row at their built length (the default plan): evaluation's queries."""
     s = build_sequence([1, IMG, 5, 6], [0, 0, 0, 1], [2], seq_length=6)
-    batch = collate([s, s])
-    assert batch["tokens"].shape == (2, 6) and batch["position_ids"].tolist()[1] == list(range(6))
+    batch = build_micro_batch([s, s])
+    assert batch.tokens.shape == (2, 6) and batch.position_ids.tolist()[1] == list(range(6))
+    assert batch.image_index.tolist() == [1, 2, 7, 8]  # in the flattened [2 * 6]
+    assert batch.sample_lengths == [4, 4] and batch.labels.tolist()[0] == [0, 0, 5, 6, 0, 0]

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from asvr_dev.fixtures import llama2_tokenizer_model
+from tests.support.fixtures import llama2_tokenizer_model
 from megatron_asvr.tokenizers.templates import (
     GPT,
     HUMAN,
@@ -276,7 +276,7 @@ def test_load_from_checkpoint_directory(tmp_path):
     assert tokenizer.encode("</s>USER") == [BOS, EOS, 11889]
     assert load_text_tokenizer(tmp_path, legacy=True).encode("</s>USER") == [BOS, EOS] + USER[:2]
     assert tokenizer.describe() == {
-        "kind": "sentencepiece",
+        "format": "sentencepiece",
         "file": "tokenizer.model",
         "md5": "eeec4125e9c7560836b4873b6f8e3025",
         "legacy": False,

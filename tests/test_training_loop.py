@@ -9,23 +9,17 @@ import signal
 import pytest
 import torch
 
-from asvr_dev.multirank import MultiRankError, run_ranks
-from asvr_dev.tiny_run import make_tiny_run, tiny_run_config
+from tests.support.multirank import MultiRankError, run_ranks
+from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import ParallelConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_ranks(make_tiny_run, 1, str(root), timeout=600)
-    return str(root)
 
 
 def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
     """loop.run in this rank; optionally SIGKILL itself when a step's batches are loaded or inside
     a checkpoint write, or poison one step's images with NaN."""
     from megatron_asvr.data.loader import TrainLoader
-    from megatron_asvr.training import checkpoint, loop
+    from megatron_asvr.checkpoint import training_state
+    from megatron_asvr.training import loop
 
     next_step = TrainLoader.next_step
 
@@ -42,14 +36,14 @@ def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None):
 
     TrainLoader.next_step = faulty_next_step
     if kill_in_save_of is not None:
-        write_json = checkpoint._write_json
+        write_json = training_state._write_json
 
         def dying_write(path, data):
             if f"iter_{kill_in_save_of:07d}.tmp" in str(path):  # after dist/ was written, before the rename
                 os.kill(os.getpid(), signal.SIGKILL)
             write_json(path, data)
 
-        checkpoint._write_json = dying_write
+        training_state._write_json = dying_write
     return loop.run(config)
 
 
@@ -58,14 +52,15 @@ def _final_params(config, checkpoint_dir):
     from megatron_asvr import runtime
     from megatron_asvr.model.canonical import full_state
     from megatron_asvr.model.vlm import stage_builder
-    from megatron_asvr.training.checkpoint import load_weights
-    from megatron_asvr.training.loop import with_codebooks
+    from megatron_asvr.checkpoint.model import load_weights
+    from megatron_asvr.training.loop import load_codebooks
     from megatron_asvr.model.chunks import build_model_chunks
 
-    books, model = with_codebooks(config)
+    books, config = load_codebooks(config)
+    model = config.model
     info = runtime.initialize(config.parallel)
     chunks = build_model_chunks(stage_builder(model, config.parallel, "local", books), info.device)
-    load_weights(checkpoint_dir, chunks)
+    load_weights(chunks, checkpoint_dir)
     state = full_state(chunks)
     runtime.destroy()
     return state
@@ -79,8 +74,10 @@ def test_sigkill_then_automatic_resume_is_exact(tiny_root, tmp_path):
     """12 steps straight vs 5 steps, SIGKILL in step 6, automatic resume to 12 (TP=2):
     identical per-step losses and bitwise identical final weights."""
     tp2 = ParallelConfig(tensor_parallel=2)
-    straight = dataclasses.replace(tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5), parallel=tp2)
-    resumed = dataclasses.replace(straight, train=dataclasses.replace(straight.train, save_dir=str(tmp_path / "resumed")))
+    straight = dataclasses.replace(tiny_run_config(tiny_root, tmp_path / "straight", steps=12, save_interval=5),
+                                   parallel=tp2)
+    resumed = dataclasses.replace(straight, train=dataclasses.replace(straight.train,
+                                                                      save_dir=str(tmp_path / "resumed")))
     reference = run_ranks(_train, 2, straight)[-1]
     with pytest.raises(MultiRankError, match="died"):
         run_ranks(_train, 2, resumed, kill_at_step=6)
@@ -89,7 +86,8 @@ def test_sigkill_then_automatic_resume_is_exact(tiny_root, tmp_path):
     assert [h["step"] for h in second["history"]] == list(range(6, 13))
     expected = _losses(reference["history"])
     assert _losses(second["history"]) == {s: expected[s] for s in range(6, 13)}
-    a = run_ranks(_final_params, 1, dataclasses.replace(straight, parallel=ParallelConfig()), reference["checkpoint"])[0]
+    single = dataclasses.replace(straight, parallel=ParallelConfig())
+    a = run_ranks(_final_params, 1, single, reference["checkpoint"])[0]
     b = run_ranks(_final_params, 1, dataclasses.replace(straight, parallel=ParallelConfig()), second["checkpoint"])[0]
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
 

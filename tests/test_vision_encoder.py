@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import ConfigError, ParallelConfig, VisionConfig
 from megatron_asvr.model.hf_vision import hf_vision_to_canonical
 from megatron_asvr.model.qkv import fuse_qkv, split_qkv
 
 TOL = 1e-5  # fp32, max abs difference of features
 
-SIGLIP = VisionConfig(kind="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+SIGLIP = VisionConfig(family="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                       patch_size=14, image_size=34, activation="gelu_tanh", norm_eps=1e-6)
-CLIP = VisionConfig(kind="clip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+CLIP = VisionConfig(family="clip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                     patch_size=14, image_size=28, activation="quick_gelu", norm_eps=1e-5)
 
 
@@ -24,8 +24,9 @@ def _hf_model(vision: VisionConfig):
                   num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
                   image_size=vision.image_size, patch_size=vision.patch_size, layer_norm_eps=vision.norm_eps)
     torch.manual_seed(0)
-    if vision.kind == "siglip":
-        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh"))
+    if vision.family == "siglip":
+        config = transformers.SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh")
+        model = transformers.SiglipVisionModel(config)
     else:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common, hidden_act="quick_gelu"))
     with torch.no_grad():  # non-trivial norms and biases
@@ -41,7 +42,8 @@ def _our_features(vision, tp, hf_state, images):
     from megatron_asvr.model.vision import VisionEncoder, vision_transformer_config
 
     runtime.initialize(ParallelConfig(tensor_parallel=tp))
-    encoder = VisionEncoder(vision, vision_transformer_config(vision, ParallelConfig(tensor_parallel=tp), "local"), "local")
+    config = vision_transformer_config(vision, ParallelConfig(tensor_parallel=tp), "local")
+    encoder = VisionEncoder(vision, config, "local")
     canonical, skipped = hf_vision_to_canonical(hf_state, vision)
     load_full_state([encoder], canonical)
     assert sorted(full_state([encoder])) == sorted(canonical)
@@ -57,7 +59,7 @@ def test_encoder_matches_transformers_hidden_states_minus_2(vision):
     images = torch.randn(2, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(pixel_values=images, output_hidden_states=True).hidden_states[-2]
-    if vision.kind == "clip":
+    if vision.family == "clip":
         expected = expected[:, 1:]  # LLaVA's "patch" selection drops the class token
     assert expected.shape == (2, vision.num_patches, vision.hidden_size)
     state = hf.state_dict()

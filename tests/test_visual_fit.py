@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr_dev.multirank import run_ranks
-from megatron_asvr.data.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
+from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
+from megatron_asvr.tokenizers.visual_fit import ResidualKMeans, kmeans_plus_plus, lloyd_step, report_table
 from megatron_asvr.tokenizers.visual_format import read_config
 
 K, DEPTH = 16, 4
@@ -58,19 +59,15 @@ def test_mini_batch_update_moves_used_codes_to_the_running_mean():
 
 def _fit_and_reload(argv, images_dir, mode):
     """Fit with tools/fit_visual_tokenizer.py, reload the written files as a tokenizer, recount its codes."""
-    import importlib.util
 
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
     from megatron_asvr.data.images import load_rgb, preprocess_image
-    from megatron_asvr.data.visual_fit import list_images
+    from megatron_asvr.tokenizers.visual_fit import list_images
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
     from megatron_asvr.tokenizers.visual_rq import code_counts, perplexity, relative_errors
 
-    spec = importlib.util.spec_from_file_location("fit_tool", Path(__file__).parents[1] / "tools/fit_visual_tokenizer.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(argv) == 0
+    assert load_tool("fit_visual_tokenizer").main(argv) == 0
     output = Path(argv[argv.index("--output") + 1])
     report = json.loads((output / "fit_report.json").read_text())
     runtime.initialize(ParallelConfig())
@@ -79,10 +76,10 @@ def _fit_and_reload(argv, images_dir, mode):
     images = images.to(runtime.current_device())
     semantic, appearance = tokenizer.features(images)
     recount = {}
-    for kind, features in (("semantic", semantic), ("appearance", appearance)):
-        quantizer = tokenizer.quantizers[kind]
-        codes = tokenizer.codes(images, (kind,))[kind]
-        recount[kind] = {
+    for branch, features in (("semantic", semantic), ("appearance", appearance)):
+        quantizer = tokenizer.quantizers[branch]
+        codes = tokenizer.codes(images, (branch,))[branch]
+        recount[branch] = {
             "relative_error": relative_errors(quantizer.squared_errors(features, codes)),
             "perplexity": [perplexity(c) for c in code_counts(codes, quantizer.sizes)],
         }
@@ -93,7 +90,7 @@ def _fit_and_reload(argv, images_dir, mode):
 def test_fit_on_the_demo_corpus(tmp_path):
     import transformers
 
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
+    from demo.data import DemoConfig, make_demo_data
 
     make_demo_data(tmp_path / "demo", DemoConfig.tiny())  # 12 training images
     torch.manual_seed(0)
@@ -108,17 +105,17 @@ def test_fit_on_the_demo_corpus(tmp_path):
 
     assert report["images"] == 12 and report["undecodable"] == {}
     assert report["layers"] == {"semantic": 2, "appearance": 1}
-    for kind in ("semantic", "appearance"):
-        errors, ppl = report[kind]["relative_error"], report[kind]["perplexity"]
-        unexplained = report[kind]["unexplained_variance"]
+    for branch in ("semantic", "appearance"):
+        errors, ppl = report[branch]["relative_error"], report[branch]["perplexity"]
+        unexplained = report[branch]["unexplained_variance"]
         assert len(errors) == len(ppl) == len(unexplained) == DEPTH
         assert ppl[0] >= K / 4, ppl
         for series in (errors, unexplained):
             assert all(later < earlier for earlier, later in zip(series, series[1:])), series
         assert errors[0] < unexplained[0] < 1.0
         # the written files give back exactly the fitted quantizer
-        assert recount[kind]["perplexity"] == pytest.approx(ppl, rel=1e-12)
-        assert recount[kind]["relative_error"] == pytest.approx(errors, rel=1e-6)
+        assert recount[branch]["perplexity"] == pytest.approx(ppl, rel=1e-12)
+        assert recount[branch]["relative_error"] == pytest.approx(errors, rel=1e-6)
     fitted = read_config(tmp_path / "fit/config.json")  # what the targets tool and the model config read
     assert (fitted.semantic_layer, fitted.appearance_layer, fitted.codebook_sizes, fitted.code_width) == (
         2, 1, (K,) * DEPTH, 32)

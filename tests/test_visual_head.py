@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
 from megatron_asvr.model.qkv import fuse_qkv
 
@@ -89,10 +89,10 @@ def _canonical(ref: RefHead, tp_padded) -> dict:
     for i, layer in enumerate(ref.layers):
         p = f"layers.{i}."
         out[p + "norm1.weight"], out[p + "norm2.weight"] = layer.norm1.weight, layer.norm2.weight
-        for kind in ("weight", "bias"):
-            q, k, v = (getattr(getattr(layer, n), kind) for n in "qkv")
-            out[p + f"attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, HEADS, HEADS)
-            out[p + f"attention.linear_proj.{kind}"] = getattr(layer.o, kind)
+        for param in ("weight", "bias"):
+            q, k, v = (getattr(getattr(layer, n), param) for n in "qkv")
+            out[p + f"attention.linear_qkv.{param}"] = fuse_qkv(q, k, v, HEADS, HEADS)
+            out[p + f"attention.linear_proj.{param}"] = getattr(layer.o, param)
         for d, mlp in enumerate(layer.mlps):
             out[p + f"mlps.{d}.linear_fc1.weight"] = mlp[0].weight
             out[p + f"mlps.{d}.linear_fc2.weight"] = mlp[2].weight
@@ -114,7 +114,7 @@ def _project_head(tp, state, codebooks, hidden, codes, row_mask):
     config = head_transformer_config(head_cfg, parallel, "local")
     head = VisualHead(head_cfg, CodebookSpec(SIZES, C), config, H, codebooks, "local")
     load_full_state([head], state)
-    logits = [l.detach() for l in head.logits(hidden, codes)]
+    logits = [depth.detach() for depth in head.logits(hidden, codes)]
     hidden = hidden.clone().requires_grad_(True)
     loss_sum, count, correct = head(hidden, codes, row_mask.nonzero().squeeze(1))
     loss_sum.sum().backward()

@@ -9,14 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
+from tests.support.tools import load_tool
 from megatron_asvr.config import VisionConfig
-from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, TargetsConfig, VisualTargets, codes_file
+from megatron_asvr.config.tools import TargetsConfig
+from megatron_asvr.data.targets import DONE_FILE, REPORT_FILE, ZERO_IMAGE, VisualTargets, codes_file
 from megatron_asvr.tokenizers.visual_format import DualTokenConfig, save_dualtoken
 
 SIZES = (16, 12, 8)
 # 384-pixel inputs as images.py makes them: 27 x 27 patches of a 2-block, 32-wide SigLIP.
-VISION = VisionConfig(kind="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+VISION = VisionConfig(family="siglip", num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                       patch_size=14, image_size=384, feature_layer=2)
 IMAGES = {  # name -> (width, height); anyres grids of 1 x 1, 2 x 1, 2 x 3, 1 x 1, 2 x 2 tiles
     "coco/a.jpg": (384, 384), "coco/b.jpg": (700, 380), "vg/c.png": (400, 1100), "vg/d.jpg": (96, 150),
@@ -35,10 +37,11 @@ def _write_random_tokenizer(directory: Path):
     config = DualTokenConfig(vision=VISION, semantic_layer=2, appearance_layer=1, codebook_sizes=SIZES,
                              code_width=32, head_width=64)
     g = torch.Generator().manual_seed(1)
-    books = {kind: [torch.randn(size, 32, generator=g) * 2.0 ** -d for d, size in enumerate(SIZES)]
-             for kind in ("semantic", "appearance")}
+    books = {branch: [torch.randn(size, 32, generator=g) * 2.0 ** -d for d, size in enumerate(SIZES)]
+             for branch in ("semantic", "appearance")}
     projection = {}
-    for module, weight_shape in (("norm1", (32,)), ("conv1", (32, 32, 1, 1)), ("norm2", (32,)), ("conv2", (32, 32, 3, 3))):
+    shapes = (("norm1", (32,)), ("conv1", (32, 32, 1, 1)), ("norm2", (32,)), ("conv2", (32, 32, 3, 3)))
+    for module, weight_shape in shapes:
         projection[f"{module}.weight"] = module.startswith("norm") + 0.1 * torch.randn(weight_shape, generator=g)
         projection[f"{module}.bias"] = 0.1 * torch.randn(32, generator=g)
     return save_dualtoken(directory, config, hf.state_dict(), projection, books)
@@ -67,7 +70,7 @@ def corpus(tmp_path_factory):
     config_path, checkpoint_path = _write_random_tokenizer(root / "tokenizer")
     return TargetsConfig(data=(root / "data.json",), image_root=root / "images", output_dir=root / "unused",
                          tokenizer_config=config_path, tokenizer_checkpoint=checkpoint_path, mode="pad",
-                         kinds=("semantic", "appearance"), precision="fp32", batch_images=2, workers=0,
+                         branches=("semantic", "appearance"), precision="fp32", batch_images=2, workers=0,
                          max_missing_fraction=1.0, progress=False)
 
 
@@ -75,7 +78,7 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
     """Run precompute on each config in turn (one process); optionally the tokenizer's own codes."""
     from megatron_asvr import runtime
     from megatron_asvr.config import ParallelConfig
-    from megatron_asvr.data import targets
+    from megatron_asvr.data import precompute_targets as targets
     from megatron_asvr.data.images import load_rgb, preprocess_image
     from megatron_asvr.tokenizers.visual import load_visual_tokenizer
 
@@ -100,7 +103,7 @@ def _runs(configs, interrupt_marking=False, reference_mode=None):
         tiles = {name: preprocess_image(load_rgb(config.image_root / name), reference_mode) for name in IMAGES}
         tiles[ZERO_IMAGE] = torch.zeros(1, 3, 384, 384)
         for name, pixels in tiles.items():
-            codes = tokenizer.codes(pixels.to(runtime.current_device()), config.kinds)
+            codes = tokenizer.codes(pixels.to(runtime.current_device()), config.branches)
             expected[name] = {k: v.reshape(-1, len(SIZES)).cpu() for k, v in codes.items()}
     runtime.destroy()
     return outcomes, expected
@@ -123,10 +126,10 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
     assert len(targets) == 6 and "coco/missing.jpg" not in targets and "./coco/a.jpg" in targets
     assert targets.meta["semantic"].codebook_sizes == SIZES and targets.meta["appearance"].feature_layer == 1
     for name in [*IMAGES, ZERO_IMAGE]:  # the blank tile of supervised text-only samples too
-        for kind in ("semantic", "appearance"):
-            codes = targets.codes(name, kind)
+        for branch in ("semantic", "appearance"):
+            codes = targets.codes(name, branch)
             assert codes.dtype == np.uint16 and codes.shape == (729, 3)
-            np.testing.assert_array_equal(codes, expected[name][kind].numpy())
+            np.testing.assert_array_equal(codes, expected[name][branch].numpy())
     assert not np.array_equal(targets.codes("coco/a.jpg", "semantic"), targets.codes("coco/b.jpg", "semantic"))
     with pytest.raises(KeyError, match="image 'vg/broken.jpg' is not computed yet"):
         targets.codes("vg/broken.jpg")
@@ -135,7 +138,7 @@ def test_targets_equal_the_tokenizer_codes_and_coverage_names_problems(corpus, t
 
 
 def test_anyres_targets_hold_every_tile(corpus, tmp_path):
-    config = replace(corpus, output_dir=tmp_path / "anyres", mode="anyres", kinds=("semantic",))
+    config = replace(corpus, output_dir=tmp_path / "anyres", mode="anyres", branches=("semantic",))
     (report,), expected = run_ranks(_runs, 1, [config], reference_mode="anyres")[0]
     assert report["complete_images"] == 5
     targets = VisualTargets(config.output_dir)
@@ -181,23 +184,19 @@ def test_a_different_run_on_the_same_directory_is_refused(corpus, tmp_path):
 
 
 def _tool(argv):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("precompute_tool", Path(__file__).parents[1] / "tools/precompute_targets.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main(argv)
+    return load_tool("precompute_targets").main(argv)
 
 
 def test_the_tool_writes_bf16_dual_targets_and_fails_in_one_line(corpus, tmp_path):
     argv = ["--data", str(corpus.data[0]), "--image-root", str(corpus.image_root),
-            "--tokenizer-config", str(corpus.tokenizer_config), "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
-            "--output", str(tmp_path / "cli"), "--kind", "dual", "--workers", "0", "--no-progress",
+            "--tokenizer-config", str(corpus.tokenizer_config),
+            "--tokenizer-checkpoint", str(corpus.tokenizer_checkpoint),
+            "--output", str(tmp_path / "cli"), "--supervision", "dual", "--workers", "0", "--no-progress",
             "--max-missing-fraction", "0.5"]
     assert run_ranks(_tool, 1, argv)[0] == 0
     targets = VisualTargets(tmp_path / "cli")
     assert len(targets) == 6 and sorted(targets.meta) == ["appearance", "semantic"]
-    for kind in ("semantic", "appearance"):
-        codes = targets.codes("vg/e.jpg", kind)
+    for branch in ("semantic", "appearance"):
+        codes = targets.codes("vg/e.jpg", branch)
         assert codes.shape == (729, 3) and (codes.max(axis=0) < np.array(SIZES)).all()
     assert run_ranks(_tool, 1, argv[:-1] + ["0.1"])[0] == 1  # 2 of 7 images missing or broken

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asvr_dev.multirank import run_ranks
+from tests.support.multirank import run_ranks
 from megatron_asvr.tokenizers.visual_format import (
     TokenizerFileError,
     VisualCodesMeta,
@@ -151,8 +151,8 @@ def test_bf16_mode_is_the_released_computation():
     residual, expected = features.to(torch.bfloat16).clone(), []
     for weight in books:  # released: distances against weight[:-1], then embedding lookup, in bf16
         codebook_t = weight.to(torch.bfloat16)[:-1, :].t()
-        distances = torch.addmm(residual.pow(2.0).sum(dim=1, keepdim=True) + codebook_t.pow(2.0).sum(dim=0, keepdim=True),
-                                residual, codebook_t, alpha=-2.0)
+        norms = residual.pow(2.0).sum(dim=1, keepdim=True) + codebook_t.pow(2.0).sum(dim=0, keepdim=True)
+        distances = torch.addmm(norms, residual, codebook_t, alpha=-2.0)
         chosen = distances.argmin(dim=-1)
         residual.sub_(F.embedding(chosen, weight.to(torch.bfloat16), padding_idx=64))
         expected.append(chosen)
@@ -229,7 +229,8 @@ def test_renamed_siglip_key_is_named(tmp_path):
 def test_codebook_shape_mismatch_is_named(tmp_path):
     state = released_state(tiny_hf_siglip())
     state["quantizer.codebooks.1.weight"] = state["quantizer.codebooks.1.weight"][:-1]  # no padding row
-    with pytest.raises(TokenizerFileError, match=r"quantizer.codebooks.1.weight has shape \(20, 32\), the config says \(20 \+ 1 padding, 32\)"):
+    message = r"quantizer.codebooks.1.weight has shape \(20, 32\), the config says \(20 \+ 1 padding, 32\)"
+    with pytest.raises(TokenizerFileError, match=message):
         split_checkpoint(state, read_config_from(released_config(), tmp_path), "dualtoken.ckpt")
 
 
@@ -250,8 +251,10 @@ def test_released_config_defaults_to_so400m_blocks_26_and_6(tmp_path):
 
 
 @pytest.mark.parametrize("section, field, value, message", [
-    ("rqtransformer", "vocab_size", [24, 20, 16, 13], r"rqtransformer.vocab_size=\(24, 20, 16, 13\) does not match rqvaesiglip.n_embed"),
-    ("rqtransformer", "input_embed_dim_1", 64, r"input_embed_dim_1=64 does not match rqvaesiglip.latent_shape\[2\] \(32\)"),
+    ("rqtransformer", "vocab_size", [24, 20, 16, 13],
+     r"rqtransformer.vocab_size=\(24, 20, 16, 13\) does not match rqvaesiglip.n_embed"),
+    ("rqtransformer", "input_embed_dim_1", 64,
+     r"input_embed_dim_1=64 does not match rqvaesiglip.latent_shape\[2\] \(32\)"),
     ("rqvaesiglip", "code_shape", [1, 1, 4], "differ in the grid"),
     ("rqvaesiglip", "n_embed", [24, 20], "n_embed must have 4 entries"),
     ("rqvaesiglip", "layer_recon", 3, r"need 1 <= layer_recon \(3\) <= layer_sem \(2\)"),
@@ -272,7 +275,8 @@ def test_missing_state_dict_entry_is_named(tmp_path):
     from megatron_asvr.tokenizers.visual_format import read_state_dict
 
     torch.save({"model": {}}, tmp_path / "bad.ckpt")
-    with pytest.raises(TokenizerFileError, match=r"bad.ckpt: expected a dict with a 'state_dict' entry, found \['model'\]"):
+    message = r"bad.ckpt: expected a dict with a 'state_dict' entry, found \['model'\]"
+    with pytest.raises(TokenizerFileError, match=message):
         read_state_dict(tmp_path / "bad.ckpt")
 
 
@@ -295,13 +299,13 @@ def test_code_usage_perplexity():
     assert perplexity(counts[0]) == pytest.approx(4.0) and perplexity(counts[1]) == pytest.approx(1.0)
 
 
-def reference_codes(hf_model, state, images, kinds):
+def reference_codes(hf_model, state, images, branches):
     """HF's hidden states, the released projection written out with torch.nn.functional, numpy RQ."""
     with torch.no_grad():
         hidden = hf_model(pixel_values=images, output_hidden_states=True).hidden_states
         out = {}
-        for kind in kinds:
-            if kind == "semantic":
+        for branch in branches:
+            if branch == "semantic":
                 features, quantizer = hidden[SEMANTIC_LAYER], "quantizer_semantic"
             else:
                 b, p, c = hidden[APPEARANCE_LAYER].shape
@@ -314,7 +318,7 @@ def reference_codes(hf_model, state, images, kinds):
                 features, quantizer = (x + h).permute(0, 2, 3, 1).reshape(b, p, c), "quantizer"
             books = [state[f"{quantizer}.codebooks.{d}.weight"][:-1].numpy() for d in range(len(SIZES))]
             flat = numpy_rq(features.reshape(-1, features.shape[-1]).numpy(), books)
-            out[kind] = torch.from_numpy(flat).reshape(*features.shape[:2], len(SIZES))
+            out[branch] = torch.from_numpy(flat).reshape(*features.shape[:2], len(SIZES))
     return out
 
 

@@ -44,16 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron_asvr.evaluation.attention_map import AttentionMapError
-    from megatron_asvr.evaluation.attention_tool import AttentionRequest, write_attention_png
-    from megatron_asvr.evaluation.loading import ModelSpec
+    from megatron_asvr.config.tools import AttentionConfig, EvalModelConfig
+    from megatron_asvr.evaluation.attention_tool import write_attention_png
 
     try:
-        model = ModelSpec(
+        model = EvalModelConfig(
             checkpoint=args.checkpoint, tokenizer=args.tokenizer, template=args.template, image_mode=args.image_mode,
             parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp), dtype=args.dtype,
             micro_batch=1, batch_size=1, max_new_tokens=args.max_new_tokens,
         )
-        write_attention_png(AttentionRequest(model, args.image, args.question, args.out, args.layers, args.heads))
+        write_attention_png(AttentionConfig(model=model, image=args.image, question=args.question, out=args.out,
+                                            layers=args.layers, heads=args.heads))
     except (ConfigError, ImageLoadError, SequenceTooLong, FileNotFoundError, AttentionMapError) as err:
         sys.exit(f"attention_map: error: {err}")
 

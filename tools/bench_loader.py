@@ -37,7 +37,7 @@ class MemmapTargets:
     def __contains__(self, key):
         return key in self.rows
 
-    def codes(self, key, kind="semantic"):
+    def codes(self, key, branch="semantic"):
         return self.codes_array[self.rows[key]]
 
 
@@ -62,7 +62,8 @@ def main() -> None:
         targets = MemmapTargets(tmp / "codes.u16", keys)
         asvr = ASVRConfig()
         print(f"{'stage':<8} {'samples/s (1 core)':>20}")
-        for name, needs in (("middle", StageNeeds(pixels=False, targets=False)), ("last", StageNeeds(pixels=False, targets=True))):
+        stages = (("middle", StageNeeds(pixels=False, targets=False)), ("last", StageNeeds(pixels=False, targets=True)))
+        for name, needs in stages:
             builder = SampleBuilder(shards, tmp, targets, asvr, args.seq_length, "pad", needs, patches_per_tile=729)
             start = time.perf_counter()
             for first in range(0, args.samples, args.micro_batch):

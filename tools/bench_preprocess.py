@@ -11,13 +11,16 @@ every image, and prints a table. Example:
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from asvr_dev.demo_data import DemoConfig, make_demo_data
-from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-from megatron_asvr.data.validate import ValidationConfig
+from megatron_asvr.config.tools import PreprocessConfig, ValidationConfig
+from megatron_asvr.data.preprocess import preprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: demo/ is not installed
+from demo.data import DemoConfig, make_demo_data  # noqa: E402
 
 
 def main() -> None:

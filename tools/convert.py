@@ -22,10 +22,10 @@ rank after ours is freed).
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 from megatron_asvr.config import ConfigError, ParallelConfig
-
-DTYPES = ("bfloat16", "float32", "float16")
+from megatron_asvr.config.tools import ExportOptions, ExportPrecision, ImportSources
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--out", required=True, type=Path, help="new output directory")
         sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run")
         sub.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run")
-        sub.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype while converting")
+        sub.add_argument("--dtype", choices=get_args(ExportPrecision), default="bf16",
+                         help="parameter dtype while converting (and of the exported tensors)")
         sub.add_argument("--tokenizer", type=Path, help="text tokenizer (directory or file)")
         sub.add_argument("--verify", action="store_true", help="print the max abs logit difference vs transformers")
         sub.add_argument("--no-progress", action="store_true")
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             sub.add_argument("--config", type=Path, help="YAML recipe for the ASVR settings (model.asvr, ...)")
             sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
         else:
-            sub.add_argument("--checkpoint", required=True, type=Path, help="our checkpoint: a save directory (its newest) or an iter_* directory")
+            sub.add_argument("--checkpoint", required=True, type=Path,
+                             help="our checkpoint: a save directory (its newest) or an iter_* directory")
             sub.add_argument("--vision-tower-from", type=Path,
                              help="the original HF vision weights: export the complete tower (else truncated)")
             sub.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
@@ -59,14 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _import(args, parallel, info) -> None:
     from megatron_asvr.convert.hf_import import (
-        ImportSources,
         base_model_config,
         import_hf,
         print_import_report,
     )
     from megatron_asvr.convert.verify import verify_checkpoint
 
-    sources = ImportSources(args.llava, args.llm, args.vision, args.visual_head, args.tokenizer)
+    sources = ImportSources(llava=args.llava, llm=args.llm, vision=args.vision, visual_head=args.visual_head,
+                            tokenizer=args.tokenizer)
     base = base_model_config(args.config, args.set)
     report = import_hf(sources, args.out, parallel, base, _dtype(args.dtype), info.device, not args.no_progress)
     if info.rank == 0:
@@ -79,7 +81,6 @@ def _import(args, parallel, info) -> None:
 
 def _export(args, parallel, info) -> None:
     from megatron_asvr.convert.hf_export import (
-        ExportOptions,
         export_hf,
         print_export_report,
     )
@@ -87,8 +88,9 @@ def _export(args, parallel, info) -> None:
 
     if args.llm_only and args.verify:
         raise ConfigError("--verify compares a LLaVA export; import an --llm-only export with --llm to check it")
-    options = ExportOptions(args.vision_tower_from, args.tokenizer, args.dtype,
-                            int(args.max_shard_size * 1024**3), not args.no_progress, args.llm_only)
+    options = ExportOptions(vision_tower_from=args.vision_tower_from, tokenizer=args.tokenizer, dtype=args.dtype,
+                            max_shard_bytes=int(args.max_shard_size * 1024**3), progress=not args.no_progress,
+                            llm_only=args.llm_only)
     report = export_hf(args.checkpoint, args.out, parallel, options, info.device)
     if info.rank == 0:
         print_export_report(report)
@@ -97,9 +99,9 @@ def _export(args, parallel, info) -> None:
 
 
 def _dtype(name: str):
-    import torch
+    from megatron_asvr.runtime.device import dtype_of
 
-    return getattr(torch, name)
+    return dtype_of(name)
 
 
 def _print_diff(agreement, hf_dir) -> None:

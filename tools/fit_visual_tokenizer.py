@@ -8,7 +8,7 @@ Example (SigLIP-SO400M, semantic codes of block 26 of 27 as DualToken, appearanc
 
 The output loads wherever the released DualToken does (tools/precompute_targets.py
 --tokenizer-config OUT/config.json --tokenizer-checkpoint OUT/tokenizer.ckpt). The
-method is described in megatron_asvr/data/visual_fit.py; the relative
+method is described in megatron_asvr/tokenizers/visual_fit.py; the relative
 reconstruction error and code-usage perplexity per depth are printed and kept in
 OUT/fit_report.json.
 """
@@ -20,8 +20,9 @@ from typing import get_args
 
 from megatron_asvr import runtime
 from megatron_asvr.config import ConfigError, ParallelConfig, TransformerImpl
-from megatron_asvr.data.images import MODES
-from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer, report_table
+from megatron_asvr.data.images import MODES, image_batches
+from megatron_asvr.config.tools import FitConfig
+from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer, report_table
 from megatron_asvr.tokenizers.visual_format import TokenizerFileError
 
 
@@ -43,10 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = vars(parse_args(argv))
-    config = FitConfig(output_dir=args.pop("output"), **args)
+    try:
+        config = FitConfig(output_dir=args.pop("output"), **args)
+    except ConfigError as err:
+        print(f"fit_visual_tokenizer: {err}", file=sys.stderr)
+        return 1
     runtime.initialize(ParallelConfig())
     try:
-        report = fit_visual_tokenizer(config)
+        report = fit_visual_tokenizer(config, image_batches)
     except (ConfigError, TokenizerFileError, ValueError) as err:
         print(f"fit_visual_tokenizer: {err}", file=sys.stderr)
         return 1

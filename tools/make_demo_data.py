@@ -1,6 +1,6 @@
 """Write the synthetic demo corpus (images, LLaVA JSON, eval questions, tokenizer).
 
-The output layout is described in asvr_dev/demo_data.py. Example:
+The output layout is described in demo/data.py. Example:
 
     python tools/make_demo_data.py --out data/demo            # default size, seconds
     python tools/make_demo_data.py --out /tmp/demo --preset tiny
@@ -9,8 +9,12 @@ The output layout is described in asvr_dev/demo_data.py. Example:
 import argparse
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
-from asvr_dev.demo_data import DemoConfig, make_demo_data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: demo/ is not installed
+from demo.data import DemoConfig, make_demo_data  # noqa: E402
+
 
 OVERRIDES = {  # command-line flag -> DemoConfig field
     "--seed": "seed",

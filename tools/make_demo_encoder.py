@@ -1,13 +1,16 @@
-"""Write the demo's SigLIP vision model in HF format (asvr_dev/demo_encoder.py says how it is built).
+"""Write the demo's SigLIP vision model in HF format (demo/encoder.py says how it is built).
 
     python tools/make_demo_encoder.py --out runs/demo/encoder --config configs/demo_stage1.yaml
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from asvr_dev.demo_encoder import write_demo_siglip
 from megatron_asvr.config import load_run_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: demo/ is not installed
+from demo.encoder import write_demo_siglip  # noqa: E402
 
 
 def main() -> None:

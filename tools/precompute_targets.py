@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import get_args
 
 from megatron_asvr import runtime
-from megatron_asvr.config import ParallelConfig, TransformerImpl
+from megatron_asvr.config import ASVRConfig, ConfigError, ParallelConfig, TransformerImpl
+from megatron_asvr.config.schema import Supervision
+from megatron_asvr.config.tools import TargetsConfig
 from megatron_asvr.data.images import MODES
-from megatron_asvr.data.targets import TargetsConfig, TargetsFailed, precompute_targets
-from megatron_asvr.tokenizers.visual_format import KINDS
-
-KIND_CHOICES = {"semantic": ("semantic",), "appearance": ("appearance",), "dual": KINDS}
+from megatron_asvr.data.precompute_targets import TargetsFailed, precompute_targets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-checkpoint", required=True, type=Path, help="its checkpoint ({'state_dict': ...})")
     p.add_argument("--output", required=True, type=Path, help="targets directory (resumed if it holds this run)")
     p.add_argument("--mode", choices=MODES, default="pad", help="image preprocessing of the training stage")
-    p.add_argument("--kind", choices=sorted(KIND_CHOICES), default="semantic", help="which codes (dual: both)")
+    p.add_argument("--supervision", choices=get_args(Supervision), default="semantic",
+                   help="which branch's codes, as model.asvr.supervision (dual: both)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 reproduces the released codes")
     p.add_argument("--backend", choices=get_args(TransformerImpl), default="auto")
     p.add_argument("--batch-images", type=int, default=32)
@@ -48,13 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = TargetsConfig(
-        data=tuple(args.data), image_root=args.image_root, output_dir=args.output,
-        tokenizer_config=args.tokenizer_config, tokenizer_checkpoint=args.tokenizer_checkpoint,
-        mode=args.mode, kinds=KIND_CHOICES[args.kind], precision=args.precision, backend=args.backend,
-        batch_images=args.batch_images, workers=args.workers, max_images=args.max_images,
-        max_missing_fraction=args.max_missing_fraction, progress=args.progress,
-    )
+    try:
+        config = TargetsConfig(
+            data=tuple(args.data), image_root=args.image_root, output_dir=args.output,
+            tokenizer_config=args.tokenizer_config, tokenizer_checkpoint=args.tokenizer_checkpoint,
+            mode=args.mode, branches=tuple(ASVRConfig(supervision=args.supervision).branches),
+            precision=args.precision, backend=args.backend, batch_images=args.batch_images, workers=args.workers,
+            max_images=args.max_images, max_missing_fraction=args.max_missing_fraction, progress=args.progress,
+        )
+    except ConfigError as err:
+        print(f"precompute_targets: {err}", file=sys.stderr)
+        return 1
     runtime.initialize(ParallelConfig())
     try:
         report = precompute_targets(config)

@@ -16,9 +16,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
-from megatron_asvr.data.preprocess import PreprocessConfig, PreprocessFailed, preprocess
-from megatron_asvr.data.validate import TOO_LONG_POLICIES, FixedImageTokens, ValidationConfig
+from megatron_asvr.config import ConfigError
+from megatron_asvr.config.tools import PreprocessConfig, TooLong, ValidationConfig
+from megatron_asvr.data.preprocess import PreprocessFailed, preprocess
 from megatron_asvr.tokenizers.templates import TEMPLATES
 
 
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="shard directory (must not hold a dataset)")
     p.add_argument("--max-seq-length", type=int, default=2048)
     p.add_argument("--image-tokens", type=int, default=729, help="visual positions per image")
-    p.add_argument("--too-long", choices=TOO_LONG_POLICIES, default="skip")
+    p.add_argument("--too-long", choices=get_args(TooLong), default="skip")
     p.add_argument("--strict", action="store_true", help="every skipped record is an error")
     p.add_argument("--max-skip-fraction", type=float, default=0.01, help="fail the run above this fraction")
     p.add_argument("--workers", type=int, default=os.cpu_count())
@@ -62,28 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    validation = ValidationConfig(
-        image_root=args.image_root,
-        max_seq_length=args.max_seq_length,
-        image_token_count=FixedImageTokens(args.image_tokens),
-        too_long=args.too_long,
-        strict=args.strict,
-        min_image_side=args.min_image_side,
-        max_image_pixels=args.max_image_pixels,
-        verify_images=args.verify_images,
-    )
-    config = PreprocessConfig(
-        inputs=tuple(args.data),
-        output_dir=args.output,
-        tokenizer=args.tokenizer,
-        template=args.template,
-        validation=validation,
-        legacy=args.legacy,
-        max_skip_fraction=args.max_skip_fraction,
-        workers=args.workers,
-        samples_per_shard=args.samples_per_shard,
-        progress=args.progress,
-    )
+    try:
+        config = _config(args)
+    except ConfigError as e:
+        sys.exit(f"preprocess: error: {e}")
     start = time.perf_counter()
     try:
         report = preprocess(config)
@@ -96,6 +80,30 @@ def main(argv=None) -> None:
         f"{seconds:.1f} s ({report['total_records'] / seconds:.0f} records/s); output in {args.output}"
     )
 
+
+def _config(args) -> PreprocessConfig:
+    validation = ValidationConfig(
+        image_root=args.image_root,
+        max_seq_length=args.max_seq_length,
+        image_tokens=args.image_tokens,
+        too_long=args.too_long,
+        strict=args.strict,
+        min_image_side=args.min_image_side,
+        max_image_pixels=args.max_image_pixels,
+        verify_images=args.verify_images,
+    )
+    return PreprocessConfig(
+        inputs=tuple(args.data),
+        output_dir=args.output,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        validation=validation,
+        legacy=args.legacy,
+        max_skip_fraction=args.max_skip_fraction,
+        workers=args.workers,
+        samples_per_shard=args.samples_per_shard,
+        progress=args.progress,
+    )
 
 if __name__ == "__main__":
     main()

@@ -27,13 +27,14 @@ def main() -> None:
     except ConfigError as err:
         sys.exit(f"train: error: {err}")
     # heavy imports after the config is known good
+    from megatron_asvr import training
+    from megatron_asvr.checkpoint.training_state import CheckpointWriteError
     from megatron_asvr.data.loader import DataLoaderError
-    from megatron_asvr.evaluation.in_training import train
+    from megatron_asvr.evaluation.in_training import HeldOutScore
     from megatron_asvr.runtime.waits import PeerLost
-    from megatron_asvr.training.checkpoint import CheckpointWriteError
 
     try:
-        train(config)
+        training.run(config, evaluator=HeldOutScore(config) if config.train.eval_interval else None)
     except (ConfigError, DataLoaderError, PeerLost, CheckpointWriteError) as err:
         sys.exit(f"train: error: {err}")
 

@@ -11,10 +11,14 @@ FP8 GEMMs need, and nothing is padded.
 
 import torch
 
-from megatron_asvr.benchmark.settings import BenchmarkError, BenchmarkSettings
+from megatron_asvr.config import BenchRunConfig
 
 FP8_ALIGNMENT = 16  # rows of an FP8 GEMM (TE: 8 forward, 16 for the backward's transposes)
 MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "mxfp8": (10, 0)}  # Ada/Hopper; MXFP8 is Blackwell
+
+
+class FP8Unavailable(RuntimeError):
+    """FP8 cannot run on this machine or at these shapes; the message is one actionable line."""
 
 
 def fp8_llm_changes(recipe: str, bf16_edge_layers: int = 0) -> dict:
@@ -29,21 +33,23 @@ def fp8_llm_changes(recipe: str, bf16_edge_layers: int = 0) -> dict:
     return changes
 
 
-def check_fp8_runnable(settings: BenchmarkSettings, backend: str) -> None:
-    """Raise a one-line BenchmarkError when FP8 cannot run here or at these shapes."""
+def check_fp8_runnable(config: BenchRunConfig, backend: str) -> None:
+    """Raise a one-line FP8Unavailable when FP8 cannot run here or at these shapes."""
     if not torch.cuda.is_available():
-        raise BenchmarkError("FP8 needs an NVIDIA GPU with Transformer Engine and this machine has no GPU: "
-                             "use --precision bf16 on a GPU (fp32 on CPU)")
+        raise FP8Unavailable("FP8 needs an NVIDIA GPU with Transformer Engine and this machine has no GPU: "
+                             "set bench.precision=bf16 on a GPU (fp32 on CPU)")
     if backend != "transformer_engine":
-        raise BenchmarkError("FP8 needs the Transformer Engine layers: pip install '.[gpu]' and "
-                             "--transformer-impl auto or transformer_engine")
+        raise FP8Unavailable("FP8 needs the Transformer Engine layers: pip install '.[gpu]' and "
+                             "model.transformer_impl=auto or transformer_engine")
     capability = torch.cuda.get_device_capability()
-    needed = MIN_CAPABILITY[settings.fp8_recipe]
+    recipe = config.bench.fp8_recipe
+    needed = MIN_CAPABILITY[recipe]
     if capability < needed:
-        raise BenchmarkError(f"the {settings.fp8_recipe} FP8 recipe needs compute capability "
+        raise FP8Unavailable(f"the {recipe} FP8 recipe needs compute capability "
                              f"{needed[0]}.{needed[1]} or newer; this GPU has {capability[0]}.{capability[1]}")
-    split = settings.tensor_parallel if settings.sequence_parallel else 1
-    rows = settings.micro_batch * settings.positions // split
+    parallel = config.parallel
+    split = parallel.tensor_parallel if parallel.sequence_parallel else 1
+    rows = config.train.micro_batch * config.data.seq_length // split
     if rows % FP8_ALIGNMENT:
-        raise BenchmarkError(f"FP8 GEMMs need rows in multiples of {FP8_ALIGNMENT}; micro-batch x sequence length "
-                             f"{'/ TP ' if split > 1 else ''}= {rows}: change --micro-batch or --seq-length")
+        raise FP8Unavailable(f"FP8 GEMMs need rows in multiples of {FP8_ALIGNMENT}; micro-batch x sequence length "
+                             f"{'/ TP ' if split > 1 else ''}= {rows}: change train.micro_batch or data.seq_length")

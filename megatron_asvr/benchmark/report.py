@@ -68,11 +68,11 @@ def packing_comparison(results: List[RunResult]) -> Dict[str, Dict[str, float]]:
                      "real_tokens_per_s_over_pad_full": r.derived["tokens_per_s_per_gpu"] / full} for r in results}
 
 
-def format_comparison(kind: str, first: RunResult, second: RunResult, numbers: Dict) -> str:
-    if kind == "packing":
+def format_comparison(comparison: str, first: RunResult, second: RunResult, numbers: Dict) -> str:
+    if comparison == "packing":
         return "; ".join(f"{name}: padding {n['padding_share']:.1%} of computed positions, real tokens/s "
                          f"x{n['real_tokens_per_s_over_pad_full']:.2f} of pad_full's" for name, n in numbers.items())
-    if kind == "asvr":
+    if comparison == "asvr":
         return (f"ASVR / baseline step time: {numbers['asvr_over_baseline_step_time']:.3f} (median), "
                 f"{numbers['asvr_over_baseline_min_step_time']:.3f} (min); FLOPs ratio {numbers['flops_ratio']:.3f}; "
                 f"visual head share of the ASVR step: "
@@ -103,6 +103,6 @@ def comparisons_of(mode: str, results: List[RunResult]) -> Dict[str, Dict]:
 def render(results: List[RunResult], comparisons: Dict[str, Dict], on_gpu: bool) -> str:
     """The table, then one line per comparison."""
     lines = [format_table(results, on_gpu)]
-    for kind, numbers in comparisons.items():
-        lines.append(format_comparison(kind, results[0], results[1], numbers))
+    for comparison, numbers in comparisons.items():
+        lines.append(format_comparison(comparison, results[0], results[1], numbers))
     return "\n".join(lines)

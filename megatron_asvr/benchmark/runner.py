@@ -1,16 +1,15 @@
-"""The timed loop: build the model at the requested layout, warm up, time training steps.
+"""The timed loop: build the recipe's trainer, warm up, time training steps.
 
-Every rank runs ``run_variants`` (under torchrun, or ``testing.multirank``).
-Each variant (e.g. baseline / ASVR, or bf16 / FP8) builds its model from the
-same seed, runs ``warmup + steps`` optimizer steps on the same synthetic
-batches through megatron's pipeline schedule, and is freed before the next.
+Every rank runs ``run_variants`` (under torchrun, or ``tests.support.multirank``).
+Each variant (e.g. baseline / ASVR, or bf16 / FP8: the recipe with a few overrides)
+builds its model from the same seed, runs ``warmup + steps`` optimizer steps on
+the same synthetic batches through megatron's pipeline schedule, and is freed before the next.
 A step is the trainer's own ``train_step`` (tools/train.py runs the same),
 timed with the device synchronized before and after; a step's time is the slowest rank's, and a run's
 the median over its timed steps. The visual head's share is its forward +
 backward time (module hooks, on the last pipeline stage) over the step time.
 """
 
-import dataclasses
 import gc
 import os
 import statistics
@@ -22,20 +21,15 @@ import torch.distributed as dist
 
 from megatron_asvr import runtime
 from megatron_asvr.benchmark.fp8 import check_fp8_runnable
-from megatron_asvr.benchmark.model import precision_settings, stage_builder
-from megatron_asvr.benchmark.settings import MODES, STAGE_LR, BenchmarkError, BenchmarkSettings
+from megatron_asvr.benchmark.model import benchmark_trainer, precision_of
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.benchmark.timing import DeviceClock, ModuleTimer
+from megatron_asvr.config import BenchRunConfig, with_overrides
+from megatron_asvr.data.packing import length_multiple_for
+from megatron_asvr.model.flops import micro_batch_shape, step_flops
 from megatron_asvr.model.head import VisualHead
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime.device import peak_memory_bytes
-from megatron_asvr.data.packing import length_multiple_for
-from megatron_asvr.training.flops import micro_batch_shape, step_flops
-from megatron_asvr.training.task import ASVRTask
-from megatron_asvr.training.trainer import OptimizerSettings, Trainer
-
-LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "micro_batch", "global_batch",
-                 "seq_length")
 
 
 @dataclass
@@ -43,7 +37,7 @@ class RunResult:
     """One variant's measurements (losses on the last pipeline stage only)."""
 
     name: str
-    settings: dict
+    settings: dict  # what the table shows of the variant (``table_settings``)
     world_size: int
     data_parallel: int
     step_times: List[float]  # s, timed steps, slowest rank
@@ -89,28 +83,35 @@ def _sum_over_ranks(value: float) -> float:
     return _sum_over_ranks_each([value])[0]
 
 
-def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> RunResult:
+def table_settings(config: BenchRunConfig) -> dict:
+    """The variant's settings the table and the JSON show."""
+    p, t, d = config.parallel, config.train, config.data
+    return {"precision": precision_of(config), "fp8_recipe": config.bench.fp8_recipe, "batching": d.batching,
+            "tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+            "sequence_parallel": p.sequence_parallel, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
+            "seq_length": d.seq_length, "lengths": config.bench.lengths, "visual_loss": config.model.asvr.visual_loss,
+            "transformer_impl": config.model.transformer_impl, "recompute": t.recompute}
+
+
+def run_one(name: str, config: BenchRunConfig, info: runtime.RankInfo) -> RunResult:
     """Build, warm up and time one variant on this rank (the runtime is initialised)."""
-    model_cfg = settings.model()
-    backend = resolve_backend(model_cfg.transformer_impl)
-    dtype, llm_changes = precision_settings(settings)
+    model, bench = config.model, config.bench
     clock = DeviceClock()
-    runtime.set_seed(settings.seed)
+    runtime.set_seed(config.train.seed)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(stage_builder(settings, backend, dtype, llm_changes), ASVRTask(model_cfg.asvr),
-                      settings.parallel(), OptimizerSettings(lr=STAGE_LR[settings.stage]), info)
+    trainer = benchmark_trainer(config, info)
     checksum = _sum_over_ranks(sum(p.double().sum().item() for c in trainer.chunks for p in c.parameters()))
-    parallel = settings.parallel()
+    parallel = config.parallel
     micro = synthetic_micro_batches(
-        model_cfg, settings.micro_batch, settings.global_batch // info.dp_size, settings.positions,
-        seed=settings.seed + info.dp_rank, batching=settings.batching, lengths=settings.lengths,
+        model, config.train.micro_batch, config.train.global_batch // info.dp_size, config.data.seq_length,
+        seed=config.train.seed + info.dp_rank, batching=config.data.batching, lengths=bench.lengths,
         length_multiple=length_multiple_for(parallel.tensor_parallel, parallel.sequence_parallel),
     )
     timer = ModuleTimer([m for c in trainer.chunks for m in c.modules() if isinstance(m, VisualHead)], clock)
 
     step_times, head_times, losses = [], [], []
-    for step in range(settings.warmup + settings.steps):
+    for step in range(bench.warmup + bench.steps):
         timer.reset()
         clock.synchronize()
         start = clock.mark()
@@ -118,22 +119,22 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
         end = clock.mark()
         clock.synchronize()
         losses.append(result.losses)
-        if step >= settings.warmup:
+        if step >= bench.warmup:
             step_times.append(clock.seconds(start, end))
             head_times.append(timer.seconds())
     timer.remove()
     peak = _max_over_ranks([float(peak_memory_bytes())])[0]
     replicas = info.world_size // info.dp_size  # every TP x PP rank of a replica holds its samples
-    parts = step_flops(model_cfg, micro_batch_shape(model_cfg, micro))
+    parts = step_flops(model, micro_batch_shape(model, micro))
     summed = _sum_over_ranks_each([*parts.values(), sum(sum(m.sample_lengths) for m in micro),
                                    sum(m.computed_positions for m in micro)])
     result = RunResult(
-        name=name, settings=dataclasses.asdict(dataclasses.replace(settings, seq_length=settings.positions)),
-        world_size=info.world_size, data_parallel=info.dp_size,
+        name=name, settings=table_settings(config), world_size=info.world_size, data_parallel=info.dp_size,
         step_times=_max_over_ranks(step_times), head_times=_max_over_ranks(head_times), losses=losses,
         flops={k: v / replicas for k, v in zip(parts, summed)}, tokens_per_step=int(summed[-2]) // replicas,
-        computed_per_step=int(summed[-1]) // replicas, samples_per_step=settings.global_batch,
-        peak_memory_bytes=int(peak), initial_weights_checksum=checksum, gpu_peak_tflops=settings.gpu_peak_tflops,
+        computed_per_step=int(summed[-1]) // replicas, samples_per_step=config.train.global_batch,
+        peak_memory_bytes=int(peak), initial_weights_checksum=checksum,
+        gpu_peak_tflops=config.train.gpu_peak_tflops if clock.cuda else None,
     )
     del trainer, micro
     gc.collect()
@@ -142,49 +143,32 @@ def run_one(name: str, settings: BenchmarkSettings, info: runtime.RankInfo) -> R
     return result
 
 
-def run_variants(settings: BenchmarkSettings, variants: Sequence[Tuple[str, dict]]) -> List[RunResult]:
-    """Run each (name, settings changes) on this rank; every rank calls this. Variants may not change the layout."""
+def run_variants(config: BenchRunConfig, variants: Sequence[Tuple[str, Tuple[str, ...]]]) -> List[RunResult]:
+    """Run each (name, recipe overrides) on this rank; every rank calls this. The overrides change what
+    is timed (the visual loss, the batching, the precision), never the layout."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     runs = []
-    for name, changes in variants:
-        if set(changes) & set(LAYOUT_FIELDS):
-            raise BenchmarkError(f"variant {name!r} changes the layout ({sorted(set(changes) & set(LAYOUT_FIELDS))})")
-        variant = dataclasses.replace(settings, **changes)
+    for name, overrides in variants:
+        variant = with_overrides(config, overrides)
         variant.validate(world_size)
-        if variant.precision == "fp8":
-            check_fp8_runnable(variant, resolve_backend(variant.model().transformer_impl))
+        if precision_of(variant) == "fp8":
+            check_fp8_runnable(variant, resolve_backend(variant.model.transformer_impl))
         runs.append((name, variant))
-    info = runtime.initialize(settings.parallel(), seed=settings.seed)
+    info = runtime.initialize(config.parallel, seed=config.train.seed)
     try:
         return [run_one(name, variant, info) for name, variant in runs]
     finally:
         runtime.destroy()
 
 
-def packing_variants() -> List[Tuple[str, dict]]:
-    """The same samples padded to the full length, padded to each micro-batch's longest, and packed."""
-    return [(mode, {"batching": mode}) for mode in ("pad_full", "pad_longest", "pack")]
-
-
-def asvr_variants() -> List[Tuple[str, dict]]:
-    """A plain LLaVA step, then the same step with the visual head and its loss."""
-    return [("baseline", {"asvr": False}), ("asvr", {"asvr": True})]
-
-
-def precision_variants(first: str = "bf16", second: str = "fp8") -> List[Tuple[str, dict]]:
-    """The A/B pair: the same config at two precisions."""
-    return [(first, {"precision": first}), (second, {"precision": second})]
-
-
-def benchmark_variants(settings: BenchmarkSettings, mode: str, ab: Tuple[str, str] = ("bf16", "fp8")):
-    """The variants a mode runs: ``single`` (as set), ``compare-asvr`` (baseline, asvr), ``compare-packing``
-    (full padding, padding to the longest, packing), ``ab`` (two precisions)."""
+def benchmark_variants(config: BenchRunConfig) -> List[Tuple[str, Tuple[str, ...]]]:
+    """The variants ``bench.mode`` runs: ``single`` (the recipe as it is), ``compare-asvr`` (baseline,
+    asvr), ``compare-packing`` (full padding, padding to the longest, packing), ``ab`` (two precisions)."""
+    mode = config.bench.mode
     if mode == "single":
-        return [("asvr" if settings.asvr else "baseline", {})]
-    if mode == "compare-asvr":
-        return asvr_variants()
+        return [("asvr" if config.model.asvr.visual_loss else "baseline", ())]
+    if mode == "compare-asvr":  # a plain LLaVA step, then the same step with the visual head and its loss
+        return [("baseline", ("model.asvr.visual_loss=false",)), ("asvr", ("model.asvr.visual_loss=true",))]
     if mode == "compare-packing":
-        return packing_variants()
-    if mode == "ab":
-        return precision_variants(*ab)
-    raise BenchmarkError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return [(batching, (f"data.batching={batching}",)) for batching in ("pad_full", "pad_longest", "pack")]
+    return [(precision, (f"bench.precision={precision}",)) for precision in config.bench.ab]  # ab

@@ -14,11 +14,12 @@ import torch
 
 from megatron_asvr.benchmark.lengths import draw_samples
 from megatron_asvr.config import ModelConfig
+from megatron_asvr.config.schema import PROMPT_TOKENS
 from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.data.packing import plan_step
 from megatron_asvr.data.sequence import IMAGE_PLACEHOLDER, SequenceSample, build_sequence
 
-BOS, PROMPT_TOKENS, FIRST_ID = 1, 16, 3  # ids below FIRST_ID are special
+BOS, FIRST_ID = 1, 3  # ids below FIRST_ID are special
 
 
 def synthetic_sample_ids(model: ModelConfig, text_tokens: int, has_image: bool, generator: torch.Generator):
@@ -40,7 +41,8 @@ def synthetic_samples(model: ModelConfig, count: int, seq_length: int, lengths: 
         draws = [(seq_length - patches, True)] * count
     else:
         draws = [(d.text_tokens, d.has_image) for d in
-                 draw_samples(lengths, count, seq_length, patches, int(torch.randint(2**31, (1,), generator=generator)))]
+                 draw_samples(lengths, count, seq_length, patches,
+                              int(torch.randint(2**31, (1,), generator=generator)))]
     return [(build_sequence(*synthetic_sample_ids(model, text, image, generator), [patches] if image else [],
                             seq_length), image) for text, image in draws]
 

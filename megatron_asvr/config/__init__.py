@@ -1,4 +1,5 @@
-"""The run's configuration: the schema (``schema``), reading it (``loading``), one-line errors (``errors``)."""
+"""The configuration: the run's schema (``schema``), the tools' sections (``tools``), reading them
+(``loading``), one-line errors (``errors``)."""
 
 from megatron_asvr.config.errors import ConfigError
 from megatron_asvr.config.loading import (
@@ -8,11 +9,14 @@ from megatron_asvr.config.loading import (
     load_run_config,
     load_yaml,
     to_dict,
+    with_overrides,
 )
 from megatron_asvr.config.schema import (
     LLM_PRESETS,
     VISION_PRESETS,
     ASVRConfig,
+    BenchConfig,
+    BenchRunConfig,
     CodebookSpec,
     DataConfig,
     HeadConfig,
@@ -25,3 +29,30 @@ from megatron_asvr.config.schema import (
     TransformerImpl,
     VisionConfig,
 )
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "load_run_config",
+    "load_yaml",
+    "to_dict",
+    "with_overrides",
+    "LLM_PRESETS",
+    "VISION_PRESETS",
+    "ASVRConfig",
+    "BenchConfig",
+    "BenchRunConfig",
+    "CodebookSpec",
+    "DataConfig",
+    "HeadConfig",
+    "ImageMode",
+    "LLMConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TransformerImpl",
+    "VisionConfig",
+]

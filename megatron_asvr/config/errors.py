@@ -84,11 +84,11 @@ def _without_none(hint):
 def _accepts(hint) -> str:
     """What a field of type ``hint`` accepts, in words: ``int or null``, ``bf16 or fp32``, ``a mapping``."""
     inner = _without_none(hint)
+    if typing.get_origin(inner) is Literal:
+        *rest, last = [*map(str, typing.get_args(inner)), *(["null"] if inner is not hint else [])]
+        return f"{', '.join(rest)} or {last}" if rest else last
     if inner is not hint:
         return f"{_accepts(inner)} or null"
-    if typing.get_origin(hint) is Literal:
-        *rest, last = map(str, typing.get_args(hint))
-        return f"{', '.join(rest)} or {last}" if rest else last
     if typing.get_origin(hint) is list:
         return "a list"
     if dataclasses.is_dataclass(hint):

@@ -98,3 +98,10 @@ def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
 def to_dict(config) -> Dict[str, Any]:
     """The configuration as plain nested dicts (for logs, checkpoints and ``from_dict``)."""
     return dataclasses.asdict(config)
+
+
+def with_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """``config`` with ``section.key=value`` overrides, read as strictly as a file's values."""
+    if not overrides:
+        return config
+    return from_dict(type(config), apply_overrides(to_dict(config), overrides))

@@ -8,7 +8,7 @@ is built. Every failure is a one-line ``ConfigError`` that says what to change.
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional
+from typing import Annotated, Dict, List, Literal, Optional, Tuple
 
 from pydantic import Field
 
@@ -33,6 +33,9 @@ SaveFailurePolicy = Literal["stop", "continue"]
 UnreadableImagePolicy = Literal["substitute", "stop"]
 Supervision = Literal["semantic", "appearance", "dual"]  # dual: two heads, both losses
 Component = Literal["vision", "projector", "llm", "visual_head"]
+# pack: several samples per row (first-fit-decreasing), attention kept within each sample;
+# pad_longest: each micro-batch padded to its longest sample; pad_full: every sample to seq_length
+Batching = Literal["pack", "pad_longest", "pad_full"]
 
 
 def _require_divisible(key: str, value: int, by_key: str, by: int, fix: str = "") -> None:
@@ -45,31 +48,6 @@ def _split_by_tp(section_name: str, tp: int, **sizes: int) -> None:
     for name, size in sizes.items():
         _require_divisible(f"{section_name}.{name}", size, "parallel.tensor_parallel", tp,
                            f": choose a tensor_parallel that divides {size}")
-
-
-def check_step_shape(parallel: "ParallelConfig", world_size: int, model: "ModelConfig", global_batch: int,
-                     micro_batch: int, seq_length: int, keys: Dict[str, str], packed: bool = False) -> None:
-    """Batch arithmetic and sequence length against the layout and the model, for the training run and
-    the throughput benchmark alike; ``keys`` names their ``global_batch``, ``micro_batch`` and
-    ``seq_length`` settings in the messages. Packed, a micro-batch is rows, not samples: the
-    global batch only splits over data-parallel ranks."""
-    dp = parallel.data_parallel(world_size)
-    if packed and global_batch % dp:
-        raise ConfigError(f"{keys['global_batch']}={global_batch} is not divisible by the data-parallel size {dp}")
-    if not packed and global_batch % (dp * micro_batch):
-        raise ConfigError(
-            f"{keys['global_batch']}={global_batch} is not divisible by data-parallel size x micro_batch "
-            f"= {dp} x {micro_batch}: change {keys['global_batch']} or {keys['micro_batch']}")
-    image_positions = model.vision.num_patches
-    if seq_length < image_positions + 2:
-        raise ConfigError(f"{keys['seq_length']}={seq_length} cannot hold one image ({image_positions} positions) "
-                          f"plus a prompt: raise {keys['seq_length']}")
-    if seq_length > model.llm.max_sequence_length:
-        raise ConfigError(f"{keys['seq_length']}={seq_length} exceeds llm.max_sequence_length="
-                          f"{model.llm.max_sequence_length}")
-    if parallel.sequence_parallel and seq_length % parallel.tensor_parallel:
-        raise ConfigError(f"{keys['seq_length']}={seq_length} must be divisible by tensor_parallel="
-                          f"{parallel.tensor_parallel} with sequence parallelism")
 
 
 @section
@@ -164,7 +142,8 @@ class LLMConfig:
             raise ConfigError("an uneven layer split (llm.layers_in_*_stage) is not supported with virtual_pipeline")
         middle_stages = pp - (first is not None) - (last is not None)
         rest = self.num_layers - (first or 0) - (last or 0)
-        if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and (rest % middle_stages or rest < middle_stages)):
+        uneven = middle_stages and (rest % middle_stages or rest < middle_stages)
+        if rest < 0 or (middle_stages == 0 and rest) or uneven:
             raise ConfigError(
                 f"llm.num_layers={self.num_layers} cannot be split as first={first}, last={last} "
                 f"with the remaining {rest} layers evenly over {middle_stages} other stages"
@@ -195,7 +174,7 @@ LLM_PRESETS: Dict[str, LLMConfig] = {
 class VisionConfig:
     """A ViT vision encoder (SigLIP or CLIP); features from ``feature_layer`` with no post-norm."""
 
-    kind: Literal["siglip", "clip"] = "siglip"  # siglip: no class token, conv bias; clip: class token, pre-norm
+    family: Literal["siglip", "clip"] = "siglip"  # siglip: no class token, conv bias; clip: class token, pre-norm
     num_layers: Positive = 3
     hidden_size: Positive = 32
     num_attention_heads: Positive = 4
@@ -232,12 +211,12 @@ class VisionConfig:
 VISION_PRESETS: Dict[str, VisionConfig] = {
     # SigLIP-SO400M-patch14-384: 729 patches, features of block 26 of 27.
     "siglip_so400m_384": VisionConfig(
-        kind="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
+        family="siglip", num_layers=27, hidden_size=1152, num_attention_heads=16, ffn_hidden_size=4304,
         patch_size=14, image_size=384, activation="gelu_tanh", norm_eps=1e-6, feature_layer=-2,
     ),
     # CLIP-ViT-L/14@336 (LLaVA-1.5's encoder): 576 patches after dropping the class token.
     "clip_vit_l_336": VisionConfig(
-        kind="clip", num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
+        family="clip", num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
         patch_size=14, image_size=336, activation="quick_gelu", norm_eps=1e-5, feature_layer=-2,
     ),
     "tiny": VisionConfig(),
@@ -322,9 +301,7 @@ class DataConfig:
     targets: Optional[str] = None  # precomputed visual targets directory
     image_mode: ImageMode = "resize"  # as the targets were computed (tools/precompute_targets.py --mode)
     seq_length: Positive = 2048  # a row's positions (the most a sample may take)
-    # pack: several samples per row (first-fit-decreasing), attention kept within each sample;
-    # pad_longest: each micro-batch padded to its longest sample; pad_full: every sample to seq_length
-    batching: Literal["pack", "pad_longest", "pad_full"] = "pad_longest"
+    batching: Batching = "pad_longest"
     num_workers: Count = 2
     group_by_length: bool = False
     drop_too_long: bool = False  # else a sample that cannot fit without cutting an image is an error
@@ -341,7 +318,11 @@ class DataConfig:
 
 @section
 class TrainConfig:
-    """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping."""
+    """The optimisation recipe (docs/method.md#7-the-two-stage-recipe) and the run's bookkeeping.
+
+    A switch of how the step runs (a fused optimizer, a kernel choice) belongs here or in ``model``,
+    as a field or a section of its own: tools/train.py and tools/benchmark.py build the trainer from
+    the same config through ``training.loop.build_trainer``, so both read it."""
 
     seed: int = 1234
     global_batch: Positive = 256
@@ -394,9 +375,6 @@ class TrainConfig:
                     raise ConfigError(f"train.eval_interval is set but train.{name}={path!r} does not exist")
 
 
-RUN_KEYS = {"global_batch": "train.global_batch", "micro_batch": "train.micro_batch", "seq_length": "data.seq_length"}
-
-
 @section
 class RunConfig:
     """Everything a training run needs; one YAML recipe in configs/."""
@@ -406,12 +384,34 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    def validate_shapes(self, world_size: int) -> None:
+        """The layout against the model, the batch arithmetic and the sequence length: what any step
+        of the run needs (training, the throughput benchmark and the memory planner check it here).
+        Packed, a micro-batch is rows, not samples: the global batch only splits over data-parallel ranks."""
+        parallel, model, train, seq_length = self.parallel, self.model, self.train, self.data.seq_length
+        parallel.validate(world_size)
+        model.validate(parallel)
+        dp, global_batch, micro_batch = parallel.data_parallel(world_size), train.global_batch, train.micro_batch
+        if self.data.batching == "pack" and global_batch % dp:
+            raise ConfigError(f"train.global_batch={global_batch} is not divisible by the data-parallel size {dp}")
+        if self.data.batching != "pack" and global_batch % (dp * micro_batch):
+            raise ConfigError(
+                f"train.global_batch={global_batch} is not divisible by data-parallel size x micro_batch "
+                f"= {dp} x {micro_batch}: change train.global_batch or train.micro_batch")
+        image_positions = model.vision.num_patches
+        if seq_length < image_positions + 2:
+            raise ConfigError(f"data.seq_length={seq_length} cannot hold one image ({image_positions} positions) "
+                              f"plus a prompt: raise data.seq_length")
+        if seq_length > model.llm.max_sequence_length:
+            raise ConfigError(f"data.seq_length={seq_length} exceeds llm.max_sequence_length="
+                              f"{model.llm.max_sequence_length}")
+        if parallel.sequence_parallel and seq_length % parallel.tensor_parallel:
+            raise ConfigError(f"data.seq_length={seq_length} must be divisible by tensor_parallel="
+                              f"{parallel.tensor_parallel} with sequence parallelism")
+
     def validate(self, world_size: int) -> None:
         """Every check that needs no model: layout, shapes, batch arithmetic, files."""
-        self.parallel.validate(world_size)
-        self.model.validate(self.parallel)
-        check_step_shape(self.parallel, world_size, self.model, self.train.global_batch, self.train.micro_batch,
-                         self.data.seq_length, RUN_KEYS, packed=self.data.batching == "pack")
+        self.validate_shapes(world_size)
         self.train.validate()
         self.data.validate()
         if self.model.asvr.branches and self.data.targets is None:
@@ -420,3 +420,49 @@ class RunConfig:
             raise ConfigError("the visual loss is on but train.visual_tokenizer (its codebooks) is not set")
 
 
+BenchMode = Literal["single", "compare-asvr", "compare-packing", "ab"]
+BenchPrecision = Literal["fp32", "bf16", "fp8"]  # fp8: the LLM's layers through TE; the rest bf16
+FP8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
+PROMPT_TOKENS = 16  # of a synthetic benchmark sample, between its image and its answer
+
+
+@section
+class BenchConfig:
+    """What tools/benchmark.py times (``benchmark.runner``). The model, layout, batch and optimizer are
+    the recipe's own sections, built by the trainer's own code, so a switch added to ``train`` or
+    ``model`` (e.g. a GPU fast path) reaches the benchmark and training alike."""
+
+    # single: the recipe as it is; compare-asvr: a plain LLaVA step, then with the visual head and its loss;
+    # compare-packing: the same samples padded to full length, to each micro-batch's longest, packed;
+    # ab: the recipe at two precisions (``ab``)
+    mode: BenchMode = "single"
+    warmup: Count = 2
+    steps: Positive = 5
+    # full-length samples, or lengths drawn like LLaVA-558K (stage1) / the 665K mix (stage2) (benchmark.lengths)
+    lengths: Literal["full", "stage1", "stage2"] = "full"
+    precision: Optional[BenchPrecision] = None  # None: train.precision
+    ab: Tuple[BenchPrecision, BenchPrecision] = ("bf16", "fp8")  # the two precisions of mode ab
+    fp8_recipe: FP8Recipe = "delayed"
+    fp8_bf16_edge_layers: Count = 0  # keep this many first and last LLM layers in bf16 (FP8 only)
+    json: Optional[str] = None  # also write the runs and comparisons here
+
+
+@section
+class BenchRunConfig(RunConfig):
+    """A recipe timed on synthetic batches (tools/benchmark.py): its data section's ``seq_length`` and
+    ``batching`` shape them; its files (shards, targets, tokenizer, ``train.load``) are not read."""
+
+    bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+
+    def validate(self, world_size: int) -> None:
+        self.validate_shapes(world_size)
+        patches, b = self.model.vision.num_patches, self.bench
+        if self.data.seq_length < patches + PROMPT_TOKENS + 2:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} cannot hold a synthetic sample: one image "
+                              f"({patches} positions), a {PROMPT_TOKENS}-token prompt and an answer")
+        uses_fp8 = "fp8" in (b.ab if b.mode == "ab" else (b.precision,))
+        if b.fp8_bf16_edge_layers and not uses_fp8:
+            raise ConfigError("bench.fp8_bf16_edge_layers applies to FP8 runs only")
+        if b.fp8_bf16_edge_layers and b.fp8_recipe == "delayed":
+            raise ConfigError("megatron keeps the first/last layers in bf16 only with the tensorwise or mxfp8 "
+                              "recipe, not delayed: set bench.fp8_recipe=tensorwise")

@@ -33,9 +33,9 @@ def read_config(directory) -> Dict[str, Any]:
 def _rope_theta(text: dict, where: str) -> float:
     params = text.get("rope_parameters") or {}
     scaling = text.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise ConfigError(f"{where}: RoPE scaling {kind!r} is not supported (only plain RoPE)")
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConfigError(f"{where}: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
@@ -110,7 +110,7 @@ def llava_from_hf(config: dict, where: str, base: Optional[ModelConfig] = None) 
         raise ConfigError(f"{where}: vision_feature_layer={feature_layer!r}: only one feature layer is supported")
     vision_config = required_field(config, "vision_config", where)
     vision = vision_from_hf(vision_config, feature_layer, f"{where}.vision_config", base.vision)
-    check_field(config, "vision_feature_select_strategy", (SELECT_STRATEGY[vision.kind],), "default", where)
+    check_field(config, "vision_feature_select_strategy", (SELECT_STRATEGY[vision.family],), "default", where)
     text = required_field(config, "text_config", where)
     llm = llm_from_hf(text, f"{where}.text_config", base.llm)
     image_token = config.get("image_token_index", config.get("image_token_id", 32000))
@@ -134,7 +134,7 @@ def llava_to_hf(
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
         "vision_feature_layer": feature_layer,
-        "vision_feature_select_strategy": SELECT_STRATEGY[model.vision.kind],
+        "vision_feature_select_strategy": SELECT_STRATEGY[model.vision.family],
         "tie_word_embeddings": False,
         "pad_token_id": vocab.pad_token_id,
         "torch_dtype": dtype,
@@ -143,7 +143,7 @@ def llava_to_hf(
 
 def check_same_vision(ours: VisionConfig, theirs: VisionConfig, where: str) -> None:
     """The encoder fields that must agree between our tower and an HF one (not the feature layer)."""
-    for field in ("kind", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+    for field in ("family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                   "patch_size", "image_size"):
         if getattr(ours, field) != getattr(theirs, field):
             raise ConfigError(

@@ -27,35 +27,29 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from megatron_asvr.checkpoint.directory import TOKENIZER_DIR, resolve
+from megatron_asvr.checkpoint.model import load_model, read_model_config
 from megatron_asvr.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_asvr.convert import checkpoint_io
+from megatron_asvr.config.tools import ExportOptions
 from megatron_asvr.convert.hf_config import check_same_vision, llava_to_hf, llm_to_hf, read_config
 from megatron_asvr.convert.hf_llava import HUB, llava_rules, vision_tail_names
 from megatron_asvr.convert.hf_llm import llm_rules
 from megatron_asvr.convert.hf_tokenizer import copy_tokenizer, write_processor, write_tokenizer
-from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, bare_vocab, checkpoint_vocab
 from megatron_asvr.convert.ranks import gather_objects, is_writer, raise_if_any, require_new_directory
-from megatron_asvr.convert.safetensors_io import SafetensorsDir, ShardWriter, finalize_shards
+from megatron_asvr.convert.safetensors_io import SafetensorsDir, SafetensorsWriter, finalize_shards
 from megatron_asvr.convert.visual_head_io import PREFIX as HEAD_PREFIX
 from megatron_asvr.convert.visual_head_io import head_rules, write_head_config
 from megatron_asvr.model.canonical import full_state
 from megatron_asvr.model.hf_rules import by_ours, hf_names
 from megatron_asvr.model.hf_vision import find_prefix, vision_from_hf
-from megatron_asvr.training.checkpoint import resolve
+from megatron_asvr.runtime.device import dtype_of
 
 HEAD_DIR = "visual_head"
 LLM_PREFIX = "language_model."  # our names of the language model's parameters
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ExportOptions:
-    vision_tower_from: Optional[Path] = None  # the original HF vision weights (complete tower)
-    tokenizer: Optional[Path] = None  # default: the checkpoint's tokenizer/ directory
-    dtype: str = "bfloat16"  # of the model while exporting and of the written tensors
-    max_shard_bytes: int = 2 * 1024**3
-    progress: bool = True
-    llm_only: bool = False  # the language model alone, as an HF LlamaForCausalLM / MistralForCausalLM
+def hf_dtype_name(precision: str) -> str:
+    """An HF config's ``torch_dtype`` for our precision name: ``bf16`` -> ``bfloat16``."""
+    return str(dtype_of(precision)).removeprefix("torch.")
 
 
 class _OneParameter:
@@ -98,12 +92,12 @@ class VisionTail:
             raise KeyError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
         return cls(reader, list(zip(source, vision_tail_names(model.vision, HUB.vision), strict=True)))
 
-    def write(self, writer: ShardWriter, dtype: torch.dtype) -> None:
+    def write(self, writer: SafetensorsWriter, dtype: torch.dtype) -> None:
         for source, target in self.names:
             writer.add(target, self.reader.get(source).to(dtype))
 
 
-def _identity_post_layernorm(writer: ShardWriter, width: int, dtype: torch.dtype) -> None:
+def _identity_post_layernorm(writer: SafetensorsWriter, width: int, dtype: torch.dtype) -> None:
     writer.add(f"{HUB.vision}post_layernorm.weight", torch.ones(width, dtype=dtype))
     writer.add(f"{HUB.vision}post_layernorm.bias", torch.zeros(width, dtype=dtype))
 
@@ -114,7 +108,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _write_llm_configs(out: Path, model: ModelConfig, vocab: HFVocab, options: ExportOptions,
                        tokenizer: Optional[Path]) -> List[str]:
-    _write_json(out / "config.json", llm_to_hf(model.llm, vocab, options.dtype))
+    _write_json(out / "config.json", llm_to_hf(model.llm, vocab, hf_dtype_name(options.dtype)))
     _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True})
     return ["config.json", "generation_config.json"] + (copy_tokenizer(tokenizer, out) if tokenizer else [])
 
@@ -125,7 +119,8 @@ def _write_configs(out: Path, model: ModelConfig, vocab: HFVocab, complete_tower
         return _write_llm_configs(out, model, vocab, options, tokenizer)
     vision_layers = model.vision.num_layers if complete_tower else model.vision.layers_used
     feature_layer = model.vision.feature_layer if complete_tower else -1
-    _write_json(out / "config.json", llava_to_hf(model, vocab, vision_layers, feature_layer, options.dtype))
+    config = llava_to_hf(model, vocab, vision_layers, feature_layer, hf_dtype_name(options.dtype))
+    _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": vocab.pad_token_id, "_from_model_config": True,
     })
@@ -169,7 +164,7 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     ``out_dir`` (collective); return a report."""
     checkpoint, out = resolve(Path(checkpoint)), Path(out_dir)
     require_new_directory(out)
-    model = checkpoint_io.read_model_config(checkpoint)
+    model = read_model_config(checkpoint)
     if model.asvr.discrete_input:
         raise ConfigError(f"{checkpoint}: a discrete-input model has no vision tower; LLaVA needs one")
     model.validate(parallel)
@@ -177,14 +172,14 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     if llm_only:
         vocab = bare_vocab(model.llm.vocab_size)
     else:
-        vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+        vocab = checkpoint_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     vocab.validate(model.llm.vocab_size, str(checkpoint))
     tail = VisionTail.find(Path(options.vision_tower_from), model) if options.vision_tower_from else None
     if llm_only and tail is not None:
         raise ConfigError("an LLM-only export has no vision tower: drop --vision-tower-from")
-    tokenizer = Path(options.tokenizer) if options.tokenizer else checkpoint / checkpoint_io.TOKENIZER_DIR
+    tokenizer = Path(options.tokenizer) if options.tokenizer else checkpoint / TOKENIZER_DIR
     tokenizer = tokenizer if tokenizer.exists() else None
-    dtype = DTYPES[options.dtype]
+    dtype = dtype_of(options.dtype)
     tp = parallel.tensor_parallel
     rules = llm_rules(model.llm, vocab, tp) if llm_only else llava_rules(model, vocab, tp, HUB)
     hf_rules, head = by_ours(rules), by_ours(head_rules(model.asvr, tp))
@@ -193,12 +188,11 @@ def export_hf(checkpoint, out_dir, parallel: ParallelConfig, options: ExportOpti
     if rank == 0:
         (out / HEAD_DIR).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    chunks = checkpoint_io.build_chunks(model, parallel, dtype, device)
-    checkpoint_io.load_model_weights(chunks, checkpoint)
+    chunks = load_model(checkpoint, model, parallel, dtype, device)
 
     writer = is_writer()
-    writers = {"model": ShardWriter(out, f"rank{rank:05d}", options.max_shard_bytes),
-               "head": ShardWriter(out / HEAD_DIR, f"rank{rank:05d}", options.max_shard_bytes)}
+    writers = {"model": SafetensorsWriter(out, f"rank{rank:05d}", options.max_shard_bytes),
+               "head": SafetensorsWriter(out / HEAD_DIR, f"rank{rank:05d}", options.max_shard_bytes)}
     unmatched = []
     total = sum(1 for chunk in chunks for _ in chunk.parameters())
     with torch.no_grad(), tqdm(total=total, desc="export", unit="tensor", disable=not options.progress or rank) as bar:

@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_asvr.checkpoint.directory import HF_VOCAB, TOKENIZER_DIR
+from megatron_asvr.checkpoint.model import build_chunks, save_model
 from megatron_asvr.config import (
     ConfigError, ModelConfig, ParallelConfig, RunConfig, apply_overrides, from_dict, load_run_config,
 )
-from megatron_asvr.convert import checkpoint_io
+from megatron_asvr.config.tools import ImportSources
 from megatron_asvr.convert.hf_config import llava_from_hf, llm_from_hf, read_config
 from megatron_asvr.convert.hf_llava import VISION_TARGET, detect_prefixes, llava_rules, unique_prefix
 from megatron_asvr.convert.hf_llm import llm_rules
@@ -36,21 +38,6 @@ from megatron_asvr.model.hf_rules import LazyCanonical, TensorRule, check_hf_key
 from megatron_asvr.model.hf_vision import find_prefix, is_dropped, vision_from_hf, vision_rules
 
 ROTARY_BUFFER = "rotary_emb.inv_freq"  # derived from rope_theta; some exports still carry it
-
-
-@dataclass
-class ImportSources:
-    llava: Optional[Path] = None  # a LlavaForConditionalGeneration directory
-    llm: Optional[Path] = None  # a LlamaForCausalLM / MistralForCausalLM directory
-    vision: Optional[Path] = None  # a SigLIP / CLIP (vision) model directory
-    visual_head: Optional[Path] = None  # an exported visual head directory
-    tokenizer: Optional[Path] = None  # default: the llava or llm directory, when it has tokenizer files
-
-    def validate(self) -> None:
-        if (self.llava is None) == (self.llm is None and self.vision is None):
-            raise ConfigError("give either a llava directory or a vision directory (and an llm directory)")
-        if self.llava is None and self.vision is None:
-            raise ConfigError("an import of an llm needs the vision directory too")
 
 
 @dataclass
@@ -167,7 +154,7 @@ def import_hf(
     require_new_directory(out_dir)
     plan = plan_import(sources, base, parallel.tensor_parallel)
     plan.model.validate(parallel)
-    chunks = checkpoint_io.build_chunks(plan.model, parallel, params_dtype, device)
+    chunks = build_chunks(plan.model, parallel, params_dtype, device)
     rank = dist.get_rank()
     error = None
     with tqdm(desc="import", unit="tensor", disable=not progress or rank != 0) as bar:
@@ -180,10 +167,12 @@ def import_hf(
     if unmatched and error is None:
         error = f"rank {rank}: {len(unmatched)} parameters have no HF tensor, e.g. {unmatched[:3]}"
     raise_if_any(error)
-    checkpoint_io.save_model_checkpoint(chunks, out_dir, plan.model, plan.vocab if plan.keep_vocab else None)
+    save_model(chunks, out_dir, plan.model)
     copied_tokenizer = []
+    if rank == 0 and plan.keep_vocab:
+        plan.vocab.write(Path(out_dir) / HF_VOCAB)
     if rank == 0 and plan.tokenizer is not None:
-        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / checkpoint_io.TOKENIZER_DIR)
+        copied_tokenizer = copy_tokenizer(plan.tokenizer, Path(out_dir) / TOKENIZER_DIR)
     initialised = sorted(set().union(*gather_objects(sorted(lazy.unmatched))))
     dist.barrier()
     return {
@@ -208,7 +197,7 @@ def print_import_report(report: Dict[str, Any]) -> None:
     print(f"import: wrote {report['checkpoint']}")
     print(f"  LLM {llm.num_layers} layers x {llm.hidden_size}, {llm.num_attention_heads} heads / {llm.kv_heads} KV, "
           f"vocab {llm.vocab_size}, sliding window {llm.sliding_window}")
-    print(f"  vision {vision.kind} {vision.layers_used} of {vision.num_layers} layers (feature layer "
+    print(f"  vision {vision.family} {vision.layers_used} of {vision.num_layers} layers (feature layer "
           f"{vision.feature_layer}), {vision.num_patches} patches")
     print(f"  HF tensors read: {report['hf_tensors']}; skipped (not built): {_summary(report['skipped'])}")
     print(f"  initialised here (not in the HF weights): {_summary(report['initialised'])}")

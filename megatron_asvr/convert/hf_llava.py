@@ -71,9 +71,9 @@ def detect_prefixes(keys: Iterable[str], where: str) -> LlavaPrefixes:
 
 def projector_rules(hf_prefix: str) -> List[TensorRule]:
     return [
-        same(f"{ours}.{kind}", f"{hf_prefix}{theirs}.{kind}")
+        same(f"{ours}.{param}", f"{hf_prefix}{theirs}.{param}")
         for ours, theirs in PROJECTOR_MAP.items()
-        for kind in ("weight", "bias")
+        for param in ("weight", "bias")
     ]
 
 

@@ -134,7 +134,7 @@ def write_processor(directory, vision: VisionConfig) -> None:
     """processor_config.json (LlavaProcessor) and preprocessor_config.json (the image processor)."""
     directory = Path(directory)
     size = vision.image_size
-    if vision.kind == "siglip":
+    if vision.family == "siglip":
         image = {
             "image_processor_type": "SiglipImageProcessor",
             "do_resize": True, "size": {"height": size, "width": size}, "resample": BICUBIC,
@@ -156,7 +156,7 @@ def write_processor(directory, vision: VisionConfig) -> None:
     _write_json(directory / "processor_config.json", {
         "processor_class": "LlavaProcessor",
         "patch_size": vision.patch_size,
-        "vision_feature_select_strategy": SELECT_STRATEGY[vision.kind],
+        "vision_feature_select_strategy": SELECT_STRATEGY[vision.family],
         "image_token": IMAGE_TOKEN,
-        "num_additional_image_tokens": 0 if vision.kind == "siglip" else 1,
+        "num_additional_image_tokens": 0 if vision.family == "siglip" else 1,
     })

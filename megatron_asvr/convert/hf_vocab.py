@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from megatron_asvr.checkpoint.directory import HF_VOCAB
 from megatron_asvr.config import ConfigError
 
 ROW_MULTIPLE = 64  # llava-hf pads its embedding to a multiple of 64 rows
@@ -65,6 +66,12 @@ class HFVocab:
             return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as err:
             raise ConfigError(f"{path}: not an HF vocabulary record: {err}") from err
+
+
+def checkpoint_vocab(directory) -> Optional[HFVocab]:
+    """The llava-hf vocabulary record of a checkpoint imported from llava-hf, else None."""
+    path = Path(directory) / HF_VOCAB
+    return HFVocab.read(path) if path.is_file() else None
 
 
 def appended_vocab(llm_vocab: int) -> HFVocab:

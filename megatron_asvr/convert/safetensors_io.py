@@ -72,7 +72,7 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class ShardWriter:
+class SafetensorsWriter:
     """Buffers tensors and writes a ``{stem}-{k}.safetensors`` file whenever the buffer is full."""
 
     def __init__(self, directory, stem: str, max_shard_bytes: int):

@@ -18,13 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_asvr.checkpoint.directory import resolve
+from megatron_asvr.checkpoint.model import load_model, read_model_config
 from megatron_asvr.config import ModelConfig, ParallelConfig
-from megatron_asvr.convert import checkpoint_io
-from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab
+from megatron_asvr.convert.hf_vocab import HFVocab, appended_vocab, checkpoint_vocab
 from megatron_asvr.convert.ranks import is_writer, raise_if_any
-from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.training.checkpoint import resolve
+from megatron_asvr.data.batch import MicroBatch, image_index_of
 from megatron_asvr.training.schedule import forward_only
+from megatron_asvr.training.task import logits_step
 
 BOS = 1
 FIRST_TEXT_ID = 3  # after <unk>, <s>, </s>
@@ -57,28 +58,18 @@ def random_inputs(model: ModelConfig, vocab: HFVocab, with_image: bool, text_tok
     return VerifyInputs(tokens, image_mask if with_image else None, images, hf_ids)
 
 
-@torch.no_grad()
 def our_logits(chunks, inputs: VerifyInputs, vocab_size: int) -> Optional[torch.Tensor]:
     """Logits [1, s, vocab_size] (fp32) on the last pipeline stage's ranks; None on the others."""
-    batch = {
-        "tokens": inputs.tokens, "position_ids": torch.arange(inputs.tokens.shape[1])[None],
-        "image_index": None if inputs.image_mask is None else image_index_of(inputs.image_mask),
-        "images": inputs.images,
-    }
-    device = next(chunks[0].parameters()).device
-    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
-
-    def forward_step(data_iterator, model):
-        data = next(data_iterator)
-        return model(data["tokens"], data["position_ids"], image_index=data["image_index"],
-                     images=data["images"]), None
-
-    iterators = [iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch])
-    outputs = forward_only(forward_step, iterators, chunks, 1, inputs.tokens.shape[1], 1)
+    s = inputs.tokens.shape[1]
+    batch = MicroBatch(
+        tokens=inputs.tokens, position_ids=torch.arange(s)[None], labels=None, loss_mask=None,
+        image_index=None if inputs.image_mask is None else image_index_of(inputs.image_mask), images=inputs.images,
+    )
+    gathered = logits_step(lambda logits, _: gather_from_tensor_model_parallel_region(logits))  # [1, s, V_pad]
+    outputs = forward_only(gathered, chunks, [batch])
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    logits = gather_from_tensor_model_parallel_region(outputs[0]["logits"])  # [1, s, V_pad]
-    return logits[..., :vocab_size].float().cpu()
+    return outputs[0][..., :vocab_size].float().cpu()
 
 
 def hf_logits(directory, inputs: VerifyInputs, dtype: torch.dtype, llava: bool) -> torch.Tensor:
@@ -117,7 +108,8 @@ class LogitAgreement:
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
         return (f"max abs logit difference {self.max_abs_diff:.3e} in {dtype} (logits up to {self.logit_scale:.3g}; "
-                f"{dtype} rounding allows {self.limit:.3e}): {'within' if self.within else 'OUTSIDE'} what {dtype} allows")
+                f"{dtype} rounding allows {self.limit:.3e}): {'within' if self.within else 'OUTSIDE'} what "
+                f"{dtype} allows")
 
 
 def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch.dtype, device,
@@ -126,11 +118,10 @@ def verify_checkpoint(checkpoint, hf_dir, parallel: ParallelConfig, dtype: torch
     ``parallel``) against the HF model in ``hf_dir`` (a LLaVA, or with ``llava=False`` a causal LM
     on a text-only prompt), on the last stage's writer rank; None on the other ranks (collective)."""
     checkpoint = resolve(Path(checkpoint))
-    model = checkpoint_io.read_model_config(checkpoint)
-    vocab = checkpoint_io.read_hf_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
+    model = read_model_config(checkpoint)
+    vocab = checkpoint_vocab(checkpoint) or appended_vocab(model.llm.vocab_size)
     inputs = random_inputs(model, vocab, with_image=llava, seed=seed)
-    chunks = checkpoint_io.build_chunks(model, parallel, dtype, device)
-    checkpoint_io.load_model_weights(chunks, checkpoint)
+    chunks = load_model(checkpoint, model, parallel, dtype, device)
     ours = our_logits(chunks, inputs, model.llm.vocab_size)
     del chunks
     gc.collect()

@@ -39,7 +39,7 @@ def head_rules(asvr: ASVRConfig, tensor_parallel: int) -> List[TensorRule]:
     for branch in asvr.branches:
         codebook: CodebookSpec = getattr(asvr, branch)
         ours, out = f"{PREFIX}{branch}.", f"{branch}."
-        names = [f"proj.linear_fc{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")]
+        names = [f"proj.linear_fc{i}.{param}" for i in (1, 2) for param in ("weight", "bias")]
         names += ["code_embed.weight", "code_embed.bias", "final_norm.weight"]
         for i in range(head.num_layers):
             layer = f"layers.{i}."
@@ -47,17 +47,17 @@ def head_rules(asvr: ASVRConfig, tensor_parallel: int) -> List[TensorRule]:
                                           "attention.linear_proj.bias")]
             names += [f"{layer}mlps.{d}.linear_fc{k}.weight" for d in range(codebook.depth) for k in (1, 2)]
             rules += [
-                fused_qkv(f"{ours}{layer}attention.linear_qkv.{kind}",
-                          *(f"{out}{layer}attention.{p}_proj.{kind}" for p in "qkv"),
+                fused_qkv(f"{ours}{layer}attention.linear_qkv.{param}",
+                          *(f"{out}{layer}attention.{p}_proj.{param}" for p in "qkv"),
                           head.num_attention_heads, head.num_attention_heads)
-                for kind in ("weight", "bias")
+                for param in ("weight", "bias")
             ]
         rules += [same(ours + name, out + name) for name in names]
         for d, size in enumerate(codebook.sizes):
             padded = padded_vocab_size(size, tensor_parallel)
             rules += [
-                _classifier_rows(f"{ours}classifiers.{d}.{kind}", f"{out}classifiers.{d}.{kind}", size, padded)
-                for kind in ("weight", "bias")
+                _classifier_rows(f"{ours}classifiers.{d}.{param}", f"{out}classifiers.{d}.{param}", size, padded)
+                for param in ("weight", "bias")
             ]
     return rules
 

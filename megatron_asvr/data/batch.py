@@ -25,8 +25,8 @@ class MicroBatch:
 
     tokens: torch.Tensor  # [b, s] int64; image positions hold the pad id
     position_ids: torch.Tensor  # [b, s] int64
-    labels: torch.Tensor  # [b, s] int64, the next token
-    loss_mask: torch.Tensor  # [b, s] float, 1 at supervised text labels
+    labels: Optional[torch.Tensor]  # [b, s] int64, the next token (None: inference, --verify)
+    loss_mask: Optional[torch.Tensor]  # [b, s] float, 1 at supervised text labels
     image_index: Optional[torch.Tensor] = None  # [sum P] int64, image positions in the flattened [b * s]
     images: Optional[torch.Tensor] = None  # [sum T, 3, H, W] pixels of every tile, in order (first stage)
     input_codes: Optional[torch.Tensor] = None  # [n, P, D] semantic codes (first stage, discrete input)

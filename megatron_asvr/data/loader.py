@@ -29,6 +29,7 @@ from megatron_asvr.data import unreadable_images
 from megatron_asvr.data.images import TILE_SIZE, ImageLoadError, image_token_count, load_image_batch, tile_count
 from megatron_asvr.data.sequence import SequenceTooLong, build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE  # the blank image supervised text-only samples get
+from megatron_asvr.runtime import child_processes
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
 GROUP_WINDOW = 8  # global batches per length-sorting window
@@ -132,7 +133,8 @@ class SampleBuilder:
             out["pixels"], out["unreadable"] = self._pixels(images, sizes)
         if self.needs.input_codes and images:
             patches = self.targets.meta["semantic"].num_patches
-            out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, self.asvr.semantic.depth) for k in images])
+            depth = self.asvr.semantic.depth
+            out["input_codes"] = torch.cat([self._codes(k, "semantic").view(-1, patches, depth) for k in images])
         if self.needs.targets:
             out["codes"] = {b: [self._codes(key, b) for key in images] for b in self.branches}
         return out
@@ -237,11 +239,7 @@ class TrainLoader:
     def __init__(self, order: GlobalBatchOrder, builder: SampleBuilder, dp_rank: int, dp_size: int,
                  batching: BatchingSettings, asvr: ASVRConfig, needs: StageNeeds, num_workers: int = 2,
                  consumed_samples: int = 0, replica_group=None, unreadable_image: str = "substitute"):
-        g = order.global_batch
-        if g % dp_size or (batching.batching != "pack" and g % (dp_size * batching.micro_batch)):
-            raise DataLoaderError(f"global batch {g} is not divisible by data-parallel size"
-                                  + ("" if batching.batching == "pack" else f" x micro batch = {dp_size} x "
-                                     f"{batching.micro_batch}"))
+        g = order.global_batch  # divisible by the data-parallel size (x micro_batch): RunConfig.validate_shapes
         if consumed_samples % g:
             raise DataLoaderError(f"consumed_samples={consumed_samples} is not a multiple of the global batch {g}")
         self.order, self.consumed_samples = order, consumed_samples
@@ -253,6 +251,7 @@ class TrainLoader:
             # Its workers' seeds are drawn when iteration starts: from a generator of its own, not the
             # global RNG that checkpoints restore (a resumed run would be one draw apart).
             generator=torch.Generator(),
+            worker_init_fn=child_processes.ignore_stop_signals,  # a preemption is the rank's to answer
         )
         self._iter: Optional[Iterator] = None
         self.replica_group, self.unreadable_image = replica_group, unreadable_image

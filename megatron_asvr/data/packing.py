@@ -22,13 +22,13 @@ padding: samples of 760 positions fill a 2048-position row only to 74%, but 16 s
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from megatron_asvr.config.schema import Batching
 from megatron_asvr.data.sequence import SequenceSample
 
-Batching = Literal["pack", "pad_longest", "pad_full"]
 # token-level fields and their dtypes (padding: id 0, label 0, no loss, no image)
 _FIELDS = {"tokens": torch.long, "labels": torch.long, "loss_mask": torch.float32, "image_mask": torch.bool}
 

@@ -9,20 +9,19 @@ workers.
 import json
 import multiprocessing
 from collections import deque
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from megatron_asvr.config.tools import PreprocessConfig
 from megatron_asvr.data.llava import DataFileError, read_records
 from megatron_asvr.data.shards import ShardWriter
 from megatron_asvr.data.validate import (
     DuplicateIds,
     RecordResult,
     RecordValidator,
-    ValidationConfig,
     ValidationReport,
 )
 from megatron_asvr.tokenizers.templates import get_template
@@ -34,23 +33,6 @@ _CHUNK = 64  # records per task sent to a worker
 
 class PreprocessFailed(RuntimeError):
     """The run cannot go on or its result is refused; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything one preprocessing run needs."""
-
-    inputs: tuple[tuple[str | None, Path], ...]  # (source name or None, JSON/JSONL file)
-    output_dir: Path
-    tokenizer: Path  # .model, tokenizer .json or a checkpoint directory
-    template: str
-    validation: ValidationConfig
-    legacy: bool | None = None  # None: from tokenizer_config.json, else HF's default (True)
-    max_skip_fraction: float = 0.01
-    workers: int = 1
-    samples_per_shard: int = 100_000
-    id_list_cap: int = 1000
-    progress: bool = True
 
 
 _VALIDATOR: RecordValidator | None = None
@@ -111,8 +93,6 @@ def preprocess(config: PreprocessConfig) -> dict:
     The report is always written to ``output_dir/report.json``; the shards are kept
     (with their manifest) only when the run succeeds.
     """
-    if config.workers < 1:
-        raise PreprocessFailed(f"workers must be at least 1, got {config.workers}")
     if not config.validation.image_root.is_dir():
         raise PreprocessFailed(f"image root {config.validation.image_root} is not a directory")
     for _, path in config.inputs:
@@ -132,7 +112,7 @@ def preprocess(config: PreprocessConfig) -> dict:
         "template": template.name,
         "tokenizer": tokenizer.describe(),
         "max_seq_length": config.validation.max_seq_length,
-        "image_token_count": repr(config.validation.image_token_count),
+        "image_tokens": config.validation.image_tokens,
         "too_long": config.validation.too_long,
     }
     chunks = _chunks(_checked_records(config.inputs), _CHUNK)

@@ -7,7 +7,7 @@ but a sequence that would cut or lose an image raises ``SequenceTooLong``
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -89,14 +89,3 @@ def align_visual_targets(
         targets.append(image_codes.long())
         masks.append(mask & bool(flag))
     return torch.cat(targets), torch.cat(masks)
-
-
-def collate(samples: Sequence[SequenceSample]) -> Dict[str, torch.Tensor]:
-    """Stack samples into a micro-batch (position ids 0..S-1 for each)."""
-    batch = {
-        key: torch.stack([getattr(s, key) for s in samples])
-        for key in ("tokens", "labels", "loss_mask", "image_mask")
-    }
-    b, s = batch["tokens"].shape
-    batch["position_ids"] = torch.arange(s).expand(b, s).contiguous()
-    return batch

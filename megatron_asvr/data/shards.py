@@ -21,7 +21,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from megatron_asvr.data.llava import TokenizedSample
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
-MANIFEST = "manifest.json"
+SHARD_MANIFEST = "manifest.json"
 FORMAT = "megatron_asvr.llava_shards"
 VERSION = 1
 _PARTS = {"tokens": np.int32, "loss_mask": np.uint8, "meta": np.uint8}
@@ -68,8 +68,9 @@ class ShardWriter:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
         self.output_dir = Path(output_dir)
-        if (self.output_dir / MANIFEST).exists():
-            raise FileExistsError(f"{self.output_dir} already holds a dataset ({MANIFEST}); choose another output")
+        if (self.output_dir / SHARD_MANIFEST).exists():
+            raise FileExistsError(f"{self.output_dir} already holds a dataset ({SHARD_MANIFEST}); "
+                                  "choose another output")
         if any(self.output_dir.glob("shard_*")):
             raise FileExistsError(
                 f"{self.output_dir} holds shard files of an unfinished run; delete them or choose another output"
@@ -104,7 +105,7 @@ class ShardWriter:
             "shards": [{"prefix": _shard_prefix(i), "num_samples": n} for i, n in enumerate(self.shard_sizes)],
             "metadata": metadata,
         }
-        path = self.output_dir / MANIFEST
+        path = self.output_dir / SHARD_MANIFEST
         path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
@@ -130,9 +131,9 @@ class ShardDataset:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
+        manifest_path = self.path / SHARD_MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a finished shard directory")
+            raise FileNotFoundError(f"{self.path}: no {SHARD_MANIFEST}; not a finished shard directory")
         self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise ValueError(

@@ -1,44 +1,32 @@
-"""Precomputed visual targets: the frozen visual tokenizer's codes for every image of LLaVA JSON files.
+"""Precomputed visual targets, as the loader reads them: the frozen visual tokenizer's codes of
+every image, by image key (the image path relative to the image root, as the shards store it).
 
 The tokenizer is frozen, so an image's codes never change: they are computed once
-(batched, on the GPU when there is one) and read by the loader by image key, the
-image path relative to the image root as the shards store it. Output directory::
+(``data.precompute_targets``, batched, on the GPU when there is one). A targets directory::
 
-    targets.json       the plan: mode, precision, code kinds with their metadata
+    targets.json       the plan: mode, precision, code branches with their metadata
                        (VisualCodesMeta), SHA-256 of the tokenizer's config and
                        checkpoint, and the index [[key, first row, tiles], ...]
-    codes_<kind>.u16   uint16 [rows, patches, D], memory-mapped; an image owns rows
+    codes_<branch>.u16   uint16 [rows, patches, D], memory-mapped; an image owns rows
                        first .. first + tiles - 1 (one per 384 x 384 tile: 1 for
                        resize / pad, 1 + grid tiles for anyres), so [images, 729 x tiles, D]
     done.u8            uint8 [entries] in index order, 1 once the entry's rows are on disk; the
                        last entry is ZERO_IMAGE, the blank tile of supervised text-only samples
     coverage.json      the last run's report: records read, images referenced / complete /
                        pending, missing and undecodable images by name, unreadable records
-
-Resume: a run on a directory that holds a plan checks that the new plan is the same
-(else it stops and names what differs) and computes only the images not marked
-done. Rows are flushed before their images are marked, so a killed run never leaves
-a half-written image marked done.
 """
 
 import hashlib
 import json
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
 
 from megatron_asvr.config import ConfigError
-from megatron_asvr.data.images import MODES, ImageLoadError, image_batches, tile_count
-from megatron_asvr.data.llava import DataFileError, RecordError, normalize_image_path, parse_record, read_records
-from megatron_asvr.tokenizers.visual_format import KINDS, VisualCodesMeta
-from megatron_asvr.runtime import current_device
+from megatron_asvr.data.llava import normalize_image_path
+from megatron_asvr.tokenizers.visual_format import VisualCodesMeta
 
 # Key of the all-zero tile (mid-gray once normalised) that text-only samples get when they
 # are supervised, as the released code feeds them; always planned last, one tile.
@@ -46,91 +34,10 @@ ZERO_IMAGE = "<zero-image>"
 PLAN_FILE = "targets.json"
 DONE_FILE = "done.u8"
 REPORT_FILE = "coverage.json"
-FORMAT_VERSION = 1
-MAX_CODE = np.iinfo(np.uint16).max
 
 
-def codes_file(kind: str) -> str:
-    return f"codes_{kind}.u16"
-
-
-class TargetsFailed(RuntimeError):
-    """The run cannot go on or its result is refused; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class TargetsConfig:
-    """Everything one precompute run needs."""
-
-    data: Tuple[Path, ...]  # LLaVA JSON / JSONL files
-    image_root: Path
-    output_dir: Path
-    tokenizer_config: Path  # DualToken-format config.json
-    tokenizer_checkpoint: Path
-    mode: str = "pad"  # images.py mode of the training stage: resize | pad | anyres
-    kinds: Tuple[str, ...] = ("semantic",)  # "semantic", "appearance" or both ("dual")
-    precision: str = "bf16"  # bf16 reproduces the released codes
-    backend: str = "auto"  # encoder layers: Transformer Engine on GPU when installed, else local
-    batch_images: int = 32
-    workers: int = 4  # image decoding processes (0: decode in the main process)
-    max_images: Optional[int] = None  # stop after this many images; the next run resumes
-    max_missing_fraction: float = 0.01  # refuse the run above this fraction of missing / undecodable images
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class References:
-    """The images the records refer to, and the records that could not be read."""
-
-    keys: Tuple[str, ...]  # sorted, unique, normalised relative paths
-    records: int
-    bad_records: Tuple[dict, ...]  # {"file", "record", "reason"}
-
-
-def scan_references(data: Sequence[Path]) -> References:
-    """Every image path of every record; unreadable records are listed by file and position."""
-    keys, bad, records = set(), [], 0
-    for path in data:
-        for raw in read_records(path):
-            records += 1
-            where = {"file": raw.file, "record": raw.location}
-            if raw.error is not None:
-                bad.append({**where, "reason": raw.error})
-                continue
-            try:
-                keys.update(normalize_image_path(p) for p in parse_record(raw.value).images)
-            except RecordError as err:
-                bad.append({**where, "reason": str(err)})
-    return References(tuple(sorted(keys)), records, tuple(bad))
-
-
-def _image_size(path: Path) -> Tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{path}: cannot read the image header: {err}") from err
-
-
-def plan_rows(keys: Sequence[str], image_root: Path, mode: str) -> Tuple[List[list], List[str], List[dict]]:
-    """(index [[key, first row, tiles]], missing keys, undecodable [{"image", "error"}]) for the present
-    images, then ZERO_IMAGE."""
-    index, missing, undecodable, row = [], [], [], 0
-    for key in keys:
-        path = image_root / key
-        if not path.is_file():
-            missing.append(key)
-            continue
-        try:
-            tiles = tile_count(*_image_size(path), mode) if mode == "anyres" else 1
-        except ImageLoadError as err:
-            undecodable.append({"image": key, "error": str(err)})
-            continue
-        index.append([key, row, tiles])
-        row += tiles
-    index.append([ZERO_IMAGE, row, 1])
-    return index, missing, undecodable
+def codes_file(branch: str) -> str:
+    return f"codes_{branch}.u16"
 
 
 def file_sha256(path: Path) -> str:
@@ -139,195 +46,6 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _first_difference(stored: dict, plan: dict) -> Optional[str]:
-    for field in plan:
-        if stored.get(field) != plan[field]:
-            if field == "index":
-                old, new = stored.get("index") or [], plan["index"]
-                first = next((n[0] for o, n in zip(old, new) if o != n), (new[len(old):] or old[len(new):])[0][0])
-                return f"the image index ({len(old)} planned images, now {len(new)}; first difference at {first!r})"
-            return f"{field} ({stored.get(field)!r}, now {plan[field]!r})"
-    return None
-
-
-class TargetStore:
-    """The writable output directory: code arrays, done flags and the plan."""
-
-    def __init__(self, directory: Path, plan: dict):
-        self.directory, self.plan = directory, plan
-        rows = sum(tiles for _, _, tiles in plan["index"])
-        exists = (directory / PLAN_FILE).is_file()
-        mode = "r+" if exists else "w+"
-        self.codes = {
-            kind: np.memmap(directory / codes_file(kind), np.uint16, mode,
-                            shape=(rows, meta["num_patches"], meta["depth"]))
-            for kind, meta in plan["meta"].items()
-        }
-        self.done = np.memmap(directory / DONE_FILE, np.uint8, mode, shape=(len(plan["index"]),))
-        if not exists:  # the plan is written last: without it the next run starts afresh
-            self.flush()
-            _write_json(directory / PLAN_FILE, plan)
-
-    @classmethod
-    def open(cls, directory: Path, plan: dict) -> "TargetStore":
-        """Resume the run whose plan is in ``directory``, or start one; refuses a different plan."""
-        directory.mkdir(parents=True, exist_ok=True)
-        plan = json.loads(json.dumps(plan))  # as it reads back: lists, not tuples
-        if (directory / PLAN_FILE).is_file():
-            stored = json.loads((directory / PLAN_FILE).read_text())
-            difference = _first_difference(stored, plan)
-            if difference:
-                raise TargetsFailed(f"{directory} holds targets of a different run: {difference} differs; "
-                                    "use a new --output directory")
-        return cls(directory, plan)
-
-    def write(self, position: int, codes: Dict[str, np.ndarray]) -> None:
-        """Put one image's codes (kind -> [tiles, patches, D]) in its rows; not yet marked done."""
-        _, first, tiles = self.plan["index"][position]
-        for kind, values in codes.items():
-            self.codes[kind][first : first + tiles] = values
-
-    def flush(self) -> None:
-        for array in self.codes.values():
-            array.flush()
-        self.done.flush()
-
-    def mark_done(self, positions: Sequence[int]) -> None:
-        """Flush the rows, then mark their images done (and flush the marks)."""
-        for array in self.codes.values():
-            array.flush()
-        self.done[list(positions)] = 1
-        self.done.flush()
-
-
-def _check_config(config: TargetsConfig) -> None:
-    problems = [f"{p}: data file not found" for p in config.data if not Path(p).is_file()]
-    if not config.image_root.is_dir():
-        problems.append(f"image root {config.image_root} is not a directory")
-    if config.mode not in MODES:
-        problems.append(f"mode must be one of {MODES}, got {config.mode!r}")
-    if not config.kinds or set(config.kinds) - set(KINDS):
-        problems.append(f"code kinds must be a non-empty subset of {KINDS}, got {list(config.kinds)}")
-    if config.batch_images < 1 or config.workers < 0 or (config.max_images is not None and config.max_images < 0):
-        problems.append("batch_images must be >= 1, workers and max_images >= 0")
-    for path in (config.tokenizer_config, config.tokenizer_checkpoint):
-        if not Path(path).is_file():
-            problems.append(f"{path}: tokenizer file not found")
-    if problems:
-        raise TargetsFailed("; ".join(problems))
-
-
-def precompute_targets(config: TargetsConfig) -> dict:
-    """Run (or resume) the pass; returns the coverage report, also written to ``coverage.json``.
-
-    Needs ``megatron_asvr.runtime.initialize`` first (the tokenizer's encoder is a
-    megatron module). Raises :class:`TargetsFailed` with a one-line reason, after
-    writing the report, when missing and undecodable images exceed ``max_missing_fraction``.
-    """
-    from megatron_asvr.model.specs import resolve_backend
-    from megatron_asvr.tokenizers.visual import load_visual_tokenizer
-    from megatron_asvr.tokenizers.visual_format import TokenizerFileError
-
-    _check_config(config)
-    started = time.monotonic()
-    try:
-        references = scan_references(config.data)
-    except DataFileError as err:
-        raise TargetsFailed(str(err)) from err
-    index, missing, undecodable = plan_rows(references.keys, config.image_root, config.mode)
-    try:
-        tokenizer = load_visual_tokenizer(config.tokenizer_config, config.tokenizer_checkpoint, config.precision,
-                                          backend=resolve_backend(config.backend))
-    except (TokenizerFileError, ValueError) as err:
-        raise TargetsFailed(str(err)) from err
-    meta = {kind: tokenizer.metadata(kind) for kind in config.kinds}
-    largest = max(max(m.codebook_sizes) for m in meta.values())
-    if largest > MAX_CODE + 1:
-        raise TargetsFailed(f"codebooks of {largest} codes do not fit uint16 targets")
-    plan = {
-        "version": FORMAT_VERSION,
-        "mode": config.mode,
-        "precision": config.precision,
-        "tokenizer": {"config_sha256": file_sha256(config.tokenizer_config),
-                      "checkpoint_sha256": file_sha256(config.tokenizer_checkpoint)},
-        "meta": {kind: m.to_json() for kind, m in meta.items()},
-        "index": index,
-    }
-    store = TargetStore.open(config.output_dir, plan)
-    pending = [i for i in range(len(index)) if not store.done[i]]
-    if config.max_images is not None:
-        pending = pending[: config.max_images]
-    written, failures = _compute(tokenizer, store, pending, config)
-    counts = {"written": written, "failed": len(failures), "seconds": time.monotonic() - started}
-    return _report(config, references, index, store, missing, undecodable + failures, counts)
-
-
-def _compute(tokenizer, store: TargetStore, pending: List[int], config: TargetsConfig) -> Tuple[int, List[dict]]:
-    """Code the pending entries batch by batch; returns (entries written, undecodable images)."""
-    index = store.plan["index"]
-    device = current_device()
-    paths = [None if index[i][0] == ZERO_IMAGE else config.image_root / index[i][0] for i in pending]
-    written, failures = 0, []
-    with tqdm(total=len(pending), unit="img", desc="visual targets", disable=not config.progress) as bar:
-        for batch in image_batches(paths, config.mode, config.batch_images, config.workers):
-            failures += [{"image": index[pending[j]][0], "error": error} for j, _, error in batch if error]
-            decoded = [(pending[j], tiles) for j, tiles, _ in batch if tiles is not None]
-            for position, tiles in decoded:
-                key, _, planned = index[position]
-                if len(tiles) != planned:
-                    raise TargetsFailed(f"{key}: {len(tiles)} tiles now, {planned} when planned: the file changed "
-                                        "during the run; use a new --output directory")
-            if decoded:
-                pixels = torch.cat([tiles for _, tiles in decoded]).to(device)  # [T, 3, 384, 384]
-                codes = {k: v.to(torch.int32).cpu().numpy().astype(np.uint16)
-                         for k, v in tokenizer.codes(pixels, config.kinds).items()}  # kind -> [T, P, D]
-                row = 0
-                for position, tiles in decoded:
-                    store.write(position, {k: v[row : row + len(tiles)] for k, v in codes.items()})
-                    row += len(tiles)
-                store.mark_done([position for position, _ in decoded])
-                written += len(decoded)
-            bar.update(len(batch))
-    return written, failures
-
-
-def _report(config, references, index, store, missing, undecodable, counts) -> dict:
-    images = len(index) - 1  # the last entry is ZERO_IMAGE
-    complete = int(store.done[:images].sum())
-    report = {
-        "records": references.records,
-        "unreadable_records": len(references.bad_records),
-        "referenced_images": len(references.keys),
-        "complete_images": complete,
-        "pending_images": images - complete - counts["failed"],
-        "zero_image_complete": bool(store.done[images]),
-        "missing_images": len(missing),
-        "undecodable_images": len(undecodable),
-        "written_this_run": counts["written"],
-        "seconds": round(counts["seconds"], 3),
-        "missing": missing,
-        "undecodable": sorted(undecodable, key=lambda item: item["image"]),
-        "unreadable": list(references.bad_records),
-    }
-    report_path = config.output_dir / REPORT_FILE
-    _write_json(report_path, report)
-    problems = len(missing) + len(undecodable)
-    if references.keys and problems / len(references.keys) > config.max_missing_fraction:
-        raise TargetsFailed(
-            f"{problems} of {len(references.keys)} images missing or undecodable "
-            f"({problems / len(references.keys):.2%}), above --max-missing-fraction "
-            f"{config.max_missing_fraction:.2%}; see {report_path}"
-        )
-    return report
 
 
 class VisualTargets:
@@ -367,11 +85,11 @@ class VisualTargets:
             raise FileNotFoundError(f"{self.directory}: no {PLAN_FILE}; run tools/precompute_targets.py first")
         plan = json.loads(plan_path.read_text())
         self.mode = plan["mode"]
-        self.meta = {kind: VisualCodesMeta.from_json(m) for kind, m in plan["meta"].items()}
+        self.meta = {branch: VisualCodesMeta.from_json(m) for branch, m in plan["meta"].items()}
         self._rows = {key: (position, first, tiles) for position, (key, first, tiles) in enumerate(plan["index"])}
         rows = sum(tiles for _, _, tiles in plan["index"])
-        self._codes = {kind: np.memmap(self.directory / codes_file(kind), np.uint16, "r",
-                                       shape=(rows, m.num_patches, m.depth)) for kind, m in self.meta.items()}
+        self._codes = {branch: np.memmap(self.directory / codes_file(branch), np.uint16, "r",
+                                       shape=(rows, m.num_patches, m.depth)) for branch, m in self.meta.items()}
         self._done = np.memmap(self.directory / DONE_FILE, np.uint8, "r", shape=(len(plan["index"]),))
 
     def __contains__(self, key: str) -> bool:
@@ -382,14 +100,14 @@ class VisualTargets:
         """Entries complete, ZERO_IMAGE included."""
         return int(self._done.sum())
 
-    def codes(self, key: str, kind: str = "semantic") -> np.ndarray:
+    def codes(self, key: str, branch: str = "semantic") -> np.ndarray:
         """uint16 [tiles * patches, D] of image ``key`` (a path relative to the image root)."""
-        if kind not in self._codes:
-            raise KeyError(f"{self.directory} holds {sorted(self._codes)} codes, not {kind!r}")
+        if branch not in self._codes:
+            raise KeyError(f"{self.directory} holds {sorted(self._codes)} codes, not {branch!r}")
         entry = self._rows.get(normalize_image_path(key))
         if entry is None or not self._done[entry[0]]:
             state = "not in the index" if entry is None else "not computed yet (resume the precompute run)"
             raise KeyError(f"{self.directory}: image {key!r} is {state}")
         _, first, tiles = entry
-        array = self._codes[kind][first : first + tiles]  # [tiles, P, D]
+        array = self._codes[branch][first : first + tiles]  # [tiles, P, D]
         return array.reshape(-1, array.shape[-1])

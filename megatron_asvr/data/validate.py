@@ -17,11 +17,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from megatron_asvr.config.tools import ValidationConfig
 from megatron_asvr.data.llava import (
     RawRecord,
     Reason,
@@ -73,40 +73,6 @@ class RecordResult:
     source: str
     sample: TokenizedSample | None
     problems: tuple[Problem, ...]
-
-
-class FixedImageTokens:
-    """``image_token_count`` for encoders with a fixed grid: every image is ``count`` positions."""
-
-    def __init__(self, count: int = 729):
-        self.count = count
-
-    def __call__(self, width: int, height: int) -> int:
-        return self.count
-
-    def __repr__(self) -> str:
-        return f"FixedImageTokens({self.count})"
-
-
-TOO_LONG_POLICIES = ("skip", "truncate", "error")
-
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """Limits and policies of the validation pass."""
-
-    image_root: Path
-    max_seq_length: int = 2048
-    image_token_count: Callable[[int, int], int] = FixedImageTokens(729)
-    too_long: str = "skip"  # skip | truncate (drop trailing text, never an image) | error
-    strict: bool = False  # every skip becomes an error
-    min_image_side: int = 10
-    max_image_pixels: int = 8192 * 8192
-    verify_images: bool = True  # decode every image (JPEG at 1/8 scale), not just its header
-
-    def __post_init__(self):
-        if self.too_long not in TOO_LONG_POLICIES:
-            raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
 
 
 @dataclass(frozen=True)
@@ -241,7 +207,8 @@ class RecordValidator:
         for i, (turn, placed) in enumerate(zip(turns, place_image_tags(turns))):
             if turn.text != placed.text:
                 fixes.append(Problem(Reason.IMAGE_TAG_MOVED, Outcome.ASSUMED,
-                                     f"turn {i}: {IMAGE_TAG} put at the turn's start, the rest stripped, as LLaVA-1.5 does"))
+                                     f"turn {i}: {IMAGE_TAG} put at the turn's start, the rest stripped, "
+                                     "as LLaVA-1.5 does"))
         turns = self._tagged_turns(turns, len(images), fixes)
         unsupported = self.template.unsupported(turns, len(images))
         if unsupported:
@@ -297,7 +264,7 @@ class RecordValidator:
         """The sample within ``max_seq_length`` visual-expanded positions, by the too_long policy."""
         widths = np.ones(len(input_ids), dtype=np.int64)  # [n] positions each token becomes
         image_at = np.flatnonzero(input_ids == IMAGE_PLACEHOLDER)
-        widths[image_at] = [self.config.image_token_count(w, h) for w, h in sizes]
+        widths[image_at] = self.config.image_tokens  # a fixed-grid encoder: every image alike
         ends = np.cumsum(widths)  # [n]
         limit = self.config.max_seq_length
         if ends[-1] <= limit:

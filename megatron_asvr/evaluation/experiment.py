@@ -19,15 +19,16 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from megatron_asvr.checkpoint.directory import checkpoint_dir, find_latest
 from megatron_asvr.config import load_run_config
+from megatron_asvr.config.errors import section
+from megatron_asvr.config.schema import Positive
 from megatron_asvr.evaluation.experiment_report import Results, accuracy_png, curves_png, format_report, seed_record
 from megatron_asvr.evaluation.plot import save_figure
 from megatron_asvr.evaluation.report import RESULTS_JSON
-from megatron_asvr.training.checkpoint import checkpoint_dir, find_latest
 
 ARMS = {  # name -> (label, overrides for both stages)
     "llava": ("LLaVA (no visual loss)", ["model.asvr.visual_loss=false"]),
@@ -44,18 +45,20 @@ class ExperimentError(RuntimeError):
     """A step of the experiment failed; the message names it and its log."""
 
 
-@dataclass(frozen=True)
+@section
 class ExperimentConfig:
+    """The experiment's settings (tools/experiment_asvr_vs_llava.py)."""
+
     demo_dir: Path  # launch/demo.sh's output: data, tokenizer, shards, targets, init (the import)
     out_dir: Path
     stage1_config: Path = Path("configs/demo_stage1.yaml")
     stage2_config: Path = Path("configs/demo_stage2.yaml")
-    stage1_steps: Optional[int] = None  # None: the recipe's train.steps
-    stage2_steps: Optional[int] = None
-    eval_interval: Optional[int] = None  # stage-2 steps between in-training scores; None: steps / IN_TRAINING_SCORES
+    stage1_steps: Optional[Positive] = None  # None: the recipe's train.steps
+    stage2_steps: Optional[Positive] = None
+    eval_interval: Optional[Positive] = None  # stage-2 steps between in-training scores; None: steps / 4
     seeds: Tuple[int, ...] = (1, 2, 3)  # train.seed of each run; every arm trains every seed
-    nproc: int = 2
-    master_port: int = 29620
+    nproc: Positive = 2
+    master_port: Positive = 29620
     stage1_overrides: Tuple[str, ...] = ()  # recipe overrides, the same for both arms
     stage2_overrides: Tuple[str, ...] = ()
 
@@ -92,7 +95,8 @@ class ExperimentConfig:
     def describe(self) -> str:
         overrides = ", ".join([*self.stage1_overrides, *self.stage2_overrides]) or "none"
         return (f"ASVR vs LLaVA on the demo data ({self.demo_dir}): seeds {', '.join(map(str, self.seeds))} per arm; "
-                f"stage 1 from the import, {self.stage1_steps} steps ({self.stage1_config}); stage 2 {self.stage2_steps} "
+                f"stage 1 from the import, {self.stage1_steps} steps ({self.stage1_config}); "
+                f"stage 2 {self.stage2_steps} "
                 f"steps ({self.stage2_config}), held-out scores every {self.eval_interval}; {self.nproc} processes; "
                 f"recipe overrides for both arms: {overrides}")
 

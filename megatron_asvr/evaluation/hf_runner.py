@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 from megatron_asvr.evaluation.queries import Query
-from megatron_asvr.evaluation.runners import Runner, micro_batches
+from megatron_asvr.evaluation.runners import Runner, last_positions, micro_batches
 
 
 class HFRunner(Runner):
@@ -25,22 +25,22 @@ class HFRunner(Runner):
     @torch.no_grad()
     def _logits(self, queries: List[Query]):
         """(batch, logits [b, s, vocab_limit] fp32) per micro-batch."""
-        _, batches = micro_batches(queries, self.micro_batch)
-        for batch in batches:
-            input_ids = batch["tokens"].masked_fill(batch["image_mask"], self.image_token)  # [b, s]
-            pixels = batch["images"].to(self.dtype) if batch["images"] is not None else None
+        for batch in micro_batches(queries, self.micro_batch):
+            b, s = batch.tokens.shape
+            input_ids = batch.tokens.flatten().index_fill(0, batch.image_index, self.image_token).view(b, s)
+            pixels = batch.images.to(self.dtype) if batch.images is not None else None
             logits = self.model(input_ids=input_ids, pixel_values=pixels).logits  # [b, s, V_hf]
             yield batch, logits[..., : self.vocab_limit].float()
 
     def next_tokens(self, queries: List[Query]) -> List[int]:
         ids = []
         for batch, logits in self._logits(queries):
-            ids += logits[torch.arange(logits.shape[0]), batch["last"]].argmax(-1).tolist()
+            ids += logits[torch.arange(logits.shape[0]), last_positions(batch, logits.device)].argmax(-1).tolist()
         return ids[: len(queries)]
 
     def answer_logprobs(self, queries: List[Query]) -> List[float]:
         scores = []
         for batch, logits in self._logits(queries):
-            logprobs = torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [b, s]
-            scores += (logprobs * batch["loss_mask"]).sum(-1).tolist()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)  # [b, s]
+            scores += (logprobs * batch.loss_mask).sum(-1).tolist()
         return scores[: len(queries)]

@@ -28,7 +28,7 @@ class EvalItem:
     prompt: str  # the user turn without the image tag: question, options and answer prompt
     image: Union[Path, bytes, None]  # an image file, encoded image bytes (MMBench TSV), or None (text only)
     answer: Any  # ground truth as the benchmark's scorer reads it
-    kind: str  # yes_no | choice | short
+    answer_type: str  # yes_no | choice | short
     category: str = ""
     choices: Tuple[str, ...] = ()  # candidate answers for likelihood scoring (option letters, Yes / No)
     group: str = ""  # questions scored together: the two questions of an MME image, an MMVP pair

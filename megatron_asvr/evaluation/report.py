@@ -57,7 +57,7 @@ def format_table(results: Sequence[BenchmarkResult], title: str) -> str:
 
 
 def _prediction(item: EvalItem, answer: Answer) -> dict:
-    row = {"question_id": item.question_id, "category": item.category, "kind": item.kind,
+    row = {"question_id": item.question_id, "category": item.category, "answer_type": item.answer_type,
            "prediction": answer.text, "method": answer.method, "answer": item.answer}
     if answer.logprobs:
         row["logprobs"] = dict(zip(item.choices, answer.logprobs))

@@ -10,38 +10,39 @@ decoding step forwards the whole sequence again.
 """
 
 from abc import ABC, abstractmethod
-from functools import partial
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
-from megatron_asvr.data.batch import image_index_of
-from megatron_asvr.data.sequence import collate
+from megatron_asvr.data.batch import MicroBatch, build_micro_batch
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.training.schedule import forward_only
+from megatron_asvr.training.task import logits_step
 
 
 def micro_batches(queries: List[Query], micro_batch: int, length_multiple: int = 1,
-                  count_multiple: int = 1) -> Tuple[int, List[Dict]]:
-    """(sequence length, micro-batches) of ``queries``, right-padded to their longest expanded
-    length rounded up to ``length_multiple`` (sequence parallelism splits it over TP ranks); the
-    micro-batches are filled up with copies of the last query (results dropped) to a multiple of
-    ``count_multiple`` micro-batches (the interleaved schedule runs them in groups of PP)."""
+                  count_multiple: int = 1) -> List[MicroBatch]:
+    """Micro-batches of ``queries``, right-padded to their longest expanded length rounded up to
+    ``length_multiple`` (sequence parallelism splits it over TP ranks); the micro-batches are
+    filled up with copies of the last query (results dropped) to a multiple of ``count_multiple``
+    micro-batches (the interleaved schedule runs them in groups of PP)."""
     seq_length = -(-max(q.length for q in queries) // length_multiple) * length_multiple
     padded = queries + [queries[-1]] * (-len(queries) % (micro_batch * count_multiple))
     batches = []
     for start in range(0, len(padded), micro_batch):
         group = padded[start:start + micro_batch]
-        batch = collate([to_sample(q, seq_length) for q in group])
-        batch["last"] = torch.tensor([q.length - 1 for q in group])  # [b] position of the last id
-        batch["image_index"] = image_index_of(batch["image_mask"])  # [sum P]
         pixels = [q.pixels for q in group if q.pixels is not None]
-        batch["images"] = torch.cat(pixels) if pixels else None  # [sum T, 3, H, W]
-        batches.append(batch)
-    return seq_length, batches
+        batches.append(build_micro_batch([to_sample(q, seq_length) for q in group],
+                                         images=torch.cat(pixels) if pixels else None))  # [sum T, 3, H, W]
+    return batches
+
+
+def last_positions(batch: MicroBatch, device) -> torch.Tensor:
+    """[b] each query's last position (its next id is predicted there)."""
+    return torch.tensor(batch.sample_lengths, device=device) - 1
 
 
 class Runner(ABC):
@@ -73,22 +74,17 @@ def _vocab_slice_mask(logits: torch.Tensor, vocab_limit: int) -> torch.Tensor:
     return torch.arange(start, start + width, device=logits.device) >= vocab_limit
 
 
-def greedy_ids(logits: torch.Tensor, batch: dict, vocab_limit: int) -> torch.Tensor:
+def greedy_ids(logits: torch.Tensor, batch: MicroBatch, vocab_limit: int) -> torch.Tensor:
     """logits [b, s, V/tp] -> argmax id at each sample's last position [b]."""
-    rows = logits[torch.arange(logits.shape[0]), batch["last"]].float()  # [b, V/tp]
-    return gather_from_tensor_model_parallel_region(rows)[:, :vocab_limit].argmax(-1)  # [b]
+    rows = logits[torch.arange(logits.shape[0], device=logits.device), last_positions(batch, logits.device)]
+    return gather_from_tensor_model_parallel_region(rows.float())[:, :vocab_limit].argmax(-1)  # [b]
 
 
-def answer_logprob(logits: torch.Tensor, batch: dict, vocab_limit: int) -> torch.Tensor:
+def answer_logprob(logits: torch.Tensor, batch: MicroBatch, vocab_limit: int) -> torch.Tensor:
     """logits [b, s, V/tp] -> summed log-probability of the labels where loss_mask is 1 [b]."""
     masked = logits.float().masked_fill(_vocab_slice_mask(logits, vocab_limit), float("-inf"))
-    ce = vocab_parallel_cross_entropy(masked, batch["labels"])  # [b, s]
-    return -(ce * batch["loss_mask"]).sum(-1)
-
-
-def _collect(output: dict, reduce: Callable, batch: dict, vocab_limit: int):
-    values = reduce(output["logits"], batch, vocab_limit).double()
-    return torch.zeros((), device=values.device), {"values": values}
+    ce = vocab_parallel_cross_entropy(masked, batch.labels)  # [b, s]
+    return -(ce * batch.loss_mask).sum(-1)
 
 
 class MegatronRunner(Runner):
@@ -107,23 +103,15 @@ class MegatronRunner(Runner):
 
     def _run(self, queries: List[Query], reduce: Callable) -> List[float]:
         config = self.chunks[0].config
-        seq_length, batches = micro_batches(
+        batches = micro_batches(
             queries, self.micro_batch, config.tensor_model_parallel_size if config.sequence_parallel else 1,
             config.pipeline_model_parallel_size if len(self.chunks) > 1 else 1,
         )
-        batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            output = model(tokens=batch["tokens"], position_ids=batch["position_ids"],
-                           image_index=batch["image_index"], images=batch["images"])
-            return output, partial(_collect, reduce=reduce, batch=batch, vocab_limit=self.vocab_limit)
-
-        iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
-        reports = forward_only(forward_step, iterators, self.chunks, len(batches), seq_length, self.micro_batch)
+        collect = logits_step(lambda logits, batch: reduce(logits, batch, self.vocab_limit).double())
+        reports = forward_only(collect, self.chunks, batches)
         count = len(batches) * self.micro_batch
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            values = torch.cat([r["values"] for r in reports])  # [count]
+            values = torch.cat(reports)  # [count]
         else:
             values = torch.zeros(count, dtype=torch.float64, device=self.device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -21,7 +21,6 @@ def naive_multi_depth_cross_entropy(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_sum [D] fp32, count [D] int64, correct [D] int64) of hidden [D, N, E], as
     multi_depth_cross_entropy."""
-    depths = hidden.shape[0]
     if row_mask is not None:
         hidden, targets = hidden[:, row_mask], targets[row_mask]
     losses, counts, corrects = [], [], []

@@ -123,7 +123,8 @@ def load_full_state(
                 else:
                     value = value.chunk(tp, dim=dim)[rank]
             if value.shape != param.shape:
-                raise ValueError(f"{names[name]}: shard shape {tuple(value.shape)} != parameter shape {tuple(param.shape)}")
+                raise ValueError(f"{names[name]}: shard shape {tuple(value.shape)} != parameter shape "
+                                 f"{tuple(param.shape)}")
             param.copy_(value)
             loaded.append(names[name])
     if strict and missing:

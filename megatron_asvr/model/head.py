@@ -112,10 +112,12 @@ class VisualHead(MegatronModule):
         super().__init__(config=config)
         depth, hidden = codebook.depth, head.hidden_size
         if len(codebook_vectors) < depth - 1:
-            raise ValueError(f"teacher forcing needs the codebooks of depths 0..{depth - 2}, got {len(codebook_vectors)}")
+            raise ValueError(f"teacher forcing needs the codebooks of depths 0..{depth - 2}, "
+                             f"got {len(codebook_vectors)}")
         for d, vectors in enumerate(codebook_vectors[: depth - 1]):
             if tuple(vectors.shape) != (codebook.sizes[d], codebook.dim):
-                raise ValueError(f"codebook {d} has shape {tuple(vectors.shape)}, expected ({codebook.sizes[d]}, {codebook.dim})")
+                raise ValueError(f"codebook {d} has shape {tuple(vectors.shape)}, "
+                                 f"expected ({codebook.sizes[d]}, {codebook.dim})")
         self.vocab_sizes = list(codebook.sizes)
         proj_config = dataclasses.replace(config, ffn_hidden_size=hidden)  # H -> E -> E
         self.proj = MLP(config=proj_config, submodules=mlp_submodules(backend), input_size=llm_hidden_size)

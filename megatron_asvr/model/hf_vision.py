@@ -51,7 +51,7 @@ def vision_rules(vision: VisionConfig, source_prefix: str, target_prefix: str = 
     names under ``target_prefix``, for the ``vision.layers_used`` layers we build."""
     s, t = source_prefix, target_prefix + "vit."
     rules = [same(t + "conv1.weight", s + "embeddings.patch_embedding.weight")]
-    if vision.kind == "siglip":
+    if vision.family == "siglip":
         rules.append(same(t + "conv1.bias", s + "embeddings.patch_embedding.bias"))
     else:
         width = vision.hidden_size
@@ -64,12 +64,13 @@ def vision_rules(vision: VisionConfig, source_prefix: str, target_prefix: str = 
     for i in range(vision.layers_used):
         layer, ours = f"{s}encoder.layers.{i}.", f"{t}decoder.layers.{i}."
         for hf_name, our_name in _LAYER_MAP.items():
-            rules += [same(f"{ours}{our_name}.{kind}", f"{layer}{hf_name}.{kind}") for kind in ("weight", "bias")]
+            rules += [same(f"{ours}{our_name}.{param}", f"{layer}{hf_name}.{param}") for param in ("weight", "bias")]
         heads = vision.num_attention_heads
         rules += [
-            fused_qkv(f"{ours}self_attention.linear_qkv.{kind}", *(f"{layer}self_attn.{p}_proj.{kind}" for p in "qkv"),
+            fused_qkv(f"{ours}self_attention.linear_qkv.{param}",
+                      *(f"{layer}self_attn.{p}_proj.{param}" for p in "qkv"),
                       heads, heads)
-            for kind in ("weight", "bias")
+            for param in ("weight", "bias")
         ]
     return rules
 
@@ -126,19 +127,19 @@ def vision_from_hf(vision: dict, feature_layer: int, where: str, base: Optional[
         model_type = vision["model_type"]
     if model_type not in VISION_TYPES:
         raise ConfigError(f"{where}: model_type={model_type!r} is not a SigLIP or CLIP vision config")
-    kind = VISION_TYPES[model_type]
-    check_field(vision, "hidden_act", (VISION_ACT[kind],), VISION_ACT[kind], where)
+    family = VISION_TYPES[model_type]
+    check_field(vision, "hidden_act", (VISION_ACT[family],), VISION_ACT[family], where)
     return dataclasses.replace(
         base or VisionConfig(),
-        kind=kind,
+        family=family,
         num_layers=required_field(vision, "num_hidden_layers", where),
         hidden_size=required_field(vision, "hidden_size", where),
         num_attention_heads=required_field(vision, "num_attention_heads", where),
         ffn_hidden_size=required_field(vision, "intermediate_size", where),
         patch_size=required_field(vision, "patch_size", where),
         image_size=required_field(vision, "image_size", where),
-        activation=OUR_VISION_ACT[kind],
-        norm_eps=vision.get("layer_norm_eps", 1e-6 if kind == "siglip" else 1e-5),
+        activation=OUR_VISION_ACT[family],
+        norm_eps=vision.get("layer_norm_eps", 1e-6 if family == "siglip" else 1e-5),
         feature_layer=feature_layer,
     )
 
@@ -146,7 +147,7 @@ def vision_from_hf(vision: dict, feature_layer: int, where: str, base: Optional[
 def vision_to_hf(vision: VisionConfig, num_layers: int, dtype: str) -> Dict[str, Any]:
     """An HF vision config with ``num_layers`` encoder layers (SigLIP without its pooling head)."""
     config = {
-        "model_type": f"{vision.kind}_vision_model",
+        "model_type": f"{vision.family}_vision_model",
         "hidden_size": vision.hidden_size,
         "intermediate_size": vision.ffn_hidden_size,
         "num_hidden_layers": num_layers,
@@ -154,11 +155,11 @@ def vision_to_hf(vision: VisionConfig, num_layers: int, dtype: str) -> Dict[str,
         "num_channels": 3,
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
-        "hidden_act": VISION_ACT[vision.kind],
+        "hidden_act": VISION_ACT[vision.family],
         "layer_norm_eps": vision.norm_eps,
         "attention_dropout": 0.0,
         "torch_dtype": dtype,
     }
-    if vision.kind == "siglip":
+    if vision.family == "siglip":
         config["vision_use_head"] = False
     return config

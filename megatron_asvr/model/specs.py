@@ -46,7 +46,8 @@ def resolve_backend(requested: str = "auto") -> str:
     if requested == "auto":
         return "transformer_engine" if have_transformer_engine() and torch.cuda.is_available() else "local"
     if requested == "transformer_engine" and not have_transformer_engine():
-        raise ConfigError("transformer_impl=transformer_engine but transformer_engine is not installed: pip install '.[gpu]'")
+        raise ConfigError("transformer_impl=transformer_engine but transformer_engine is not installed: "
+                          "pip install '.[gpu]'")
     return requested
 
 

@@ -84,7 +84,7 @@ class VisionEncoder(MegatronModule):
     def __init__(self, vision: VisionConfig, config: TransformerConfig, backend: str):
         super().__init__(config=config)
         self.vision = vision
-        clip = vision.kind == "clip"
+        clip = vision.family == "clip"
         built = vision.grid * vision.patch_size  # e.g. 378 for 384-pixel inputs
         self.vit = CLIPViTModel(
             transformer_config=config,
@@ -96,7 +96,7 @@ class VisionEncoder(MegatronModule):
             patch_dim=vision.patch_size,
             img_h=built,
             img_w=built,
-            model_subtype=vision.kind,
+            model_subtype=vision.family,
         )
         self.class_tokens = 1 if clip else 0
         conv = self.vit.conv1

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from megatron_asvr.config import ModelConfig
 from megatron_asvr.model.llm import padded_vocab_size
-from megatron_asvr.training.flops import pass_factors
+from megatron_asvr.model.flops import pass_factors
 
 FP32_BYTES = 4
 

@@ -48,7 +48,7 @@ def llm_layer_params(llm: LLMConfig, tp: int) -> int:
 
 def vision_params(vision: VisionConfig, tp: int) -> int:
     """Patch and position embeddings (CLIP: class token and pre-norm), then the built layers."""
-    w, f, clip = vision.hidden_size, vision.ffn_hidden_size, vision.kind == "clip"
+    w, f, clip = vision.hidden_size, vision.ffn_hidden_size, vision.family == "clip"
     tokens = vision.num_patches + clip
     # patch convolution, position embedding; CLIP: class token and pre-norm, SigLIP: the convolution's bias
     embeddings = 3 * vision.patch_size**2 * w + tokens * w + (3 * w if clip else w)

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from megatron_asvr.config import ConfigError, RunConfig
-from megatron_asvr.config.schema import RUN_KEYS, check_step_shape
 from megatron_asvr.data.images import DEFAULT_GRID_PINPOINTS, TILE_SIZE
 from megatron_asvr.planner.activations import MicroBatchShape, stage_activation_bytes
 from megatron_asvr.planner.param_counts import COMPONENT_OF, layers_per_stage, stage_parameters
-from megatron_asvr.training.flops import trained_parts
+from megatron_asvr.model.flops import trained_parts
 
 GIB = 2**30
 GRAD_BYTES = 4  # fp32 gradient buffers (DataParallelSettings.grad_reduce_in_fp32)
@@ -101,14 +100,10 @@ def max_visual_positions(config: RunConfig) -> int:
 
 
 def _validate(config: RunConfig, cluster: Cluster) -> None:
-    parallel = config.parallel
-    parallel.validate(cluster.world_size)
-    if parallel.virtual_pipeline is not None:
+    if config.parallel.virtual_pipeline is not None:
         raise ConfigError("the memory planner models the 1F1B schedule without virtual pipeline: "
                           "unset parallel.virtual_pipeline")
-    config.model.validate(parallel)
-    check_step_shape(parallel, cluster.world_size, config.model, config.train.global_batch, config.train.micro_batch,
-                     config.data.seq_length, RUN_KEYS, packed=config.data.batching == "pack")
+    config.validate_shapes(cluster.world_size)
 
 
 def plan_memory(config: RunConfig, cluster: Cluster, visual_positions: Optional[int] = None) -> MemoryPlan:

@@ -45,12 +45,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
     NCCL on GPU; gloo on CPU, where megatron-core's CUDA calls are emulated
     (``cpu_emulation``). The layout is validated before any group is created.
     ``timeout_minutes`` is the watchdog's (``runtime.waits``); the process groups wait
-    ``BACKSTOP`` times longer. Helper processes started from here on end with this one.
+    ``BACKSTOP`` times longer. Helper processes started from here on end with this one; under
+    torchrun this one stops (SIGTERM) when its agent ends (``child_processes``).
     """
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     parallel.validate(world_size)
     child_processes.install()
+    child_processes.stop_with_agent()
 
     if torch.cuda.is_available():
         backend = "nccl"

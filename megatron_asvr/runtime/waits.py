@@ -8,7 +8,8 @@ A stalled peer (SIGSTOP, a hung GPU, a node whose sockets stay open) never answe
 cannot tell a rank waiting on it from a working one. The watchdog thread looks at the wait in
 progress once a second; past the timeout it prints one line naming it, e.g.
 
-    rank 0: no answer from the data-parallel group within 20 s during step 12's all-reduce (train.distributed_timeout_minutes)
+    rank 0: no answer from the data-parallel group within 20 s during step 12's all-reduce
+        (train.distributed_timeout_minutes)
 
 and ends the process (exit code 1), so that torchrun restarts the job or ends it. The process
 groups' own timeout (gloo, NCCL) is ``BACKSTOP`` times longer, for a wait outside any named one.

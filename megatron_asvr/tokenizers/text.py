@@ -44,7 +44,7 @@ class TextTokenizer(ABC):
 
     @abstractmethod
     def describe(self) -> dict:
-        """Identity of this tokenizer (kind, file, md5, legacy) for manifests and reports."""
+        """Identity of this tokenizer (format, file, md5, legacy) for manifests and reports."""
 
 
 def _md5(path: Path) -> str:
@@ -115,7 +115,7 @@ class SentencePieceTokenizer(TextTokenizer):
 
     def describe(self) -> dict:
         return {
-            "kind": "sentencepiece",
+            "format": "sentencepiece",
             "file": self.model_path.name,
             "md5": _md5(self.model_path),
             "legacy": self.legacy,
@@ -169,7 +169,7 @@ class HFJsonTokenizer(TextTokenizer):
 
     def describe(self) -> dict:
         return {
-            "kind": "tokenizers_json",
+            "format": "tokenizers_json",
             "file": self.json_path.name,
             "md5": _md5(self.json_path),
             "legacy": self.legacy,

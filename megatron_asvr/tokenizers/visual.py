@@ -26,7 +26,7 @@ from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.vision import VisionEncoder, vision_transformer_config
 from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual_format import (
-    KINDS,
+    BRANCHES,
     PROJECTION_GROUPS,
     DualTokenConfig,
     TokenizerFileError,
@@ -107,31 +107,32 @@ class VisualTokenizer(torch.nn.Module):
         self.features = TappedVisionEncoder(config.vision, config.appearance_layer, parallel, backend, dtype)
         device = current_device()
         self.projection = AppearanceProjection(config.code_width, dtype).to(device)
-        self.quantizers = torch.nn.ModuleDict({kind: ResidualQuantizer(codebooks[kind]) for kind in KINDS}).to(device)
+        self.quantizers = torch.nn.ModuleDict(
+            {branch: ResidualQuantizer(codebooks[branch]) for branch in BRANCHES}).to(device)
         self.requires_grad_(False)
         self.eval()
 
-    def codebook_vectors(self, kind: str = "semantic") -> List[torch.Tensor]:
-        """The D frozen codebooks of ``kind``, [V_d, C] fp32 each, padding rows excluded."""
-        return self.quantizers[kind].codebook_vectors()
+    def codebook_vectors(self, branch: str = "semantic") -> List[torch.Tensor]:
+        """The D frozen codebooks of ``branch``, [V_d, C] fp32 each, padding rows excluded."""
+        return self.quantizers[branch].codebook_vectors()
 
-    def metadata(self, kind: str = "semantic") -> VisualCodesMeta:
-        return self.config.metadata(kind)
+    def metadata(self, branch: str = "semantic") -> VisualCodesMeta:
+        return self.config.metadata(branch)
 
     @torch.no_grad()
-    def codes(self, images: torch.Tensor, kinds: Sequence[str] = ("semantic",)) -> Dict[str, torch.Tensor]:
-        """kind -> int64 codes [b, patches, D] for each requested kind, from one encoder pass."""
-        unknown = sorted(set(kinds) - set(KINDS))
-        if unknown or not kinds:
-            raise ValueError(f"code kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    def codes(self, images: torch.Tensor, branches: Sequence[str] = ("semantic",)) -> Dict[str, torch.Tensor]:
+        """branch -> int64 codes [b, patches, D] for each requested branch, from one encoder pass."""
+        unknown = sorted(set(branches) - set(BRANCHES))
+        if unknown or not branches:
+            raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {list(branches)}")
         semantic, appearance = self.features(images)  # [b, p, C] each
         features = {"semantic": semantic}
-        if "appearance" in kinds:
+        if "appearance" in branches:
             b, p, c = appearance.shape
             g = self.config.vision.grid
             grid = appearance.transpose(1, 2).reshape(b, c, g, g)  # [b, C, g, g], patches row-major
             features["appearance"] = self.projection(grid).reshape(b, c, p).transpose(1, 2)  # [b, p, C]
-        return {kind: self.quantizers[kind].codes(features[kind], self.precision) for kind in kinds}
+        return {branch: self.quantizers[branch].codes(features[branch], self.precision) for branch in branches}
 
     def semantic_codes(self, images: torch.Tensor) -> torch.Tensor:
         return self.codes(images, ("semantic",))["semantic"]
@@ -141,18 +142,18 @@ class VisualTokenizer(torch.nn.Module):
 
     def dual_codes(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(semantic, appearance) codes of the same forward pass."""
-        codes = self.codes(images, KINDS)
+        codes = self.codes(images, BRANCHES)
         return codes["semantic"], codes["appearance"]
 
 
 def load_codebooks(
-    config_path: str | os.PathLike, checkpoint_path: str | os.PathLike, kind: str = "semantic"
+    config_path: str | os.PathLike, checkpoint_path: str | os.PathLike, branch: str = "semantic"
 ) -> Tuple[VisualCodesMeta, List[torch.Tensor]]:
     """One branch's metadata and D frozen codebooks [V_d, C] (no padding rows), without building the
     encoder: what the visual head's teacher forcing needs. Checks the checkpoint as strictly as loading."""
     config = read_config(config_path)
     weights = split_checkpoint(read_state_dict(checkpoint_path), config, str(checkpoint_path))
-    return config.metadata(kind), weights.codebooks[kind]
+    return config.metadata(branch), weights.codebooks[branch]
 
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -161,7 +162,8 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 def tokenizer_directory_files(directory: str | os.PathLike) -> Tuple[Path, Path]:
     """(config.json, the one checkpoint file) of a DualToken-format tokenizer directory."""
     directory = Path(directory)
-    checkpoints = sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) if directory.is_dir() else []
+    checkpoints = sorted(p for p in directory.iterdir() if p.suffix in CHECKPOINT_SUFFIXES) \
+        if directory.is_dir() else []
     if not (directory / "config.json").is_file() or len(checkpoints) != 1:
         raise ConfigError(
             f"train.visual_tokenizer={str(directory)!r} must hold config.json and one checkpoint "
@@ -170,14 +172,14 @@ def tokenizer_directory_files(directory: str | os.PathLike) -> Tuple[Path, Path]
     return directory / "config.json", checkpoints[0]
 
 
-def load_directory_codebooks(directory: str | os.PathLike, kinds: Sequence[str]):
-    """Per-kind codebook vectors (padding rows removed) and their ``CodebookSpec``, from a
+def load_directory_codebooks(directory: str | os.PathLike, branches: Sequence[str]):
+    """Per-branch codebook vectors (padding rows removed) and their ``CodebookSpec``, from a
     DualToken-format tokenizer directory."""
     config_path, checkpoint_path = tokenizer_directory_files(directory)
     books, specs = {}, {}
-    for kind in kinds:
-        meta, books[kind] = load_codebooks(config_path, checkpoint_path, kind)
-        specs[kind] = CodebookSpec(sizes=list(meta.codebook_sizes), dim=meta.code_width)
+    for branch in branches:
+        meta, books[branch] = load_codebooks(config_path, checkpoint_path, branch)
+        specs[branch] = CodebookSpec(sizes=list(meta.codebook_sizes), dim=meta.code_width)
     return books, specs
 
 

@@ -41,7 +41,7 @@ SEMANTIC_QUANTIZER = "quantizer_semantic"
 APPEARANCE_QUANTIZER = "quantizer"
 APPEARANCE_PROJECTION = "prequant_visual"
 PROJECTION_KEYS = tuple(f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2") for p in ("weight", "bias"))
-KINDS = ("semantic", "appearance")
+BRANCHES = ("semantic", "appearance")
 _QUANTIZER_OF = {"semantic": SEMANTIC_QUANTIZER, "appearance": APPEARANCE_QUANTIZER}
 _UNUSED_PREFIXES = ("siglip_model.text_model.", "postquant_visual.", "post_quant_conv.", "decoder.")
 _UNUSED_KEYS = ("siglip_model.logit_scale", "siglip_model.logit_bias")
@@ -62,7 +62,7 @@ class TokenizerFileError(ValueError):
 class VisualCodesMeta:
     """What the model config needs to know about one branch's codes."""
 
-    kind: str  # "semantic" | "appearance"
+    branch: str  # "semantic" | "appearance"
     depth: int  # D
     codebook_sizes: Tuple[int, ...]  # V_d per depth
     code_width: int  # C, width of the codebook vectors
@@ -75,6 +75,7 @@ class VisualCodesMeta:
 
     @classmethod
     def from_json(cls, data: dict) -> "VisualCodesMeta":
+        data = {"branch" if key == "kind" else key: value for key, value in data.items()}  # targets written as "kind"
         return cls(**{**data, "codebook_sizes": tuple(data["codebook_sizes"])})
 
 
@@ -93,15 +94,15 @@ class DualTokenConfig:
     def depth(self) -> int:
         return len(self.codebook_sizes)
 
-    def metadata(self, kind: str) -> VisualCodesMeta:
-        if kind not in KINDS:
-            raise ValueError(f"code kind must be one of {KINDS}, got {kind!r}")
+    def metadata(self, branch: str) -> VisualCodesMeta:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
         return VisualCodesMeta(
-            kind=kind,
+            branch=branch,
             depth=self.depth,
             codebook_sizes=self.codebook_sizes,
             code_width=self.code_width,
-            feature_layer=self.semantic_layer if kind == "semantic" else self.appearance_layer,
+            feature_layer=self.semantic_layer if branch == "semantic" else self.appearance_layer,
             image_size=self.vision.image_size,
             num_patches=self.vision.num_patches,
         )
@@ -113,7 +114,7 @@ class DualTokenWeights:
 
     vision: Dict[str, torch.Tensor]  # canonical VisionEncoder state
     projection: Dict[str, torch.Tensor]  # AppearanceProjection state (PROJECTION_KEYS)
-    codebooks: Dict[str, List[torch.Tensor]]  # kind -> D tensors [V_d, C]
+    codebooks: Dict[str, List[torch.Tensor]]  # branch -> D tensors [V_d, C]
     skipped: List[str]
 
 
@@ -181,11 +182,13 @@ def read_config(path: str | os.PathLike) -> DualTokenConfig:
         if rq.get(name, width) != width:
             raise TokenizerFileError(f"{w_rq}.{name}={rq[name]} differs from latent_shape[2]={width}")
     if width % PROJECTION_GROUPS:
-        raise TokenizerFileError(f"{w_rq}: width {width} is not divisible by the projection's {PROJECTION_GROUPS} groups")
+        raise TokenizerFileError(f"{w_rq}: width {width} is not divisible by the projection's "
+                                 f"{PROJECTION_GROUPS} groups")
     block = _int_list(_get(head, "block_size", w_head), f"{w_head}.block_size", 3)
     checks = (("block_size[2]", block[2], depth, "code_shape[2]"),
               ("input_embed_dim_1", _get(head, "input_embed_dim_1", w_head), width, "latent_shape[2]"),
-              ("vocab_size", _per_depth(_get(head, "vocab_size", w_head), f"{w_head}.vocab_size", depth), sizes, "n_embed"))
+              ("vocab_size", _per_depth(_get(head, "vocab_size", w_head), f"{w_head}.vocab_size", depth), sizes,
+               "n_embed"))
     for name, value, expected, theirs in checks:
         if value != expected:
             raise TokenizerFileError(f"{w_head}.{name}={value} does not match rqvaesiglip.{theirs} ({expected})")
@@ -292,14 +295,14 @@ def split_checkpoint(state: Dict[str, torch.Tensor], config: DualTokenConfig, pa
         raise TokenizerFileError(f"{path}: checkpoint does not match the tokenizer config: missing keys "
                                  f"{_listed(missing)}; unexpected keys {_listed(sorted(unexpected))}")
     codebooks = {}
-    for kind, quantizer in _QUANTIZER_OF.items():
-        codebooks[kind] = []
+    for branch, quantizer in _QUANTIZER_OF.items():
+        codebooks[branch] = []
         for d, size in enumerate(config.codebook_sizes):
             key, weight = f"{quantizer}.codebooks.{d}.weight", state[f"{quantizer}.codebooks.{d}.weight"]
             if tuple(weight.shape) != (size + 1, config.code_width):
                 raise TokenizerFileError(f"{path}: {key} has shape {tuple(weight.shape)}, the config says "
                                          f"({size} + 1 padding, {config.code_width})")
-            codebooks[kind].append(weight[:-1].float())  # [V_d, C]
+            codebooks[branch].append(weight[:-1].float())  # [V_d, C]
     projection = {k: state[f"{APPEARANCE_PROJECTION}.{k}"] for k in PROJECTION_KEYS}
     return DualTokenWeights(canonical, projection, codebooks, skipped)
 
@@ -321,8 +324,8 @@ def save_dualtoken(
     out.mkdir(parents=True, exist_ok=True)
     state = {VISION_PREFIX + k: v.detach().cpu().contiguous() for k, v in hf_vision.items()}
     state.update({f"{APPEARANCE_PROJECTION}.{k}": v.detach().cpu().contiguous() for k, v in projection.items()})
-    for kind, quantizer in _QUANTIZER_OF.items():
-        for d, book in enumerate(codebooks[kind]):
+    for branch, quantizer in _QUANTIZER_OF.items():
+        for d, book in enumerate(codebooks[branch]):
             padding = torch.zeros(1, book.shape[1], dtype=torch.float32)
             state[f"{quantizer}.codebooks.{d}.weight"] = torch.cat([book.detach().cpu().float(), padding])
     config_path, checkpoint_path = out / "config.json", out / checkpoint_name

@@ -17,14 +17,16 @@ from typing import List, Sequence
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from megatron_asvr.runtime.device import dtype_of
+
+PRECISIONS = ("fp32", "bf16")  # the released codes are bf16's
 CHUNK_ROWS = 4096  # feature rows per distance matrix: [4096, V_d] at most
 
 
 def check_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+    return dtype_of(precision)
 
 
 @torch.no_grad()
@@ -52,7 +54,8 @@ class ResidualQuantizer(torch.nn.Module):
             raise ValueError("a residual quantizer needs at least one codebook")
         widths = sorted({book.shape[1] for book in codebooks})
         if len(widths) != 1 or any(book.ndim != 2 for book in codebooks):
-            raise ValueError(f"codebooks must be [V_d, C] with one width C, got shapes {[tuple(b.shape) for b in codebooks]}")
+            shapes = [tuple(b.shape) for b in codebooks]
+            raise ValueError(f"codebooks must be [V_d, C] with one width C, got shapes {shapes}")
         self.depth = len(codebooks)
         self.width = widths[0]
         for d, book in enumerate(codebooks):

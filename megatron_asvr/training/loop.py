@@ -1,7 +1,8 @@
 """The training run: set-up, automatic resume, steps through the trainer, logging, checkpoints.
 
-    config -> runtime -> codebooks -> Trainer (chunks, DDP, AdamW + cosine)
-           -> resume (latest complete checkpoint) -> loader -> Trainer.train_step ... -> checkpoints
+    run(config, evaluator)
+        config (+ codebook sizes) -> runtime -> Trainer (chunks, DDP, AdamW + cosine)
+        -> resume (latest complete checkpoint) -> loader -> Trainer.train_step ... -> checkpoints
 
 Checkpoints every ``save_interval`` steps, on SIGTERM, and at the end; a run
 that finds a checkpoint in ``save_dir`` resumes from it exactly (weights,
@@ -17,37 +18,39 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_asvr import runtime
+from megatron_asvr.checkpoint.directory import newest_for_every_rank
+from megatron_asvr.checkpoint.model import VISUAL_HEADS, load_weights
+from megatron_asvr.checkpoint.training_state import save_retried
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
 from megatron_asvr.data.loader import BatchingSettings, GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
 from megatron_asvr.data.packing import length_multiple_for
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.data.targets import VisualTargets
+from megatron_asvr.model.flops import micro_batch_flops
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.transformer_defaults import recompute_kwargs
 from megatron_asvr.model.vlm import stage_builder
+from megatron_asvr.runtime.device import dtype_of
 from megatron_asvr.runtime.waits import Watchdog, waiting_for
 from megatron_asvr.tokenizers.visual import load_directory_codebooks, tokenizer_directory_files
-from megatron_asvr.training import checkpoint as ckpt
-from megatron_asvr.training.flops import micro_batch_flops
-from megatron_asvr.training.metrics import MetricsLogger, Stopwatch, TensorBoardSink, WandbSink
+from megatron_asvr.training.metrics import MetricsLogger, StepTimings, Stopwatch, TensorBoardSink, WandbSink
 from megatron_asvr.training.task import ASVRTask
 from megatron_asvr.training.trainer import OptimizerSettings, Trainer
 
-# (config, model config with codebook specs, trainer) -> scorer with .log(step, logger); built by the caller
-EvaluatorFactory = Callable[[RunConfig, object, Trainer], object]
 
+class Evaluator(Protocol):
+    """An in-training score (``evaluation.in_training.HeldOutScore``), run every ``train.eval_interval``
+    steps by every rank (collective), on the model as the trainer holds it."""
 
-def precision(name: str) -> torch.dtype:
-    """The parameters' dtype for ``train.precision`` (auto: bf16 on GPU, fp32 on CPU)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    description: str  # what is scored, for the log line
+
+    def __call__(self, model: List[torch.nn.Module]) -> Dict[str, float]:
+        """Scores by name (logged as ``eval/<name>``)."""
 
 
 def total_steps(config: RunConfig, num_samples: int) -> int:
@@ -66,14 +69,16 @@ def optimizer_settings(config: RunConfig, steps: int) -> OptimizerSettings:
     )
 
 
-def with_codebooks(config: RunConfig):
-    """(codebook vectors per kind, the model config with their sizes) from train.visual_tokenizer."""
+def load_codebooks(config: RunConfig) -> Tuple[Dict[str, List[torch.Tensor]], RunConfig]:
+    """(codebook vectors per branch, ``config`` with their sizes in ``model.asvr``) from
+    ``train.visual_tokenizer``: the run's config from here on."""
     asvr = config.model.asvr
-    kinds = sorted(set(asvr.branches) | ({"semantic"} if asvr.discrete_input else set()))
-    if not kinds:
-        return {}, config.model
-    books, specs = load_directory_codebooks(config.train.visual_tokenizer, kinds)
-    return books, dataclasses.replace(config.model, asvr=dataclasses.replace(asvr, **specs))
+    branches = sorted(set(asvr.branches) | ({"semantic"} if asvr.discrete_input else set()))
+    if not branches:
+        return {}, config
+    books, specs = load_directory_codebooks(config.train.visual_tokenizer, branches)
+    model = dataclasses.replace(config.model, asvr=dataclasses.replace(asvr, **specs))
+    return books, dataclasses.replace(config, model=model)
 
 
 def metric_sinks(config: RunConfig) -> list:
@@ -102,7 +107,9 @@ def report_batching(loader: TrainLoader, save_dir: Path, info: runtime.RankInfo)
 
 
 class _SigtermFlag:
-    """Set on SIGTERM: the loop checkpoints after the current step and stops."""
+    """Set on SIGTERM (a preemption: torchrun passes it on, Slurm sends it to every process): the loop
+    checkpoints after the current step and stops. The rank's helpers ignore it
+    (``runtime.child_processes``), so they live until the save is written."""
 
     def __init__(self):
         self.raised = False
@@ -115,34 +122,36 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, model_cfg, steps: int) -> Trainer:
-    """The run's trainer, its initial weights loaded from ``train.load`` if set."""
-    backend = resolve_backend(model_cfg.transformer_impl)
-    builder = stage_builder(model_cfg, config.parallel, backend, codebooks, precision(config.train.precision),
-                            **recompute_kwargs(config.train.recompute))
+def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: int,
+                  llm_changes: Optional[dict] = None) -> Trainer:
+    """The run's trainer (and the throughput benchmark's), its initial weights loaded from
+    ``train.load`` if set; ``llm_changes``: to the LLM's TransformerConfig (the benchmark's FP8)."""
+    model = config.model
+    builder = stage_builder(model, config.parallel, resolve_backend(model.transformer_impl), codebooks,
+                            dtype_of(config.train.precision), llm_changes, **recompute_kwargs(config.train.recompute))
 
     def init_weights(chunks):
-        loaded = ckpt.load_weights(Path(config.train.load), chunks)
+        loaded = load_weights(chunks, Path(config.train.load), optional=(VISUAL_HEADS,))
         if info.rank == 0:
             print(f"initial weights from {loaded}", flush=True)
 
-    return Trainer(builder, ASVRTask(model_cfg.asvr), config.parallel, optimizer_settings(config, steps), info,
+    return Trainer(builder, ASVRTask(model.asvr), config.parallel, optimizer_settings(config, steps), info,
                    init_weights=init_weights if config.train.load else None,
-                   flops_of=functools.partial(micro_batch_flops, model_cfg))
+                   flops_of=functools.partial(micro_batch_flops, model))
 
 
-def build_loader(config: RunConfig, model_cfg, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
+def build_loader(config: RunConfig, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
     """This rank's resumable loader, from the trainer's data position."""
-    t, info = config.train, trainer.info
-    needs = stage_needs(trainer.first_stage, trainer.last_stage, model_cfg.asvr)
+    t, info, model = config.train, trainer.info, config.model
+    needs = stage_needs(trainer.first_stage, trainer.last_stage, model.asvr)
     targets = VisualTargets(config.data.targets) if config.data.targets else None
     builder = SampleBuilder(
-        shards, Path(config.data.image_root), targets, model_cfg.asvr, config.data.seq_length,
-        config.data.image_mode, needs, model_cfg.vision.num_patches, drop_too_long=config.data.drop_too_long,
+        shards, Path(config.data.image_root), targets, model.asvr, config.data.seq_length,
+        config.data.image_mode, needs, model.vision.num_patches, drop_too_long=config.data.drop_too_long,
     )
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
                              shards.num_positions if config.data.group_by_length else None)
-    return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model_cfg.asvr,
+    return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model.asvr,
                        needs, config.data.num_workers, trainer.consumed_samples, info.replica_group,
                        config.data.unreadable_image)
 
@@ -157,60 +166,45 @@ def batching_settings(config: RunConfig) -> BatchingSettings:
 
 
 def resume_newest(trainer: Trainer, save_dir: Path, info: runtime.RankInfo) -> Optional[Path]:
-    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any: rank 0 first
-    clears what unfinished saves left, then chooses it for every rank."""
-    chosen = [None]
-    if info.rank == 0:
-        for name in ckpt.remove_incomplete(save_dir):
-            print(f"removed {save_dir / name}, left by a save that did not finish", flush=True)
-        chosen = [ckpt.find_latest(save_dir)]
-    dist.broadcast_object_list(chosen, src=0)  # host sync, once at start-up
-    if chosen[0] is not None:
-        with waiting_for("every rank", f"loading {chosen[0].name}"):
-            same_layout = trainer.resume(chosen[0])
+    """Resume from the newest complete, undamaged checkpoint in ``save_dir``, if any."""
+    chosen = newest_for_every_rank(save_dir)
+    if chosen is not None:
+        with waiting_for("every rank", f"loading {chosen.name}"):
+            same_layout = trainer.resume(chosen)
         if info.rank == 0:
             how = "" if same_layout else " (new layout: weights and optimizer resharded, RNG reseeded)"
-            print(f"resumed from {chosen[0]} at step {trainer.step}{how}", flush=True)
-    return chosen[0]
+            print(f"resumed from {chosen} at step {trainer.step}{how}", flush=True)
+    return chosen
 
 
-def save_by_policy(trainer: Trainer, config: RunConfig, model_cfg, info: runtime.RankInfo) -> Optional[Path]:
-    """``trainer.save``, retried once if it fails; then, per ``train.save_failure``, stop
-    (``CheckpointWriteError``) or train on (None). ``latest`` keeps the last checkpoint written."""
-    t, save_dir = config.train, Path(config.train.save_dir)
-    name = ckpt.checkpoint_dir(save_dir, trainer.step).name
-    for retry in (False, True):
-        try:
-            with waiting_for("every rank and this rank's checkpoint writers", f"the save of {name}"):
-                return trainer.save(save_dir, to_dict(model_cfg), to_dict(config), t.keep_last)
-        except ckpt.CheckpointWriteError as err:
-            failure = err
-            if info.rank == 0 and not retry:
-                print(f"{err}; retrying once", flush=True)
-    pointer = save_dir / ckpt.LATEST
-    kept = f"latest is still {pointer.read_text()}" if pointer.is_file() else "no checkpoint was written yet"
-    if t.save_failure == "stop":
-        raise ckpt.CheckpointWriteError(f"{failure}, twice; stopped (train.save_failure=stop); {kept}") from failure
-    if info.rank == 0:
-        print(f"{failure}, twice; training on (train.save_failure=continue); {kept}", flush=True)
-    return None
+def save(trainer: Trainer, config: RunConfig) -> Optional[Path]:
+    """The trainer's state, saved per ``train.save_failure`` (``checkpoint.training_state.save_retried``)."""
+    t = config.train
+    return save_retried(lambda: trainer.save(Path(t.save_dir), to_dict(config.model), to_dict(config), t.keep_last),
+                        Path(t.save_dir), trainer.step, t.save_failure)
 
 
-def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict:
+def log_scores(scores: Dict[str, float], evaluator: Evaluator, step: int, logger: MetricsLogger) -> None:
+    """One line (on the logging rank) and ``eval/<name>`` scalars."""
+    if logger.enabled:
+        print(f"step {step} | {evaluator.description} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+              flush=True)
+    logger.log_scalars({f"eval/{name}": value for name, value in scores.items()}, step)
+
+
+def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
     """Train per ``config``; return {"history": per-step metrics, "checkpoint": last saved dir}.
-
-    ``evaluator(config, model_cfg, trainer)``, when given, builds the in-training scorer
-    run every ``train.eval_interval`` steps.
-    """
+    ``evaluator`` scores the model every ``train.eval_interval`` steps."""
     config.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if config.train.eval_interval and evaluator is None:
         raise ConfigError("train.eval_interval is set but no evaluator was given: train through tools/train.py "
-                          "(megatron_asvr.evaluation.in_training.train) or set train.eval_interval=0")
-    codebooks, model_cfg = with_codebooks(config)
+                          "or set train.eval_interval=0")
+    codebooks, config = load_codebooks(config)
     if codebooks and config.data.targets:
         VisualTargets.check_made_with(config.data.targets, *tokenizer_directory_files(config.train.visual_tokenizer),
                                       config.data.image_mode)
     t = config.train
+    sigterm = _SigtermFlag()  # from the start: a preemption during start-up stops after the first step
     watchdog = Watchdog(int(os.environ.get("RANK", "0")), t.distributed_timeout_minutes * 60, t.slow_step_factor)
     watchdog.start()
     try:
@@ -218,18 +212,16 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
             info = runtime.initialize(config.parallel, seed=t.seed, timeout_minutes=t.distributed_timeout_minutes)
             shards = ShardDataset(config.data.shards)
             steps = total_steps(config, len(shards))
-            trainer = build_trainer(config, info, codebooks, model_cfg, steps)
+            trainer = build_trainer(config, info, codebooks, steps)
             save_dir = Path(t.save_dir)
             last_saved = resume_newest(trainer, save_dir, info)
-            loader = build_loader(config, model_cfg, trainer, shards)
+            loader = build_loader(config, trainer, shards)
         report_batching(loader, save_dir, info)
         log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses
         logger = MetricsLogger(
             log_rank, steps, trainer.step, t.num_gpus_for_mfu or info.world_size, t.gpu_peak_tflops,
             metric_sinks(config) if log_rank else (), t.log_interval, torch.cuda.is_available(),
         )
-        held_out = evaluator(config, model_cfg, trainer) if evaluator is not None and t.eval_interval else None
-        sigterm = _SigtermFlag()
         try:
             while trainer.step < steps:
                 number = trainer.step + 1
@@ -241,22 +233,26 @@ def run(config: RunConfig, evaluator: Optional[EvaluatorFactory] = None) -> dict
                     result = trainer.train_step(micro, stop_requested=sigterm.raised,
                                                 unreadable=loader.unreadable_samples)
                     step_time = watch.lap() + data_time
-                logger.record(result.step, result.losses, result.grad_norm, result.skipped, result.lr,
-                              result.real_tokens, result.samples, result.flops, step_time, data_time,
-                              dropped=result.dropped, computed_positions=result.computed_positions,
-                              unreadable=result.unreadable)
-                if held_out is not None and trainer.step % t.eval_interval == 0:
+                logger.record(result, StepTimings(step_s=step_time, data_s=data_time))
+                if evaluator is not None and t.eval_interval and trainer.step % t.eval_interval == 0:
                     with trainer.synced(), waiting_for(trainer.peers, "the in-training evaluation"):
-                        held_out.log(trainer.step, logger)
+                        scores = evaluator(trainer.model)
+                    log_scores(scores, evaluator, trainer.step, logger)
+                saved = None
                 if (t.save_interval and trainer.step % t.save_interval == 0) or result.stop or trainer.step == steps:
-                    last_saved = save_by_policy(trainer, config, model_cfg, info) or last_saved
+                    saved = save(trainer, config)
+                    last_saved = saved or last_saved
                 if result.stop:
+                    if info.rank == 0:
+                        print(f"stopped by SIGTERM after step {trainer.step}, "
+                              f"{f'saved {saved}' if saved else 'its checkpoint not written'}; "
+                              "the same command resumes from the newest checkpoint", flush=True)
                     break
         finally:
-            sigterm.restore()
             logger.close()
     finally:
         with waiting_for("every rank", "the shutdown of the process groups"):
             runtime.destroy()
         watchdog.stop()
+        sigterm.restore()
     return {"history": logger.history, "checkpoint": str(last_saved) if last_saved else None}

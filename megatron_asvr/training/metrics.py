@@ -1,9 +1,9 @@
-"""What a training step reports: losses, per-depth visual CE and accuracy, speed, memory.
+"""Where a training step's numbers go: one log line per interval, the same numbers as TensorBoard
+(and optionally W&B) scalars, and a tqdm progress bar with ETA when the output is a terminal.
 
-One log line per interval, the same numbers as TensorBoard (and optionally W&B) scalars, and a tqdm
-progress bar with ETA when the output is a terminal. Loss reports come from the
-last pipeline stage's loss function (``model.loss.asvr_loss``), summed over the
-micro-batches and data-parallel ranks of a step.
+The losses are the trainer's (``model.loss.LossReport.scalars`` of the global batch, on the last
+pipeline stage), the counts its ``StepCounts``; here they are only averaged over the interval,
+turned into rates and written.
 """
 
 import hashlib
@@ -12,61 +12,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
-
-import torch
-import torch.distributed as dist
+from typing import Dict, List, Sequence
 
 from megatron_asvr.runtime.device import peak_memory_bytes
+from megatron_asvr.training.trainer import StepResult
 
 
-@dataclass
-class SummedReports:
-    """Loss reports summed over micro-batches and data-parallel ranks, as one device vector."""
+@dataclass(frozen=True)
+class StepTimings:
+    """Wall time of one step on the logging rank."""
 
-    flat: torch.Tensor  # [sum of sizes] float64, on the device
-    sizes: Dict[str, int]  # report name -> its length in ``flat``, in order
-
-    def on_host(self) -> Dict[str, List[float]]:
-        values = self.flat.tolist()  # host sync: the step's numbers for the log (one transfer)
-        out, at = {}, 0
-        for name, size in self.sizes.items():
-            out[name], at = values[at:at + size], at + size
-        return out
-
-
-def reduce_reports(reports: List[Dict[str, torch.Tensor]], group) -> Optional[SummedReports]:
-    """Sum the micro-batch reports of this rank, then over the data-parallel ``group``."""
-    if not reports:
-        return None
-    names = sorted(reports[0])
-    flat = torch.cat([sum(r[n].double().flatten() for r in reports) for n in names])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, group=group)
-    return SummedReports(flat, {n: reports[0][n].numel() for n in names})
-
-
-def step_losses(summed: Optional[SummedReports]) -> Dict[str, float]:
-    """Text loss, visual loss per head, and per-depth CE / accuracy, from summed reports."""
-    if summed is None:
-        return {}
-    values = summed.on_host()
-    out = {}
-    if "text" in values:
-        total, count = values["text"]
-        out["loss/text"] = total / count if count else float("nan")
-    for name, ce in values.items():
-        if name.startswith("visual/") and name.endswith("/ce"):
-            branch = name.split("/")[1]
-            rows = values[f"visual/{branch}/rows"][0]
-            if rows == 0:
-                continue
-            correct = values[f"visual/{branch}/correct"]
-            out[f"loss/visual_{branch}"] = sum(ce) / len(ce) / rows
-            for d in range(len(ce)):
-                out[f"visual_{branch}/ce_depth{d}"] = ce[d] / rows
-                out[f"visual_{branch}/acc_depth{d}"] = correct[d] / rows
-    return out
+    step_s: float  # waiting for the batches included
+    data_s: float  # waiting for the batches
 
 
 @dataclass
@@ -138,34 +95,32 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def record(self, step: int, losses: Dict[str, float], grad_norm: Optional[float], skipped: bool, lr: float,
-               tokens: int, samples: int, flops: float, step_time: float, data_time: float, dropped: int = 0,
-               computed_positions: Optional[int] = None, unreadable: int = 0) -> None:
-        """One step; ``tokens``: real positions (``computed_positions``, padding included, default the
-        same); ``dropped``: samples that could not fit and were masked out, ``unreadable``: samples
-        whose images could not be read and were masked out (counted, not silent)."""
-        iv = self.interval
+    def record(self, result: StepResult, timings: StepTimings) -> None:
+        """One step: its losses, its counts (dropped: samples that could not fit, unreadable: samples
+        whose images could not be read; both masked out, counted, never silent) and its timings."""
+        iv, counts, losses = self.interval, result.counts, result.losses
         iv.steps += 1
-        iv.skipped += int(skipped)
-        iv.dropped += dropped
-        iv.unreadable += unreadable
-        iv.tokens, iv.samples, iv.flops = iv.tokens + tokens, iv.samples + samples, iv.flops + flops
-        iv.computed += tokens if computed_positions is None else computed_positions
-        iv.step_time, iv.data_time = iv.step_time + step_time, iv.data_time + data_time
+        iv.skipped += int(result.skipped)
+        iv.dropped += counts.dropped
+        iv.unreadable += counts.unreadable
+        iv.tokens, iv.samples = iv.tokens + counts.real_tokens, iv.samples + result.samples
+        iv.flops += counts.flops
+        iv.computed += counts.computed_positions
+        iv.step_time, iv.data_time = iv.step_time + timings.step_s, iv.data_time + timings.data_s
         for name, value in losses.items():
             iv.losses.setdefault(name, []).append(value)
-        if grad_norm is not None and math.isfinite(grad_norm):
-            iv.grad_norms.append(grad_norm)
-        entry = {"step": step, "lr": lr, "skipped": skipped, "dropped_samples": dropped,
-                 "unreadable_samples": unreadable, **losses}
-        if grad_norm is not None:
-            entry["grad_norm"] = grad_norm
+        if result.grad_norm is not None and math.isfinite(result.grad_norm):
+            iv.grad_norms.append(result.grad_norm)
+        entry = {"step": result.step, "lr": result.lr, "skipped": result.skipped, "dropped_samples": counts.dropped,
+                 "unreadable_samples": counts.unreadable, **losses}
+        if result.grad_norm is not None:
+            entry["grad_norm"] = result.grad_norm
         self.history.append(entry)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss/")})
-        if iv.steps >= self.log_interval or step == self.total_steps:
-            self._flush(step, lr)
+        if iv.steps >= self.log_interval or result.step == self.total_steps:
+            self._flush(result.step, result.lr)
 
     def _flush(self, step: int, lr: float) -> None:
         iv = self.interval
@@ -189,12 +144,15 @@ class MetricsLogger:
         if self.on_gpu:
             scalars["mfu"] = tflops / self.peak_tflops
         if self.enabled:
-            visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/visual_"))
+            visual = " ".join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in scalars.items()
+                              if k.startswith("loss/visual_"))
             line = (
-                f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} | visual {visual or '-'} "
+                f"step {step}/{self.total_steps} | text {scalars.get('loss/text', float('nan')):.4f} "
+                f"| visual {visual or '-'} "
                 f"| lr {lr:.3g} | grad norm {scalars['grad_norm']:.3f} | skipped {iv.skipped} dropped {iv.dropped} "
                 f"unreadable {iv.unreadable} "
-                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) {scalars['samples_per_s']:.2f} samples/s "
+                f"| {scalars['tokens_per_s']:.0f} tok/s (fill {scalars['fill']:.0%}) "
+                f"{scalars['samples_per_s']:.2f} samples/s "
                 f"| {tflops:.3f} TFLOP/s/GPU" + (f" MFU {scalars['mfu']:.1%}" if self.on_gpu else "")
                 + f" | step {scalars['step_time_s']:.2f}s data {scalars['data_wait_s']:.2f}s "
                 f"| peak mem {scalars['peak_memory_gib']:.2f} GiB"

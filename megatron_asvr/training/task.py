@@ -1,7 +1,8 @@
-"""What the trainer runs for the ASVR model: megatron's forward-step function and the loss counts."""
+"""What the schedules run the ASVR model for: its training loss (``ASVRTask``), or its logits
+(``logits_step``: evaluation and ``--verify``). Both feed the model from a ``MicroBatch``."""
 
 from functools import partial
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,16 @@ def packed_seq_params(batch: MicroBatch) -> Optional[PackedSeqParams]:
         return None
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
                            max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+
+
+def model_inputs(batch: MicroBatch, targets: bool) -> dict:
+    """``ASVRModel.forward``'s arguments; without ``targets`` (labels, visual targets) its last
+    stage returns logits instead of the losses' terms."""
+    inputs = dict(tokens=batch.tokens, position_ids=batch.position_ids, image_index=batch.image_index,
+                  images=batch.images, input_codes=batch.input_codes, packed_seq_params=packed_seq_params(batch))
+    if targets:
+        inputs.update(labels=batch.labels, visual_targets=batch.visual_targets, visual_rows=batch.visual_rows)
+    return inputs
 
 
 class ASVRTask:
@@ -46,21 +57,28 @@ class ASVRTask:
 
     def forward_step(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator)
-        grad_scales = None  # on the last stage: what each head's loss sums will get in backward
-        if batch.loss_counts is not None:
-            grad_scales = {branch: visual_grad_scale(batch.loss_counts, self.asvr, getattr(self.asvr, branch).depth)
-                           for branch in self.asvr.branches}
-        output = model(
-            tokens=batch.tokens,
-            position_ids=batch.position_ids,
-            image_index=batch.image_index,
-            images=batch.images,
-            input_codes=batch.input_codes,
-            labels=batch.labels,
-            visual_targets=batch.visual_targets,
-            visual_rows=batch.visual_rows,
-            visual_grad_scale=grad_scales,
-            packed_seq_params=packed_seq_params(batch),
-        )
+        inputs = model_inputs(batch, targets=True)
+        if batch.loss_counts is not None:  # on the last stage: what each head's loss sums get in backward
+            inputs["visual_grad_scale"] = {branch: visual_grad_scale(batch.loss_counts, self.asvr,
+                                                                     getattr(self.asvr, branch).depth)
+                                           for branch in self.asvr.branches}
+        output = model(**inputs)
         # The loss function only runs on the last stage.
         return output, partial(asvr_loss, loss_mask=batch.loss_mask, counts=batch.loss_counts, asvr=self.asvr)
+
+
+def _collected(collect: Callable[[torch.Tensor, MicroBatch], Any], batch: MicroBatch, output: dict):
+    """megatron's two-value loss-function result: no loss (forward only), ``collect``'s value."""
+    logits = output["logits"]  # [b, s, V/tp]
+    return torch.zeros((), device=logits.device), collect(logits, batch)
+
+
+def logits_step(collect: Callable[[torch.Tensor, MicroBatch], Any]):
+    """A forward step that runs the model on a micro-batch's inputs alone and hands the last stage's
+    logits [b, s, V/tp] with the batch to ``collect``, whose values ``forward_only`` returns."""
+
+    def forward_step(data_iterator, model):
+        batch: MicroBatch = next(data_iterator)
+        return model(**model_inputs(batch, targets=False)), partial(_collected, collect, batch)
+
+    return forward_step

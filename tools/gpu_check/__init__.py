@@ -13,7 +13,7 @@ under its own time budget; ``--cpu`` runs the same steps at tiny shapes (CI).
     fused_ce.py      (c) fused CE at the real head shape against naive, Liger, Cut Cross-Entropy; the same
                      benchmark is tools/bench_fused_ce.py on CPU
     shapes.py        the shapes of (c), (d) and (e) on GPU and on CPU; the planner's layer count
-    throughput.py    (d) tools/benchmark.py --mode compare-asvr at Vicuna-7B widths
+    throughput.py    (d) tools/benchmark.py bench.mode=compare-asvr at Vicuna-7B widths
     hf_baseline.py   (d) the same model as the released code runs it: transformers LLaVA + plain_head.py
     plain_head.py    the ASVR visual head in plain PyTorch (materialised logits)
     fp8.py           (e) FP8 through Transformer Engine, or "not available on this machine"

@@ -122,7 +122,8 @@ def _method(case: Case, group) -> Callable:
         mode, main_grad = OURS[case.method]
         chunk_rows = None
         if case.chunk_mib:
-            chunk_rows = chunk_rows_for(case.chunk_mib * MIB, case.vocab // case.tp, getattr(torch, case.dtype).itemsize)
+            itemsize = getattr(torch, case.dtype).itemsize
+            chunk_rows = chunk_rows_for(case.chunk_mib * MIB, case.vocab // case.tp, itemsize)
         ones = torch.ones(case.depths, device=case.device)  # loss.sum().backward(): grad_output 1 per depth
         return lambda h, w, t: multi_depth_cross_entropy(
             h, w, None, t, vocab, group=group, chunk_rows=chunk_rows, backend=case.device, mode=mode,

@@ -12,12 +12,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from megatron_asvr.benchmark.settings import STAGE_LR
 from megatron_asvr.benchmark.synthetic import synthetic_micro_batches
 from megatron_asvr.benchmark.timing import DeviceClock
 from megatron_asvr.config import ModelConfig
+from megatron_asvr.runtime.device import dtype_of
 from tools.gpu_check.plain_head import PlainVisualHead
-from tools.gpu_check.shapes import largest_llm_layers, throughput_settings
+from tools.gpu_check.shapes import largest_llm_layers, throughput_config
 from tools.gpu_check.step_io import OK, device, main
 
 VOCAB_MULTIPLE = 64  # llava-hf pads 32000 text ids + the image token to 32064
@@ -88,29 +88,28 @@ def train_step(llava, head, micro_batches, optimizer, model: ModelConfig) -> flo
 def run(args) -> dict:
     dev = device(args.cpu)
     layers, _ = largest_llm_layers(args.cpu)
-    settings = throughput_settings(args.cpu, layers)
-    model = settings.model()
-    dtype = torch.float32 if settings.precision == "fp32" else torch.bfloat16
-    llava, head = build(model, settings.positions, dev, dtype, settings.seed)
+    config = throughput_config(args.cpu, layers)
+    model, train, bench, positions = config.model, config.train, config.bench, config.data.seq_length
+    dtype = dtype_of(train.precision)
+    llava, head = build(model, positions, dev, dtype, train.seed)
     params = [p for m in (llava, head) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=STAGE_LR[settings.stage], weight_decay=0.0, fused=dev.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, fused=dev.type == "cuda")
     micro = [m.to(dev) for m in synthetic_micro_batches(
-        model, settings.micro_batch, settings.global_batch // settings.micro_batch, settings.positions,
-        seed=settings.seed)]
+        model, train.micro_batch, train.global_batch // train.micro_batch, positions, seed=train.seed)]
     clock = DeviceClock()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for step in range(settings.warmup + settings.steps):
+    for step in range(bench.warmup + bench.steps):
         clock.synchronize()
         start = clock.mark()
         losses.append(train_step(llava, head, micro, optimizer, model))
         end = clock.mark()
         clock.synchronize()
-        if step >= settings.warmup:
+        if step >= bench.warmup:
             times.append(clock.seconds(start, end))
     step_s = statistics.median(times)
-    tokens = settings.global_batch * settings.positions
+    tokens = train.global_batch * positions
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     trained = sum(p.numel() for p in params)
     summary = (f"{layers} LLM layers: step {step_s:.3f} s, {tokens / step_s:,.0f} tokens/s"

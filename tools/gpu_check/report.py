@@ -72,7 +72,7 @@ def ours_vs_transformers(steps: Dict[str, dict]) -> dict:
     if asvr is None or not hf.get("step_time_s"):
         return {}
     tflops = asvr["flops_per_step"] / hf["step_time_s"] / 1e12
-    peak = ours["settings"].get("gpu_peak_tflops")
+    peak = asvr.get("gpu_peak_tflops")
     return {"ours_over_transformers_step_time": asvr["step_time_s"] / hf["step_time_s"],
             "transformers_tflops": tflops, "transformers_mfu": tflops / peak if peak else None}
 

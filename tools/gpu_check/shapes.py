@@ -8,9 +8,11 @@ local layer specs (SDPA attention).
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from pathlib import Path
+from typing import List, Tuple
 
-from megatron_asvr.benchmark.settings import BenchmarkSettings
+from megatron_asvr.config import BenchRunConfig, load_config
+from tools.gpu_check.step_io import REPO
 
 GPU_MEMORY_GIB = 80.0  # one 80 GB H100
 HEADROOM = 0.45  # of the GPU's memory left free by the planned total: 6 layers (planned 43.5 GiB, measured
@@ -31,35 +33,38 @@ def head_shape(cpu: bool) -> HeadShape:
     return HeadShape(96, 3, 300, 32, "float32") if cpu else HeadShape(16 * 729, 8, 16384, 2048, "bfloat16")
 
 
-def throughput_settings(cpu: bool, llm_layers: int) -> BenchmarkSettings:
-    """Stage 2 (projector, LLM and head train), one GPU, the distributed optimizer."""
+def recipe(cpu: bool) -> Path:
+    """The benchmarked recipe: the CPU benchmark's, or Vicuna-7B + SigLIP-SO400M stage 2."""
+    return REPO / ("configs/bench_tiny.yaml" if cpu else "configs/vicuna7b_stage2.yaml")
+
+
+def throughput_overrides(cpu: bool, llm_layers: int) -> List[str]:
+    """The recipe's overrides: stage 2 (projector, LLM and head train), one GPU, the distributed optimizer
+    without overlap, micro-batch 2 of global 4, full-length samples padded to the sequence."""
+    common = [f"model.llm.num_layers={llm_layers}", "model.transformer_impl=local", "parallel.tensor_parallel=1",
+              "parallel.pipeline_parallel=1", "parallel.distributed_optimizer=true",
+              "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false", "train.micro_batch=2",
+              "train.global_batch=4", "data.batching=pad_full", "bench.lengths=full"]
     if cpu:
-        return BenchmarkSettings(preset="tiny", micro_batch=2, global_batch=4, precision="fp32",
-                                 transformer_impl="local", distributed_optimizer=True, warmup=1, steps=2,
-                                 model_overrides=(f"model.llm.num_layers={llm_layers}",))
-    return BenchmarkSettings(preset="vicuna_7b", micro_batch=2, global_batch=4, seq_length=2048, precision="bf16",
-                             transformer_impl="local", distributed_optimizer=True, warmup=2, steps=5,
-                             gpu_peak_tflops=989.0, model_overrides=(f"model.llm.num_layers={llm_layers}",))
+        return common + ["train.precision=fp32", "bench.warmup=1", "bench.steps=2"]
+    return common + ["data.seq_length=2048", "train.precision=bf16", "train.gpu_peak_tflops=989.0",
+                     "bench.warmup=2", "bench.steps=5"]
+
+
+def throughput_config(cpu: bool, llm_layers: int) -> BenchRunConfig:
+    return load_config(BenchRunConfig, recipe(cpu), throughput_overrides(cpu, llm_layers))
 
 
 def largest_llm_layers(cpu: bool) -> Tuple[int, float]:
     """(LLM layers, planned GiB): the most layers the memory planner fits in GPU_MEMORY_GIB with HEADROOM
-    left, at throughput_settings' batch (at most 2 layers with --cpu, to stay quick)."""
-    from megatron_asvr.config import DataConfig, RunConfig, TrainConfig
+    left, at throughput_config's batch (at most 2 layers with --cpu, to stay quick)."""
     from megatron_asvr.planner import Cluster, plan_memory
 
     cluster = Cluster(nodes=1, gpus_per_node=1, gpu_memory_gib=GPU_MEMORY_GIB,
                       reserve_gib=HEADROOM * GPU_MEMORY_GIB)
-    full = BenchmarkSettings(preset="tiny" if cpu else "vicuna_7b").model().llm.num_layers
+    full = load_config(BenchRunConfig, recipe(cpu)).model.llm.num_layers
     for layers in range(2 if cpu else full, 0, -1):
-        settings = throughput_settings(cpu, layers)
-        config = RunConfig(
-            model=settings.model(), parallel=settings.parallel(),
-            data=DataConfig(seq_length=settings.positions, image_mode="pad"),
-            train=TrainConfig(global_batch=settings.global_batch, micro_batch=settings.micro_batch,
-                              precision=settings.precision),
-        )
-        plan = plan_memory(config, cluster)
+        plan = plan_memory(throughput_config(cpu, layers), cluster)
         if plan.fits:
             return layers, max(s.total_bytes for s in plan.stages) / 2**30
     raise RuntimeError(f"not one LLM layer fits {GPU_MEMORY_GIB:g} GiB with {HEADROOM:.0%} headroom")

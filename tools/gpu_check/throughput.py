@@ -1,4 +1,4 @@
-"""Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py --mode compare-asvr.
+"""Step (d), ours: training throughput at Vicuna-7B layer shapes through tools/benchmark.py bench.mode=compare-asvr.
 
 The number of LLM layers is the largest the memory planner fits on one 80 GB GPU with 45% headroom
 (shapes.HEADROOM, shapes.largest_llm_layers); tools/benchmark.py times a plain LLaVA step and the ASVR step (the same
@@ -12,51 +12,40 @@ import sys
 from pathlib import Path
 from typing import List
 
-from megatron_asvr.benchmark.settings import BenchmarkSettings
-from tools.gpu_check.shapes import largest_llm_layers, throughput_settings
+from tools.gpu_check.shapes import largest_llm_layers, recipe, throughput_overrides
 from tools.gpu_check.step_io import FAILED, OK, REPO, main
 
 GIB = 2**30
 
 
-def benchmark_argv(settings: BenchmarkSettings, mode: str, json_path: Path) -> List[str]:
-    """tools/benchmark.py's command line for ``settings``."""
-    s = settings
-    argv = [sys.executable, "tools/benchmark.py", "--preset", s.preset, "--mode", mode,
-            "--micro-batch", str(s.micro_batch), "--global-batch", str(s.global_batch), "--precision", s.precision,
-            "--fp8-recipe", s.fp8_recipe, "--transformer-impl", s.transformer_impl, "--warmup", str(s.warmup),
-            "--steps", str(s.steps), "--seed", str(s.seed), "--json", str(json_path)]
-    argv += ["--seq-length", str(s.seq_length)] if s.seq_length else []
-    argv += ["--distributed-optimizer"] if s.distributed_optimizer else []
-    argv += ["--gpu-peak-tflops", str(s.gpu_peak_tflops)] if s.gpu_peak_tflops else []
-    for override in s.model_overrides:
-        argv += ["--set", override]
-    return argv
-
-
-def run_benchmark(settings: BenchmarkSettings, mode: str, work: Path) -> dict:
-    """Run tools/benchmark.py (its output goes to this step's log); its JSON, or RuntimeError."""
+def run_benchmark(cpu: bool, overrides: List[str], work: Path) -> dict:
+    """Run tools/benchmark.py on the check's recipe with ``overrides`` (its output goes to this step's log);
+    its JSON, or RuntimeError."""
+    mode = next(o.split("=", 1)[1] for o in overrides if o.startswith("bench.mode="))
     json_path = work / f"benchmark_{mode}.json"
-    argv = benchmark_argv(settings, mode, json_path)
+    argv = [sys.executable, "tools/benchmark.py", "--config", str(recipe(cpu))]
+    for override in [*overrides, f"bench.json={json_path}"]:
+        argv += ["--set", override]
     print("$ " + " ".join(argv), flush=True)
     code = subprocess.run(argv, cwd=REPO).returncode
     if code or not json_path.is_file():
-        raise RuntimeError(f"tools/benchmark.py --mode {mode} exited {code}" + ("" if code else " without its JSON"))
+        raise RuntimeError(f"tools/benchmark.py --set bench.mode={mode} exited {code}"
+                           + ("" if code else " without its JSON"))
     return json.loads(json_path.read_text())
 
 
 def run_rows(data: dict) -> List[dict]:
     """One row per run of a benchmark JSON: the derived rates and the peak memory."""
     return [{"name": r["name"], "precision": r["settings"]["precision"], **r["derived"],
-             "peak_memory_gib": r["peak_memory_bytes"] / GIB, "flops_per_step": r["flops"]["total"]}
+             "peak_memory_gib": r["peak_memory_bytes"] / GIB, "flops_per_step": r["flops"]["total"],
+             "gpu_peak_tflops": r["gpu_peak_tflops"]}
             for r in data["runs"]]
 
 
 def run(args) -> dict:
     layers, planned_gib = largest_llm_layers(args.cpu)
-    settings = throughput_settings(args.cpu, layers)
     print(f"LLM layers: {layers} (planner: {planned_gib:.1f} GiB)", flush=True)
-    data = run_benchmark(settings, "compare-asvr", args.work)
+    data = run_benchmark(args.cpu, throughput_overrides(args.cpu, layers) + ["bench.mode=compare-asvr"], args.work)
     rows = run_rows(data)
     comparison = data["comparisons"]["asvr"]
     asvr = next(r for r in rows if r["name"] == "asvr")

@@ -1,6 +1,6 @@
 """Step (b): the real trainer, tools/train.py, on a tiny config: 20 steps, a checkpoint at 10; killed and resumed.
 
-The data is the demo pipeline at test size (asvr_dev.tiny_run, built on CPU in a few
+The data is the demo pipeline at test size (tests.support.tiny_run, built on CPU in a few
 seconds). Run A trains 20 steps straight. Run B, started beside it, is SIGKILLed (with every process
 it started) once its step-10 checkpoint is complete, then started again: it resumes from that
 checkpoint to step 20. Per-step losses come from the TensorBoard event files (float32 scalars;
@@ -20,9 +20,9 @@ from typing import Dict
 import psutil
 import yaml
 
-from asvr_dev.tiny_run import tiny_run_config
+from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import to_dict
-from megatron_asvr.training.checkpoint import LATEST, checkpoint_dir
+from megatron_asvr.checkpoint.directory import LATEST, checkpoint_dir
 from tools.gpu_check.step_io import FAILED, OK, REPO, main
 
 STEPS, CHECKPOINT_AT = 20, 10
@@ -41,7 +41,7 @@ def _prepare_data(root: Path) -> None:
     gloo on the loopback interface (a machine's own hostname may not resolve)."""
     start = time.monotonic()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo")
-    code = "import sys; from asvr_dev.tiny_run import make_tiny_run; make_tiny_run(sys.argv[1])"
+    code = "import sys; from tests.support.tiny_run import make_tiny_run; make_tiny_run(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(root)], env=env, check=True)
     print(f"data prepared in {time.monotonic() - start:.1f} s", flush=True)
 

@@ -1,5 +1,5 @@
 """The generic JSON-lines benchmark: the demo's held-out ``eval.jsonl`` and letter / yes-no /
-short-answer sets in the same shape (AI2D, RealWorldQA, ... converted to it).
+short-answer sets converted to the same shape.
 
 One record per line::
 
@@ -70,29 +70,29 @@ def read_jsonl_benchmark(path: Path, image_root: Path) -> ReadResult:
 
 
 def is_correct(item: EvalItem, response: str) -> bool:
-    """A response to a generic item, by the item's kind."""
-    if item.kind == "choice":
+    """A response to a generic item, by the item's answer type."""
+    if item.answer_type == "choice":
         return is_correct_choice(item, response)
-    if item.kind == "yes_no":
+    if item.answer_type == "yes_no":
         return pope_label(response) == item.answer
     return normalize_vqa(response) == normalize_vqa(item.answer)
 
 
 def gold_answer(item: EvalItem) -> str:
     """The gold answer as ``is_correct`` compares it: an option letter, yes / no, or a normalised word."""
-    if item.kind == "choice":
+    if item.answer_type == "choice":
         return item.answer["letter"]
-    return item.answer if item.kind == "yes_no" else normalize_vqa(item.answer)
+    return item.answer if item.answer_type == "yes_no" else normalize_vqa(item.answer)
 
 
 def _category_scores(items: List[EvalItem], predictions: Dict[str, str]) -> Dict[str, List[float]]:
     """One category's questions -> per-question ``accuracy``, ``chance`` and ``majority`` (0 / 1 or 1 / n)."""
     golds = [gold_answer(item) for item in items]
-    open_answers = {gold for item, gold in zip(items, golds) if item.kind != "choice"}
+    open_answers = {gold for item, gold in zip(items, golds) if item.answer_type != "choice"}
     top = Counter(golds).most_common(1)[0][0]
     return {
         "accuracy": [float(is_correct(item, predictions[item.question_id])) for item in items],
-        "chance": [1 / len(item.choices) if item.kind == "choice" else 1 / len(open_answers) for item in items],
+        "chance": [1 / len(item.choices) if item.answer_type == "choice" else 1 / len(open_answers) for item in items],
         "majority": [float(gold == top) for gold in golds],
     }
 

@@ -65,7 +65,7 @@ def read_pope(path: Path, image_root: Path) -> ReadResult:
                 prompt=short_prompt(str(field(record, "text", where))),
                 image=image_file(image_root, field(record, "image", where), where),
                 answer=_yes_no(field(record, "label", where), where),
-                kind="yes_no", category=split, choices=YES_NO_CHOICES,
+                answer_type="yes_no", category=split, choices=YES_NO_CHOICES,
             ))
     return ReadResult(items, {})
 
@@ -136,7 +136,7 @@ def read_mme(path: Path, image_root: Path = None) -> ReadResult:
                     raise BenchmarkError(f"{where}: expected 'question<TAB>answer', got {line!r}")
                 items.append(EvalItem(
                     question_id=f"{task}/{text_file.stem}/{number}", prompt=short_prompt(question.strip()),
-                    image=image, answer=_yes_no(answer, where), kind="yes_no", category=task,
+                    image=image, answer=_yes_no(answer, where), answer_type="yes_no", category=task,
                     choices=YES_NO_CHOICES, group=f"{task}/{text_file.stem}",
                 ))
     if not items:

@@ -1,6 +1,6 @@
 """A torchrun job from pytest, watched: its output, exit code, and the processes it left alive.
 
-    job = run_torchrun(["asvr_dev/faults.py", "--config", "run.yaml"], max_restarts=1, env={...})
+    job = run_torchrun(["tests/support/faults.py", "--config", "run.yaml"], max_restarts=1, env={...})
     job.returncode, job.output, job.survivors
 
 Every process the job starts (workers and their helpers) is recorded while it runs, every

@@ -10,7 +10,7 @@ LLAMA2_TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"  # Vicuna-1.5's tokeni
 def shared_data_dir() -> Path:
     """$MEGATRON_ASVR_SHARED_DATA, else ../shared/data next to the repository."""
     override = os.environ.get("MEGATRON_ASVR_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def llama2_tokenizer_model() -> Path:

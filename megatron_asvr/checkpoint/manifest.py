@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-MANIFEST = "manifest.json"
+CHECKPOINT_MANIFEST = "manifest.json"
 HASHED_MAX_BYTES = 16 * 2**20
 
 
@@ -30,7 +30,7 @@ def _sha256(path: Path) -> str:
 
 def _files(directory: Path) -> Dict[str, Path]:
     return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+            if p.is_file() and p.name != CHECKPOINT_MANIFEST}
 
 
 def write_manifest(directory: Path) -> None:
@@ -39,7 +39,7 @@ def write_manifest(directory: Path) -> None:
     for name, path in _files(Path(directory)).items():
         size = path.stat().st_size
         entries[name] = {"bytes": size, **({"sha256": _sha256(path)} if size <= HASHED_MAX_BYTES else {})}
-    with open(Path(directory) / MANIFEST, "w") as f:
+    with open(Path(directory) / CHECKPOINT_MANIFEST, "w") as f:
         json.dump({"files": entries}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -49,13 +49,13 @@ def damage(directory: Path) -> Optional[str]:
     """How ``directory`` differs from its manifest (the first difference), or None. A checkpoint
     written before manifests existed has none and is taken as it is."""
     directory = Path(directory)
-    manifest = directory / MANIFEST
+    manifest = directory / CHECKPOINT_MANIFEST
     if not manifest.is_file():
         return None
     try:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as err:
-        return f"{MANIFEST} is unreadable ({err})"
+        return f"{CHECKPOINT_MANIFEST} is unreadable ({err})"
     present = _files(directory)
     for name, entry in recorded.items():
         if name not in present:

@@ -16,10 +16,11 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_asvr import runtime
-from megatron_asvr.checkpoint_format import load_model, save_model
+from megatron_asvr.checkpoint.model import load_weights, save_weights
 from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.canonical import full_state, load_full_state
+from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.chunks import ChunkBuilder
 from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
@@ -40,6 +41,7 @@ class Case:
     clip_grad: float = 0.5
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234
+    bucket_size: Optional[int] = None  # DDP gradient bucket, in elements (None: megatron's default)
 
     # -- what subclasses define ------------------------------------------------
     def chunk_builder(self) -> ChunkBuilder:
@@ -61,15 +63,15 @@ def _rank_micro_batches(case: Case, info, step: int):
     return micro[first:first + per_rank], first
 
 
-def _reported(reports, first: int) -> List[tuple]:
-    """(global micro-batch index, report dict) for each report of the last stage."""
-    return [(first + i, {k: v.detach().clone() for k, v in r.items()}) for i, r in enumerate(reports)]
+def _reported(reports: List[LossReport], first: int) -> List[tuple]:
+    """(global micro-batch index, report) for each report of the last stage, on the host."""
+    return [(first + i, r.like(r.flat().cpu())) for i, r in enumerate(reports)]
 
 
 def _trainer(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None) -> Trainer:
     info = runtime.initialize(case.parallel, seed=case.seed)
     optim = OptimizerSettings(lr=case.lr, clip_grad=case.clip_grad, adam_eps=case.adam_eps)
-    return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info,
+    return Trainer(case.chunk_builder(), case.task(), case.parallel, optim, info, bucket_size=case.bucket_size,
                    init_weights=None if initial is None else lambda chunks: load_full_state(chunks, initial))
 
 
@@ -89,7 +91,7 @@ def _record_grads_before_update(trainer: Trainer, grads: list) -> None:
     trainer.optimizer.step = recording_step
 
 
-def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to: Optional[str] = None) -> dict:
+def train_case(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to: Optional[str] = None) -> dict:
     """Train ``case`` through ``Trainer.train_step``; return the canonical initial params, and per
     step the loss reports, grad norm, gradients (reduced, before clipping and the update) and
     params (after the update).
@@ -105,6 +107,7 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
         "rank": info.rank, "tp_rank": info.tp_rank, "dp_rank": info.dp_rank,
         "model_parallel_rng": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"].clone(),
         "main_param_dtypes": _main_param_dtypes(trainer.optimizer),
+        "grad_buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
     }
     if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards
         _record_grads_before_update(trainer, out["grads"])
@@ -118,7 +121,7 @@ def train(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, save_to
             out["params"].append(full_state(trainer.model))
     if save_to is not None:
         with trainer.synced():
-            save_model(trainer.model, Path(save_to))
+            save_weights(trainer.model, Path(save_to))
         out["eval"] = evaluate_reports(case, trainer)
     runtime.destroy()
     return out
@@ -133,7 +136,7 @@ def evaluate_reports(case: Case, trainer: Trainer, step: int = EVAL_STEP) -> Lis
 def evaluate_checkpoint(case: Case, directory: str) -> List[tuple]:
     """Load a dist checkpoint at ``case``'s layout and return its evaluation reports."""
     trainer = _trainer(case)
-    load_model(trainer.model, Path(directory))
+    load_weights(trainer.model, Path(directory))
     reports = evaluate_reports(case, trainer)
     runtime.destroy()
     return reports

@@ -1,25 +1,18 @@
-"""Training checkpoints through megatron's dist_checkpointing (torch_dist format).
+"""Everything a training run resumes from, through megatron's dist_checkpointing (torch_dist).
 
-Layout of a save directory::
+    save_training(save_dir, step, model, optimizer, scheduler, ...) -> iter_* directory
+    load_training(directory, model, optimizer, scheduler) -> TrainingProgress
+    save_retried(save, save_dir, step, on_failure)    a failed save retried once, then stop or go on
 
-    latest                 name of the newest complete checkpoint (updated last)
-    iter_0000100/
-        model_config.json  the model's ModelConfig (what the HF converter reads)
-        run_config.json    the whole RunConfig of the run that wrote it
-        manifest.json      every file's size (and small files' hashes) as written
-        dist/              dist checkpoint: "model" (or "model0", ... per virtual stage),
-                           "optimizer", "rng" (per TP x PP rank), and common state:
-                           step, consumed samples, scheduler, layout
-
-Tensors are keyed layout-independently (global layer numbers, full shapes with
-each rank's shard offsets; the distributed optimizer in its fully reshardable
-form), so a checkpoint written at one TP / PP / DP layout loads at any other.
-A save is atomic: it goes to ``iter_X.tmp``, which rank 0 renames only after
-every rank has written, and ``latest`` moves after that; a run killed mid-save
-leaves the previous checkpoint as the newest complete one, and so does a save that fails on
-any rank (a full disk, a writer process that died): every rank raises ``CheckpointWriteError``.
-A checkpoint whose files changed after it was written (``checkpoint_integrity``) is passed over
-for the previous one, with a warning naming it.
+``dist/`` holds the model entries (``model.py``), "optimizer" (the distributed optimizer in its
+fully reshardable form), "rng" (one object per TP x PP rank) and the common state: step, consumed
+samples, scheduler, layout. Saved at one TP / PP / DP layout, it loads at any other (the RNG is
+restored only at the same layout). A save is atomic: it goes to ``iter_X.tmp``, which rank 0
+renames only after every rank has written, and ``latest`` moves after that (``directory.py``); a
+run killed mid-save leaves the previous checkpoint as the newest complete one, and so does a save
+that fails on any rank (a full disk, a writer process that died): every rank raises
+``CheckpointWriteError``. A checkpoint whose files changed after it was written (``manifest.py``)
+is passed over for the previous one, with a warning naming it.
 """
 
 import json
@@ -27,9 +20,9 @@ import os
 import queue
 import random
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -39,17 +32,36 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_asvr.checkpoint_format import DIST, MODEL_CONFIG, load_model, model_keys, sharded_model_state, unwrap_ddp
-from megatron_asvr.training.checkpoint_integrity import damage, write_manifest
+from megatron_asvr.checkpoint.directory import (
+    DIST,
+    LATEST,
+    MODEL_CONFIG,
+    RUN_CONFIG,
+    UNFINISHED,
+    checkpoint_dir,
+    prune,
+    publish,
+)
+from megatron_asvr.checkpoint.manifest import write_manifest
+from megatron_asvr.checkpoint.model import model_keys, sharded_model_state, unwrap_ddp
+from megatron_asvr.runtime.waits import waiting_for
 
-LATEST = "latest"
-RUN_CONFIG = "run_config.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 WRITE_ERRORS = (OSError, EOFError, CheckpointException)  # a full disk, no permission, a writer helper gone
 
 
 class CheckpointWriteError(RuntimeError):
     """A save failed on some rank; the message is one line (which checkpoint, which rank, why)."""
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a loaded checkpoint left the run."""
+
+    step: int
+    consumed_samples: int
+    same_layout: bool  # saved at this TP / PP / DP layout: the RNG was restored too
+
 
 def _layout() -> Dict[str, int]:
     return {
@@ -83,7 +95,8 @@ def _set_rng_state(state: dict) -> None:
 def _sharded_rng(state: Optional[dict] = None) -> ShardedObject:
     """This rank's RNG states, one object per (PP, TP) rank, replicated over DP."""
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
-    shape = (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size())
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size())
     return ShardedObject("rng_state", state, shape, (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
 
 
@@ -93,48 +106,6 @@ def _training_state(model, optimizer, scheduler, step: int, consumed_samples: in
     state["scheduler"] = scheduler.state_dict()
     state["step"], state["consumed_samples"], state["layout"] = step, consumed_samples, _layout()
     return state
-
-
-def checkpoint_dir(save_dir: Path, step: int) -> Path:
-    return Path(save_dir) / f"iter_{step:07d}"
-
-
-def is_complete(directory: Path) -> bool:
-    """A checkpoint whose configs and dist metadata are all on disk."""
-    directory = Path(directory)
-    return (directory / MODEL_CONFIG).is_file() and dist_checkpointing.check_is_distributed_checkpoint(
-        str(directory / DIST)
-    )
-
-
-def find_latest(save_dir: Path) -> Optional[Path]:
-    """``latest`` if it names a complete, undamaged checkpoint, else the newest such ``iter_*``;
-    each damaged one passed over is named in a warning."""
-    save_dir = Path(save_dir)
-    pointer = save_dir / LATEST
-    named = save_dir / pointer.read_text().strip() if pointer.is_file() else None
-    candidates = sorted((p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix != ".tmp"), reverse=True)
-    for directory in ([named] if named else []) + [p for p in candidates if p != named]:
-        if not is_complete(directory):
-            continue
-        problem = damage(directory)
-        if problem is None:
-            return directory
-        print(f"warning: checkpoint {directory} is damaged ({problem}): passed over",
-              file=sys.stderr, flush=True)
-    return None
-
-
-def remove_incomplete(save_dir: Path) -> List[str]:
-    """Delete what saves that never finished left in ``save_dir`` (``iter_*.tmp``, ``latest.tmp``);
-    return their names. Only while no rank is saving (at start-up, on one rank)."""
-    leftovers = sorted(Path(save_dir).glob("iter_*.tmp")) + sorted(Path(save_dir).glob(LATEST + ".tmp"))
-    for path in leftovers:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return [p.name for p in leftovers]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -183,7 +154,7 @@ def _attempt(part: str, name: str, action, on_rank_0_only: bool = False) -> None
     _agree(name, part, error)
 
 
-def save_checkpoint(
+def save_training(
     save_dir: Path,
     step: int,
     model,
@@ -200,7 +171,7 @@ def save_checkpoint(
     temporary directory removed and ``latest`` unchanged.
     """
     final = checkpoint_dir(save_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + UNFINISHED)
 
     def prepare():
         shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt killed mid-write
@@ -216,13 +187,6 @@ def save_checkpoint(
             _write_json(tmp / RUN_CONFIG, run_config)
             write_manifest(tmp)
 
-    def publish():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = Path(save_dir) / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, Path(save_dir) / LATEST)
-
     _attempt("creating its directory", final.name, prepare, on_rank_0_only=True)
     try:
         _attempt("writing", final.name, write)
@@ -230,24 +194,38 @@ def save_checkpoint(
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _attempt("publishing it as latest", final.name, publish, on_rank_0_only=True)
+    _attempt("publishing it as latest", final.name, lambda: publish(tmp, save_dir), on_rank_0_only=True)
     if dist.get_rank() == 0:
-        _prune(Path(save_dir), keep_last)
+        prune(Path(save_dir), keep_last)
     dist.barrier()
     return final
 
 
-def _prune(save_dir: Path, keep_last: int) -> None:
-    complete = sorted(p for p in save_dir.glob("iter_*") if p.suffix != ".tmp" and is_complete(p))
-    for old in complete[: max(len(complete) - keep_last, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+def save_retried(save: Callable[[], Path], save_dir: Path, step: int, on_failure: str) -> Optional[Path]:
+    """``save()`` (every rank's ``save_training`` of ``step``), retried once if it fails; then, per
+    ``on_failure`` (``train.save_failure``), stop (``CheckpointWriteError``) or train on (None).
+    ``latest`` keeps the last checkpoint written."""
+    name = checkpoint_dir(save_dir, step).name
+    for retry in (False, True):
+        try:
+            with waiting_for("every rank and this rank's checkpoint writers", f"the save of {name}"):
+                return save()
+        except CheckpointWriteError as err:
+            failure = err
+            if dist.get_rank() == 0 and not retry:
+                print(f"{err}; retrying once", flush=True)
+    pointer = Path(save_dir) / LATEST
+    kept = f"latest is still {pointer.read_text()}" if pointer.is_file() else "no checkpoint was written yet"
+    if on_failure == "stop":
+        raise CheckpointWriteError(f"{failure}, twice; stopped (train.save_failure=stop); {kept}") from failure
+    if dist.get_rank() == 0:
+        print(f"{failure}, twice; training on (train.save_failure=continue); {kept}", flush=True)
+    return None
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> Dict[str, int]:
-    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); return
-    ``{"step", "consumed_samples"}``."""
-    directory = Path(directory)
-    path = str(directory / DIST)
+def load_training(directory: Path, model, optimizer, scheduler) -> TrainingProgress:
+    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged) (collective)."""
+    path = str(Path(directory) / DIST)
     common = dist_checkpointing.load_common_state_dict(path)
     state = _training_state(model, optimizer, scheduler, 0, 0, for_loading=True)
     same_layout = common["layout"] == _layout()
@@ -260,25 +238,4 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> Dict[str, i
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])
-    return {"step": int(loaded["step"]), "consumed_samples": int(loaded["consumed_samples"]), "same_layout": same_layout}
-
-
-def resolve(path: Path) -> Path:
-    """A checkpoint directory from a save directory (its newest complete checkpoint) or itself."""
-    path = Path(path)
-    if (path / LATEST).is_file() or any(path.glob("iter_*")):
-        latest = find_latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} holds no complete checkpoint")
-        return latest
-    return path
-
-
-def load_weights(path: Path, model, optional: Sequence[str] = ("visual_heads.",)) -> Path:
-    """Initial weights only (a stage-1 run, an HF import): ``path`` is a save directory, a
-    checkpoint (with ``dist/``) or a bare dist checkpoint. Visual heads absent from it (a
-    stage 1 without the visual loss, an HF import) start from their initialisation.
-    Returns the checkpoint loaded."""
-    directory = resolve(path)
-    load_model(model, directory / DIST if (directory / DIST).is_dir() else directory, optional)
-    return directory
+    return TrainingProgress(int(loaded["step"]), int(loaded["consumed_samples"]), same_layout)

@@ -11,12 +11,13 @@ from typing import Dict, List
 
 import torch
 
-from asvr_dev.harness import Case, merged_reports
+from tests.support.harness import Case, merged_reports
 from megatron_asvr.config import ASVRConfig, CodebookSpec, HeadConfig, LLMConfig, ModelConfig, VisionConfig
 from megatron_asvr.data.batch import build_micro_batch
 from megatron_asvr.data.packing import length_multiple_for, plan_step
 from megatron_asvr.data.sequence import build_sequence
 from megatron_asvr.data.targets import ZERO_IMAGE
+from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.model.vlm import stage_builder
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
@@ -83,7 +84,8 @@ class VLMCase(Case):
             if not images and asvr.supervise_text_only:
                 kinds.insert(1, "I")
                 images = [ZERO_IMAGE]
-            ids = [BOS if k == "B" else IMAGE_PLACEHOLDER if k == "I" else int(torch.randint(3, 250, (1,), generator=g)) for k in kinds]
+            ids = [BOS if k == "B" else IMAGE_PLACEHOLDER if k == "I" else int(torch.randint(3, 250, (1,), generator=g))
+                   for k in kinds]
             supervised = [k == "A" for k in kinds]
             samples.append((build_sequence(ids, supervised, [PATCHES] * len(images), self.seq_length), images))
         return samples
@@ -126,17 +128,17 @@ class VLMCase(Case):
 
 def losses(results, model: ModelConfig, key: str = "reports") -> Dict[str, float]:
     """Global text and visual losses per step from the reports (summed over micro-batches)."""
-    totals: Dict[tuple, Dict[str, torch.Tensor]] = {}
+    per_step: Dict[int, List[LossReport]] = {}
     for (step, _), report in merged_reports(results, key).items():
-        acc = totals.setdefault(step, {})
-        for name, value in report.items():
-            acc[name] = acc.get(name, 0) + value
+        per_step.setdefault(step, []).append(report)
     out = {}
-    for step, acc in totals.items():
-        out[f"{step}/text"] = (acc["text"][0] / acc["text"][1]).item()
+    for step, reports in per_step.items():
+        summed = LossReport.reduce(reports)
+        out[f"{step}/text"] = (summed.text[0] / summed.text[1]).item()
         for branch in model.asvr.branches:
-            rows = acc[f"visual/{branch}/rows"][0]
-            out[f"{step}/{branch}"] = (acc[f"visual/{branch}/ce"].mean() / rows).item() if rows > 0 else 0.0
-            for d, value in enumerate((acc[f"visual/{branch}/ce"] / rows.clamp(min=1)).tolist()):
+            report = summed.branches[branch]
+            rows = report.rows[0]
+            out[f"{step}/{branch}"] = (report.ce.mean() / rows).item() if rows > 0 else 0.0
+            for d, value in enumerate((report.ce / rows.clamp(min=1)).tolist()):
                 out[f"{step}/{branch}/ce{d}"] = value
     return out

@@ -3,9 +3,10 @@
 Ranks are forked from one forkserver that has torch and megatron-core imported
 already, so a launch costs a fork, not an interpreter start (the cost that
 dominates multi-rank tests on a 2-core machine). Each rank gets torchrun's
-environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and one
-intra-op thread; the function then calls ``megatron_asvr.runtime.initialize``
-like a real entry point would.
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), one
+intra-op thread and the fork start method for its own helpers, as a torchrun
+worker has; the function then calls ``megatron_asvr.runtime.initialize`` like a
+real entry point would.
 
 A rank that raises fails the launch with that rank's traceback; a launch that
 does not finish within ``timeout`` seconds is killed and reported as a hang,
@@ -72,6 +73,9 @@ def _rank_main(fn, rank, world_size, port, payload, results):
         OMP_NUM_THREADS="1",
     )
     os.setpgrp()  # this rank leads a process group: killing the group also ends its helpers
+    # A forkserver's children inherit its start method; a torchrun worker forks its helpers (DataLoader
+    # workers), and so does this rank (else each helper is a fresh interpreter: seconds per worker).
+    mp.set_start_method("fork", force=True)
     import torch
 
     torch.set_num_threads(1)

@@ -63,7 +63,7 @@ def encoder_forward_flops_per_tile(model: ModelConfig) -> float:
     v = model.vision
     if model.asvr.discrete_input:
         return 0.0
-    tokens = v.num_patches + (1 if v.kind == "clip" else 0)  # CLIP's class token
+    tokens = v.num_patches + (1 if v.family == "clip" else 0)  # CLIP's class token
     w = v.hidden_size
     per_token_layer = 2 * 4 * w * w + 2 * 2 * w * v.ffn_hidden_size + 2 * 2 * tokens * w  # QKV+out, MLP, attention
     patch_embed = 2 * 3 * v.patch_size**2 * w  # per patch

@@ -5,10 +5,11 @@ from functools import partial
 
 import torch
 
-from asvr_dev.harness import Case
+from tests.support.harness import Case
 from megatron_asvr.config import LLMConfig
 from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.llm import build_llm, llm_transformer_config
+from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.specs import resolve_backend
 
 TINY_LLAMA = LLMConfig(
@@ -20,7 +21,7 @@ TINY_LLAMA = LLMConfig(
 def _loss_func(loss_mask, per_token):
     loss_sum = (per_token.float() * loss_mask).sum()
     count = loss_mask.sum().to(torch.int)
-    return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
+    return loss_sum, count, LossReport(torch.stack([loss_sum.detach(), loss_mask.sum()]))
 
 
 @dataclass
@@ -66,6 +67,6 @@ class GPTTask:
 
 def mean_losses(results, key="reports"):
     """{(step, micro-batch): mean LM loss} from the last-stage ranks."""
-    from asvr_dev.harness import merged_reports
+    from tests.support.harness import merged_reports
 
-    return {k: (r["lm loss"][0] / r["lm loss"][1]).item() for k, r in merged_reports(results, key).items()}
+    return {k: (r.text[0] / r.text[1]).item() for k, r in merged_reports(results, key).items()}

@@ -391,7 +391,7 @@ def _ask_yes_no(scene: Scene, rng: np.random.Generator) -> Question:
 
 def _ask_choice(scene: Scene, rng: np.random.Generator) -> Question:
     """The colour of a shape at a position, among 4 options. The demo encoder shows colours by
-    construction and no shapes (asvr_dev/demo_encoder.py): asked for the shape among 4 the demo's
+    construction and no shapes (demo/encoder.py): asked for the shape among 4 the demo's
     model scored 0.31 (n=36); asked for the position among 4 it scored 0.36 (n=36), a form its
     pretrained LLM never saw (assets/demo_llm was built before it)."""
     shape = _pick(rng, scene.objects)

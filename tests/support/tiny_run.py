@@ -23,7 +23,7 @@ from megatron_asvr.config import (
     VisionConfig,
 )
 
-VISION = VisionConfig(kind="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+VISION = VisionConfig(family="siglip", num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       patch_size=32, image_size=384, feature_layer=-2)  # 144 patches per 384 tile
 PATCHES = VISION.num_patches
 SEQ_LENGTH = 256
@@ -31,13 +31,17 @@ SEQ_LENGTH = 256
 
 def make_tiny_run(root: str) -> dict:
     """Write the corpus, tokenizer, shards and targets under ``root``; return their paths."""
-    from asvr_dev.demo_data import DemoConfig, make_demo_data
-    from asvr_dev.demo_encoder import write_demo_siglip
+    from demo.data import DemoConfig, make_demo_data
+    from demo.encoder import write_demo_siglip
     from megatron_asvr import runtime
-    from megatron_asvr.data.preprocess import PreprocessConfig, preprocess
-    from megatron_asvr.data.targets import TargetsConfig, precompute_targets
-    from megatron_asvr.data.validate import FixedImageTokens, ValidationConfig
-    from megatron_asvr.data.visual_fit import FitConfig, fit_visual_tokenizer
+    from megatron_asvr.config.tools import PreprocessConfig
+    from megatron_asvr.data.preprocess import preprocess
+    from megatron_asvr.config.tools import TargetsConfig
+    from megatron_asvr.data.precompute_targets import precompute_targets
+    from megatron_asvr.config.tools import ValidationConfig
+    from megatron_asvr.data.images import image_batches
+    from megatron_asvr.config.tools import FitConfig
+    from megatron_asvr.tokenizers.visual_fit import fit_visual_tokenizer
 
     root = Path(root)
     make_demo_data(root / "data", DemoConfig.tiny())
@@ -47,12 +51,12 @@ def make_tiny_run(root: str) -> dict:
         images=root / "data/images/train", encoder=root / "encoder", output_dir=root / "tokenizer",
         depth=3, codebook_size=16, appearance_layer=1, seed_images=8, seed_iters=3, head_width=32,
         workers=0, backend="local", progress=False,
-    ))
+    ), image_batches)
     preprocess(PreprocessConfig(
         inputs=(("pretrain", root / "data/pretrain.json"),), output_dir=root / "shards",
         tokenizer=root / "data", template="plain",
         validation=ValidationConfig(image_root=root / "data/images", max_seq_length=SEQ_LENGTH,
-                                    image_token_count=FixedImageTokens(PATCHES)),
+                                    image_tokens=PATCHES),
         progress=False,
     ))
     precompute_targets(TargetsConfig(
@@ -80,4 +84,5 @@ def tiny_run_config(root: str, save_dir: str, **train_changes) -> RunConfig:
     train = TrainConfig(global_batch=4, micro_batch=1, steps=4, lr=1e-3, warmup_ratio=0.0,
                         visual_tokenizer=str(root / "tokenizer"), save_dir=str(save_dir), save_interval=0,
                         log_interval=1, tensorboard=False, precision="fp32")
-    return RunConfig(model=model, parallel=ParallelConfig(), data=data, train=dataclasses.replace(train, **train_changes))
+    return RunConfig(model=model, parallel=ParallelConfig(), data=data,
+                     train=dataclasses.replace(train, **train_changes))

@@ -20,6 +20,8 @@ codebooks of K codes:
 
 The output directory holds ``config.json`` + ``tokenizer.ckpt`` (the released
 layout, loaded by ``load_visual_tokenizer`` like DualToken) and ``fit_report.json``.
+The images are read by the caller's ``read_images`` (``data.images.image_batches``: the
+data layer, above this one, decodes and preprocesses them).
 """
 
 import dataclasses
@@ -27,22 +29,21 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
 from megatron_asvr.config import ParallelConfig
-from megatron_asvr.data.images import image_batches
+from megatron_asvr.config.tools import FitConfig
 from megatron_asvr.model.canonical import load_full_state
 from megatron_asvr.model.hf_vision import find_prefix, hf_vision_to_canonical
 from megatron_asvr.model.specs import resolve_backend
 from megatron_asvr.runtime import current_device
 from megatron_asvr.tokenizers.visual import AppearanceProjection, TappedVisionEncoder
 from megatron_asvr.tokenizers.visual_format import (
-    KINDS,
+    BRANCHES,
     DualTokenConfig,
     TokenizerFileError,
     save_dualtoken,
@@ -56,6 +57,9 @@ from megatron_asvr.tokenizers.visual_rq import (
     relative_errors,
 )
 
+# (paths, mode, batch_images, workers) -> batches of (position, tiles [T, 3, 384, 384] or None, error or
+# None): ``data.images.image_batches``
+ImageBatches = Callable[[Sequence[Path], str, int, int], Iterator[list]]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 REPORT_FILE = "fit_report.json"
 # A code restarts after 400 x K vectors without use (400 times its fair share): on the demo corpus
@@ -63,31 +67,6 @@ REPORT_FILE = "fit_report.json"
 # perplexity 56; 400 x K restarted 26 and reached 0.0071 and 98; never restarting, 0.0069 and 103
 # at depth 0 but lower perplexity from depth 2 on.
 RESTART_AFTER_SHARES = 400
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """One fitting run."""
-
-    images: Path  # directory searched recursively for image files
-    encoder: Path  # HF SigLIP directory: config.json + *.safetensors
-    output_dir: Path
-    depth: int = 8
-    codebook_size: int = 16384
-    semantic_layer: int = -2  # HF hidden_states index; -2 = block 26 of 27
-    appearance_layer: int = 6
-    mode: str = "resize"  # images.py preprocessing
-    epochs: int = 1
-    batch_images: int = 16
-    seed_images: int = 64
-    seed_iters: int = 10
-    restart_after: Optional[int] = None  # vectors a code may go unused; None = 400 x codebook_size
-    max_images: Optional[int] = None  # a random subset of this many images
-    seed: int = 0
-    workers: int = 4
-    head_width: int = 2048  # rqtransformer.embed_dim written to config.json
-    backend: str = "auto"
-    progress: bool = True
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -197,13 +176,13 @@ def list_images(root: Path, max_images: Optional[int], seed: int) -> List[Path]:
 class FeatureStream:
     """Mini-batches of (semantic, appearance) features [n, C] of image files, through the encoder."""
 
-    def __init__(self, encoder: TappedVisionEncoder, config: FitConfig):
-        self.encoder, self.config = encoder, config
+    def __init__(self, encoder: TappedVisionEncoder, config: FitConfig, read_images: ImageBatches):
+        self.encoder, self.config, self.read_images = encoder, config, read_images
         self.device = current_device()
         self.undecodable: Dict[str, str] = {}
 
     def batches(self, paths: Sequence[Path]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for batch in image_batches(paths, self.config.mode, self.config.batch_images, self.config.workers):
+        for batch in self.read_images(paths, self.config.mode, self.config.batch_images, self.config.workers):
             self.undecodable.update({str(paths[i]): error for i, _, error in batch if error})
             tiles = [t for _, t, _ in batch if t is not None]
             if tiles:
@@ -216,28 +195,28 @@ class FeatureStream:
 def _evaluate(stream: FeatureStream, paths, quantizers: Dict[str, ResidualQuantizer], bar) -> dict:
     """Per depth, over all images with the final codebooks: relative error sum ||x - x_hat||^2 / sum ||x||^2,
     unexplained variance sum ||x - x_hat||^2 / sum ||x - mean||^2, and code-usage perplexity."""
-    errors = {kind: 0 for kind in KINDS}
-    sums = {kind: 0 for kind in KINDS}  # sum of x [C] (float64), for the variance
-    vectors = {kind: 0 for kind in KINDS}
-    counts = {kind: [0] * q.depth for kind, q in quantizers.items()}
+    errors = {branch: 0 for branch in BRANCHES}
+    sums = {branch: 0 for branch in BRANCHES}  # sum of x [C] (float64), for the variance
+    vectors = {branch: 0 for branch in BRANCHES}
+    counts = {branch: [0] * q.depth for branch, q in quantizers.items()}
     for features in stream.batches(paths):
-        for kind, x in zip(KINDS, features):
-            codes = quantizers[kind].codes(x)  # [n, D]
-            errors[kind] = errors[kind] + quantizers[kind].squared_errors(x, codes)
-            sums[kind] = sums[kind] + x.double().sum(dim=0).cpu()
-            vectors[kind] += x.shape[0]
-            counts[kind] = [a + b for a, b in zip(counts[kind], code_counts(codes, quantizers[kind].sizes))]
+        for branch, x in zip(BRANCHES, features):
+            codes = quantizers[branch].codes(x)  # [n, D]
+            errors[branch] = errors[branch] + quantizers[branch].squared_errors(x, codes)
+            sums[branch] = sums[branch] + x.double().sum(dim=0).cpu()
+            vectors[branch] += x.shape[0]
+            counts[branch] = [a + b for a, b in zip(counts[branch], code_counts(codes, quantizers[branch].sizes))]
         bar.update(1)
     quality = {}
-    for kind in KINDS:
-        variance = errors[kind][-1] - sums[kind].pow(2).sum() / vectors[kind]  # sum ||x - mean||^2
-        quality[kind] = {"relative_error": relative_errors(errors[kind]),
-                         "unexplained_variance": [float(e / variance) for e in errors[kind][:-1]],
-                         "perplexity": [perplexity(c) for c in counts[kind]]}
+    for branch in BRANCHES:
+        variance = errors[branch][-1] - sums[branch].pow(2).sum() / vectors[branch]  # sum ||x - mean||^2
+        quality[branch] = {"relative_error": relative_errors(errors[branch]),
+                         "unexplained_variance": [float(e / variance) for e in errors[branch][:-1]],
+                         "perplexity": [perplexity(c) for c in counts[branch]]}
     return quality
 
 
-def fit_visual_tokenizer(config: FitConfig) -> dict:
+def fit_visual_tokenizer(config: FitConfig, read_images: ImageBatches) -> dict:
     """Fit, save and evaluate (see the module docstring); returns the report, also in ``fit_report.json``.
 
     Needs ``megatron_asvr.runtime.initialize`` first (the encoder is a megatron module).
@@ -253,26 +232,26 @@ def fit_visual_tokenizer(config: FitConfig) -> dict:
                                   torch.float32)
     load_full_state([encoder.encoder], hf_vision_to_canonical(hf_state, vision)[0])
     encoder.eval()
-    stream = FeatureStream(encoder, config)
+    stream = FeatureStream(encoder, config, read_images)
     where = torch.empty(0, device=stream.device).device  # the real device (the emulation's "cuda" is the CPU)
     generator = torch.Generator(device=where).manual_seed(config.seed)
     restart_after = config.restart_after or RESTART_AFTER_SHARES * config.codebook_size
-    fits = {kind: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for kind in KINDS}
+    fits = {branch: ResidualKMeans(config.depth, config.codebook_size, restart_after, generator) for branch in BRANCHES}
 
     order = random.Random(config.seed).sample(paths, len(paths))
     seed_features = list(stream.batches(order[: config.seed_images]))
-    for i, kind in enumerate(KINDS):
-        fits[kind].seed(torch.cat([f[i] for f in seed_features]), config.seed_iters)
+    for i, branch in enumerate(BRANCHES):
+        fits[branch].seed(torch.cat([f[i] for f in seed_features]), config.seed_iters)
     del seed_features
     batches_per_pass = -(-len(paths) // config.batch_images)
     with tqdm(total=batches_per_pass * (config.epochs + 1), unit="batch", desc="fit visual tokenizer",
               disable=not config.progress) as bar:
         for epoch in range(config.epochs):
             for features in stream.batches(random.Random(config.seed + 1 + epoch).sample(paths, len(paths))):
-                for kind, x in zip(KINDS, features):
-                    fits[kind].update(x)
+                for branch, x in zip(BRANCHES, features):
+                    fits[branch].update(x)
                 bar.update(1)
-        quantizers = {kind: ResidualQuantizer(fit.codebooks) for kind, fit in fits.items()}
+        quantizers = {branch: ResidualQuantizer(fit.codebooks) for branch, fit in fits.items()}
         quality = _evaluate(stream, paths, quantizers, bar)
 
     tokenizer = DualTokenConfig(vision=vision, semantic_layer=semantic_layer, appearance_layer=config.appearance_layer,
@@ -280,14 +259,14 @@ def fit_visual_tokenizer(config: FitConfig) -> dict:
                                 head_width=config.head_width)
     config_path, checkpoint_path = save_dualtoken(
         config.output_dir, tokenizer, hf_state, AppearanceProjection.identity(vision.hidden_size).state_dict(),
-        {kind: q.codebook_vectors() for kind, q in quantizers.items()})
+        {branch: q.codebook_vectors() for branch, q in quantizers.items()})
     report = {
         "images": len(paths) - len(stream.undecodable),
         "undecodable": stream.undecodable,
         "depth": config.depth,
         "codebook_size": config.codebook_size,
         "layers": {"semantic": semantic_layer, "appearance": config.appearance_layer},
-        **{kind: {**quality[kind], "restarts": fits[kind].restarts} for kind in KINDS},
+        **{branch: {**quality[branch], "restarts": fits[branch].restarts} for branch in BRANCHES},
         "config": str(config_path),
         "checkpoint": str(checkpoint_path),
         "seconds": round(time.monotonic() - started, 3),
@@ -299,8 +278,8 @@ def fit_visual_tokenizer(config: FitConfig) -> dict:
 def report_table(report: dict) -> str:
     """The per-depth numbers as an aligned text table."""
     columns = ("relative_error", "unexplained_variance", "perplexity", "restarts")
-    lines = [f"{'kind':<11}{'depth':>6}{'rel. error':>12}{'unexpl. var.':>14}{'perplexity':>12}{'restarts':>10}"]
-    for kind in KINDS:
-        for d, (error, unexplained, ppl, restarts) in enumerate(zip(*(report[kind][c] for c in columns))):
-            lines.append(f"{kind:<11}{d:>6}{error:>12.4f}{unexplained:>14.4f}{ppl:>12.1f}{restarts:>10}")
+    lines = [f"{'branch':<11}{'depth':>6}{'rel. error':>12}{'unexpl. var.':>14}{'perplexity':>12}{'restarts':>10}"]
+    for branch in BRANCHES:
+        for d, (error, unexplained, ppl, restarts) in enumerate(zip(*(report[branch][c] for c in columns))):
+            lines.append(f"{branch:<11}{d:>6}{error:>12.4f}{unexplained:>14.4f}{ppl:>12.1f}{restarts:>10}")
     return os.linesep.join(lines)
