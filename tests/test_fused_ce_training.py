@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.support.harness import train
+from tests.support.harness import train_case
 from tests.support.multirank import run_ranks
 from tests.support.tiny_vlm import TINY_MODEL, VLMCase, losses
 from megatron_asvr.config import ParallelConfig
@@ -45,7 +45,7 @@ def _train_runs(runs, initial=None):
 
         head.multi_depth_cross_entropy = recorded
         try:
-            result = train(case, initial)
+            result = train_case(case, initial)
         finally:
             head.multi_depth_cross_entropy = op
         initial = initial if initial is not None else result["initial"]
