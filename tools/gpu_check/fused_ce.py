@@ -63,7 +63,7 @@ METHODS = {
 OURS = {"ours": ("grads_in_forward", False), "ours-main-grad": ("grads_in_forward", True),
         "ours-recompute": ("recompute", False)}
 CUDA_ONLY = ("liger", "cce")
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc mallopt parameters
 
 
 @dataclass(frozen=True)
@@ -293,9 +293,12 @@ def agreement(result: dict, ref: dict) -> dict:
 
 
 def _rank_main(cases: List[Case], rank: int, port: int, threads: int, results) -> None:
+    # freed blocks >= 128 KiB go back to the system, and every thread allocates from the main arena
+    # (no per-thread arena keeping freed pages), so that the resident set follows the tensors
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    libc.mallopt(M_ARENA_MAX, 1)
     torch.set_num_threads(threads)
-    # freed blocks >= 128 KiB go back to the system, so that the resident set follows the tensors
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     tp, group = cases[0].tp, None
     try:
         if tp > 1:
