@@ -1,11 +1,12 @@
-// Fused multi-depth cross-entropy, CPU kernels: per-(row, depth) statistics of a
-// chunk of logits and the in-place softmax-minus-one-hot gradient.
+// Fused multi-depth cross-entropy, CPU kernels on one chunk of one depth's logits
+// (csrc/fused_ce_layout.h): per-row statistics, the in-place softmax-minus-one-hot
+// gradient, and both in one sweep (ce_rows_: the row is still in cache for the second pass).
 //
-// Work is split over (row, depth) pairs with at::parallel_for; each pair is done by
-// one thread in a fixed order, so results are bitwise reproducible. The inner loops
-// are plain float loops the compiler vectorises; on x86-64 they are cloned for
-// AVX-512 and AVX2 and picked at load time. bfloat16 rows are widened into a
-// per-thread float scratch row first; statistics are always accumulated in float.
+// Rows are split over threads with at::parallel_for; each row is done by one thread in a
+// fixed order, so results are bitwise reproducible. The inner loops are plain float loops
+// the compiler vectorises; on x86-64 they are cloned for AVX-512 and AVX2 and picked at
+// load time. bfloat16 rows are widened into a per-thread float scratch row first;
+// statistics are always accumulated in float.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -123,65 +125,78 @@ void narrow_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
-template <typename scalar_t>
-const float* row_as_float(const scalar_t* row, int64_t n, std::vector<float>& scratch);
+// A row as float: the row itself, or (bfloat16) its widened copy in `scratch`.
+const float* row_as_float(const float* row, int64_t, std::vector<float>&) { return row; }
 
-template <>
-const float* row_as_float<float>(const float* row, int64_t, std::vector<float>&) {
-  return row;
-}
-
-template <>
-const float* row_as_float<at::BFloat16>(const at::BFloat16* row, int64_t n,
-                                        std::vector<float>& scratch) {
+const float* row_as_float(const at::BFloat16* row, int64_t n, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(n));
   widen_bf16(reinterpret_cast<const uint16_t*>(row), scratch.data(), n);
   return scratch.data();
 }
 
+float target_of(const float* z, int64_t target, int64_t valid) {
+  return (target >= 0 && target < valid) ? z[target] : 0.0f;
+}
+
+// The gradient of one row in place; bfloat16 rows go through `scratch` (already widened
+// there when `widened`).
+void grad_row(float* row, const RowsLayout& layout, int64_t target, float lse, float scale,
+              std::vector<float>&, bool) {
+  softmax_grad_f32(row, layout.width, layout.valid, target, lse, scale);
+}
+
+void grad_row(at::BFloat16* row, const RowsLayout& layout, int64_t target, float lse, float scale,
+              std::vector<float>& scratch, bool widened) {
+  auto* bits = reinterpret_cast<uint16_t*>(row);
+  if (!widened) {
+    scratch.resize(static_cast<size_t>(layout.width));
+    widen_bf16(bits, scratch.data(), layout.width);
+  }
+  softmax_grad_f32(scratch.data(), layout.width, layout.valid, target, lse, scale);
+  narrow_bf16(scratch.data(), bits, layout.width);
+}
+
 template <typename scalar_t>
-void row_stats_cpu(const DepthLayout& layout, const scalar_t* logits, const int64_t* targets,
+void row_stats_cpu(const RowsLayout& layout, const scalar_t* logits, const int64_t* targets,
                    float* max, float* sumexp, float* target_logit, int64_t* argmax) {
-  at::parallel_for(0, layout.rows * layout.depths, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {  // task = row * depths + depth
-      const int64_t row = task / layout.depths, d = task % layout.depths;
-      const int64_t valid = layout.valid[d];
-      const float* z =
-          row_as_float(logits + layout.offset[d] + row * layout.width[d], valid, scratch);
-      const RowStats stats = row_stats_f32(z, valid);
-      const int64_t target = targets[task];
-      max[task] = stats.max;
-      sumexp[task] = stats.sumexp;
-      argmax[task] = stats.argmax;
-      target_logit[task] = (target >= 0 && target < valid) ? z[target] : 0.0f;
+    for (int64_t row = begin; row < end; ++row) {
+      const float* z = row_as_float(logits + row * layout.width, layout.valid, scratch);
+      const RowStats stats = row_stats_f32(z, layout.valid);
+      max[row] = stats.max;
+      sumexp[row] = stats.sumexp;
+      argmax[row] = stats.argmax;
+      target_logit[row] = target_of(z, targets[row], layout.valid);
     }
   });
 }
 
-void softmax_grad_row(float* row, int64_t width, int64_t valid, int64_t target, float lse,
-                      float scale, std::vector<float>&) {
-  softmax_grad_f32(row, width, valid, target, lse, scale);
-}
-
-void softmax_grad_row(at::BFloat16* row, int64_t width, int64_t valid, int64_t target, float lse,
-                      float scale, std::vector<float>& scratch) {
-  auto* bits = reinterpret_cast<uint16_t*>(row);
-  scratch.resize(static_cast<size_t>(width));
-  widen_bf16(bits, scratch.data(), width);
-  softmax_grad_f32(scratch.data(), width, valid, target, lse, scale);
-  narrow_bf16(scratch.data(), bits, width);
+template <typename scalar_t>
+void softmax_grad_cpu(const RowsLayout& layout, scalar_t* logits, const int64_t* targets,
+                      const float* lse, float scale) {
+  at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      grad_row(logits + row * layout.width, layout, targets[row], lse[row], scale, scratch, false);
+    }
+  });
 }
 
 template <typename scalar_t>
-void softmax_grad_cpu(const DepthLayout& layout, scalar_t* logits, const int64_t* targets,
-                      const float* lse, const float* scale) {
-  at::parallel_for(0, layout.rows * layout.depths, 1, [&](int64_t begin, int64_t end) {
+void ce_rows_cpu(const RowsLayout& layout, scalar_t* logits, const int64_t* targets, float scale,
+                 float* lse, float* target_logit, int64_t* argmax) {
+  at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / layout.depths, d = task % layout.depths;
-      softmax_grad_row(logits + layout.offset[d] + row * layout.width[d], layout.width[d],
-                       layout.valid[d], targets[task], lse[task], scale[d], scratch);
+    for (int64_t row = begin; row < end; ++row) {
+      scalar_t* z = logits + row * layout.width;
+      const float* values = row_as_float(z, layout.width, scratch);
+      const RowStats stats = row_stats_f32(values, layout.valid);
+      const float row_lse = stats.argmax < 0 ? stats.max : stats.max + std::log(stats.sumexp);
+      lse[row] = row_lse;
+      argmax[row] = stats.argmax;
+      target_logit[row] = target_of(values, targets[row], layout.valid);
+      grad_row(z, layout, targets[row], row_lse, scale, scratch, true);
     }
   });
 }
@@ -192,18 +207,18 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// Per (row, depth): max, sum of exp(z - max), target logit (0 where not owned) and
-// first arg-max column (-1 without valid columns); each [rows, D].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(
-    const at::Tensor& logits, const at::Tensor& targets, const std::vector<int64_t>& width,
-    const std::vector<int64_t>& valid) {
-  const DepthLayout layout = make_layout(logits, targets, width, valid);
+// Per row: max, sum of exp(z - max), target logit (0 where not owned) and first arg-max
+// column (-1 without valid columns); each [rows].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& logits,
+                                                                     const at::Tensor& targets,
+                                                                     int64_t valid) {
+  const RowsLayout layout = make_layout(logits, targets, valid);
   check_cpu(logits, "logits");
   const auto f32 = targets.options().dtype(at::kFloat);
-  auto max = at::empty({layout.rows, layout.depths}, f32);
+  auto max = at::empty({layout.rows}, f32);
   auto sumexp = at::empty_like(max);
   auto target_logit = at::empty_like(max);
-  auto argmax = at::empty({layout.rows, layout.depths}, targets.options());
+  auto argmax = at::empty({layout.rows}, targets.options());
   const auto* tgt = targets.data_ptr<int64_t>();
   if (logits.scalar_type() == at::kFloat) {
     row_stats_cpu(layout, logits.data_ptr<float>(), tgt, max.data_ptr<float>(),
@@ -217,32 +232,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(
   return {max, sumexp, target_logit, argmax};
 }
 
-// In place: logits <- (softmax - one_hot(target)) * scale[d] per depth block, with
-// softmax = exp(z - lse); padding columns get 0.
+// In place: logits <- (exp(z - lse) - one_hot(target)) * scale; padding columns <- 0.
 void softmax_grad_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                   const at::Tensor& scale, const std::vector<int64_t>& width,
-                   const std::vector<int64_t>& valid) {
-  const DepthLayout layout = make_layout(logits, targets, width, valid);
-  check_grad_inputs(layout, logits, lse, scale);
+                   const at::Tensor& scale, int64_t valid) {
+  const RowsLayout layout = make_layout(logits, targets, valid);
   check_cpu(logits, "logits");
+  check_f32(lse, layout.rows, logits, "lse");
+  check_f32(scale, 1, logits, "scale");
   const auto* tgt = targets.data_ptr<int64_t>();
+  const float s = scale.data_ptr<float>()[0];
   if (logits.scalar_type() == at::kFloat) {
-    softmax_grad_cpu(layout, logits.data_ptr<float>(), tgt, lse.data_ptr<float>(),
-                     scale.data_ptr<float>());
+    softmax_grad_cpu(layout, logits.data_ptr<float>(), tgt, lse.data_ptr<float>(), s);
   } else {
-    softmax_grad_cpu(layout, logits.data_ptr<at::BFloat16>(), tgt, lse.data_ptr<float>(),
-                     scale.data_ptr<float>());
+    softmax_grad_cpu(layout, logits.data_ptr<at::BFloat16>(), tgt, lse.data_ptr<float>(), s);
   }
+}
+
+// Both in one sweep, for a vocabulary that is not split: per row the log-sum-exp, target
+// logit and first arg-max column ([rows] each), and the logits become the gradient in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_rows_(at::Tensor& logits,
+                                                        const at::Tensor& targets,
+                                                        int64_t valid, const at::Tensor& scale) {
+  const RowsLayout layout = make_layout(logits, targets, valid);
+  check_cpu(logits, "logits");
+  check_f32(scale, 1, logits, "scale");
+  const auto f32 = targets.options().dtype(at::kFloat);
+  auto lse = at::empty({layout.rows}, f32);
+  auto target_logit = at::empty_like(lse);
+  auto argmax = at::empty({layout.rows}, targets.options());
+  const auto* tgt = targets.data_ptr<int64_t>();
+  const float s = scale.data_ptr<float>()[0];
+  if (logits.scalar_type() == at::kFloat) {
+    ce_rows_cpu(layout, logits.data_ptr<float>(), tgt, s, lse.data_ptr<float>(),
+                target_logit.data_ptr<float>(), argmax.data_ptr<int64_t>());
+  } else {
+    ce_rows_cpu(layout, logits.data_ptr<at::BFloat16>(), tgt, s, lse.data_ptr<float>(),
+                target_logit.data_ptr<float>(), argmax.data_ptr<int64_t>());
+  }
+  return {lse, target_logit, argmax};
 }
 
 }  // namespace fused_ce
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused multi-depth cross-entropy: CPU row-statistics and softmax-gradient kernels";
-  m.def("row_stats", &fused_ce::row_stats, "per-(row, depth) max, sum-exp, target logit, arg-max",
-        py::arg("logits"), py::arg("targets"), py::arg("width"), py::arg("valid"));
+  m.doc() = "Fused multi-depth cross-entropy: CPU kernels on one chunk of one depth's logits";
+  m.def("row_stats", &fused_ce::row_stats, "per-row max, sum-exp, target logit, arg-max",
+        py::arg("logits"), py::arg("targets"), py::arg("valid"));
   m.def("softmax_grad_", &fused_ce::softmax_grad_,
-        "in-place (softmax - one-hot) * scale over all depth blocks", py::arg("logits"),
-        py::arg("targets"), py::arg("lse"), py::arg("scale"), py::arg("width"),
-        py::arg("valid"));
+        "in-place (softmax - one-hot) * scale with a given log-sum-exp", py::arg("logits"),
+        py::arg("targets"), py::arg("lse"), py::arg("scale"), py::arg("valid"));
+  m.def("ce_rows_", &fused_ce::ce_rows_,
+        "per-row log-sum-exp, target logit, arg-max; the logits become the gradient in place",
+        py::arg("logits"), py::arg("targets"), py::arg("valid"), py::arg("scale"));
 }

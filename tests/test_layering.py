@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 
 LIBRARY = "megatron_asvr"
 DEMO = "demo"
-NOT_LIBRARY = ("tests", "tools", DEMO, "asvr_dev")  # top-level packages the library must never import
+NOT_LIBRARY = ("tests", "tools", DEMO)  # top-level packages the library must never import
 # Lowest first. A unit is a subpackage or top-level module of megatron_asvr; it may import its own
 # unit and the units of lower layers. Units of one layer do not import each other.
 LAYERS: Tuple[Tuple[str, ...], ...] = (

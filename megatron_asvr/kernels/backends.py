@@ -25,15 +25,17 @@ EXTENSION_MODULES = {"cuda": "megatron_asvr._fused_ce_cuda", "cpu": "megatron_as
 
 @dataclass(frozen=True)
 class Kernels:
-    """One implementation of the two kernels (signatures of megatron_asvr.kernels.torch_kernels)."""
+    """One implementation of the kernels (signatures of megatron_asvr.kernels.torch_kernels)."""
 
     name: str  # "cuda" | "cpu" | "torch"
     origin: str  # the extension's file, or "plain torch"
     row_stats: Callable
     softmax_grad_: Callable
+    ce_rows_: Callable
 
 
-TORCH_KERNELS = Kernels("torch", "plain torch", torch_kernels.row_stats, torch_kernels.softmax_grad_)
+TORCH_KERNELS = Kernels("torch", "plain torch", torch_kernels.row_stats, torch_kernels.softmax_grad_,
+                        torch_kernels.ce_rows_)
 
 
 @functools.cache
@@ -47,7 +49,7 @@ def load_extension(kind: str) -> Tuple[Optional[Kernels], str]:
             f"{module_name} does not import ({err}); build it with "
             "`pip install --no-build-isolation -e .`"
         )
-    return Kernels(kind, module.__file__, module.row_stats, module.softmax_grad_), ""
+    return Kernels(kind, module.__file__, module.row_stats, module.softmax_grad_, module.ce_rows_), ""
 
 
 @functools.cache

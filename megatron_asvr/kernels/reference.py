@@ -19,15 +19,15 @@ def naive_multi_depth_cross_entropy(
     row_mask: Optional[torch.Tensor] = None,
     depth_weights: Optional[Sequence[float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_sum [D] fp32, count [D] int64, correct [D] int64), as multi_depth_cross_entropy."""
-    depths = hidden.shape[1]
+    """(loss_sum [D] fp32, count [D] int64, correct [D] int64) of hidden [D, N, E], as
+    multi_depth_cross_entropy."""
     if row_mask is not None:
-        hidden, targets = hidden[row_mask], targets[row_mask]
+        hidden, targets = hidden[:, row_mask], targets[row_mask]
     losses, counts, corrects = [], [], []
-    for d in range(depths):
+    for d, h in enumerate(hidden.unbind(0)):  # [M, E] per depth
         v = vocab_sizes[d]
         bias = None if biases is None else biases[d][:v]
-        logits = F.linear(hidden[:, d], weights[d][:v], bias).float()  # [M, V_d]
+        logits = F.linear(h, weights[d][:v], bias).float()  # [M, V_d]
         weight = 1.0 if depth_weights is None else float(depth_weights[d])
         losses.append(weight * F.cross_entropy(logits, targets[:, d], reduction="sum"))
         counts.append(torch.tensor(targets.shape[0], device=hidden.device))

@@ -30,7 +30,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
-from megatron_asvr.kernels import multi_depth_cross_entropy
+from megatron_asvr.kernels import default_mode, multi_depth_cross_entropy
 from megatron_asvr.model.containers import ShardedModuleList
 from megatron_asvr.model.llm import padded_vocab_size
 from megatron_asvr.model.norms import RMSNorm
@@ -142,7 +142,7 @@ class VisualHead(MegatronModule):
         return [getattr(self, f"codebook_{d}") for d in range(len(self.vocab_sizes) - 1)]
 
     def hidden(self, llm_hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """llm_hidden [N, H], ground-truth codes [N, D] -> final normed depth states [N, D, E]."""
+        """llm_hidden [N, H], ground-truth codes [N, D] -> final normed depth states [D, N, E]."""
         x0, bias = self.proj(llm_hidden)
         slots = [x0 + bias if bias is not None else x0]  # [N, E]
         vectors = [book[codes[:, d]] for d, book in enumerate(self._codebooks())]  # D-1 x [N, C]
@@ -155,17 +155,28 @@ class VisualHead(MegatronModule):
             # Full recompute keeps only each layer's input (the per-depth MLPs' 2E activations are
             # the largest); megatron's checkpoint restores the RNG tracker state on recompute.
             x = tensor_parallel.checkpoint(layer, False, x) if recompute else layer(x)
-        return self.final_norm(x).transpose(0, 1)  # [N, D, E]
+        return self.final_norm(x)  # [D, N, E]
 
-    def forward(self, llm_hidden: torch.Tensor, codes: torch.Tensor, rows: Optional[torch.Tensor] = None):
+    def forward(self, llm_hidden: torch.Tensor, codes: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                grad_scale: Optional[torch.Tensor] = None):
         """Per-depth (loss_sum [D], count [D], correct [D]), summed over the supervised ``rows``
-        (int64 indices into llm_hidden [N, H] and codes [N, D]; None: all)."""
+        (int64 indices into llm_hidden [N, H] and codes [N, D]; None: all).
+
+        ``grad_scale`` [D]: the gradient the loss will give loss_sum (model/loss.py's
+        visual_grad_scale), known in training. Under megatron's DDP (parameters with ``main_grad``)
+        the classifiers' gradients then accumulate straight into main_grad.
+        """
         if codes.shape[0] == 0:  # no image in this micro-batch
             depth = len(self.vocab_sizes)
             zeros = torch.zeros(depth, dtype=torch.long, device=llm_hidden.device)
             return torch.zeros(depth, device=llm_hidden.device), zeros, zeros.clone()
         states = self.hidden(llm_hidden, codes)
         group = parallel_state.get_tensor_model_parallel_group()
+        mode = default_mode(states.device)
+        # megatron's DDP gives trained parameters an fp32 main_grad; grads_in_forward accumulates there
+        # in the forward, so only when the loss's gradient is known
+        trained = [p for c in self.classifiers for p in (c.weight, c.bias) if p.requires_grad]
+        main_grad = all(hasattr(p, "main_grad") for p in trained) and (grad_scale is not None or mode == "recompute")
         return multi_depth_cross_entropy(
             states,
             [c.weight for c in self.classifiers],
@@ -174,6 +185,9 @@ class VisualHead(MegatronModule):
             self.vocab_sizes,
             row_index=rows,
             group=group if group.size() > 1 else None,
+            mode=mode,
+            grad_scale=grad_scale,
+            main_grad=main_grad,
         )
 
     def logits(self, llm_hidden: torch.Tensor, codes: torch.Tensor) -> List[torch.Tensor]:
@@ -181,6 +195,6 @@ class VisualHead(MegatronModule):
         states = self.hidden(llm_hidden, codes)
         out = []
         for d, classifier in enumerate(self.classifiers):
-            local = F.linear(states[:, d], classifier.weight, classifier.bias)  # [N, V_pad / tp]
+            local = F.linear(states[d], classifier.weight, classifier.bias)  # [N, V_pad / tp]
             out.append(gather_from_tensor_model_parallel_region(local)[:, : self.vocab_sizes[d]])
         return out

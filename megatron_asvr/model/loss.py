@@ -21,6 +21,21 @@ import torch.distributed as dist
 from megatron_asvr.config import ASVRConfig
 
 
+def visual_grad_scale(counts: torch.Tensor, asvr: ASVRConfig, depth: int) -> torch.Tensor:
+    """[depth] fp32: each depth's factor in the loss, i.e. d loss / d loss_sum_d of a head's
+    per-depth CE sums: lambda x (megatron's normalising count) / visual count / depth.
+
+    From the global counts ``counts`` [2], known before the step: the fused CE makes its
+    gradients with it in the forward (model/head.py), and asvr_loss weighs by the same tensor,
+    so the gradient autograd delivers is this scale exactly.
+    """
+    text_count, visual_count = counts[0], counts[1]
+    # megatron divides by the summed num_tokens: the text count, or the visual count without text.
+    scale = torch.where(text_count > 0, text_count, visual_count)
+    weight = asvr.loss_weight * scale / visual_count.clamp(min=1) / depth  # 0 rows: loss_sum is 0 too
+    return weight.float().expand(depth)
+
+
 @dataclass
 class BranchReport:
     """One visual head's sums over its supervised rows."""
@@ -88,18 +103,14 @@ def asvr_loss(
     ``counts`` [2] (device, float64): the global batch's supervised text tokens and
     visual rows. Branch-free, so the host never waits for the device to read them.
     """
-    text_count, visual_count = counts[0], counts[1]
-    has_text = text_count > 0
+    has_text = counts[0] > 0
     text_sum = (output["text"].float() * loss_mask).sum()
     n_text = loss_mask.sum()
     visual_rows = next(iter(output["visual"].values()))[1][0] if output["visual"] else n_text.new_zeros(())
-    # megatron divides by the summed num_tokens: the text count, or the visual count without text.
-    scale = torch.where(has_text, text_count, visual_count)
     num_tokens = torch.where(has_text, n_text, visual_rows.to(n_text.dtype))
     loss = torch.where(has_text, text_sum, text_sum * 0.0)
     report = LossReport(torch.stack([text_sum.detach(), n_text.float()]))
     for branch, (loss_sum, count, correct) in output["visual"].items():
-        weight = asvr.loss_weight * scale / visual_count.clamp(min=1)  # 0 rows: loss_sum is 0 too
-        loss = loss + (weight * loss_sum.sum() / len(loss_sum)).to(loss.dtype)
+        loss = loss + (loss_sum * visual_grad_scale(counts, asvr, len(loss_sum))).sum().to(loss.dtype)
         report.branches[branch] = BranchReport(loss_sum.detach(), correct.float(), count[:1].float())
     return loss, num_tokens.to(torch.int), report

@@ -182,6 +182,7 @@ class ASVRModel(MegatronModule):
         labels: Optional[torch.Tensor] = None,  # [b, s] (last stage)
         visual_targets: Optional[Dict[str, torch.Tensor]] = None,  # branch -> [sum P, D] codes
         visual_rows: Optional[torch.Tensor] = None,  # [n_sup] supervised rows of visual_targets
+        visual_grad_scale: Optional[Dict[str, torch.Tensor]] = None,  # branch -> [D] (model/loss.py)
         packed_seq_params: Optional[PackedSeqParams] = None,  # packed samples in one row [1, t] (THD)
         decoder_input: Optional[torch.Tensor] = None,  # [s, b, h] first stage's input_embeddings, given
         inference_context: Optional[BaseInferenceContext] = None,  # megatron's KV cache (generation)
@@ -210,7 +211,8 @@ class ASVRModel(MegatronModule):
             s, b, h = hidden.shape
             rows = hidden.transpose(0, 1).reshape(b * s, h).index_select(0, image_index)  # [sum P, h]
             for branch, head in self.visual_heads.items():
-                visual[branch] = head(rows, visual_targets[branch], visual_rows)
+                scale = None if visual_grad_scale is None else visual_grad_scale[branch]
+                visual[branch] = head(rows, visual_targets[branch], visual_rows, scale)
         return {"text": text, "visual": visual}
 
 

@@ -11,7 +11,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_asvr.config import ASVRConfig
 from megatron_asvr.data.batch import MicroBatch
-from megatron_asvr.model.loss import asvr_loss
+from megatron_asvr.model.loss import asvr_loss, visual_grad_scale
 
 
 def packed_seq_params(batch: MicroBatch) -> Optional[PackedSeqParams]:
@@ -57,7 +57,12 @@ class ASVRTask:
 
     def forward_step(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator)
-        output = model(**model_inputs(batch, targets=True))
+        inputs = model_inputs(batch, targets=True)
+        if batch.loss_counts is not None:  # on the last stage: what each head's loss sums get in backward
+            inputs["visual_grad_scale"] = {branch: visual_grad_scale(batch.loss_counts, self.asvr,
+                                                                     getattr(self.asvr, branch).depth)
+                                           for branch in self.asvr.branches}
+        output = model(**inputs)
         # The loss function only runs on the last stage.
         return output, partial(asvr_loss, loss_mask=batch.loss_mask, counts=batch.loss_counts, asvr=self.asvr)
 

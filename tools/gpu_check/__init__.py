@@ -10,7 +10,8 @@ under its own time budget; ``--cpu`` runs the same steps at tiny shapes (CI).
     step_io.py          what every step module shares: arguments, its result file, errors
     kernels.py          (a) the fused multi-depth CE kernels against the reference
     levers.py           (k) each fast path's lever in ms without a model build (docs/fast_paths.md)
-    fused_ce.py         (c) fused CE at the real head shape against naive, Liger, Cut Cross-Entropy
+    fused_ce.py         (c) fused CE at the real head shape against naive, Liger, Cut Cross-Entropy; the
+                        same benchmark is tools/bench_fused_ce.py on CPU
     shapes.py           the shapes of (c), (d) and the race; the layer count from the device's memory
     throughput.py       (d), (d12), (dmax) tools/benchmark.py on configs/bench_vicuna7b_1gpu.yaml
     hf_baseline.py      (d-hf) the fair race with transformers LLaVA + plain_head.py: pairs A and B

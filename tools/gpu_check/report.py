@@ -43,17 +43,25 @@ def _steps_table(steps: List[dict]) -> List[str]:
 def _fused_ce_table(step: dict) -> List[str]:
     shape = step.get("shape", {})
     lines = [f"(c) fused CE, N={shape.get('rows')} D={shape.get('depths')} V={shape.get('vocab')} "
-             f"E={shape.get('embed')} {shape.get('dtype')}, no bias; forward + backward; peak includes the "
-             f"gradients of hidden and weights. Targets: ours no slower than the faster of Liger and CCE, "
-             f"peak <= 1/20 of naive's.", "",
-             "| method | status | fwd+bwd ms (median) | time / naive | peak MiB | peak / naive | loss rel err "
-             "| grad_h rel err |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"E={shape.get('embed')} {shape.get('dtype')}, no bias, forward + backward (tools/gpu_check/fused_ce.py). "
+             f"Memory figures:", ""] + [f"- {d}" for d in step.get("definitions", [])] + [
+             "", "| method | E | chunk MiB | status | fwd+bwd ms | time / naive | held MiB | held / naive | peak MiB "
+             "| peak / naive | beyond MiB | beyond / naive | loss rel err | grad_h rel err | grad_h rel err vs naive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in step.get("methods", []):
-        lines.append(f"| {r['method']} | {_one_line(r['status'] + (': ' + r['error'] if 'error' in r else ''), 80)} "
+        label = r["method"] + (f" (hidden x{r['hidden_scale']:g})" if r.get("hidden_scale", 1) != 1 else "")
+        status = _one_line(r["status"] + (": " + r["error"] if "error" in r else ""), 80)
+        lines.append(f"| {label} | {r.get('embed')} | {r.get('chunk_mib') or '-'} | {status} "
                      f"| {_number(r.get('median_ms'), '.2f')} | {_number(r.get('time_over_naive'), '.3f')} "
+                     f"| {_number(r.get('held_mib'), '.0f')} | {_number(r.get('held_over_naive'), '.4f')} "
                      f"| {_number(r.get('peak_mib'), '.0f')} | {_number(r.get('peak_over_naive'), '.4f')} "
-                     f"| {_number(r.get('loss_rel_err'), '.1e')} | {_number(r.get('grad_hidden_rel_err'), '.1e')} |")
+                     f"| {_number(r.get('beyond_mib'), '.0f')} | {_number(r.get('beyond_over_naive'), '.4f')} "
+                     f"| {_number(r.get('loss_rel_err'), '.1e')} | {_number(r.get('grad_hidden_rel_err'), '.1e')} "
+                     f"| {_number(r.get('grad_hidden_rel_err_naive'), '.1e')} |")
+    if step.get("targets"):
+        lines += ["", "| target (issue 22) | value | limit | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {_number(t['value'], '.4g')} | {t['limit']:g} | "
+                  f"{'-' if t['met'] is None else 'yes' if t['met'] else 'NO'} |" for t in step["targets"]]
     return lines
 
 
