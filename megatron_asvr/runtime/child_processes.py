@@ -35,13 +35,17 @@ def _remember_parent() -> None:
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """In a helper: leave SIGTERM and SIGINT to the rank. Also a DataLoader ``worker_init_fn``: its
-    workers install a SIGTERM handler of their own after the fork, which this replaces."""
+    workers install a SIGTERM handler of their own after the fork, which this replaces (and a
+    signal that came in between, held blocked since the fork, is discarded with it)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _die_with_parent() -> None:
-    """In a forked child: the kernel SIGKILLs it when the parent ends; it ends now if the parent has."""
+    """In a forked child: the kernel SIGKILLs it when the parent ends; it ends now if the parent has.
+    SIGTERM and SIGINT stay blocked for good: a DataLoader worker installs torch's SIGTERM handler
+    before its ``worker_init_fn`` runs, and a preemption landing in that window killed the worker."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     ignore_stop_signals()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != _forking_parent:  # the parent ended before the signal was armed
