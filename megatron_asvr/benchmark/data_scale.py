@@ -17,13 +17,12 @@ samples' lengths): what fixes the model's input, so two equal steps train alike.
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Tuple
 
 from megatron_asvr.config import RunConfig
-from megatron_asvr.data.loader import GlobalBatchOrder, SampleBuilder, StageNeeds, TrainLoader
+from megatron_asvr.data.loader import StageNeeds, TrainLoader
 from megatron_asvr.data.shards import ShardDataset
-from megatron_asvr.training.loop import batching_settings
+from megatron_asvr.training import loop
 
 Micro = Tuple[Tuple[str, ...], int, Tuple[int, ...]]  # ids, computed length, sample lengths
 Step = Tuple[Micro, ...]
@@ -33,14 +32,7 @@ NOTHING = StageNeeds(pixels=False, input_codes=False, targets=False)  # tokens a
 def recipe_loader(config: RunConfig, shards: ShardDataset, consumed_samples: int = 0,
                   num_workers: int = 0) -> TrainLoader:
     """The loader ``config`` trains with, as data-parallel rank 0 of 1 (the whole global batch)."""
-    data, train = config.data, config.train
-    builder = SampleBuilder(shards, Path(data.image_root), None, config.model.asvr, data.seq_length,
-                            data.image_mode, NOTHING, config.model.vision.num_patches,
-                            drop_too_long=data.drop_too_long)
-    order = GlobalBatchOrder(len(shards), train.global_batch, train.seed,
-                             shards.num_positions if data.group_by_length else None)
-    return TrainLoader(order, builder, 0, 1, batching_settings(config), config.model.asvr, NOTHING, num_workers,
-                       consumed_samples)
+    return loop.recipe_loader(config, shards, NOTHING, None, 0, 1, num_workers, consumed_samples)
 
 
 def _plans(loader: TrainLoader, step: int):

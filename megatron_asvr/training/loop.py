@@ -27,7 +27,14 @@ from megatron_asvr.checkpoint.directory import newest_for_every_rank
 from megatron_asvr.checkpoint.model import VISUAL_HEADS, load_weights
 from megatron_asvr.checkpoint.training_state import save_retried
 from megatron_asvr.config import ConfigError, RunConfig, to_dict
-from megatron_asvr.data.loader import BatchingSettings, GlobalBatchOrder, SampleBuilder, TrainLoader, stage_needs
+from megatron_asvr.data.loader import (
+    BatchingSettings,
+    GlobalBatchOrder,
+    SampleBuilder,
+    StageNeeds,
+    TrainLoader,
+    stage_needs,
+)
 from megatron_asvr.data.packing import length_multiple_for
 from megatron_asvr.data.shards import ShardDataset
 from megatron_asvr.data.targets import VisualTargets
@@ -142,19 +149,26 @@ def build_trainer(config: RunConfig, info: runtime.RankInfo, codebooks, steps: i
 
 def build_loader(config: RunConfig, trainer: Trainer, shards: ShardDataset) -> TrainLoader:
     """This rank's resumable loader, from the trainer's data position."""
-    t, info, model = config.train, trainer.info, config.model
-    needs = stage_needs(trainer.first_stage, trainer.last_stage, model.asvr)
+    info = trainer.info
+    needs = stage_needs(trainer.first_stage, trainer.last_stage, config.model.asvr)
     targets = VisualTargets(config.data.targets) if config.data.targets else None
+    return recipe_loader(config, shards, needs, targets, info.dp_rank, info.dp_size, config.data.num_workers,
+                         trainer.consumed_samples, info.replica_group)
+
+
+def recipe_loader(config: RunConfig, shards: ShardDataset, needs: StageNeeds, targets: Optional[VisualTargets],
+                  dp_rank: int, dp_size: int, num_workers: int, consumed_samples: int,
+                  replica_group=None) -> TrainLoader:
+    """The loader ``config`` trains with at data-parallel rank ``dp_rank`` of ``dp_size``."""
+    t, data, model = config.train, config.data, config.model
     builder = SampleBuilder(
-        shards, Path(config.data.image_root), targets, model.asvr, config.data.seq_length,
-        config.data.image_mode, needs, model.vision.num_patches, drop_too_long=config.data.drop_too_long,
-        resample=model.vision.resample,
+        shards, Path(data.image_root), targets, model.asvr, data.seq_length, data.image_mode, needs,
+        model.vision.num_patches, drop_too_long=data.drop_too_long, resample=model.vision.resample,
     )
     order = GlobalBatchOrder(len(shards), t.global_batch, t.seed,
-                             shards.num_positions if config.data.group_by_length else None)
-    return TrainLoader(order, builder, info.dp_rank, info.dp_size, batching_settings(config), model.asvr,
-                       needs, config.data.num_workers, trainer.consumed_samples, info.replica_group,
-                       config.data.unreadable_image)
+                             shards.num_positions if data.group_by_length else None)
+    return TrainLoader(order, builder, dp_rank, dp_size, batching_settings(config), model.asvr, needs, num_workers,
+                       consumed_samples, replica_group, data.unreadable_image)
 
 
 def batching_settings(config: RunConfig) -> BatchingSettings:
