@@ -31,7 +31,8 @@ EXTRAS = {
     # from https://github.com/NVIDIA/apex if wanted. Nothing here requires it.
     "gpu": ["transformer-engine[pytorch]>=2.1", "flash-attn>=2.6"],
     "wandb": ["wandb>=0.17"],  # train.wandb_project: Weights & Biases beside TensorBoard
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46", "protobuf>=4", "wandb>=0.17", "ruff>=0.6",
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "transformers>=4.46", "protobuf>=4",
+            "wandb>=0.17", "ruff>=0.6",
             "nvidia-cuda-cuobjdump>=13.2; platform_system == 'Linux'"],
 }
 
@@ -68,7 +69,8 @@ def _extensions():
         cuda = cpp_extension.CUDAExtension(
             "megatron_asvr._fused_ce_cuda",
             ["csrc/fused_ce_cuda_bindings.cpp", "csrc/fused_ce_cuda.cu"],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            # --threads 0: each architecture of TORCH_CUDA_ARCH_LIST compiled in parallel (one per CPU)
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--threads", "0"]},
         )
         toolkit_libs = [os.path.join(cpp_extension.CUDA_HOME or "", d) for d in ("lib64", "lib")]
         if not any(os.path.exists(os.path.join(d, "libcudart.so")) for d in toolkit_libs):

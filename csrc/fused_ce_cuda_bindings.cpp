@@ -1,6 +1,8 @@
 // Python bindings of the CUDA kernels of the fused multi-depth cross-entropy
 // (implemented in fused_ce_cuda.cu; same signatures as the CPU extension).
-#include <torch/extension.h>
+// ATen and torch's pybind11 type casters only, not <torch/extension.h> (see fused_ce_cpu.cpp).
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <tuple>
 
