@@ -171,3 +171,26 @@ def test_strict_device_mode_rejects_what_a_gpu_would():
         "all_reduce on device": "ok",
         "host on a gloo group": "ok",
     }
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable(tmp_path, monkeypatch):
+    """A rendezvous port is drawn below the kernel's ephemeral range (where other jobs' gloo connections
+    take their local ports), is free, and is the kernel's choice when there is no room below."""
+    import socket
+
+    from megatron_asvr.runtime import ports
+
+    low = int(pathlib.Path(ports._EPHEMERAL_RANGE).read_text().split()[0])
+    drawn = {ports.free_port() for _ in range(20)}
+    assert all(min(10_000, low - 1_000) <= p < low for p in drawn) and len(drawn) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", drawn.pop()))
+
+    fake = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(ports, "_EPHEMERAL_RANGE", str(fake))
+    fake.write_text("3000\t60999\n")
+    assert all(1024 <= ports.free_port() < 3000 for _ in range(20))
+    fake.write_text("")  # unreadable: Linux's default, 32768
+    assert all(10_000 <= ports.free_port() < 32768 for _ in range(20))
+    fake.write_text("1024\t60999\n")  # no room below: bind(0) hands out a port of the real range
+    assert ports.free_port() >= low

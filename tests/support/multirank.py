@@ -19,10 +19,11 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from typing import Any, Callable, List
+
+from megatron_asvr.runtime.ports import free_port
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime"]
 _CTX = None
@@ -38,12 +39,6 @@ def _context():
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(_PRELOAD)
     return _CTX
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dumps(obj) -> bytes:
@@ -102,7 +97,7 @@ def run_ranks(
         raise ValueError(f"world_size must be in 1..8, got {world_size}")
     ctx = _context()
     results = ctx.Queue()
-    port, payload = _free_port(), _dumps((args, kwargs))
+    port, payload = free_port(), _dumps((args, kwargs))
     procs = [
         ctx.Process(
             target=_rank_main,

@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
-from tests.support.torchrun_job import POLL_S, _alive, _record, free_port, survivors
+from megatron_asvr.runtime.ports import free_port
+from tests.support.torchrun_job import POLL_S, _alive, _record, survivors
 
 
 @dataclass

@@ -10,7 +10,6 @@ job still running after ``timeout`` seconds is killed with all it started and re
 """
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
+from megatron_asvr.runtime.ports import free_port
+
 POLL_S = 0.2
 
 
@@ -29,12 +30,6 @@ class TorchrunJob:
     returncode: int
     output: str
     survivors: List[str]  # "pid: command line" of the job's processes alive after it ended
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _record(root: psutil.Process, seen: Dict[int, psutil.Process]) -> None:

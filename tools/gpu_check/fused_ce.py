@@ -35,7 +35,6 @@ import gc
 import io
 import os
 import queue
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from megatron_asvr.kernels import multi_depth_cross_entropy
 from megatron_asvr.kernels.multi_depth_ce import DEFAULT_CHUNK_BYTES, chunk_rows_for
 from megatron_asvr.kernels.reference import naive_multi_depth_cross_entropy
+from megatron_asvr.runtime.ports import free_port
 from tools.gpu_check.shapes import head_shape
 from tools.gpu_check.step_io import FAILED, OK, main
 
@@ -316,12 +316,6 @@ def _rank_main(cases: List[Case], rank: int, port: int, threads: int, results) -
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_isolated(cases: List[Case], threads: int) -> List[dict]:
     """``measure_group`` in fresh processes, one per TP rank (``threads`` intra-op threads in all).
     Memory: the worst rank's; time: rank 0's."""
@@ -332,7 +326,7 @@ def run_isolated(cases: List[Case], threads: int) -> List[dict]:
         raise ValueError("isolated (one process per rank) cases run on CPU")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(cases, r, port, max(1, threads // tp), results)) for r in range(tp)]
     for p in procs:
         p.start()

@@ -10,7 +10,6 @@ against steps 16-20 of run A). bf16 on GPU, fp32 with --cpu.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 
 from tests.support.tiny_run import tiny_run_config
 from megatron_asvr.config import to_dict
+from megatron_asvr.runtime.ports import free_port
 from megatron_asvr.checkpoint.directory import LATEST, checkpoint_dir
 from tools.gpu_check.step_io import FAILED, OK, REPO, main
 
@@ -30,17 +30,11 @@ TAGS = {"text": "loss/text", "visual": "loss/visual_semantic"}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}  # max |loss A - loss B| over steps 11-20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _prepare_data(root: Path) -> None:
     """The tiny corpus, tokenizer, shards and targets, on CPU (the GPU has no part in data preparation);
     gloo on the loopback interface (a machine's own hostname may not resolve)."""
     start = time.monotonic()
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
     code = "import sys; from tests.support.tiny_run import make_tiny_run; make_tiny_run(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(root)], env=env, check=True)
     print(f"data prepared in {time.monotonic() - start:.1f} s", flush=True)
@@ -55,7 +49,7 @@ def _write_config(work: Path, data: Path, name: str, precision: str) -> Path:
 
 
 def _train(config: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     with open(log, "a") as out:
         return subprocess.Popen([sys.executable, "tools/train.py", "--config", str(config)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
