@@ -1,14 +1,15 @@
 """Partial failures: a rank dies, a peer stalls, a disk fills, a file changes; the run recovers or
 stops with one line, never hangs, and leaves no process behind.
 
-The torchrun jobs run 2 CPU ranks (gloo) at TP=2, so that each rank writes shards of its own. The
-reference job runs uninterrupted, started as users type it (``torchrun ... launch/pretrain_7b.sh``,
-a bash / Python polyglot). The faulty one runs ``tests/support/faults.py`` (tools/train.py with a fault
-in each of its first three attempts) under ``torchrun --max-restarts 3``, sharing its start-ups
-between the three tests that read it. All must end with the reference's model, optimizer, scheduler
-and RNG state, bitwise. Cheaper cases run in forked ranks (``run_ranks``). A lost node, the same
-launcher on two simulated nodes, is scripts/node_loss_check.py (tests/test_multinode.py runs its
-mechanism at a smaller size).
+The torchrun jobs (tests/support/fault_jobs.py) run 2 CPU ranks (gloo) at TP=2, so that each rank
+writes shards of its own. The reference job (the fault_reference fixture) runs uninterrupted, started
+as users type it (``torchrun ... launch/pretrain_7b.sh``, a bash / Python polyglot). The faulty one
+runs ``tests/support/faults.py`` (tools/train.py with a fault in each of its first three attempts)
+under ``torchrun --max-restarts 3``, sharing its start-ups between the three tests that read it. All
+must end with the reference's model, optimizer, scheduler and RNG state, bitwise. Cheaper cases run
+in forked ranks (``run_ranks``). A lost node, the same launcher on two simulated nodes, is
+scripts/node_loss_check.py (tests/test_multinode.py runs its mechanism at a smaller size).
+Preemption and a lost agent: tests/test_preemption.py.
 """
 
 import dataclasses
@@ -26,80 +27,14 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import yaml
 
+from tests.support.fault_jobs import (ENV, ROOT, SAVE_INTERVAL, STEPS, TIMEOUT_S, assert_same_final_state,
+                                     fault_config, write_recipe)
 from tests.support.multirank import MultiRankError, run_ranks
-from tests.support.tiny_run import tiny_run_config
 from tests.support.torchrun_job import run_torchrun
-from megatron_asvr.config import ParallelConfig, to_dict
+from megatron_asvr.config import ParallelConfig
 from megatron_asvr.data.loader import GlobalBatchOrder
 from megatron_asvr.data.shards import ShardDataset
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS, SAVE_INTERVAL = 8, 2
-TIMEOUT_S = 20  # train.distributed_timeout_minutes in the torchrun jobs
-ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-WRAPPED_TORCHRUN = [sys.executable, ROOT / "launch/torchrun_wrapper.py"]  # as launch/multinode.sh runs it
-
-
-def _config(tiny_root, save_dir, parallel=ParallelConfig(tensor_parallel=2), num_workers=1, **train):
-    train = {"steps": STEPS, "save_interval": SAVE_INTERVAL, "keep_last": 3,
-             "distributed_timeout_minutes": TIMEOUT_S / 60, **train}
-    config = tiny_run_config(tiny_root, save_dir, **train)
-    data = dataclasses.replace(config.data, num_workers=num_workers)
-    return dataclasses.replace(config, parallel=parallel, data=data)
-
-
-def _recipe(tiny_root, work: Path) -> Path:
-    path = work / "run.yaml"
-    path.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work / "run"))))
-    return path
-
-
-def _state(checkpoint: Path) -> dict:
-    """Every entry of a checkpoint: its dist checkpoint's tensors and objects, and its common state."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    flat = checkpoint / "flat.pt"
-    dcp_to_torch_save(checkpoint / "dist", flat)
-    state = torch.load(flat, weights_only=False)
-    flat.unlink()
-    return {**state, **torch.load(checkpoint / "dist/common.pt", weights_only=False)}
-
-
-def _same(a, b) -> bool:
-    """Bitwise equality, through dicts, sequences, tensors and arrays."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return np.array_equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
-
-
-def _assert_same_final_state(reference: Path, run: Path) -> None:
-    final = f"iter_{STEPS:07d}"
-    assert (run / "latest").read_text() == final
-    a, b = _state(reference / final), _state(run / final)
-    assert sorted(a) == sorted(b)
-    assert any(k.startswith("optimizer.state.exp_avg") for k in a)
-    different = [k for k in a if not _same(a[k], b[k])]
-    assert not different, different[:5]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_root, tmp_path_factory):
-    """The uninterrupted job, launched through a launcher: torchrun hands launch/pretrain_7b.sh to Python."""
-    work = tmp_path_factory.mktemp("reference")
-    job = run_torchrun([ROOT / "launch/pretrain_7b.sh"], env={**ENV, "RECIPE": str(_recipe(tiny_root, work))})
-    assert job.returncode == 0, job.output[-4000:]
-    assert f"step {STEPS}/{STEPS} |" in job.output and "resumed" not in job.output
-    assert not job.survivors
-    return work / "run"
-
 
 @dataclass(frozen=True)
 class FaultyJob:
@@ -139,7 +74,7 @@ def faulty(tiny_root, tmp_path_factory):
                     p.send_signal(signal.SIGCONT)
 
     # four attempts in one job (~140 s on an idle 2-core machine): twice one job's hang guard, as a crowded one needs
-    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", _recipe(tiny_root, work)], max_restarts=3,
+    job = run_torchrun([ROOT / "tests/support/faults.py", "--config", write_recipe(tiny_root, work)], max_restarts=3,
                        env={**ENV, "ASVR_FAULTS": faults}, on_poll=wake, timeout=600)
     assert job.returncode == 0, job.output[-4000:]
     assert not job.survivors, f"processes outlived the job: {job.survivors}"
@@ -147,7 +82,7 @@ def faulty(tiny_root, tmp_path_factory):
     return FaultyJob(job.output, work / "run", kill_rank, kill_step, save_rank, save_step, stall_step)
 
 
-def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, faulty):
+def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(fault_reference, faulty):
     """A random rank SIGKILLed mid-step at a random step (after its save at step 2 needed its one
     retry: ENOSPC): torchrun restarts both workers, which resume from the newest checkpoint."""
     rank, step, first = faulty.kill_rank, faulty.kill_step, faulty.attempt(0)
@@ -156,10 +91,10 @@ def test_worker_killed_mid_step_restarts_and_ends_bitwise_equal(reference, fault
             f"[Errno 28] No space left on device); retrying once") in first
     resumed = SAVE_INTERVAL * ((step - 1) // SAVE_INTERVAL)
     assert f"resumed from {faulty.run}/iter_{resumed:07d} at step {resumed}" in faulty.attempt(1), (rank, step)
-    _assert_same_final_state(reference, faulty.run)
+    assert_same_final_state(fault_reference, faulty.run)
 
 
-def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, faulty):
+def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(fault_reference, faulty):
     """A random rank SIGKILLed in a random save, its shards written, the checkpoint not yet published:
     the restart removes the unfinished save and resumes from the one before."""
     rank, step = faulty.save_rank, faulty.save_step
@@ -168,10 +103,10 @@ def test_worker_killed_during_a_save_restarts_and_ends_bitwise_equal(reference, 
     assert f"removed {faulty.run}/iter_{step:07d}.tmp, left by a save that did not finish" in restarted
     before = step - SAVE_INTERVAL
     assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in restarted
-    _assert_same_final_state(reference, faulty.run)
+    assert_same_final_state(fault_reference, faulty.run)
 
 
-def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference, faulty):
+def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(fault_reference, faulty):
     """Rank 1 SIGSTOPped at a step: rank 0 exits naming its wait after TIMEOUT_S, torchrun restarts
     the job, which ends as the reference."""
     stalled = faulty.attempt(2)
@@ -181,58 +116,7 @@ def test_stalled_rank_is_named_within_the_timeout_and_the_job_recovers(reference
                      "agreement on the step's unreadable images (train.distributed_timeout_minutes)"], named
     before = faulty.stall_step - 1
     assert f"resumed from {faulty.run}/iter_{before:07d} at step {before}" in faulty.attempt(3)
-    _assert_same_final_state(reference, faulty.run)
-
-
-def test_preemption_or_a_lost_agent_saves_where_it_stopped_and_the_same_command_resumes(reference, tiny_root,
-                                                                                       tmp_path):
-    """A job stopped three times, each resumed by the same command (torchrun through
-    launch/torchrun_wrapper.py, as launch/multinode.sh runs it): SIGTERM to torchrun (a scheduler's
-    preemption: torchrun passes it to each worker's process group, DataLoader workers included);
-    SIGTERM to every process of the job at once (as Slurm sends it); torchrun SIGKILLed alone (its
-    workers get SIGTERM by their parent-death signal instead of training on unwatched). Each time
-    the ranks finish their step, save it (no periodic saves: train.save_interval=0) and exit 0, their
-    DataLoader workers alive until then, and no process is left; a signalled torchrun ends with one
-    line and status 0. The fourth job (--max-restarts 1) loses a rank inside the load of the third
-    stop's checkpoint, restarts, and ends as the reference."""
-    work = tmp_path / "run"
-    recipe = tmp_path / "run.yaml"
-    recipe.write_text(yaml.safe_dump(to_dict(_config(tiny_root, work, save_interval=0))))
-    command = [ROOT / "tests/support/faults.py", "--config", recipe]
-    told = {"preempt": "SIGTERM to torchrun", "preempt_all": "SIGTERM to the job", "kill_agent": "SIGKILL to torchrun",
-            "kill_in_load": "SIGKILL"}
-    resumed_at, stops = 0, []  # keep_last 3: all three stops' checkpoints stay
-    for fault in ("preempt", "preempt_all", "kill_agent", "kill_in_load"):
-        at = resumed_at if fault == "kill_in_load" else resumed_at + 1 + (resumed_at == 0)
-        rank = random.randrange(2)
-        job = run_torchrun(command, env={**ENV, "ASVR_FAULTS": f"{fault}:{at}:{rank}"}, grace=60,
-                           max_restarts=int(fault == "kill_in_load"), torchrun=WRAPPED_TORCHRUN)
-        assert not job.survivors, f"processes outlived the job: {job.survivors}"
-        assert "killed by signal" not in job.output and "Traceback" not in job.output, job.output[-4000:]
-        assert f"[faults] rank {rank}: {told[fault]}" in job.output
-        if resumed_at:
-            assert f"resumed from {work}/iter_{resumed_at:07d} at step {resumed_at}" in job.output
-        if fault == "kill_in_load":
-            assert job.returncode == 0, job.output[-4000:]
-            assert (f"train: error: rank {1 - rank}: lost every rank during loading iter_{resumed_at:07d} "
-                    in job.output), job.output[-4000:]
-            break
-        stopped = re.findall(r"^stopped by SIGTERM after step (\d+), saved (\S+); the same command resumes",
-                             job.output, re.MULTILINE)
-        assert len(stopped) == 1, job.output[-4000:]
-        step = int(stopped[0][0])
-        assert at <= step < STEPS and stopped[0][1] == f"{work}/iter_{step:07d}", (fault, at, stopped)
-        if fault == "kill_agent":
-            assert job.returncode == -signal.SIGKILL
-        else:
-            assert job.returncode == 0 and job.output.splitlines()[-1] == (
-                f"torchrun: stopped by SIGTERM: the 2 worker(s) of this node saved iter_{step:07d} and exited; "
-                "the same command resumes from it"), job.output[-4000:]
-        assert (work / "latest").read_text() == f"iter_{step:07d}"
-        stops.append(f"iter_{step:07d}")
-        assert sorted(p.name for p in work.glob("iter_*")) == stops, "a save other than the stops'"
-        resumed_at = step
-    _assert_same_final_state(reference, work)
+    assert_same_final_state(fault_reference, faulty.run)
 
 
 def _train(config, faults=(), log=None):
@@ -250,22 +134,22 @@ def _train(config, faults=(), log=None):
     return loop.run(config)
 
 
-def test_damaged_checkpoint_is_passed_over_for_the_previous_one(reference, tiny_root, tmp_path):
+def test_damaged_checkpoint_is_passed_over_for_the_previous_one(fault_reference, tiny_root, tmp_path):
     """The final checkpoint's largest shard cut short after it was written: the run says so,
     resumes from the one before, and ends as the reference."""
     save_dir = tmp_path / "run"
-    shutil.copytree(reference, save_dir)
+    shutil.copytree(fault_reference, save_dir)
     shard = max((save_dir / f"iter_{STEPS:07d}/dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)
     log = tmp_path / "log"
-    history = run_ranks(_train, 2, _config(tiny_root, save_dir), log=str(log))[-1]["history"]
+    history = run_ranks(_train, 2, fault_config(tiny_root, save_dir), log=str(log))[-1]["history"]
     warning = (f"warning: checkpoint {save_dir}/iter_{STEPS:07d} is damaged (dist/{shard.name} is {size // 2:,} "
                f"bytes, {size:,} were written): passed over")
     assert log.read_text().count(warning) == 1  # rank 0 chooses for every rank
     assert [h["step"] for h in history] == [STEPS - 1, STEPS]
-    _assert_same_final_state(reference, save_dir)
+    assert_same_final_state(fault_reference, save_dir)
 
 
 def test_checkpoint_write_failures_keep_latest_and_follow_the_policy(tiny_root, tmp_path):
@@ -273,7 +157,7 @@ def test_checkpoint_write_failures_keep_latest_and_follow_the_policy(tiny_root, 
     step 2. (b) a writer process killed in step 4's save: the save hangs, the watchdog names it.
     (c) ENOSPC twice again with save_failure=continue: the run ends, `latest` still at step 2."""
     save_dir = tmp_path / "run"
-    config = _config(tiny_root, save_dir, ParallelConfig(), 0, steps=4, distributed_timeout_minutes=0.15)
+    config = fault_config(tiny_root, save_dir, ParallelConfig(), 0, steps=4, distributed_timeout_minutes=0.15)
     with pytest.raises(MultiRankError) as stopped:
         run_ranks(_train, 1, config, faults=[("enospc", (4, 0, 2))])
     assert ("CheckpointWriteError: checkpoint iter_0000004 was not written (writing: rank 0: RuntimeError: Worker "
@@ -312,7 +196,7 @@ def test_unreadable_image_is_substituted_and_counted_or_stops_the_run(tiny_root,
     first = shards[int(order.batch(0)[0])]
     (images / first.images[0]).write_bytes(b"")
     expected = [sum(first.images[0] in shards[int(i)].images for i in order.batch(k)) for k in range(3)]
-    config = _config(tiny_root, tmp_path / "pp2", ParallelConfig(pipeline_parallel=2), 0, steps=3)
+    config = fault_config(tiny_root, tmp_path / "pp2", ParallelConfig(pipeline_parallel=2), 0, steps=3)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_root=str(images)))
     history = run_ranks(_train, 2, config)[-1]["history"]
     assert [h["unreadable_samples"] for h in history] == expected and expected[0] >= 1
