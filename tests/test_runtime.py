@@ -194,3 +194,34 @@ def test_free_port_is_below_the_ephemeral_range_and_bindable(tmp_path, monkeypat
     assert all(10_000 <= ports.free_port() < 32768 for _ in range(20))
     fake.write_text("1024\t60999\n")  # no room below: bind(0) hands out a port of the real range
     assert ports.free_port() >= low
+
+
+_LAZY_COMPILE_PROBE = """
+import sys
+import megatron_asvr
+import megatron.core
+import torch
+from megatron.core import jit
+from megatron.core.fusions.fused_bias_swiglu import swiglu
+
+assert jit.jit_fuser is megatron_asvr.lazy_compile, jit.jit_fuser
+assert "torch._dynamo" not in sys.modules and "torch._inductor" not in sys.modules
+compiled = []
+torch.compile = lambda fn: compiled.append(fn.__name__) or (lambda *args: ("compiled", fn(*args)))
+x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+first, second = swiglu(x), swiglu(x)
+assert first[0] == "compiled" and torch.equal(first[1], torch.nn.functional.silu(x[:, :2]) * x[:, 2:])
+assert second[0] == "compiled" and compiled == ["swiglu"], compiled
+print("ok")
+"""
+
+
+def test_megatron_compiles_its_fused_kernels_at_first_call_not_at_import():
+    """With megatron_asvr imported first, importing megatron-core imports no TorchDynamo; a fused
+    kernel is handed to torch.compile once, at its first call, and computes what it did."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _LAZY_COMPILE_PROBE], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    assert probe.returncode == 0 and probe.stdout.strip() == "ok", probe.stderr[-3000:]

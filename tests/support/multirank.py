@@ -25,7 +25,8 @@ from typing import Any, Callable, List
 
 from megatron_asvr.runtime.ports import free_port
 
-_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime"]
+# megatron_asvr first: it defers megatron-core's torch.compile of its fused kernels (its __init__)
+_PRELOAD = ["megatron_asvr", "torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime"]
 _CTX = None
 
 
