@@ -25,8 +25,10 @@ from typing import Any, Callable, List
 
 from megatron_asvr.runtime.ports import free_port
 
-# megatron_asvr first: it defers megatron-core's torch.compile of its fused kernels (its __init__)
-_PRELOAD = ["megatron_asvr", "torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime"]
+# megatron_asvr first: it defers megatron-core's torch.compile of its fused kernels to their first call
+# (its __init__). Ranks that test the fused paths call them, so TorchDynamo and Inductor are preloaded.
+_PRELOAD = ["megatron_asvr", "torch", "torch.distributed", "megatron.core", "megatron_asvr.runtime",
+            "torch._dynamo", "torch._inductor.compile_fx"]
 _CTX = None
 
 
