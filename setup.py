@@ -40,8 +40,10 @@ EXTRAS = {
 def _extensions():
     """C++/CUDA extensions from csrc/ (see megatron_asvr.kernels for the dispatch).
 
-    The CPU extension is always built. The CUDA one is built when nvcc and a CUDA
-    build of torch are present, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Where
+    The CPU extension is built, and the CUDA one where nvcc and a CUDA
+    build of torch are present, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+    MEGATRON_ASVR_EXTENSIONS=cpu or =cuda builds that one alone: the GPU check's device build
+    (cuda: ~20 s less); CI's install (cpu), which builds the CUDA one beside the tests. Where
     the toolkit has no ``libcudart.so`` link name (pip CUDA wheels ship only
     ``libcudart.so.<major>``), cudart is linked by the full path of the library that
     torch itself loads.
@@ -54,9 +56,10 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no-trapping: lets float->int vectorise
-    # MEGATRON_ASVR_EXTENSIONS=cuda builds the CUDA one alone (the GPU check's device build: ~20 s less).
-    cuda_only = os.environ.get("MEGATRON_ASVR_EXTENSIONS", "all") == "cuda"
-    modules = [] if cuda_only else [
+    which = os.environ.get("MEGATRON_ASVR_EXTENSIONS", "all")
+    if which not in ("all", "cpu", "cuda"):
+        raise RuntimeError(f"setup.py: MEGATRON_ASVR_EXTENSIONS={which!r}: expected all, cpu or cuda")
+    modules = [] if which == "cuda" else [
         cpp_extension.CppExtension(
             "megatron_asvr._fused_ce_cpu",
             ["csrc/fused_ce_cpu.cpp"],
@@ -64,7 +67,7 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    if torch.version.cuda and shutil.which("nvcc"):
+    if which != "cpu" and torch.version.cuda and shutil.which("nvcc"):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         cuda = cpp_extension.CUDAExtension(
             "megatron_asvr._fused_ce_cuda",

@@ -11,7 +11,9 @@ source "$VENV/bin/activate"
 # torchrun worker and tool the tests start.
 unset PYTHONDONTWRITEBYTECODE
 stamp="$VENV/.megatron_asvr-installed"
-want=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) | sha1sum | cut -d' ' -f1)
+# MEGATRON_ASVR_EXTENSIONS (setup.py: all, cpu or cuda) is part of what was installed
+want=$( (cat setup.py $(find csrc -type f 2>/dev/null | sort); echo "${MEGATRON_ASVR_EXTENSIONS:-all}") \
+    | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch first: the csrc extensions build against it (--no-build-isolation). --no-compile: no .pyc
     # for the ~13,000 installed modules up front (minutes on 2 cores); Python writes those the project
