@@ -1,6 +1,10 @@
 """The CPU emulation of megatron-core's CUDA calls, and the multi-rank test helper."""
 
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -85,14 +89,10 @@ def test_emulation_lives_in_one_module():
 
 
 def _rank_value(scale):
-    import os
-
     return int(os.environ["RANK"]) * scale, int(os.environ["WORLD_SIZE"])
 
 
 def _fails_on_rank_one():
-    import os
-
     if os.environ["RANK"] == "1":
         raise ValueError("bad shard on rank one")
     time.sleep(60)  # the others would wait forever in a collective
@@ -176,8 +176,6 @@ def test_strict_device_mode_rejects_what_a_gpu_would():
 def test_free_port_is_below_the_ephemeral_range_and_bindable(tmp_path, monkeypatch):
     """A rendezvous port is drawn below the kernel's ephemeral range (where other jobs' gloo connections
     take their local ports), is free, and is the kernel's choice when there is no room below."""
-    import socket
-
     from megatron_asvr.runtime import ports
 
     low = int(pathlib.Path(ports._EPHEMERAL_RANGE).read_text().split()[0])
@@ -219,9 +217,6 @@ print("ok")
 def test_megatron_compiles_its_fused_kernels_at_first_call_not_at_import():
     """With megatron_asvr imported first, importing megatron-core imports no TorchDynamo; a fused
     kernel is handed to torch.compile once, at its first call, and computes what it did."""
-    import subprocess
-    import sys
-
     probe = subprocess.run([sys.executable, "-c", _LAZY_COMPILE_PROBE], capture_output=True, text=True,
-                           env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert probe.returncode == 0 and probe.stdout.strip() == "ok", probe.stderr[-3000:]

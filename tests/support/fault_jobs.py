@@ -71,11 +71,10 @@ def assert_same_final_state(reference: Path, run: Path) -> None:
     assert not different, different[:5]
 
 
-def run_reference(tiny_root, work: Path) -> Path:
+def run_reference(tiny_root, work: Path) -> None:
     """The uninterrupted job, launched through a launcher: torchrun hands launch/pretrain_7b.sh to Python;
-    returns its save directory."""
+    it saves into ``work``/run (write_recipe)."""
     job = run_torchrun([ROOT / "launch/pretrain_7b.sh"], env={**ENV, "RECIPE": str(write_recipe(tiny_root, work))})
     assert job.returncode == 0, job.output[-4000:]
     assert f"step {STEPS}/{STEPS} |" in job.output and "resumed" not in job.output
     assert not job.survivors
-    return work / "run"
