@@ -258,7 +258,7 @@ def test_second_backward_of_grads_in_forward_raises_a_clear_error():
 def test_default_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("ASVR_CE_MODE", raising=False)
     assert default_mode(torch.device("cuda")) == "grads_in_forward"
-    assert default_mode(torch.device("cpu")) == multi_depth_ce.CPU_DEFAULT_MODE
+    assert default_mode(torch.device("cpu")) == multi_depth_ce.DEFAULT_MODE
     monkeypatch.setenv("ASVR_CE_MODE", "recompute")
     assert default_mode(torch.device("cuda")) == "recompute"
     monkeypatch.setenv("ASVR_CE_MODE", "fast")

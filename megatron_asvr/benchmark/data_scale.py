@@ -44,8 +44,9 @@ def _plans(loader: TrainLoader, step: int):
 
 def walk_plans(loader: TrainLoader, first: int, count: int) -> None:
     """Plans steps ``first`` .. ``first + count - 1`` (the order and lengths of each), as a run does."""
+    steps = loader.steps
     for step in range(first, first + count):
-        _plans(loader, step)
+        steps.plans(steps.samples(step - steps.first_step))
 
 
 def planned_steps(loader: TrainLoader, first: int, count: int) -> List[Step]:

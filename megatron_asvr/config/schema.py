@@ -131,6 +131,11 @@ class LLMConfig:
         """The width of one attention head (q, k and v alike)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def qkv_widths(self) -> Tuple[int, int]:
+        """(q's width, k's = v's width) of one layer's attention: heads and query groups x kv_channels."""
+        return self.num_attention_heads * self.kv_channels, self.kv_heads * self.kv_channels
+
     def validate(self, parallel: ParallelConfig) -> None:
         heads = self.num_attention_heads
         if self.head_dim is None:

@@ -8,8 +8,9 @@ the tokenizer already has them. A SentencePiece-only tokenizer also gets a
 ``tokenizer.json`` (transformers 5 reads LLaVA tokenizers from that file
 alone; without it, it silently builds a different tokenizer). The processor files let
 ``AutoProcessor.from_pretrained`` expand ``<image>`` to the image's patches and
-preprocess images as the encoder expects (SigLIP: 384 x 384 bicubic, mean = std
-= 0.5; CLIP: OpenAI CLIP's resize, crop and statistics).
+preprocess images as the encoder expects (SigLIP / SigLIP2: a square resize with the
+encoder's ``vision.resample``, bicubic for SigLIP, bilinear for SigLIP2, mean = std = 0.5;
+CLIP: OpenAI CLIP's resize, crop and statistics).
 """
 
 import json

@@ -40,9 +40,9 @@ import torch.distributed as dist
 from megatron_asvr.kernels.backends import Kernels, select_kernels
 
 MODES = ("grads_in_forward", "recompute")
-# The mode on CPU when neither the call nor ASVR_CE_MODE names one: measured faster than recompute
-# at the head's shape (tools/bench_fused_ce.py), as on CUDA.
-CPU_DEFAULT_MODE = "grads_in_forward"
+# The mode when neither the call nor ASVR_CE_MODE names one, on every device: measured faster than
+# recompute at the head's shape on CPU (tools/bench_fused_ce.py), as on CUDA.
+DEFAULT_MODE = "grads_in_forward"
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # the logits buffer of one chunk when chunk_rows is not given
 ROW_ALIGN = 64  # default chunks are a multiple of this many rows
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -64,13 +64,13 @@ def chunk_rows_for(budget_bytes: int, width: int, element_size: int) -> int:
 
 
 def default_mode(device: torch.device) -> str:
-    """$ASVR_CE_MODE when set, else grads_in_forward (on CUDA and, measured, on CPU)."""
+    """$ASVR_CE_MODE when set, else DEFAULT_MODE (the same on every ``device``, measured)."""
     mode = os.environ.get("ASVR_CE_MODE")
     if mode:
         if mode not in MODES:
             raise ValueError(f"ASVR_CE_MODE={mode!r}: expected one of {MODES}")
         return mode
-    return "grads_in_forward" if device.type == "cuda" else CPU_DEFAULT_MODE
+    return DEFAULT_MODE
 
 
 @dataclass(frozen=True)

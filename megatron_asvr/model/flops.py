@@ -52,7 +52,7 @@ def llm_forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     """Decoder layers (QKV with GQA, output projection, SwiGLU MLP, causal attention) and the LM head."""
     llm = model.llm
     h, f = llm.hidden_size, llm.ffn_hidden_size
-    q, kv = llm.num_attention_heads * llm.kv_channels, llm.kv_heads * llm.kv_channels  # Q and K (= V) widths
+    q, kv = llm.qkv_widths
     keys = causal_keys_per_query(seq_length, llm.sliding_window or 0)
     per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f + 2 * 2 * keys * q
     return llm.num_layers * per_layer + 2 * h * padded_vocab_size(llm.vocab_size, 1)

@@ -51,7 +51,7 @@ def llm_layer_elements(model: ModelConfig, shape: MicroBatchShape) -> float:
     """Elements one decoder layer saves per token."""
     llm, tp = model.llm, shape.tensor_parallel
     h, f = llm.hidden_size, llm.ffn_hidden_size
-    q, kv = llm.num_attention_heads * llm.kv_channels, llm.kv_heads * llm.kv_channels  # q and k (= v) widths
+    q, kv = llm.qkv_widths
     # q, k, v and the attention's output; the q / k norms' inputs (Qwen3); the gated MLP's
     replicated, split = 4 * h, 2 * q + 2 * kv + (q + kv if llm.qk_norm else 0) + 3 * f
     return (replicated + split) / tp if shape.sequence_parallel else replicated + split / tp

@@ -44,7 +44,7 @@ def llm_layer_params(llm: LLMConfig, tp: int) -> int:
     """Two RMSNorms; QKV (GQA; with its bias, Qwen2), output projection, gate/up and down projections
     split over TP; the per-head q / k norms (Qwen3) replicated."""
     h, f = llm.hidden_size, llm.ffn_hidden_size
-    q, kv = llm.num_attention_heads * llm.kv_channels, llm.kv_heads * llm.kv_channels  # q and k (= v) widths
+    q, kv = llm.qkv_widths
     qkv_bias = q + 2 * kv if llm.qkv_bias else 0
     qk_norm = 2 * llm.kv_channels if llm.qk_norm else 0
     return 2 * h + (h * (q + 2 * kv) + qkv_bias + q * h + 3 * h * f) // tp + qk_norm

@@ -230,11 +230,11 @@ def run(config: RunConfig, evaluator: Optional[Evaluator] = None) -> dict:
             shards = ShardDataset(config.data.shards)
             save_dir = Path(t.save_dir)
             last_saved = newest_for_every_rank(save_dir)
-            saved = SavedRun.read(last_saved) if last_saved else None
-            steps = total_steps(config, len(shards), saved)
+            resumed = SavedRun.read(last_saved) if last_saved else None
+            steps = total_steps(config, len(shards), resumed)
             trainer = build_trainer(config, info, codebooks, steps)
-            if saved:
-                resume(trainer, saved, config, steps)
+            if resumed:
+                resume(trainer, resumed, config, steps)
             loader = build_loader(config, trainer, shards)
         report_batching(loader, save_dir, info)
         log_rank = info.rank == info.world_size - 1  # on the last stage: it holds the losses

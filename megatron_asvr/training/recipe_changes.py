@@ -183,7 +183,7 @@ def describe_changes(saved: SavedRun, config: RunConfig, scheduler: OptimizerPar
         items.append(f"layout {_layout_text(saved.layout)} -> {_layout_text(current_layout())}: honoured, weights "
                      f"and optimizer resharded, the RNG reseeded")
     ours = scheduler.state_dict()
-    schedule = [f"{k} {_show(saved.scheduler[k])} -> {_show(v)}" for k, v in ours.items()
+    schedule = [f"{k} {_show(saved.scheduler.get(k))} -> {_show(v)}" for k, v in ours.items()
                 if k != "num_steps" and saved.scheduler.get(k) != v]
     if schedule:
         no, what, _ = SCHEDULE_POLICIES[config.train.resume_lr_schedule]
