@@ -13,6 +13,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_asvr.config import ConfigError, FastPathsConfig
+from megatron_asvr.model.depth_mlps import BatchedLinear
 from megatron_asvr.model.norms import RMSNorm, rms_norm_reference, rms_norm_torch
 from megatron_asvr.runtime import fast_paths as fp
 from megatron_asvr.runtime.fast_paths import FastPaths, WgradAccumulation, apply_megatron_patches, building, fuse_adam
@@ -21,7 +22,8 @@ from megatron_asvr.runtime.fast_paths import FastPaths, WgradAccumulation, apply
 def test_auto_is_on_with_cuda_and_off_on_cpu():
     assert FastPaths.resolve(FastPathsConfig(), cuda=False) == FastPaths()
     gpu = FastPaths.resolve(FastPathsConfig(), cuda=True)
-    assert (gpu.fused_adam, gpu.foreach_clip, gpu.wgrad_accumulation, gpu.bias_fusions) == (True,) * 4
+    assert (gpu.fused_adam, gpu.foreach_clip, gpu.wgrad_accumulation, gpu.bias_fusions, gpu.batched_head_mlp) == \
+        (True,) * 5
     assert gpu.attention == "cudnn" and gpu.rms_norm == ("liger" if fp.have_liger() else "torch")
     off = FastPaths.resolve(FastPathsConfig(fused_adam=False, attention="math", rms_norm="reference"), cuda=True)
     assert (off.fused_adam, off.attention, off.rms_norm) == (False, "math", "reference")
@@ -72,15 +74,35 @@ def test_patches_apply_and_restore():
     assert clip_grads.l2_norm_impl is original_norm and layers._grad_accum_fusion_available == original_fusion
 
 
+@pytest.mark.parametrize("batch", [(), (4,)])  # a linear layer's, or the batched depth MLPs'
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wgrad_accumulates_into_fp32_main_grad(dtype):
+def test_wgrad_accumulates_into_fp32_main_grad(dtype, batch):
     g = torch.Generator().manual_seed(1)
-    inp, gout = torch.randn(12, 5, generator=g).to(dtype), torch.randn(12, 3, generator=g).to(dtype)
-    main_grad = torch.randn(3, 5, generator=g)
-    expected = main_grad + gout.float().t() @ inp.float()
+    inp, gout = torch.randn(*batch, 12, 5, generator=g).to(dtype), torch.randn(*batch, 12, 3, generator=g).to(dtype)
+    main_grad = torch.randn(*batch, 3, 5, generator=g)
+    expected = main_grad + gout.float().mT @ inp.float()
     WgradAccumulation.wgrad_gemm_accum_fp32(inp, gout, main_grad)
     tol = 1e-6 if dtype == torch.float32 else 3e-2  # bf16 products on CPU: the GEMM's own rounding
     assert main_grad.dtype == torch.float32 and torch.allclose(main_grad, expected, atol=tol, rtol=tol)
+
+
+def test_batched_linear_puts_its_weight_gradient_in_main_grad():
+    """The batched depth MLPs' GEMM (model/depth_mlps.py) under megatron's DDP protocol: the weight gradient
+    added to main_grad, a dummy returned with grad_added_to_main_grad set; the input gradient unchanged."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 5, generator=g)
+    weight = torch.nn.Parameter(torch.randn(3, 4, 5, generator=g))
+    gout = torch.randn(3, 7, 4, generator=g)
+    plain = x.clone().requires_grad_(True)
+    torch.autograd.backward(torch.bmm(plain, weight.mT), gout)
+    expected_dw, weight.grad = weight.grad, None
+    start = torch.randn(3, 4, 5, generator=g)
+    weight.main_grad, weight.grad_added_to_main_grad = start.clone(), False
+    fused = x.clone().requires_grad_(True)
+    torch.autograd.backward(BatchedLinear.apply(fused, weight, True), gout)
+    assert weight.grad_added_to_main_grad and weight.grad.shape == weight.shape
+    assert torch.allclose(weight.main_grad, start + expected_dw, atol=1e-6)
+    assert torch.equal(fused.grad, plain.grad)
 
 
 def test_torch_rms_norm_matches_the_reference_both_ways():

@@ -14,7 +14,7 @@ import torch
 from tests.support.harness import ALL_FAST_PATHS
 from tests.support.multirank import MultiRankError, run_ranks
 from tests.support.tiny_run import tiny_run_config
-from megatron_asvr.config import ParallelConfig
+from megatron_asvr.config import FastPathsConfig, ParallelConfig
 
 
 def _train(config, kill_at_step=None, kill_in_save_of=None, poison_step=None, log=None):
@@ -128,12 +128,17 @@ def test_resume_at_other_layouts(tiny_root, tmp_path):
             save_dir.mkdir()
             os.symlink(tmp_path / "tp2pp2/iter_0000003", save_dir / "iter_0000003")
         config = tiny_run_config(tiny_root, save_dir, steps=4, resume_lr_schedule="checkpoint")
+        if name == "pp2dp2":  # and the head's depth MLPs batched: the same checkpoint keys, optimizer states too
+            config = dataclasses.replace(config, train=dataclasses.replace(
+                config.train, fast_paths=FastPathsConfig(batched_head_mlp=True)))
         log = tmp_path / f"{name}.log"
         result = run_ranks(_train, world, dataclasses.replace(config, parallel=parallel), log=str(log))[-1]
         assert [h["step"] for h in result["history"]] == [4]
         layout = {"tp2pp2": "", "tp1pp1": "TP=1 x PP=1 x DP=1", "pp2dp2": "TP=1 x PP=2 x DP=2"}[name]
         changes = [line for line in log.read_text().splitlines() if line.startswith("resume from")]
-        assert changes == ["resume from iter_0000003 with a changed recipe: train.steps 3 -> 4: honoured, the run "
+        switch = "train.fast_paths.batched_head_mlp auto -> True: honoured, from step 4; " if name == "pp2dp2" else ""
+        assert changes == ["resume from iter_0000003 with a changed recipe: " + switch
+                           + "train.steps 3 -> 4: honoured, the run "
                            "stops at step 4 (and the lr schedule's length follows); "
                            + (f"layout TP=2 x PP=2 x DP=1 -> {layout}: honoured, weights and optimizer resharded, the "
                               "RNG reseeded; " if layout else "")

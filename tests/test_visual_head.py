@@ -3,7 +3,8 @@
 The reference below uses no megatron code: nn.Linear, an explicit causal
 multi-head attention with biases over the depth slots, the released layer
 wiring, per-depth bias-free exact-GELU MLPs, RMSNorm with fp32 variance
-(eps 1e-6), and one biased classifier per depth.
+(eps 1e-6), and one biased classifier per depth. Both forms of the per-depth MLPs (model/depth_mlps.py: D MLPs, or
+their weights stacked into batched GEMMs) must equal it, at TP 1 and 2, and load each other's checkpoints.
 """
 
 import math
@@ -103,24 +104,43 @@ def _canonical(ref: RefHead, tp_padded) -> dict:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def _project_head(tp, state, codebooks, hidden, codes, row_mask):
+def _project_head(tp, state, codebooks, hidden, codes, row_mask, checkpoint_dir):
+    """Both forms of the depth MLPs (model/depth_mlps.py) loaded with ``state``; the per-depth form's dist
+    checkpoint is then loaded into a fresh batched head, whose canonical state must equal it."""
+    from megatron.core import dist_checkpointing
+
     from megatron_asvr import runtime
-    from megatron_asvr.model.canonical import load_full_state
+    from megatron_asvr.model.canonical import full_state, load_full_state
     from megatron_asvr.model.head import VisualHead, head_transformer_config
+    from megatron_asvr.runtime.fast_paths import FastPaths, building
 
     parallel = ParallelConfig(tensor_parallel=tp)
     runtime.initialize(parallel)
     head_cfg = HeadConfig(hidden_size=E, num_layers=LAYERS, num_attention_heads=HEADS)
     config = head_transformer_config(head_cfg, parallel, "local")
-    head = VisualHead(head_cfg, CodebookSpec(SIZES, C), config, H, codebooks, "local")
-    load_full_state([head], state)
-    logits = [depth.detach() for depth in head.logits(hidden, codes)]
-    hidden = hidden.clone().requires_grad_(True)
-    loss_sum, count, correct = head(hidden, codes, row_mask.nonzero().squeeze(1))
-    loss_sum.sum().backward()
-    grads = {"hidden": hidden.grad, "code_embed": head.code_embed.weight.grad}
+
+    def build(batched):
+        with building(FastPaths(batched_head_mlp=batched)):
+            return VisualHead(head_cfg, CodebookSpec(SIZES, C), config, H, codebooks, "local")
+
+    results = []
+    for batched in (False, True):
+        head = build(batched)
+        load_full_state([head], state)
+        logits = [depth.detach() for depth in head.logits(hidden, codes)]
+        x = hidden.clone().requires_grad_(True)
+        loss_sum, count, correct = head(x, codes, row_mask.nonzero().squeeze(1))
+        loss_sum.sum().backward()
+        grads = {"hidden": x.grad, "code_embed": head.code_embed.weight.grad}
+        results.append((logits, (loss_sum.detach(), count, correct), grads))
+    per_depth, batched = build(False), build(True)
+    load_full_state([per_depth], state)
+    dist_checkpointing.save(per_depth.sharded_state_dict(), checkpoint_dir)
+    batched.load_state_dict(dist_checkpointing.load(batched.sharded_state_dict(), checkpoint_dir))
+    expected, found = full_state([per_depth]), full_state([batched])
+    results.append(sorted(expected) == sorted(found) and all(torch.equal(expected[k], found[k]) for k in expected))
     runtime.destroy()
-    return logits, (loss_sum.detach(), count, correct), grads
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +159,7 @@ def reference():
     return ref, codebooks, hidden, codes, row_mask
 
 
-def test_head_matches_plain_pytorch_reference(reference):
+def test_head_matches_plain_pytorch_reference(reference, tmp_path):
     ref, codebooks, hidden, codes, row_mask = reference
     hidden_ref = hidden.clone().requires_grad_(True)
     expected = ref(hidden_ref, codes)
@@ -151,8 +171,11 @@ def test_head_matches_plain_pytorch_reference(reference):
     correct = torch.stack([(expected[d].argmax(-1) == codes[:, d])[row_mask].sum() for d in range(len(SIZES))])
     for tp in (1, 2):
         state = _canonical(ref, [128] * 3)  # padded_vocab_size(v, tp) = 128 for these sizes
-        results = run_ranks(_project_head, tp, tp, state, codebooks, hidden, codes, row_mask)
-        for logits, (loss_sum, count, hits), grads in results:
+        (tmp_path / f"tp{tp}").mkdir()
+        ranks = run_ranks(_project_head, tp, tp, state, codebooks, hidden, codes, row_mask,
+                          str(tmp_path / f"tp{tp}"))
+        assert all(rank.pop() for rank in ranks)  # the per-depth form's checkpoint loaded into the batched one
+        for logits, (loss_sum, count, hits), grads in (form for rank in ranks for form in rank):
             for d in range(len(SIZES)):
                 assert logits[d].shape == expected[d].shape
                 assert (logits[d] - expected[d]).abs().max().item() <= LOGIT_TOL, (tp, d)

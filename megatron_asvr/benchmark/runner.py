@@ -43,7 +43,7 @@ from megatron_asvr.runtime.fast_paths import FastPaths
 # Every fast path off (runtime/fast_paths.py): the step as megatron-core runs it without TE or apex.
 FAST_PATHS_OFF = tuple(f"train.fast_paths.{name}={value}" for name, value in (
     ("fused_adam", "false"), ("foreach_clip", "false"), ("wgrad_accumulation", "false"), ("bias_fusions", "false"),
-    ("rms_norm", "reference"), ("attention", "default")))
+    ("rms_norm", "reference"), ("attention", "default"), ("batched_head_mlp", "false")))
 
 
 @dataclass

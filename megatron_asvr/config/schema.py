@@ -397,6 +397,7 @@ class FastPathsConfig:
     bias_fusions: Switch = "auto"  # megatron's bias-SwiGLU (LLM) and bias-dropout-add fusions
     rms_norm: RMSNormKernel = "auto"
     attention: AttentionBackend = "auto"
+    batched_head_mlp: Switch = "auto"  # the head's D per-depth MLPs as batched GEMMs (model/depth_mlps.py)
 
 
 @section

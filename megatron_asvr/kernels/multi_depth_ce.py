@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_asvr.kernels.backends import Kernels, select_kernels
+from megatron_asvr.kernels.main_grad import added_to_main_grad
 
 MODES = ("grads_in_forward", "recompute")
 # The mode when neither the call nor ASVR_CE_MODE names one, on every device: measured faster than
@@ -213,20 +214,11 @@ class _Gradients:
         return self.rows.new_zeros(hidden_shape).index_copy_(1, row_index, self.rows)
 
     def param_grads(self) -> List[Optional[torch.Tensor]]:
-        """The parameters' gradients; with main_grad, megatron's protocol (its linear layers'
-        gradient-accumulation fusion): a dummy gradient and ``grad_added_to_main_grad``, so that
-        DDP's hook runs for the parameter but does not add the dummy to main_grad."""
+        """The parameters' gradients; with main_grad, megatron's protocol (kernels/main_grad.py)."""
         if not self.plan.main_grad:
             return self.grads[1:]
-        out = []
-        for param, need in zip(self.params[1:], self.plan.need[1:]):
-            if not need or not hasattr(param, "grad_added_to_main_grad"):
-                out.append(None)
-                continue
-            make = torch.zeros if getattr(param, "zero_out_wgrad", False) else torch.empty
-            out.append(make(param.shape, dtype=param.dtype, device=param.device))
-            param.grad_added_to_main_grad = True
-        return out
+        return [added_to_main_grad(param) if need else None
+                for param, need in zip(self.params[1:], self.plan.need[1:])]
 
 
 def _logits(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):

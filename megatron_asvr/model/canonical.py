@@ -3,8 +3,9 @@
 The canonical form of a model is a dict of full (un-sharded) tensors keyed by
 the names a TP=1 / PP=1 local-spec model uses: tensor-parallel shards are
 gathered along their ``partition_dim`` (the gated-MLP FC1 as [gate; up]
-halves), and a pipeline stage's local layer indices become global layer
-numbers. HF import fills a model at any layout from it; the equivalence tests
+halves), a stacked parameter is split into its slices (``stacked_names``: the
+head's batched depth MLPs, model/depth_mlps.py), and a pipeline stage's local
+layer indices become global layer numbers. HF import fills a model at any layout from it; the equivalence tests
 compare layouts in it (each rank returns its own chunks; ``merge_ranks`` joins
 them and checks that replicas agree bitwise).
 """
@@ -72,6 +73,16 @@ def _tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def _split_names(canonical: str, param: torch.Tensor) -> List[str]:
+    """The canonical names of a stacked parameter's slices along dim 0 (``param.stacked_names``, relative
+    to its module: model/depth_mlps.py), or [canonical] for any other parameter."""
+    stacked = getattr(param, "stacked_names", None)
+    if stacked is None:
+        return [canonical]
+    module = canonical.rsplit(".", 1)[0]
+    return [f"{module}.{sub}" for sub in stacked]
+
+
 def full_state(model: Iterable[torch.nn.Module], attr: str = "data") -> Dict[str, torch.Tensor]:
     """This rank's parameters (or their ``attr``, e.g. DDP's ``main_grad``), TP-gathered,
     under canonical names (collective over TP). Parameters without ``attr`` are left out."""
@@ -93,7 +104,10 @@ def full_state(model: Iterable[torch.nn.Module], attr: str = "data") -> Dict[str
                     value = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
                 else:
                     value = torch.cat(shards, dim=dim)
-            state[names[name]] = value
+            if hasattr(param, "stacked_names"):  # one tensor per slice, each with its own storage
+                state.update(zip(_split_names(names[name], param), (v.clone() for v in value.unbind(0))))
+            else:
+                state[names[name]] = value
     return state
 
 
@@ -112,10 +126,12 @@ def load_full_state(
     for chunk in map(_unwrap, model):
         names, glu = _canonical_names(chunk), _glu_params(chunk)
         for name, param in chunk.named_parameters():
-            if names[name] not in full:
-                missing.append(names[name])
+            split = _split_names(names[name], param)
+            absent = [n for n in split if n not in full]
+            if absent:
+                missing.extend(absent)
                 continue
-            value = full[names[name]]
+            value = torch.stack([full[n] for n in split]) if hasattr(param, "stacked_names") else full[split[0]]
             if _tp_sharded(param) and tp > 1:
                 dim = param.partition_dim
                 if name in glu:
@@ -126,7 +142,7 @@ def load_full_state(
                 raise ValueError(f"{names[name]}: shard shape {tuple(value.shape)} != parameter shape "
                                  f"{tuple(param.shape)}")
             param.copy_(value)
-            loaded.append(names[name])
+            loaded.extend(split)
     if strict and missing:
         raise KeyError(f"{len(missing)} parameters missing from the loaded state, e.g. {missing[:5]}")
     return loaded

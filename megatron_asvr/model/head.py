@@ -10,6 +10,9 @@ ground-truth codes [N, D].
         a = x + Attn(RMSNorm1(x)); r = RMSNorm2(a); x = r + MLP_d(r)   # MLP per depth
     logits_d = classifier_d(RMSNorm(x)_d)
 
+The D per-depth MLPs run one after another or as batched GEMMs
+(model/depth_mlps.py, ``train.fast_paths.batched_head_mlp``).
+
 Tensor parallelism: heads of the depth attention, the per-depth MLPs (column
 then row parallel), the projection and the classifiers (vocab-parallel, each
 padded to a TP-independent multiple; padded ids are never predicted) are
@@ -32,10 +35,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_asvr.config import CodebookSpec, HeadConfig, ParallelConfig
 from megatron_asvr.kernels import default_mode, multi_depth_cross_entropy
 from megatron_asvr.model.containers import ShardedModuleList
+from megatron_asvr.model.depth_mlps import BatchedDepthMLPs, DepthMLPs
 from megatron_asvr.model.llm import padded_vocab_size
 from megatron_asvr.model.norms import RMSNorm
 from megatron_asvr.model.specs import attention_spec, mlp_submodules
 from megatron_asvr.model.transformer_defaults import fusion_kwargs, model_parallel_kwargs
+from megatron_asvr.runtime.fast_paths import kernel_choice
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -85,16 +90,14 @@ class DepthLayer(MegatronModule):
         )
         self.norm2 = RMSNorm(config, hidden, eps)
         mlp_config = dataclasses.replace(config, add_bias_linear=False)  # bias-free per-depth MLPs
-        self.mlps = ShardedModuleList(
-            MLP(config=mlp_config, submodules=mlp_submodules(backend)) for _ in range(depth)
-        )
+        mlps = [MLP(config=mlp_config, submodules=mlp_submodules(backend)) for _ in range(depth)]
+        self.mlps = BatchedDepthMLPs(mlps) if kernel_choice().batched_head_mlp else DepthMLPs(mlps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [D, N, E] (depth is the sequence)
         attn, attn_bias = self.attention(self.norm1(x), attention_mask=None)
         a = x + attn + attn_bias
         r = self.norm2(a)
-        mlp = torch.stack([mlp(r[d])[0] for d, mlp in enumerate(self.mlps)])  # [D, N, E]
-        return r + mlp
+        return r + self.mlps(r)  # MLP_d on depth slot d
 
 
 class VisualHead(MegatronModule):

@@ -8,7 +8,8 @@ same model with each on and off.
     apply_megatron_patches(paths)        clipping's norm and scale, the wgrad shim: set both ways, so the
                                          last trainer built in a process has exactly its own switches
     fuse_adam(optimizer, on)             torch's fused AdamW inside megatron's optimizer (after a resume too)
-    building(paths) / kernel_choice()    what modules read when they are built: RMSNorm kernel, SDPA backends
+    building(paths) / kernel_choice()    what modules read when they are built: RMSNorm kernel, SDPA backends,
+                                         the head's batched depth MLPs
 """
 
 import contextvars
@@ -38,6 +39,7 @@ class FastPaths:
     bias_fusions: bool = False
     rms_norm: str = "reference"  # reference | torch | liger
     attention: str = "default"  # default (torch's choice) | cudnn | flash | efficient | math
+    batched_head_mlp: bool = False
     cuda: bool = False
 
     @classmethod
@@ -53,7 +55,7 @@ class FastPaths:
                               "set it to auto, torch or reference")
         attention = config.attention if config.attention != "auto" else ("cudnn" if cuda else "default")
         return cls(on(config.fused_adam), on(config.foreach_clip), on(config.wgrad_accumulation),
-                   on(config.bias_fusions), rms_norm, attention, cuda)
+                   on(config.bias_fusions), rms_norm, attention, on(config.batched_head_mlp), cuda)
 
     def transformer_changes(self) -> Tuple[dict, dict]:
         """(fields for every part's TransformerConfig, fields for the LLM's alone): only what a switch
@@ -133,25 +135,26 @@ class WgradAccumulation:
     """Stand-in for apex's ``fused_weight_gradient_mlp_cuda`` (megatron's gradient-accumulation fusion):
     the weight gradient of a linear layer, gout^T @ input, added straight into the parameter's
     ``main_grad`` with no weight-gradient tensor in between. Inputs are 2-D: input [t, in], gout [t, out],
-    main_grad [out, in]."""
+    main_grad [out, in]; or batched (model/depth_mlps.py): [B, t, in], [B, t, out], [B, out, in]."""
 
     mixed_addmm = None  # whether addmm's out_dtype works here (torch >= 2.8 on CUDA): tried on first use
 
     @classmethod
     def wgrad_gemm_accum_fp32(cls, inp: torch.Tensor, gout: torch.Tensor, main_grad: torch.Tensor) -> None:
+        mm, addmm = (torch.bmm, torch.baddbmm) if inp.dim() == 3 else (torch.mm, torch.addmm)
         if inp.dtype == main_grad.dtype:
-            main_grad.addmm_(gout.t(), inp)
+            addmm(main_grad, gout.mT, inp, out=main_grad)
             return
         if main_grad.is_cuda and cls.mixed_addmm is not False:
             try:  # bf16 GEMM with an fp32 accumulator and output (cuBLAS), into main_grad itself
-                torch.addmm(main_grad, gout.t(), inp, out_dtype=main_grad.dtype, out=main_grad)
+                addmm(main_grad, gout.mT, inp, out_dtype=main_grad.dtype, out=main_grad)
                 cls.mixed_addmm = True
                 return
             except (TypeError, RuntimeError):
                 if cls.mixed_addmm:  # it worked before: a real failure
                     raise
                 cls.mixed_addmm = False
-        main_grad.add_(torch.mm(gout.t(), inp))  # no mixed-dtype addmm: the same sum through a temporary
+        main_grad.add_(mm(gout.mT, inp))  # no mixed-dtype addmm: the same sum through a temporary
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32  # bf16 / fp16 main_grad: same-dtype addmm_
 

@@ -22,13 +22,14 @@ from megatron_asvr.data.batch import MicroBatch
 from megatron_asvr.model.canonical import full_state, load_full_state
 from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.chunks import ChunkBuilder
+from megatron_asvr.model.depth_mlps import BatchedDepthMLPs
 from megatron_asvr.runtime.fast_paths import FastPaths
 from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
 EVAL_STEP = 99  # the fixed batch used for evaluation only
 # Every fast path on, as their CPU twins run them (runtime/fast_paths.py); the references run them off.
 ALL_FAST_PATHS = FastPathsConfig(fused_adam=True, foreach_clip=True, wgrad_accumulation=True, bias_fusions=True,
-                                 rms_norm="torch", attention="math")
+                                 rms_norm="torch", attention="math", batched_head_mlp=True)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def train_case(case: Case, initial: Optional[Dict[str, torch.Tensor]] = None, sa
         "model_parallel_rng": tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"].clone(),
         "main_param_dtypes": _main_param_dtypes(trainer.optimizer),
         "fused_adam": _fused_adam(trainer.optimizer),
+        "batched_head_mlp": any(isinstance(m, BatchedDepthMLPs) for chunk in trainer.chunks for m in chunk.modules()),
         "grad_buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
     }
     if not case.parallel.distributed_optimizer:  # the distributed optimizer keeps only shards

@@ -11,6 +11,8 @@ micro-batch 2 x 2048 (with --cpu, tiny ones through the same code):
     attention  SDPA forward + backward, causal, [b, heads, s, 128]: math, efficient, flash, cuDNN
     adamw      torch AdamW over ~0.5 B fp32 parameters: foreach (megatron's fallback) vs fused
     grad_norm  megatron's local l2 norm (a host sync per tensor) vs the foreach norm (none)
+    head_mlps  forward + backward of one head layer's 8 per-depth MLPs (E 2048 -> 4096 -> 2048, 1458 image
+               rows: micro-batch 2 x 729): 8 pairs of GEMMs vs two batched ones (model/depth_mlps.py)
 """
 
 import statistics
@@ -155,6 +157,27 @@ def grad_norm(dev, measure, tensors, numel) -> dict:
             "rel diff": abs(a.item() - b.item()) / a.item()}
 
 
+def head_mlps(dev, dtype, measure, depth, rows, width) -> dict:
+    from megatron_asvr.model.depth_mlps import BatchedLinear
+
+    x = torch.randn(depth, rows, width, device=dev, dtype=dtype, requires_grad=True)
+    w1, w2 = ((0.02 * torch.randn(depth, *shape, device=dev, dtype=dtype)).requires_grad_()
+              for shape in ((2 * width, width), (width, 2 * width)))
+
+    def per_depth(t):
+        return torch.stack([F.linear(F.gelu(F.linear(t[d], w1[d])), w2[d]) for d in range(depth)])
+
+    def batched(t):
+        return BatchedLinear.apply(F.gelu(BatchedLinear.apply(t, w1, False)), w2, False)
+
+    out = {"per depth": _warm_then_time(measure, _fwd_bwd(per_depth, x)),
+           "batched": _warm_then_time(measure, _fwd_bwd(batched, x))}
+    with torch.no_grad():
+        a, b = per_depth(x).float(), batched(x).float()
+    out["max rel diff"] = ((a - b).abs().max() / a.abs().max()).item()
+    return out
+
+
 def run(args) -> dict:
     dev = device(args.cpu)
     if args.cpu:
@@ -171,6 +194,7 @@ def run(args) -> dict:
         "attention": lambda: attention(dev, dtype, measure, *((1, 2, 64, 16) if args.cpu else (2, 32, 2048, 128))),
         "adamw": lambda: adamw(dev, measure, *((8, 4096) if args.cpu else (64, 8_000_000))),
         "grad_norm": lambda: grad_norm(dev, measure, *((50, 1024) if args.cpu else (291, 1_000_000))),
+        "head_mlps": lambda: head_mlps(dev, dtype, measure, 8, *((64, 32) if args.cpu else (1458, 2048))),
     }
     results, failed = {}, []
     for name, lever in levers.items():
