@@ -29,6 +29,7 @@ def make_inputs(scenario: str, dtype=torch.float32):
     high = VOCAB if scenario == "random" else [p // 2 for p in PADDED]
     targets = torch.stack([torch.randint(0, v, (n,), generator=gen) for v in high], dim=1)
     mask = torch.rand(n, generator=gen) > 0.25
+    mask[0] = ~mask[0]  # 13 counted rows: grads_in_forward's row shards at TP 2 take a padding row
     return hidden, weights, biases, targets, mask
 
 
@@ -59,6 +60,9 @@ def _rank_fn(backend: str):
                 hidden, local_w, local_b, targets, VOCAB, row_mask=mask, depth_weights=DEPTH_WEIGHTS,
                 group=group, chunk_rows=4, backend=backend, mode=mode,
             )
+            held = getattr(loss.grad_fn, "grads", None)  # the autograd node's gradients of grads_in_forward
+            if held is not None:
+                out[mode, name, "held"] = (held.rows, tuple(held.shard.shape))
             grads = torch.autograd.grad((loss * torch.tensor(UPSTREAM)).sum(), [hidden, *local_w, *local_b])
             out[mode, name] = (loss, count, correct, grads)
         hidden, weights, biases, targets = tie_inputs()
@@ -119,6 +123,16 @@ def test_tp2_fp32_matches_naive(tp_results, mode, name):
         torch.testing.assert_close(halves, ref_grads[i], rtol=1e-5, atol=1e-5)
     assert torch.equal(tp_results[0][mode, name][3][0], tp_results[1][mode, name][3][0])
     assert torch.equal(tp_results[0][mode, name][0], tp_results[1][mode, name][0])
+
+
+def test_tp2_grads_in_forward_holds_a_row_shard_of_grad_h(tp_results):
+    """Between forward and backward each rank holds its half of the counted rows' grad_h ([D, M / 2, E],
+    an odd M padded by a row), not [D, M, E]: the backward's all-gather puts them together (checked above)."""
+    for rank_out in tp_results:
+        for name in ("random", "in_rank0", "random_bf16"):
+            rows = int(make_inputs(name.replace("_bf16", ""))[4].sum())
+            assert rows == 13 and rank_out["grads_in_forward", name, "held"] == (None, (len(VOCAB), 7, 10))
+        assert ("recompute", "random", "held") not in rank_out
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -113,6 +113,11 @@ def test_vicuna_7b_stage2_memory_by_hand():
     assert stage.activation_bytes_per_micro == per_micro
     assert (stage.in_flight, stage.recompute_bytes) == (1, 0)
     assert round(stage.total_bytes / GIB, 2) == 62.29 and plan.fits
+    pure = plan_memory(_recipe("vicuna7b_stage2", "train.master_weights=false"), Cluster(nodes=1, gpus_per_node=8))
+    (bf16,) = pure.stages  # bf16 gradients, bf16 Adam moments, not sharded (the trainer's pure bf16)
+    assert (bf16.grad_bytes, bf16.optimizer_bytes) == (trainable * 2, trainable * 4)
+    assert bf16.activation_bytes_per_micro == per_micro and not pure.distributed_optimizer
+    assert pure.precision == "bf16 (no master weights)"
 
 
 def test_pipeline_stages_hold_their_parts_and_micro_batches_in_flight():

@@ -25,8 +25,11 @@ With ``main_grad`` the classifiers' weight and bias gradients accumulate straigh
 forward without autograd (``torch.no_grad``, as in an activation checkpoint's first pass) makes
 no gradients, so a recomputed forward accumulates exactly once.
 
-The partial grad_h of every rank is all-reduced over the group per depth, so every rank gets
-the full gradient. The statistics and the losses are fp32.
+Every rank gets the full grad_h, summed over the group per depth. grads_in_forward holds it from
+forward to backward as a row shard: each depth's partial grad_h is reduce-scattered over the
+group's ranks by rows in the forward and all-gathered in backward (the traffic of one all-reduce,
+split in two), so a rank holds [D, N / tp, E]; recompute all-reduces it in backward. The
+statistics and the losses are fp32.
 """
 
 import functools
@@ -139,8 +142,16 @@ class _Gradients:
 
     def __init__(self, plan: _Plan, hidden: torch.Tensor, params: Sequence[torch.Tensor], num_rows: int):
         depths = hidden.shape[0]
-        self.plan, self.depths = plan, depths
-        self.rows = hidden.new_empty(depths, num_rows, hidden.shape[2]) if plan.need[0] else None
+        self.plan, self.depths, self.num_rows = plan, depths, num_rows
+        # grads_in_forward over a split vocabulary holds grad_h until backward as a 1 / tp row shard
+        # (reduce-scattered in the forward, all-gathered in backward: the all-reduce's traffic, split)
+        self.sharded = plan.need[0] and plan.group is not None and plan.mode == "grads_in_forward"
+        tp = plan.group.size() if self.sharded else 1
+        padded = -(-num_rows // tp) * tp
+        self.rows = hidden.new_empty(depths, padded, hidden.shape[2]) if plan.need[0] else None  # [D, M_pad, E]
+        if self.sharded:
+            self.rows[:, num_rows:].zero_()  # padding rows: reduced, never returned
+        self.shard = hidden.new_empty(depths, padded // tp, hidden.shape[2]) if self.sharded else None
         self.params = list(params)
         self.chunked = num_rows > plan.chunk_rows
         self.handles = []  # in-flight all-reduces of grad_h
@@ -183,7 +194,10 @@ class _Gradients:
 
     def finish_depth(self, d: int) -> None:
         """Depth d is done: start its grad_h all-reduce; weight and bias gradients to their dtype."""
-        if self.rows is not None and self.plan.group is not None:
+        if self.sharded:
+            self.handles.append(dist.reduce_scatter_tensor(self.shard[d], self.rows[d], group=self.plan.group,
+                                                           async_op=True))
+        elif self.rows is not None and self.plan.group is not None:
             self.handles.append(dist.all_reduce(self.rows[d], group=self.plan.group, async_op=True))
         for i in (1 + d, 1 + self.depths + d):
             if i >= len(self.params) or not self.plan.need[i] or self.plan.main_grad:
@@ -199,16 +213,27 @@ class _Gradients:
         for handle in self.handles:
             handle.wait()
         self.handles, self._accumulator = [], None
+        if self.sharded:
+            self.rows = None  # the full partial grad_h: reduced into the shard
 
     def scale_(self, grad_loss: torch.Tensor) -> None:
         """Multiply every gradient by its depth's grad_output [D], in place (no host sync)."""
-        if self.rows is not None:
-            self.rows.mul_(grad_loss.view(-1, 1, 1))
+        for rows in (self.rows, self.shard):
+            if rows is not None:
+                rows.mul_(grad_loss.view(-1, 1, 1))
         for i, grad in enumerate(self.grads):
             if grad is not None:
                 grad.mul_(grad_loss[(i - 1) % self.depths])
 
     def hidden_grad(self, hidden_shape: torch.Size, row_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """grad_h [D, N, E] (the selected rows' gradient scattered into zeros when ``row_index`` is given)."""
+        if self.sharded:  # the row shards back together, one all-gather per depth
+            full = self.shard.new_empty(self.depths, self.shard.shape[1] * self.plan.group.size(), self.shard.shape[2])
+            handles = [dist.all_gather_into_tensor(full[d], self.shard[d], group=self.plan.group, async_op=True)
+                       for d in range(self.depths)]
+            for handle in handles:
+                handle.wait()
+            self.rows, self.shard = full[:, : self.num_rows], None
         if self.rows is None or row_index is None:
             return self.rows
         return self.rows.new_zeros(hidden_shape).index_copy_(1, row_index, self.rows)

@@ -7,6 +7,9 @@ Per GPU of a stage (one TP shard; DP replicas are identical):
 - optimizer: fp32 main parameters plus Adam's two moments (12 bytes per trainable
   parameter in bf16; 8 in fp32, where the parameters are the main copy), divided
   over data-parallel ranks with the distributed optimizer;
+- pure bf16 (``train.master_weights=false``): bf16 gradient buffers (2 bytes) and
+  Adam's moments in bf16 on the parameters (4 bytes), never distributed (the trainer
+  turns the distributed optimizer off);
 - activations: ``planner.activations`` per micro-batch, times the micro-batches
   the 1F1B schedule keeps in flight on that stage (pp - stage, at most the number
   of micro-batches), plus one layer re-materialised under full recompute.
@@ -120,6 +123,8 @@ def plan_memory(config: RunConfig, cluster: Cluster, visual_positions: Optional[
     num_micro = train.global_batch // (dp * train.micro_batch)
     fp32 = train.precision == "fp32"  # auto and bf16 mean bf16 on the GPU
     element = 4 if fp32 else 2
+    pure = not (fp32 or train.master_weights)  # pure bf16: no fp32 master weights or gradient buffers
+    sharded = parallel.distributed_optimizer and not pure
     shape = MicroBatchShape(train.micro_batch, config.data.seq_length, positions, element, tp,
                             parallel.sequence_parallel, train.recompute == "full")
     trains = trained_parts(model)
@@ -130,13 +135,13 @@ def plan_memory(config: RunConfig, cluster: Cluster, visual_positions: Optional[
         stages.append(StagePlan(
             stage=stage, layers=layers, params=params, trainable_params=trainable,
             param_bytes=sum(params.values()) * element,
-            grad_bytes=trainable * GRAD_BYTES,
-            optimizer_bytes=trainable * (8 if fp32 else 12) / (dp if parallel.distributed_optimizer else 1),
+            grad_bytes=trainable * (element if pure else GRAD_BYTES),
+            optimizer_bytes=trainable * (2 * element if pure else 8 if fp32 else 12) / (dp if sharded else 1),
             in_flight=min(pp - stage, num_micro), activation_bytes_per_micro=kept, recompute_bytes=transient,
         ))
     return MemoryPlan(cluster, tp, pp, dp, train.micro_batch, num_micro, config.data.seq_length, positions,
-                      "fp32" if fp32 else "bf16", parallel.distributed_optimizer, parallel.sequence_parallel,
-                      train.recompute, stages)
+                      "fp32" if fp32 else "bf16 (no master weights)" if pure else "bf16", sharded,
+                      parallel.sequence_parallel, train.recompute, stages)
 
 
 def format_plan(plan: MemoryPlan, title: str = "") -> str:
