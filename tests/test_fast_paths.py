@@ -19,7 +19,8 @@ from megatron_asvr.runtime import fast_paths as fp
 from megatron_asvr.runtime.fast_paths import FastPaths, WgradAccumulation, apply_megatron_patches, building, fuse_adam
 
 
-def test_auto_is_on_with_cuda_and_off_on_cpu():
+def test_auto_is_on_with_cuda_and_off_on_cpu(monkeypatch):
+    monkeypatch.delenv(fp.AUTO_ENV, raising=False)
     assert FastPaths.resolve(FastPathsConfig(), cuda=False) == FastPaths()
     gpu = FastPaths.resolve(FastPathsConfig(), cuda=True)
     assert (gpu.fused_adam, gpu.foreach_clip, gpu.wgrad_accumulation, gpu.bias_fusions, gpu.batched_head_mlp) == \
@@ -29,6 +30,14 @@ def test_auto_is_on_with_cuda_and_off_on_cpu():
     assert (off.fused_adam, off.attention, off.rms_norm) == (False, "math", "reference")
     with pytest.raises(ConfigError, match="rms_norm=liger needs CUDA"):
         FastPaths.resolve(FastPathsConfig(rms_norm="liger"), cuda=False)
+    monkeypatch.setenv(fp.AUTO_ENV, "on")  # every auto switch on, here with its CPU twin
+    assert FastPaths.resolve(FastPathsConfig(), cuda=False) == FastPaths(True, True, True, True, "torch", "flash", True)
+    assert FastPaths.resolve(FastPathsConfig(fused_adam=False), cuda=False).fused_adam is False
+    monkeypatch.setenv(fp.AUTO_ENV, "off")  # bisecting a GPU run
+    assert FastPaths.resolve(FastPathsConfig(), cuda=True) == FastPaths(cuda=True)
+    monkeypatch.setenv(fp.AUTO_ENV, "yes")
+    with pytest.raises(ConfigError, match=r"^ASVR_FAST_PATHS='yes': expected on or off"):
+        FastPaths.resolve(FastPathsConfig(), cuda=False)
 
 
 def test_transformer_changes_only_turn_fusions_on():

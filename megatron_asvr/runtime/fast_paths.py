@@ -14,6 +14,7 @@ same model with each on and off.
 
 import contextvars
 import importlib.util
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -27,6 +28,18 @@ SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # the priority with CUDA (
 
 def have_liger() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
+
+
+AUTO_ENV = "ASVR_FAST_PATHS"  # on | off: what every "auto" switch means, on any device
+
+
+def auto_means(cuda: bool) -> bool:
+    """Whether an ``auto`` switch is on: with CUDA, unless $ASVR_FAST_PATHS says otherwise (``on`` runs
+    the CPU twins of every fast path, e.g. the whole test suite; ``off`` bisects a GPU run)."""
+    value = os.environ.get(AUTO_ENV, "")
+    if value not in ("", "on", "off"):
+        raise ConfigError(f"{AUTO_ENV}={value!r}: expected on or off (unset: on with CUDA)")
+    return cuda if not value else value == "on"
 
 
 @dataclass(frozen=True)
@@ -44,16 +57,21 @@ class FastPaths:
 
     @classmethod
     def resolve(cls, config: FastPathsConfig, cuda: bool) -> "FastPaths":
+        auto = auto_means(cuda)
+
         def on(switch) -> bool:
-            return cuda if switch == "auto" else bool(switch)
+            return auto if switch == "auto" else bool(switch)
 
         rms_norm = config.rms_norm
         if rms_norm == "auto":
-            rms_norm = ("liger" if have_liger() else "torch") if cuda else "reference"
+            rms_norm = ("liger" if cuda and have_liger() else "torch") if auto else "reference"
         if rms_norm == "liger" and not (cuda and have_liger()):
             raise ConfigError("train.fast_paths.rms_norm=liger needs CUDA and liger-kernel installed: "
                               "set it to auto, torch or reference")
-        attention = config.attention if config.attention != "auto" else ("cudnn" if cuda else "default")
+        if config.attention != "auto":
+            attention = config.attention
+        else:
+            attention = ("cudnn" if cuda else "flash") if auto else "default"
         return cls(on(config.fused_adam), on(config.foreach_clip), on(config.wgrad_accumulation),
                    on(config.bias_fusions), rms_norm, attention, on(config.batched_head_mlp), cuda)
 
