@@ -144,14 +144,19 @@ class _Gradients:
         depths = hidden.shape[0]
         self.plan, self.depths, self.num_rows = plan, depths, num_rows
         # grads_in_forward over a split vocabulary holds grad_h until backward as a 1 / tp row shard
-        # (reduce-scattered in the forward, all-gathered in backward: the all-reduce's traffic, split)
+        # (reduce-scattered in the forward, all-gathered in backward: the all-reduce's traffic, split);
+        # each depth's partial rows are made in one of two [M_pad, E] buffers, taken in turn
         self.sharded = plan.need[0] and plan.group is not None and plan.mode == "grads_in_forward"
         tp = plan.group.size() if self.sharded else 1
-        padded = -(-num_rows // tp) * tp
-        self.rows = hidden.new_empty(depths, padded, hidden.shape[2]) if plan.need[0] else None  # [D, M_pad, E]
+        padded, embed = -(-num_rows // tp) * tp, hidden.shape[2]
+        self.rows = None  # [D, M, E] grad_h (all-reduced over the group, if any)
+        self.shard = self.buffers = None
         if self.sharded:
-            self.rows[:, num_rows:].zero_()  # padding rows: reduced, never returned
-        self.shard = hidden.new_empty(depths, padded // tp, hidden.shape[2]) if self.sharded else None
+            self.shard = hidden.new_empty(depths, padded // tp, embed)  # [D, M_pad / tp, E]
+            self.buffers = [hidden.new_zeros(padded, embed) for _ in range(min(2, depths))]  # padding rows stay 0
+            self.pending = [None] * len(self.buffers)  # the reduce-scatter reading each buffer
+        elif plan.need[0]:
+            self.rows = hidden.new_empty(depths, num_rows, embed)
         self.params = list(params)
         self.chunked = num_rows > plan.chunk_rows
         self.handles = []  # in-flight all-reduces of grad_h
@@ -176,9 +181,14 @@ class _Gradients:
     def add_chunk(self, d: int, begin: int, grad_logits: torch.Tensor, h: torch.Tensor,
                   weight: torch.Tensor) -> None:
         """The gradients of one chunk from its gradient w.r.t. the logits [r, V_local] (GEMMs 2, 3)."""
-        if self.rows is not None:
-            torch.mm(grad_logits, weight, out=self.rows[d, begin : begin + h.shape[0]])  # [r, E]
         first = begin == 0
+        if self.sharded:
+            slot = d % len(self.buffers)
+            if first and self.pending[slot] is not None:  # the buffer's previous depth is reduced
+                self.pending[slot].wait()
+            torch.mm(grad_logits, weight, out=self.buffers[slot][begin : begin + h.shape[0]])  # [r, E]
+        elif self.rows is not None:
+            torch.mm(grad_logits, weight, out=self.rows[d, begin : begin + h.shape[0]])  # [r, E]
         if self.plan.need[1 + d]:
             target, beta = self._weight_target(1 + d, first)
             _addmm_(target, grad_logits.t(), h, beta)  # [V_local, E]
@@ -195,8 +205,9 @@ class _Gradients:
     def finish_depth(self, d: int) -> None:
         """Depth d is done: start its grad_h all-reduce; weight and bias gradients to their dtype."""
         if self.sharded:
-            self.handles.append(dist.reduce_scatter_tensor(self.shard[d], self.rows[d], group=self.plan.group,
-                                                           async_op=True))
+            slot = d % len(self.buffers)
+            self.pending[slot] = dist.reduce_scatter_tensor(self.shard[d], self.buffers[slot], group=self.plan.group,
+                                                            async_op=True)
         elif self.rows is not None and self.plan.group is not None:
             self.handles.append(dist.all_reduce(self.rows[d], group=self.plan.group, async_op=True))
         for i in (1 + d, 1 + self.depths + d):
@@ -210,11 +221,10 @@ class _Gradients:
                 self.grads[i] = self.grads[i].to(self.params[i].dtype)
 
     def finish(self) -> None:
-        for handle in self.handles:
-            handle.wait()
-        self.handles, self._accumulator = [], None
-        if self.sharded:
-            self.rows = None  # the full partial grad_h: reduced into the shard
+        for handle in self.handles + (self.pending if self.sharded else []):
+            if handle is not None:
+                handle.wait()
+        self.handles, self._accumulator, self.buffers, self.pending = [], None, None, None
 
     def scale_(self, grad_loss: torch.Tensor) -> None:
         """Multiply every gradient by its depth's grad_output [D], in place (no host sync)."""

@@ -14,8 +14,8 @@ none) over hidden [D, N, E] with random targets, forward + backward, on the same
     cce                 Cut Cross-Entropy's linear_cross_entropy per depth (CUDA only)
 
 Memory, of one forward + backward after a warm-up one, from the moment the inputs exist (CUDA:
-torch.cuda's allocation counters; CPU: the process's resident set, with blocks of 128 KiB and more
-returned to the system when freed). Methods on the same inputs run in one process (CPU: one per TP
+torch.cuda's allocation counters; CPU: held from malloc's bytes in use, the peak from the process's
+resident set, with blocks of 128 KiB and more returned to the system when freed). Methods on the same inputs run in one process (CPU: one per TP
 rank), one after the other:
     held    allocated when the forward has returned: what the method keeps for its backward
             (for ours: the gradients it already made)
@@ -141,12 +141,28 @@ def _method(case: Case, group) -> Callable:
     raise ValueError(f"unknown method {case.method!r}; one of {list(METHODS)}")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2: heap chunks in use plus mmapped
+    blocks), exact where the resident set is not: freed pages a heap keeps still count in VmRSS."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 class _Memory:
-    """Bytes allocated since ``start``, now and at the peak: torch.cuda's counters, or on CPU the
-    resident set (VmRSS, and VmHWM reset through /proc/self/clear_refs)."""
+    """Bytes allocated since ``start``, now and at the peak: torch.cuda's counters, or on CPU malloc's
+    bytes in use now (mallinfo2) and the resident set's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) for the peak."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.base = cuda, 0
+        self.cuda, self.base, self.heap_base = cuda, 0, 0
 
     @staticmethod
     def _status(field: str) -> int:
@@ -164,7 +180,7 @@ class _Memory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base = self._status("VmRSS")
+            self.base, self.heap_base = self._status("VmRSS"), _heap_in_use()
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # VmHWM := VmRSS
 
@@ -172,7 +188,7 @@ class _Memory:
         if self.cuda:
             torch.cuda.synchronize()
             return (torch.cuda.memory_allocated() - self.base) / MIB
-        return (self._status("VmRSS") - self.base) / MIB
+        return (_heap_in_use() - self.heap_base) / MIB
 
     def peak(self) -> float:
         if self.cuda:
