@@ -77,7 +77,8 @@ def _items(root):
 def _generation_queries(root, encoder):
     """Ragged prompts: two questions, one text only, two that end in an image (their last image
     positions past the text-only prompt's end: fed to the cache by teacher forcing) and one anyres
-    prompt of a wide image (several tiles), the longest."""
+    prompt of a wide image (several tiles), the longest. The second question and the two ending in an
+    image share one image (one pixels tensor: the encoder keeps its recent images)."""
     import io
 
     from PIL import Image
@@ -124,10 +125,11 @@ def _generation_at(runner, encoder, root) -> dict:
     limit = max(q.length for q in queries) + 2
     (uncached, _), (cached, tiles) = generate(False, eos, limit), generate(True, eos, limit)
     runner.kv_cache = True
-    expected_tiles = sum(queries[i].pixels.shape[0] for i in mine if queries[i].pixels is not None)
+    pictured = [queries[i].pixels for i in mine if queries[i].pixels is not None]
+    distinct = sum({id(p): p.shape[0] for p in pictured}.values())  # questions on one image share its pixels
     return {"free": free, "eos": eos, "uncached": uncached, "cached": cached,
             "lengths": [q.length for q in queries], "limit": limit, "anyres_tiles": queries[-1].pixels.shape[0],
-            "tiles": (tiles, expected_tiles) if encoder_module is not None else None}
+            "tiles": (tiles, distinct, sum(p.shape[0] for p in pictured)) if encoder_module is not None else None}
 
 
 def _evaluate_at(root: str, parallel: ParallelConfig, generation: bool = False) -> dict:
@@ -266,8 +268,9 @@ def _check_generation(result: dict) -> None:
     assert result["cached"] == result["uncached"] == expected
     assert any(eos in ids[:-1] for ids in free) and len(expected[-1]) == 2 < len(free[-1])  # EOS; the positions' end
     assert len(set(lengths)) == len(lengths) and lengths[-1] == max(lengths) and result["anyres_tiles"] >= 3
-    if result["tiles"] is not None:  # the vision encoder saw each query's tiles once
-        assert result["tiles"][0] == result["tiles"][1] > 0
+    if result["tiles"] is not None:  # the vision encoder saw each distinct image's tiles once
+        seen, distinct, per_query = result["tiles"]
+        assert seen == distinct > 0 and per_query >= distinct
 
 
 def test_layouts_agree_with_direct_forward(root):
@@ -278,6 +281,8 @@ def test_layouts_agree_with_direct_forward(root):
     tp1 = run_ranks(_evaluate_at, 1, str(root), ParallelConfig(), True)[0]
     assert tp1["ids"] == reference["ids"] and all(len(ids) > 0 for ids in tp1["ids"])
     _check_generation(tp1["generation"])
+    seen, distinct, per_query = tp1["generation"]["tiles"]
+    assert seen < per_query  # three questions on items[1]'s image: its tiles encoded once
     assert _flat(tp1["logprobs"]).sub(_flat(reference["logprobs"])).abs().max() < LAYOUT_TOL
     assert abs(tp1["grid"].sum().item() - tp1["share"]) < 1e-6  # one tile: the grid is all image positions
     layouts = ((ParallelConfig(pipeline_parallel=2), 2), (ParallelConfig(pipeline_parallel=2, virtual_pipeline=2), 2),

@@ -1,6 +1,6 @@
 """Greedy generation with megatron's static KV cache (``StaticInferenceContext``).
 
-    prefill:  prompt embeddings (vision encoder + projector: once per query) -> decoder layers,
+    prefill:  prompt embeddings (vision encoder + projector: once per distinct image) -> decoder layers,
               micro-batch by micro-batch, which write every position's keys and values into
               their cache's rows (``batch_size_offset``)
     decode:   one position per step for all rows of a cache, [b, 1, h] through the pipeline,
@@ -33,7 +33,7 @@ same weights, with all-reduces in place of reduce-scatter / all-gather.
 import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -201,6 +201,20 @@ def _cache_rows(queries: List[Query], micro_batch: int, max_new_tokens: int, int
     return groups
 
 
+def _image_features(chunk: torch.nn.Module, queries: List[Query], micro_batch: int, device) -> Dict[int, torch.Tensor]:
+    """id(pixels) -> the image's features [T, P, h]: the vision encoder and projector run once per distinct
+    image (questions on one image share its pixels tensor: evaluation/queries.py), ``micro_batch``
+    images at a time."""
+    image_features = get_attr_wrapped_model(chunk, "image_features")
+    distinct = list({id(q.pixels): q.pixels for q in queries if q.pixels is not None}.values())
+    made = {}
+    for first in range(0, len(distinct), micro_batch):
+        images = distinct[first:first + micro_batch]
+        out = image_features(torch.cat(images).to(device), None)  # [sum T, P, h]
+        made.update(zip(map(id, images), out.split([p.shape[0] for p in images])))
+    return made
+
+
 @torch.no_grad()
 def generate_with_cache(chunks: List[torch.nn.Module], queries: List[Query], micro_batch: int, max_new_tokens: int,
                         eos_id: int, max_length: int, vocab_limit: int) -> List[List[int]]:
@@ -224,14 +238,18 @@ def generate_with_cache(chunks: List[torch.nn.Module], queries: List[Query], mic
     embed = get_attr_wrapped_model(chunks[0], "input_embeddings") if first_stage else None
     generated = [[] for _ in queries]
     with sequence_parallel_off(chunks), eval_mode(chunks):  # eval: also the embeddings outside the schedule
+        features = _image_features(chunks[0], queries, micro_batch, device) if first_stage else {}
         caches = []
         for group, rows, lengths, reach in zip(groups, members, spans, steps):
             prompt = None
-            if embed is not None:  # the vision encoder's one pass, micro-batch by micro-batch
+            if embed is not None:  # prompt embeddings, micro-batch by micro-batch
                 parts = []
                 for first in range(0, len(rows), micro_batch):
-                    batch = query_batch(rows[first:first + micro_batch], max(lengths)).to(device)
-                    parts.append(embed(batch.tokens, batch.position_ids, batch.image_index, batch.images, None))
+                    part = rows[first:first + micro_batch]
+                    batch = query_batch(part, max(lengths)).to(device)
+                    made = [features[id(q.pixels)] for q in part if q.pixels is not None]
+                    parts.append(embed(batch.tokens, batch.position_ids, batch.image_index, None, None,
+                                       features=torch.cat(made) if made else None))
                 prompt = torch.cat(parts, dim=1)  # [S, b, h]
             caches.append(_Cache(list(group), lengths, prompt, min(lengths) + reach))
         while caches:

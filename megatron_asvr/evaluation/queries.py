@@ -7,8 +7,10 @@ first answer id. ``to_sample`` expands it with the training code's
 """
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -22,6 +24,7 @@ from megatron_asvr.tokenizers.templates import get_template, tokenize_with_image
 from megatron_asvr.tokenizers.text import TextTokenizer
 
 PAD_ID = 0  # image positions and padding hold it, as in training
+IMAGE_MEMO = 8  # preprocessed images a QueryEncoder keeps (the last ones asked for)
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,23 @@ class QueryEncoder:
         self.max_length = max_length  # the model's positions (llm.max_sequence_length)
         generation_prompt(template, "", False)  # an unknown template fails here, before any model work
         get_template(template).check_tokenizer(tokenizer)  # so does one the tokenizer cannot carry
+        self._recent: "OrderedDict[Union[Path, bytes], Tuple[torch.Tensor, List[int]]]" = OrderedDict()
 
     def _image(self, item: EvalItem):
+        """(pixels, visual positions) of the item's image. The last IMAGE_MEMO images are kept: the
+        questions on one image (POPE's, MME's, the demo's) share one pixels tensor, decoded once, and
+        the KV-cached generation runs the vision encoder once for them (evaluation/generate.py)."""
         if item.image is None:
             return None, []
+        if item.image in self._recent:
+            self._recent.move_to_end(item.image)
+            return self._recent[item.image]
         image = load_item_image(item)
         count = image_token_count(*image.size, self.image_mode, patches_per_tile=self.patches_per_tile)
-        return preprocess_image(image, self.image_mode, resample=self.resample), [count]
+        self._recent[item.image] = preprocess_image(image, self.image_mode, resample=self.resample), [count]
+        if len(self._recent) > IMAGE_MEMO:
+            self._recent.popitem(last=False)
+        return self._recent[item.image]
 
     def prompt(self, item: EvalItem) -> Query:
         """The generation prompt of ``item``."""

@@ -158,12 +158,15 @@ class ASVRModel(MegatronModule):
             features = self.vision_encoder(images)  # [n, P, h_vision]
         return self.projector(features)
 
-    def input_embeddings(self, tokens, position_ids, image_index, images, input_codes) -> torch.Tensor:
+    def input_embeddings(self, tokens, position_ids, image_index, images, input_codes,
+                         features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The decoder's input on the first stage: token embeddings with the image features spliced
-        in at ``image_index`` [s(/tp), b, h]."""
+        in at ``image_index`` [s(/tp), b, h]; ``features`` [n, P, h]: ``image_features`` already made
+        (generation runs the encoder once per distinct image), in place of images / codes."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
-        if images is not None or input_codes is not None:
+        if features is None and (images is not None or input_codes is not None):
             features = self.image_features(images, input_codes)  # [n, P, h]
+        if features is not None:
             s, b, h = embeddings.shape
             flat = embeddings.transpose(0, 1).reshape(b * s, h)  # [b * s, h]
             flat = flat.index_copy(0, image_index, features.reshape(-1, h).to(flat.dtype))
