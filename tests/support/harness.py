@@ -23,7 +23,7 @@ from megatron_asvr.model.canonical import full_state, load_full_state
 from megatron_asvr.model.loss import LossReport
 from megatron_asvr.model.chunks import ChunkBuilder
 from megatron_asvr.model.depth_mlps import BatchedDepthMLPs
-from megatron_asvr.runtime.fast_paths import FastPaths
+from megatron_asvr.runtime.fast_paths import FastPaths, apply_megatron_patches
 from megatron_asvr.training.trainer import OptimizerSettings, StepTask, Trainer
 
 EVAL_STEP = 99  # the fixed batch used for evaluation only
@@ -52,6 +52,13 @@ class Case:
 
     def resolved_fast_paths(self) -> FastPaths:
         return FastPaths.resolve(self.fast_paths, torch.cuda.is_available())
+
+    def transformer_changes(self):
+        """The fast paths' TransformerConfig changes, with megatron patched for them (as the Trainer does before
+        it builds): a chunk builder used outside the Trainer builds what the config asks for."""
+        paths = self.resolved_fast_paths()
+        apply_megatron_patches(paths)
+        return paths.transformer_changes()
 
     # -- what subclasses define ------------------------------------------------
     def chunk_builder(self) -> ChunkBuilder:

@@ -31,7 +31,7 @@ class GPTCase(Case):
     def chunk_builder(self):
         self.llm.validate(self.parallel)
         backend = resolve_backend("local")
-        every_part, llm_part = self.resolved_fast_paths().transformer_changes()
+        every_part, llm_part = self.transformer_changes()
         config = llm_transformer_config(self.llm, self.parallel, backend, params_dtype=self.params_dtype,
                                         **every_part, **llm_part)
         return lambda pre, post, vp: build_llm(self.llm, config, backend, pre, post, vp)

@@ -71,7 +71,7 @@ class VLMCase(Case):
 
     def chunk_builder(self):
         model = dataclasses.replace(self.model, trainable=list(self.model.trainable))
-        every_part, llm_part = self.resolved_fast_paths().transformer_changes()
+        every_part, llm_part = self.transformer_changes()
         return stage_builder(model, self.parallel, resolve_backend(model.transformer_impl), codebooks(model),
                              self.params_dtype, llm_part, **every_part, **self.config_changes)
 
