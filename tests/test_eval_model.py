@@ -22,6 +22,7 @@ from megatron_asvr.config import (
 )
 from megatron_asvr.data.sequence import SequenceTooLong
 from megatron_asvr.evaluation.attention_map import last_row_attention
+from megatron_asvr.evaluation import queries
 from megatron_asvr.evaluation.queries import Query, to_sample
 from megatron_asvr.tokenizers.templates import IMAGE_PLACEHOLDER
 
@@ -213,7 +214,7 @@ def _direct_reference(root: str) -> dict:
             "row_sums": [m.sum(-1) for m in recorder.maps.values()]}
 
 
-def test_query_expansion_and_answer_span(root):
+def test_query_expansion_and_answer_span(root, monkeypatch):
     query = Query([1, 5, IMAGE_PLACEHOLDER, 7, 9], None, [3], scored_from=4)
     sample = to_sample(query, 10)
     assert query.length == 7
@@ -236,6 +237,26 @@ def test_query_expansion_and_answer_span(root):
     short = QueryEncoder(tokenizer, "vicuna_v1", "pad", VISION.num_patches, prompt.length - 1)
     with pytest.raises(SequenceTooLong, match=rf"question {item.question_id}: {prompt.length} positions .* exceed"):
         short.prompt(item)
+    # the encoder keeps its last IMAGE_MEMO images: a question on the same image shares the pixels tensor
+    again = encoder.prompt(dataclasses.replace(item, question_id="again", prompt="Is it red?"))
+    assert again.pixels is prompt.pixels
+    monkeypatch.setattr(queries, "IMAGE_MEMO", 2)  # the tiny data has 4 images
+    others = list({i.image: i for i in _items(root) if i.image not in (None, item.image)}.values())[:2]
+    for other in others:  # IMAGE_MEMO other images: the first one is forgotten, decoded again when asked
+        encoder.prompt(other)
+    assert len(others) == 2
+    assert encoder.prompt(item).pixels is not prompt.pixels and torch.equal(encoder.prompt(item).pixels, prompt.pixels)
+
+
+def test_replicas_share_questions_by_image_runs():
+    from megatron_asvr.evaluation.answerer import replica_share
+    from megatron_asvr.evaluation.items import EvalItem
+
+    images = [Path("a"), Path("a"), Path("a"), Path("b"), None, None, Path("c"), Path("c"), Path("a")]
+    items = [EvalItem(str(i), "q", image, "", "short") for i, image in enumerate(images)]
+    shares = [[item.question_id for item in replica_share(items, rank, 2)] for rank in range(2)]
+    assert shares == [["0", "1", "2", "4", "6", "7"], ["3", "5", "8"]]  # runs: a a a | b | - | - | c c | a
+    assert [i.question_id for i in replica_share(items, 0, 1)] == [str(i) for i in range(9)]
 
 
 def test_last_row_attention_matches_sdpa_with_window():

@@ -21,6 +21,18 @@ class Answer:
     logprobs: tuple = ()  # per candidate answer (likelihood)
 
 
+def replica_share(items: List[EvalItem], rank: int, size: int) -> List[EvalItem]:
+    """Data-parallel replica ``rank``'s items: runs of consecutive questions on one image stay together
+    (the image is then decoded, and with the KV cache encoded, once), the runs dealt out in turn."""
+    runs: List[List[EvalItem]] = []
+    for item in items:
+        if runs and item.image is not None and runs[-1][-1].image == item.image:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return [item for run in runs[rank::size] for item in run]
+
+
 class Answerer:
     def __init__(self, runner: Runner, encoder: QueryEncoder, max_new_tokens: int = 16, batch_size: int = 32):
         self.runner, self.encoder = runner, encoder
@@ -59,7 +71,7 @@ class Answerer:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         rank, size = self.runner.data_parallel
-        mine = items[rank::size]
+        mine = replica_share(items, rank, size)
         by_likelihood = [i for i in mine if method == "likelihood" and i.choices]
         by_generation = [i for i in mine if not (method == "likelihood" and i.choices)]
         local = [(i.question_id, a) for i, a in zip(by_likelihood, self.choose(by_likelihood))]

@@ -44,6 +44,14 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_asvr.evaluation.queries import PAD_ID, Query, query_batch
 from megatron_asvr.training.schedule import eval_mode, forward_only
 
+# Prefill forwards keep nothing for a backward and make the last position's logits only: they take more
+# rows than a scoring micro-batch, as many as stay within this many positions (and at least micro_batch).
+PREFILL_POSITIONS = 8192
+
+
+def _rows_within(positions: int, per_row: int, at_least: int) -> int:
+    return max(at_least, positions // max(per_row, 1))
+
 
 @dataclass
 class StepInput:
@@ -66,25 +74,26 @@ class _Cache:
     """Rows still generating that share one KV cache."""
 
     def __init__(self, owners: List[Optional[int]], lengths: List[int], prompt: Optional[torch.Tensor],
-                 capacity: int):
+                 capacity: int, prefill_rows: int):
         self.owners = owners  # the query of each row; None: a filler row (results dropped)
         self.lengths = lengths  # each row's prompt positions
         self.prompt = prompt  # [S, b, h] prompt embeddings (first stage), S = the longest prompt
         self.context = StaticInferenceContext(len(owners), capacity)  # capacity: positions of the cache
         self.last = [0] * len(owners)  # each row's last generated id
         self.done = [owner is None for owner in owners]
+        self.prefill_rows = prefill_rows  # rows per prefill micro-batch
 
     @property
     def offset(self) -> int:
         """Positions in the cache."""
         return self.context.sequence_len_offset
 
-    def step_inputs(self, embed, micro_batch: int, device) -> List[StepInput]:
+    def step_inputs(self, embed, device) -> List[StepInput]:
         """The next positions: the prompts up to the shortest one's end in micro-batches of
-        ``micro_batch`` rows (prefill), then one for every row."""
+        ``prefill_rows`` rows (prefill), then one for every row."""
         start = self.offset
         end = min(self.lengths) if start == 0 else start + 1
-        size = micro_batch if start == 0 else len(self.owners)
+        size = self.prefill_rows if start == 0 else len(self.owners)
         inputs = []
         for first in range(0, len(self.owners), size):
             rows = slice(first, first + size)
@@ -163,9 +172,9 @@ def sequence_parallel_off(chunks: List[torch.nn.Module]):
             owner.sequence_parallel = True
 
 
-def _run_step(chunks, caches: List[_Cache], embed, micro_batch: int, vocab_limit: int, device) -> List[List[int]]:
+def _run_step(chunks, caches: List[_Cache], embed, vocab_limit: int, device) -> List[List[int]]:
     """One prefill or decode step of every cache; their rows' greedy ids, on every rank."""
-    inputs = [cache.step_inputs(embed, micro_batch, device) for cache in caches]
+    inputs = [cache.step_inputs(embed, device) for cache in caches]
     flat = [step for steps in inputs for step in steps]
     reports = forward_only(partial(_forward_step, vocab_limit), chunks, flat)
     for cache, steps in zip(caches, inputs):
@@ -203,13 +212,14 @@ def _cache_rows(queries: List[Query], micro_batch: int, max_new_tokens: int, int
 
 def _image_features(chunk: torch.nn.Module, queries: List[Query], micro_batch: int, device) -> Dict[int, torch.Tensor]:
     """id(pixels) -> the image's features [T, P, h]: the vision encoder and projector run once per distinct
-    image (questions on one image share its pixels tensor: evaluation/queries.py), ``micro_batch``
-    images at a time."""
+    image (questions on one image share its pixels tensor: evaluation/queries.py), as many images per
+    forward as a prefill's rows (``PREFILL_POSITIONS``)."""
     image_features = get_attr_wrapped_model(chunk, "image_features")
     distinct = list({id(q.pixels): q.pixels for q in queries if q.pixels is not None}.values())
-    made = {}
-    for first in range(0, len(distinct), micro_batch):
-        images = distinct[first:first + micro_batch]
+    largest = max((q.image_tokens[0] for q in queries if q.pixels is not None), default=1)  # its positions
+    step, made = _rows_within(PREFILL_POSITIONS, largest, micro_batch), {}
+    for first in range(0, len(distinct), step):
+        images = distinct[first:first + step]
         out = image_features(torch.cat(images).to(device), None)  # [sum T, P, h]
         made.update(zip(map(id, images), out.split([p.shape[0] for p in images])))
     return made
@@ -241,19 +251,19 @@ def generate_with_cache(chunks: List[torch.nn.Module], queries: List[Query], mic
         features = _image_features(chunks[0], queries, micro_batch, device) if first_stage else {}
         caches = []
         for group, rows, lengths, reach in zip(groups, members, spans, steps):
-            prompt = None
-            if embed is not None:  # prompt embeddings, micro-batch by micro-batch
+            prompt, prefill_rows = None, _rows_within(PREFILL_POSITIONS, max(lengths), micro_batch)
+            if embed is not None:  # prompt embeddings, prefill micro-batch by micro-batch
                 parts = []
-                for first in range(0, len(rows), micro_batch):
-                    part = rows[first:first + micro_batch]
+                for first in range(0, len(rows), prefill_rows):
+                    part = rows[first:first + prefill_rows]
                     batch = query_batch(part, max(lengths)).to(device)
                     made = [features[id(q.pixels)] for q in part if q.pixels is not None]
                     parts.append(embed(batch.tokens, batch.position_ids, batch.image_index, None, None,
                                        features=torch.cat(made) if made else None))
                 prompt = torch.cat(parts, dim=1)  # [S, b, h]
-            caches.append(_Cache(list(group), lengths, prompt, min(lengths) + reach))
+            caches.append(_Cache(list(group), lengths, prompt, min(lengths) + reach, prefill_rows))
         while caches:
-            for cache, ids in zip(caches, _run_step(chunks, caches, embed, micro_batch, vocab_limit, device)):
+            for cache, ids in zip(caches, _run_step(chunks, caches, embed, vocab_limit, device)):
                 cache.record(ids, generated, eos_id, max_new_tokens, max_length)
             if interleaved:  # every cache steps until all have ended
                 caches = [] if all(all(c.done) for c in caches) else caches
