@@ -429,8 +429,9 @@ def _add_ratios(rows: List[dict]) -> None:
 
 
 DEFINITIONS = [
-    "held: allocated when the forward has returned (kept for backward; for ours, the gradients it made)",
-    "peak: the most allocated during forward + backward (total peak)",
+    "held: allocated when the forward has returned (kept for backward; for ours, the gradients it made); "
+    "CPU: malloc's bytes in use (mallinfo2)",
+    "peak: the most allocated during forward + backward (total peak); CPU: the resident set's high-water mark",
     "beyond: peak minus the gradients the method returns (hidden's, and the classifiers' unless accumulated "
     "into pre-existing main_grad buffers)",
     "CPU ms: the process's CPU time (all its threads; TP: rank 0's) of the same runs; "
