@@ -15,8 +15,8 @@ none) over hidden [D, N, E] with random targets, forward + backward, on the same
 
 Memory, of one forward + backward after a warm-up one, from the moment the inputs exist (CUDA:
 torch.cuda's allocation counters; CPU: held from malloc's bytes in use, the peak from the process's
-resident set, with blocks of 128 KiB and more returned to the system when freed). Methods on the same inputs run in one process (CPU: one per TP
-rank), one after the other:
+resident set, with blocks of 128 KiB and more returned to the system when freed). Methods on the same
+inputs run in one process (CPU: one per TP rank), one after the other:
     held    allocated when the forward has returned: what the method keeps for its backward
             (for ours: the gradients it already made)
     peak    the most allocated at any time during forward + backward (total peak)
