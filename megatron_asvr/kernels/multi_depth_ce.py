@@ -159,7 +159,7 @@ class _Gradients:
             self.rows = hidden.new_empty(depths, num_rows, embed)
         self.params = list(params)
         self.chunked = num_rows > plan.chunk_rows
-        self.handles = []  # in-flight all-reduces of grad_h
+        self.handles = []  # in-flight all-reduces / reduce-scatters of grad_h
         self.grads: List[Optional[torch.Tensor]] = [None] * len(params)  # returned (not main_grad)
         self._accumulator: Optional[torch.Tensor] = None  # fp32 [V, E] for chunked bf16 weights
         self._accumulating: Optional[int] = None  # the param whose gradient the accumulator holds
@@ -208,6 +208,7 @@ class _Gradients:
             slot = d % len(self.buffers)
             self.pending[slot] = dist.reduce_scatter_tensor(self.shard[d], self.buffers[slot], group=self.plan.group,
                                                             async_op=True)
+            self.handles.append(self.pending[slot])
         elif self.rows is not None and self.plan.group is not None:
             self.handles.append(dist.all_reduce(self.rows[d], group=self.plan.group, async_op=True))
         for i in (1 + d, 1 + self.depths + d):
@@ -221,9 +222,8 @@ class _Gradients:
                 self.grads[i] = self.grads[i].to(self.params[i].dtype)
 
     def finish(self) -> None:
-        for handle in self.handles + (self.pending if self.sharded else []):
-            if handle is not None:
-                handle.wait()
+        for handle in self.handles:
+            handle.wait()
         self.handles, self._accumulator, self.buffers, self.pending = [], None, None, None
 
     def scale_(self, grad_loss: torch.Tensor) -> None:

@@ -155,7 +155,8 @@ class WgradAccumulation:
     ``main_grad`` with no weight-gradient tensor in between. Inputs are 2-D: input [t, in], gout [t, out],
     main_grad [out, in]; or batched (model/depth_mlps.py): [B, t, in], [B, t, out], [B, out, in]."""
 
-    mixed_addmm = None  # whether addmm's out_dtype works here (torch >= 2.8 on CUDA): tried on first use
+    # whether out_dtype works here (torch >= 2.8 on CUDA), per op (addmm, baddbmm): tried on first use
+    mixed_addmm: Dict[str, bool] = {}
 
     @classmethod
     def wgrad_gemm_accum_fp32(cls, inp: torch.Tensor, gout: torch.Tensor, main_grad: torch.Tensor) -> None:
@@ -163,15 +164,16 @@ class WgradAccumulation:
         if inp.dtype == main_grad.dtype:
             addmm(main_grad, gout.mT, inp, out=main_grad)
             return
-        if main_grad.is_cuda and cls.mixed_addmm is not False:
+        works = cls.mixed_addmm.get(addmm.__name__)
+        if main_grad.is_cuda and works is not False:
             try:  # bf16 GEMM with an fp32 accumulator and output (cuBLAS), into main_grad itself
                 addmm(main_grad, gout.mT, inp, out_dtype=main_grad.dtype, out=main_grad)
-                cls.mixed_addmm = True
+                cls.mixed_addmm[addmm.__name__] = True
                 return
             except (TypeError, RuntimeError):
-                if cls.mixed_addmm:  # it worked before: a real failure
+                if works:  # it worked before: a real failure
                     raise
-                cls.mixed_addmm = False
+                cls.mixed_addmm[addmm.__name__] = False
         main_grad.add_(mm(gout.mT, inp))  # no mixed-dtype addmm: the same sum through a temporary
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32  # bf16 / fp16 main_grad: same-dtype addmm_
